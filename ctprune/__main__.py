@@ -1,0 +1,5 @@
+import sys
+
+from ctprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""The `ctprune` command: argument parsing and a map from subcommand to stage function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ctprune.errors import CtpruneError
+
+Handler = Callable[[argparse.Namespace], None]
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _data_options(p: argparse.ArgumentParser, split: str | None = None) -> None:
+    p.add_argument("--corpus", choices=("multi30k", "synthetic"), default="multi30k",
+                   help="parallel corpus: Multi30k de-en from --data-dir, or the built-in synthetic one")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with SPLIT.de / SPLIT.en (else $CTPRUNE_DATA_DIR, else the download cache)")
+    if split is not None:
+        p.add_argument("--split", default=split,
+                       help="split name (multi30k: train, val, test_2016_flickr; synthetic: train, val, test)")
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to run (default: cuda when present, else cpu)")
+
+
+def _recipe_options(p: argparse.ArgumentParser, epochs: int) -> None:
+    p.add_argument("-e", "--epochs", type=int, default=epochs, help="number of epochs")
+    p.add_argument("--recipe", choices=("fast", "original"), default="fast",
+                   help="fast: warm-up + cosine lr, label smoothing 0.1, token-budget batches; "
+                        "original: the prototype's Adam 1e-4, 128-sentence batches, plain cross-entropy")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="token budget per batch, padded source+target tokens (fast recipe)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 autocast (faster on this project's CPUs, see benchmarks/) or plain fp32")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in -o from its last finished epoch")
+
+
+def _recipe(a: argparse.Namespace) -> object:
+    from ctprune.training.loop import Recipe
+
+    overrides: dict[str, object] = {"epochs": a.epochs, "bf16": a.precision == "bf16", "seed": a.seed}
+    if a.lr is not None:
+        overrides["lr"] = a.lr
+    if a.max_tokens is not None:
+        overrides["max_tokens"] = a.max_tokens
+    return Recipe.original(**overrides) if a.recipe == "original" else Recipe(**overrides)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from ctprune.stages.train import TrainArgs, train_origin
+
+    res = train_origin(TrainArgs(output=Path(a.output), preset=a.preset, corpus=a.corpus,
+                                 data_dir=a.data_dir, vocab_size=a.vocab_size, device=a.device,
+                                 resume=a.resume, recipe=_recipe(a)))  # type: ignore[arg-type]
+    print(f"origin model: {a.output}  best val BLEU {res.best_bleu:.2f}  "
+          f"epochs {res.epochs_done}  train time {res.wall_time_s:.0f}s")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from ctprune.stages.evaluate import evaluate
+
+    evaluate(Path(a.model), corpus=a.corpus, split=a.split, data_dir=a.data_dir, beam=a.beam,
+             device=a.device, output=Path(a.output) if a.output else None)
+
+
+def cmd_translate(a: argparse.Namespace) -> None:
+    from ctprune.stages.evaluate import translate_stream
+
+    translate_stream(Path(a.model), sys.stdin, sys.stdout, beam=a.beam, device=a.device)
+
+
+def cmd_data_check(a: argparse.Namespace) -> None:
+    from ctprune.data.corpus import check
+
+    print("\n".join(check(a.data_dir)))
+
+
+def cmd_data_download(a: argparse.Namespace) -> None:
+    from ctprune.data.corpus import download
+
+    print(f"Multi30k files verified in {download(Path(a.output) if a.output else None)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctprune", formatter_class=_Formatter,
+        description="Prune one trained Transformer into many variants cheaply: each distinct "
+                    "(module, keep ratio) is pruned and pre-tuned once, then reused by every "
+                    "configuration that contains it.\n\nPipeline: data -> train -> configs -> plan "
+                    "-> prune -> tune-blocks -> compose -> finetune -> evaluate -> report")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("train", cmd_train, "train the origin model (tokenizer + Transformer) on a corpus")
+    p.add_argument("--preset", choices=("seed", "tiny"), default="seed",
+                   help="seed: the original 3+3 layers, d_model 512, 8 heads, FFN 512; tiny: for tests")
+    _data_options(p)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="sentencepiece vocabulary (default 8000 for multi30k, 1000 for synthetic)")
+    _recipe_options(p, epochs=12)
+    _device_option(p)
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
+
+    p = add("evaluate", cmd_evaluate, "translate a split and print sacreBLEU (with signature) and chrF")
+    p.add_argument("model", help="model folder")
+    _data_options(p, split="test_2016_flickr")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    _device_option(p)
+    p.add_argument("-o", "--output", default=None,
+                   help="folder for the hypotheses and the JSON report (default: MODEL/eval)")
+
+    p = add("translate", cmd_translate, "translate German lines from stdin to English on stdout")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    _device_option(p)
+
+    p = add("data", lambda a: None, "check or download the Multi30k files")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    c = dsub.add_parser("check", help="report the Multi30k files found, their sizes and checksums",
+                        formatter_class=_Formatter)
+    c.add_argument("--data-dir", default=None, help="Multi30k folder (else $CTPRUNE_DATA_DIR, else the cache)")
+    c.set_defaults(handler=cmd_data_check)
+    d = dsub.add_parser("download", help="fetch the official Multi30k Task 1 files and verify SHA-256",
+                        formatter_class=_Formatter)
+    d.add_argument("-o", "--output", default=None, help="destination (default: the download cache)")
+    d.set_defaults(handler=cmd_data_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except CtpruneError as e:
+        print(f"ctprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

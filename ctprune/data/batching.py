@@ -1,0 +1,87 @@
+"""Token-budget batches from length-sorted buckets, so that little compute goes to padding."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ctprune.data.corpus import Parallel
+from ctprune.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+
+@dataclass(frozen=True)
+class Batch:
+    """src (B, S); tgt_in (B, T) starts with BOS; tgt_out (B, T) ends with EOS; PAD elsewhere."""
+
+    src: Tensor
+    tgt_in: Tensor
+    tgt_out: Tensor
+    index: Tensor  # (B,) positions of the examples in the split
+
+    @property
+    def n_tgt_tokens(self) -> int:
+        return int((self.tgt_out != PAD_ID).sum())
+
+    @property
+    def n_src_tokens(self) -> int:
+        return int((self.src != PAD_ID).sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device),
+                     self.index)
+
+
+def pad(seqs: list[list[int]]) -> Tensor:
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+class TokenizedSplit:
+    """A split encoded once; ``batches(epoch)`` yields token-budget batches."""
+
+    def __init__(self, data: Parallel, tok: Tokenizer, max_len: int) -> None:
+        # Sentences longer than the model's positions are truncated (none in Multi30k at 256).
+        self.src = [s[:max_len - 1] + [EOS_ID] for s in tok.encode(data.src)]
+        tgt = [t[:max_len - 1] for t in tok.encode(data.tgt)]
+        self.tgt_in = [[BOS_ID] + t for t in tgt]
+        self.tgt_out = [t + [EOS_ID] for t in tgt]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    @property
+    def n_tgt_tokens(self) -> int:
+        return sum(len(t) for t in self.tgt_out)
+
+    def _make(self, idx: list[int]) -> Batch:
+        return Batch(pad([self.src[i] for i in idx]), pad([self.tgt_in[i] for i in idx]),
+                     pad([self.tgt_out[i] for i in idx]), torch.tensor(idx))
+
+    def batches(self, max_tokens: int, shuffle_seed: int | None = None) -> list[Batch]:
+        """Examples sorted by length and cut into batches of at most ``max_tokens`` padded
+        source+target tokens; with ``shuffle_seed``, ties are broken randomly and the batch
+        order is shuffled, deterministically for that seed."""
+        rng = random.Random(shuffle_seed)
+        keys = {i: (max(len(self.src[i]), len(self.tgt_in[i])),
+                    rng.random() if shuffle_seed is not None else i) for i in range(len(self))}
+        order = sorted(keys, key=keys.__getitem__)
+        groups: list[list[int]] = []
+        cur: list[int] = []
+        width = 0
+        for i in order:
+            w = max(width, len(self.src[i]) + len(self.tgt_in[i]))
+            if cur and w * (len(cur) + 1) > max_tokens:
+                groups.append(cur)
+                cur, w = [], len(self.src[i]) + len(self.tgt_in[i])
+            cur.append(i)
+            width = w
+        if cur:
+            groups.append(cur)
+        if shuffle_seed is not None:
+            rng.shuffle(groups)
+        return [self._make(g) for g in groups]

@@ -1,0 +1,1 @@
+"""The Transformer, its checkpoints (model folders) and decoding."""

@@ -1,0 +1,99 @@
+"""Batched greedy and beam-search decoding with a key/value cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ctprune.data.batching import pad
+from ctprune.data.tokenizer import EOS_ID, Tokenizer
+from ctprune.model.transformer import Seq2SeqTransformer
+
+
+def _max_steps(model: Seq2SeqTransformer, src: Tensor) -> int:
+    return min(model.cfg.max_len - 1, int(src.shape[1] * 1.5) + 10)
+
+
+def _trim(seq: list[int]) -> list[int]:
+    return seq[:seq.index(EOS_ID)] if EOS_ID in seq else seq
+
+
+@torch.no_grad()
+def greedy(model: Seq2SeqTransformer, src: Tensor) -> list[list[int]]:
+    """src (B, S) -> B token-id lists (without BOS/EOS)."""
+    cfg = model.cfg
+    memory, mask = model.encode(src)
+    cache = model.new_cache()
+    tok = torch.full((src.shape[0], 1), cfg.bos_id, dtype=torch.long, device=src.device)
+    done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    steps: list[Tensor] = []
+    for t in range(_max_steps(model, src)):
+        h = model.decode(tok, memory, mask, cache, offset=t)  # (B, 1, d)
+        nxt = model.generator(h[:, -1]).argmax(-1)  # (B,)
+        nxt = nxt.masked_fill(done, cfg.pad_id)
+        steps.append(nxt)
+        done |= nxt == cfg.eos_id
+        if bool(done.all()):
+            break
+        tok = nxt[:, None]
+    return [_trim(row) for row in torch.stack(steps, 1).tolist()]
+
+
+@torch.no_grad()
+def beam_search(model: Seq2SeqTransformer, src: Tensor, beam: int,
+                alpha: float = 0.6) -> list[list[int]]:
+    """src (B, S) -> B token-id lists; the final pick uses the GNMT length penalty ``alpha``."""
+    cfg = model.cfg
+    b, k = src.shape[0], beam
+    memory, mask = model.encode(src)
+    memory = memory.repeat_interleave(k, 0)  # (B*K, S, d)
+    mask = mask.repeat_interleave(k, 0)
+    cache = model.new_cache()
+    dev = src.device
+    scores = torch.full((b, k), float("-inf"), device=dev)
+    scores[:, 0] = 0.0
+    seqs = torch.full((b * k, 1), cfg.bos_id, dtype=torch.long, device=dev)
+    finished = torch.zeros(b * k, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(b * k, device=dev)
+    base = (torch.arange(b, device=dev) * k)[:, None]  # (B, 1)
+    for t in range(_max_steps(model, src)):
+        h = model.decode(seqs[:, -1:], memory, mask, cache, offset=t)
+        logp = torch.log_softmax(model.generator(h[:, -1]).float(), -1)  # (B*K, V)
+        # A finished beam can only extend with PAD at no cost, so it keeps its score.
+        logp[finished] = float("-inf")
+        logp[finished, cfg.pad_id] = 0.0
+        v = logp.shape[-1]
+        cand = (scores.view(b * k, 1) + logp).view(b, k * v)
+        scores, flat = cand.topk(k, dim=-1)  # (B, K)
+        src_beam = (base + flat // v).view(-1)  # (B*K,)
+        token = (flat % v).view(-1)
+        seqs = torch.cat([seqs[src_beam], token[:, None]], 1)
+        finished = finished[src_beam] | (token == cfg.eos_id)
+        lengths = lengths[src_beam] + (token != cfg.pad_id).float()
+        for layer in cache:
+            layer["self"]["k"] = layer["self"]["k"][src_beam]
+            layer["self"]["v"] = layer["self"]["v"][src_beam]
+        if bool(finished.all()):
+            break
+    penalty = ((5.0 + lengths) / 6.0) ** alpha
+    best = (scores.view(-1) / penalty).view(b, k).argmax(-1) + base.view(-1)
+    return [_trim(row[1:]) for row in seqs[best].tolist()]
+
+
+def translate(model: Seq2SeqTransformer, tok: Tokenizer, sentences: list[str], beam: int = 1,
+              batch_size: int = 128, progress: bool = False) -> list[str]:
+    """Translate raw German sentences into detokenized English, batched by source length."""
+    from tqdm import tqdm
+
+    model.eval()
+    dev = next(model.parameters()).device
+    ids = [s[:model.cfg.max_len - 1] + [EOS_ID] for s in tok.encode(sentences)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[list[int]] = [[] for _ in ids]
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc="translate", unit="batch", disable=not progress, leave=False):
+        src = pad([ids[i] for i in chunk]).to(dev)
+        hyps = greedy(model, src) if beam <= 1 else beam_search(model, src, beam)
+        for i, h in zip(chunk, hyps):
+            out[i] = h
+    return tok.decode(out)

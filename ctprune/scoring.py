@@ -1,0 +1,30 @@
+"""sacreBLEU scores on detokenized, cased text (default 13a tokenization), and chrF."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics.base import Score
+
+
+def bleu_score(hyps: list[str], refs: list[str]) -> Score:
+    return BLEU().corpus_score(hyps, [refs])
+
+
+@dataclass(frozen=True)
+class Scores:
+    bleu: float
+    chrf: float
+    bleu_text: str
+    chrf_text: str
+    bleu_signature: str
+    chrf_signature: str
+
+
+def score(hyps: list[str], refs: list[str]) -> Scores:
+    """BLEU and chrF of ``hyps`` against one reference per line, with their signatures."""
+    bleu, chrf = BLEU(), CHRF()
+    b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
+    return Scores(b.score, c.score, str(b), str(c), str(bleu.get_signature()),
+                  str(chrf.get_signature()))

@@ -1,0 +1,60 @@
+"""Stage `evaluate` (split -> hypotheses + BLEU/chrF report) and `translate` (stdin -> stdout)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from ctprune.data.corpus import load_split
+from ctprune.device import resolve_device
+from ctprune.errors import CtpruneError
+from ctprune.fileio import write_json, write_text
+from ctprune.model.checkpoint import load_model_folder
+from ctprune.model.decode import translate
+from ctprune.scoring import score
+
+
+def evaluate(model_dir: Path, corpus: str = "multi30k", split: str = "test_2016_flickr",
+             data_dir: str | None = None, beam: int = 1, device: str | None = None,
+             output: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Translate ``split``, score it, write ``SPLIT.DECODER.en`` and ``SPLIT.DECODER.json``
+    into ``output`` (default MODEL/eval), print a summary, and return the report."""
+    if beam < 1:
+        raise CtpruneError(f"--beam must be at least 1, got {beam}")
+    dev = resolve_device(device)
+    data = load_split(corpus, split, data_dir)
+    model, tok, _ = load_model_folder(model_dir, dev)
+    t0 = time.perf_counter()
+    hyps = translate(model, tok, data.src, beam=beam, progress=not quiet)
+    seconds = time.perf_counter() - t0
+    s = score(hyps, data.tgt)
+    decoder = "greedy" if beam == 1 else f"beam{beam}"
+    report = {"model": str(model_dir), "corpus": corpus, "split": split, "decoder": decoder,
+              "sentences": len(hyps), "bleu": round(s.bleu, 2), "chrf": round(s.chrf, 2),
+              "bleu_detail": s.bleu_text, "bleu_signature": s.bleu_signature,
+              "chrf_signature": s.chrf_signature, "translate_seconds": round(seconds, 2),
+              "device": dev, "threads": torch.get_num_threads()}
+    out = Path(output) if output else Path(model_dir) / "eval"
+    write_text(out / f"{split}.{decoder}.en", "\n".join(hyps) + "\n")
+    write_json(out / f"{split}.{decoder}.json", report)
+    if not quiet:
+        print(f"{corpus} {split} ({decoder}, {len(hyps)} sentences, {seconds:.1f}s)")
+        print(f"  {s.bleu_text}")
+        print(f"  signature: {s.bleu_signature}")
+        print(f"  {s.chrf_text}  ({s.chrf_signature})")
+        print(f"  hypotheses: {out / f'{split}.{decoder}.en'}")
+    return report
+
+
+def translate_stream(model_dir: Path, inp: TextIO, out: TextIO, beam: int = 1,
+                     device: str | None = None) -> None:
+    """Read German lines from ``inp``, write one English line per input line to ``out``."""
+    if beam < 1:
+        raise CtpruneError(f"--beam must be at least 1, got {beam}")
+    model, tok, _ = load_model_folder(model_dir, resolve_device(device))
+    lines = [line.strip() for line in inp]
+    for hyp in translate(model, tok, lines, beam=beam) if lines else []:
+        out.write(hyp + "\n")

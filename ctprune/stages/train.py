@@ -1,0 +1,63 @@
+"""Stage `train`: corpus -> tokenizer -> origin model folder (best checkpoint by val BLEU)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ctprune import __version__
+from ctprune.data.corpus import default_splits, load_split
+from ctprune.data.tokenizer import Tokenizer
+from ctprune.device import resolve_device
+from ctprune.errors import CtpruneError
+from ctprune.model.checkpoint import is_model_folder
+from ctprune.model.transformer import PRESETS, ModelConfig, Seq2SeqTransformer
+from ctprune.training.loop import FitResult, Recipe, fit
+
+DEFAULT_VOCAB = {"multi30k": 8000, "synthetic": 1000}
+
+
+@dataclass
+class TrainArgs:
+    output: Path
+    preset: str = "seed"
+    corpus: str = "multi30k"
+    data_dir: str | None = None
+    vocab_size: int | None = None
+    device: str | None = None
+    resume: bool = False
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise CtpruneError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.vocab_size is not None and not 50 <= self.vocab_size <= 64000:
+            raise CtpruneError(f"vocab size must be in [50, 64000], got {self.vocab_size}")
+
+
+def train_origin(args: TrainArgs) -> FitResult:
+    """Train the origin model into ``args.output``; ``resume`` continues after the last epoch."""
+    device = resolve_device(args.device)
+    train_name, val_name, _ = default_splits(args.corpus)
+    train, val = (load_split(args.corpus, s, args.data_dir) for s in (train_name, val_name))
+    out = Path(args.output)
+    if args.resume and is_model_folder(out / "last"):
+        tok = Tokenizer.load(out / "last")  # the run's own tokenizer, never a retrained one
+    else:
+        vocab = args.vocab_size or DEFAULT_VOCAB[args.corpus]
+        tok = Tokenizer.train(train.src + train.tgt, vocab)
+    torch.manual_seed(args.recipe.seed)
+    model = Seq2SeqTransformer(ModelConfig.preset(args.preset, tok.vocab_size))
+    hparams = {
+        "stage": "train", "preset": args.preset, "corpus": args.corpus,
+        "vocab_size": tok.vocab_size, "device": device, "threads": torch.get_num_threads(),
+        "ctprune": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "args": {k: str(v) for k, v in asdict(args).items() if k != "recipe"},
+    }
+    return fit(model, tok, train, val, args.recipe, out, hparams, resume=args.resume,
+               device=device)

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models, the synthetic corpus, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    base = dict(vocab_size=99, d_model=32, n_heads=4, d_ff=48, n_encoder_layers=2,
+                n_decoder_layers=2, dropout=0.0, max_len=64)
+    return ModelConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def tiny_model() -> Seq2SeqTransformer:
+    torch.manual_seed(0)
+    return Seq2SeqTransformer(tiny_config()).eval()
+
+
+def random_batch(vocab: int = 99, b: int = 3, s: int = 7, t: int = 5, seed: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """src (B, S) with some padding at the end of rows, tgt_in (B, T); ids >= 4."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (b, s), generator=g)
+    src[1, s - 2:] = 0
+    src[2, s - 3:] = 0
+    tgt = torch.randint(4, vocab, (b, t), generator=g)
+    tgt[:, 0] = 2
+    return src, tgt
+
+
+def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "ctprune", *args], cwd=cwd, input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env=env)
