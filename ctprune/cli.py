@@ -80,6 +80,42 @@ def cmd_translate(a: argparse.Namespace) -> None:
     translate_stream(Path(a.model), sys.stdin, sys.stdout, beam=a.beam, device=a.device)
 
 
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from ctprune.stages.configs import inspect_model
+
+    print("\n".join(inspect_model(Path(a.model))))
+
+
+def cmd_configs(a: argparse.Namespace) -> None:
+    from ctprune.stages.configs import write_configs
+
+    confs = write_configs(Path(a.model), a.n, Path(a.output), a.attention, a.linear, a.ffn)
+    print(f"{len(confs)} configurations of {len(confs[0])} modules each -> {a.output}")
+
+
+def cmd_plan(a: argparse.Namespace) -> None:
+    from ctprune.stages.configs import write_plan
+
+    plan = write_plan(Path(a.configurations), Path(a.model), Path(a.output))
+    n = sum(len(e["ratios"]) for e in plan["modules"].values())
+    print(f"plan: {n} block variants of {len(plan['modules'])} modules -> {a.output}")
+
+
+def cmd_prune(a: argparse.Namespace) -> None:
+    from ctprune.stages.prune import prune
+
+    index = prune(Path(a.model), Path(a.output), plan_path=Path(a.plan) if a.plan else None,
+                  ratio=a.ratio, criterion=a.criterion, corpus=a.corpus, data_dir=a.data_dir)
+    print(f"bank: {len(index['variants'])} block variants ({a.criterion} criterion) -> {a.output}")
+
+
+def cmd_compose(a: argparse.Namespace) -> None:
+    from ctprune.stages.compose import compose_to_folder
+
+    compose_to_folder(Path(a.model), Path(a.bank), Path(a.configurations), a.n, Path(a.output))
+    print(f"configuration {a.n} composed -> {a.output}")
+
+
 def cmd_data_check(a: argparse.Namespace) -> None:
     from ctprune.data.corpus import check
 
@@ -129,6 +165,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder")
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     _device_option(p)
+
+    p = add("inspect", cmd_inspect, "list the prunable modules: name, kind, parameters, heads or width")
+    p.add_argument("model", help="model folder")
+
+    p = add("configs", cmd_configs,
+            "write N default configurations (the prototype's template: every attention block and "
+            "every FFN Linear at keep ratio 0.5, or the ratios given)")
+    p.add_argument("model", help="origin model folder")
+    p.add_argument("-n", type=int, default=3, help="number of configurations")
+    p.add_argument("--attention", type=float, nargs="+", metavar="R",
+                   help="keep ratio of all attention blocks, one per configuration")
+    p.add_argument("--linear", type=float, nargs="+", metavar="R",
+                   help="keep ratio of all FFN Linears (unstructured), one per configuration")
+    p.add_argument("--ffn", type=float, nargs="+", metavar="R",
+                   help="prune FFNs structured (neurons) at these ratios instead of their Linears")
+    p.add_argument("-o", "--output", required=True, help="configuration file (JSON list) to write")
+
+    p = add("plan", cmd_plan, "per module, the distinct keep ratios < 1 of a configuration file")
+    p.add_argument("configurations", help="configuration file: JSON list of {module: keep ratio}")
+    p.add_argument("-m", "--model", required=True, help="origin model folder (checked and fingerprinted)")
+    p.add_argument("-o", "--output", required=True, help="plan file to write")
+
+    p = add("prune", cmd_prune, "prune every (module, keep ratio) of a plan into a block bank")
+    p.add_argument("model", help="origin model folder")
+    p.add_argument("--plan", default=None, help="plan file from `ctprune plan`")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="instead of a plan: every prunable module at this keep ratio")
+    p.add_argument("--criterion", choices=("original", "l1", "activation"), default="original",
+                   help="head/neuron importance: original = |sum of q,k,v weights| (FFN: L1), "
+                        "l1 = weight L1 norm, activation = output magnitude on training batches")
+    _data_options(p)
+    p.add_argument("-o", "--output", required=True, help="bank folder to create")
+
+    p = add("compose", cmd_compose, "build configuration I from a bank as a standalone model folder")
+    p.add_argument("model", help="origin model folder")
+    p.add_argument("--bank", required=True, help="bank folder")
+    p.add_argument("-c", "--configurations", required=True, help="configuration file")
+    p.add_argument("-n", type=int, required=True, help="index of the configuration (from 0)")
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
 
     p = add("data", lambda a: None, "check or download the Multi30k files")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")

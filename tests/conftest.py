@@ -44,3 +44,19 @@ def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None,
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "ctprune", *args], cwd=cwd, input=stdin,
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model folder with a real tokenizer (no training needed)."""
+    from ctprune.data.tokenizer import Tokenizer
+    from ctprune.model.checkpoint import save_model_folder
+
+    words = "der die das mann frau hund katze sieht liest ein eine buch park im auf tisch".split()
+    text = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(200)]
+    tok = Tokenizer.train(text + [t.upper() for t in text], 80)
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(tiny_config(vocab_size=tok.vocab_size, dropout=0.1))
+    folder = tmp_path_factory.mktemp("models") / "origin"
+    save_model_folder(folder, model, tok, {"stage": "test"})
+    return folder

@@ -52,6 +52,8 @@ class ModelConfig:
     decoder_self_heads: list[int] = field(default_factory=list)
     decoder_cross_heads: list[int] = field(default_factory=list)
     decoder_ffn: list[int] = field(default_factory=list)
+    # Linears pruned unstructured: each carries a ``weight_mask`` buffer, enforced in training.
+    sparse_linears: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers",
@@ -243,6 +245,16 @@ class Seq2SeqTransformer(nn.Module):
         self._init_weights()
         if cfg.tie_embeddings:
             self.generator.weight = self.src_embed.weight
+        for name in cfg.sparse_linears:
+            linear = self.get_submodule(name)
+            linear.register_buffer("weight_mask", torch.ones_like(linear.weight))
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned weights of every masked Linear (called after each optimizer step)."""
+        for name in self.cfg.sparse_linears:
+            linear = self.get_submodule(name)
+            linear.weight.mul_(linear.weight_mask)
 
     def _init_weights(self) -> None:
         for name, p in self.named_parameters():

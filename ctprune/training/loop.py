@@ -7,6 +7,7 @@ row to ``history.csv``, and keeps the best model (by val BLEU) as the output fol
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import random
@@ -236,9 +237,9 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         bleu = record(epoch, loss_sum / max(1, loss_tokens), epoch_time, lr)
         since_best = 0 if bleu >= best else since_best + 1
         save_model_folder(last, model, tok, {**hparams, "epoch": epoch})
-        atomic_write(state_path, lambda tmp: torch.save(
-            {"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "wall": wall,
-             "tokens": tokens, "best": best, "torch_rng": torch.get_rng_state()}, tmp))
+        state = {"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "wall": wall,
+                 "tokens": tokens, "best": best, "torch_rng": torch.get_rng_state()}
+        atomic_write(state_path, functools.partial(torch.save, state))
         if target_bleu is not None and bleu >= target_bleu:
             stopped_early = True
         elif recipe.patience and since_best >= recipe.patience:

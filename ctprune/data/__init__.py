@@ -1,0 +1,1 @@
+"""Parallel corpora, the tokenizer, and batching."""

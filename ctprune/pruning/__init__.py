@@ -1,0 +1,1 @@
+"""Pruning mechanics: module registry and configurations, importance scoring, surgery, the bank."""

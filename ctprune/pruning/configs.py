@@ -1,0 +1,174 @@
+"""Prunable modules, configuration files, plans, and the fingerprints that tie them together.
+
+Module names are ctprune's own (``ctprune inspect MODEL`` lists them):
+``encoder.layers.I.self_attn``, ``decoder.layers.I.self_attn``, ``decoder.layers.I.cross_attn``
+(attention, pruned by heads); ``encoder|decoder.layers.I.ffn`` (FFN, pruned by hidden neurons);
+and every Linear inside them, e.g. ``decoder.layers.2.ffn.linear1`` or
+``encoder.layers.0.self_attn.q_proj`` (linear, pruned unstructured by L1 magnitude).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ctprune.errors import CtpruneError
+from ctprune.fileio import read_json
+from ctprune.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
+
+KINDS = ("attention", "ffn", "linear")
+Configuration = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Prunable:
+    name: str
+    kind: str
+    params: int
+    size: int  # heads (attention), hidden width (ffn), weights (linear)
+
+    @property
+    def unit(self) -> str:
+        return {"attention": "heads", "ffn": "neurons", "linear": "weights"}[self.kind]
+
+
+def prunable_modules(model: Seq2SeqTransformer) -> dict[str, Prunable]:
+    """Every prunable module of ``model`` by name, in model order."""
+    out: dict[str, Prunable] = {}
+    for name, m in model.named_modules():
+        if not name.startswith(("encoder.layers.", "decoder.layers.")):
+            continue
+        params = sum(p.numel() for p in m.parameters())
+        if isinstance(m, Attention):
+            out[name] = Prunable(name, "attention", params, m.n_heads)
+        elif isinstance(m, FeedForward):
+            out[name] = Prunable(name, "ffn", params, m.linear1.out_features)
+        elif isinstance(m, nn.Linear):
+            out[name] = Prunable(name, "linear", params, m.weight.numel())
+    return out
+
+
+def _parent(name: str, modules: dict[str, Prunable]) -> str | None:
+    """The attention/ffn block that contains Linear ``name``, if any."""
+    head, _, _ = name.rpartition(".")
+    return head if head in modules and modules[head].kind != "linear" else None
+
+
+def check_ratio(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CtpruneError(f"{where}: keep ratio must be a number in (0, 1], got {value!r}")
+    if not 0 < value <= 1:
+        raise CtpruneError(f"{where}: keep ratio must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_module(name: Any, modules: dict[str, Prunable], where: str) -> str:
+    if name not in modules:
+        close = difflib.get_close_matches(str(name), list(modules), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else "; `ctprune inspect MODEL` lists them"
+        raise CtpruneError(f"{where}: unknown module {name!r}{hint}")
+    return name
+
+
+def validate_configurations(raw: Any, modules: dict[str, Prunable], source: str) -> list[Configuration]:
+    """A JSON list of ``{module name: keep ratio}`` objects, checked against ``modules``."""
+    if not isinstance(raw, list) or not raw:
+        raise CtpruneError(f"{source}: a configuration file must be a non-empty JSON list of "
+                           "{module name: keep ratio} objects")
+    confs: list[Configuration] = []
+    for i, conf in enumerate(raw):
+        where = f"{source}: configuration {i}"
+        if not isinstance(conf, dict) or not conf:
+            raise CtpruneError(f"{where} must be a non-empty object {{module name: keep ratio}}")
+        clean = {check_module(k, modules, where): check_ratio(v, f"{where}, {k}")
+                 for k, v in conf.items()}
+        for name, ratio in clean.items():
+            parent = _parent(name, modules)
+            if ratio < 1 and parent is not None and clean.get(parent, 1.0) < 1:
+                raise CtpruneError(f"{where}: prunes both {parent!r} and its Linear {name!r}; "
+                                   "prune a block or its Linears, not both")
+        confs.append(clean)
+    return confs
+
+
+def load_configurations(path: Path, modules: dict[str, Prunable]) -> list[Configuration]:
+    return validate_configurations(read_json(path, "configuration file"), modules, str(path))
+
+
+def default_configurations(modules: dict[str, Prunable], n: int, attention: list[float] | None,
+                           linear: list[float] | None, ffn: list[float] | None) -> list[Configuration]:
+    """The prototype's template: every attention block and every FFN Linear at a ratio per
+    configuration (0.5 unless given). With ``ffn``, FFNs are pruned structured instead."""
+    for label, values in (("--attention", attention), ("--linear", linear), ("--ffn", ffn)):
+        if values is not None and len(values) != n:
+            raise CtpruneError(f"{label} needs {n} ratios (one per configuration), got {len(values)}")
+        for v in values or []:
+            check_ratio(v, label)
+    if n < 1:
+        raise CtpruneError(f"-n must be at least 1, got {n}")
+    confs: list[Configuration] = []
+    for i in range(n):
+        conf: Configuration = {}
+        for name, m in modules.items():
+            if m.kind == "attention":
+                conf[name] = attention[i] if attention else 0.5
+            elif m.kind == "ffn" and ffn is not None:
+                conf[name] = ffn[i]
+            elif m.kind == "linear" and ffn is None and name.endswith((".linear1", ".linear2")):
+                conf[name] = linear[i] if linear else 0.5
+        confs.append(conf)
+    return confs
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Hash of a model folder's config and weights."""
+    h = hashlib.sha256((Path(folder) / CONFIG_FILE).read_bytes())
+    h.update((Path(folder) / WEIGHTS_FILE).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def make_plan(confs: list[Configuration], modules: dict[str, Prunable], model_fp: str) -> dict[str, Any]:
+    """Per module, the sorted distinct keep ratios < 1 used by any configuration."""
+    ratios: dict[str, set[float]] = {}
+    for conf in confs:
+        for name, r in conf.items():
+            if r < 1:
+                ratios.setdefault(name, set()).add(r)
+    order = list(modules)
+    return {
+        "format": "ctprune-plan/1",
+        "model_fingerprint": model_fp,
+        "configurations_fingerprint": fingerprint(confs),
+        "modules": {name: {"kind": modules[name].kind, "ratios": sorted(ratios[name])}
+                    for name in sorted(ratios, key=order.index)},
+    }
+
+
+def check_plan(plan: Any, modules: dict[str, Prunable], source: str) -> dict[str, Any]:
+    if not isinstance(plan, dict) or plan.get("format") != "ctprune-plan/1":
+        raise CtpruneError(f"{source} is not a ctprune plan (no \"format\": \"ctprune-plan/1\")")
+    for name, entry in plan.get("modules", {}).items():
+        check_module(name, modules, source)
+        for r in entry.get("ratios", []):
+            check_ratio(r, f"{source}, {name}")
+    return plan
+
+
+def variant_ids(plan: dict[str, Any]) -> list[tuple[str, float]]:
+    return [(name, r) for name, e in plan["modules"].items() for r in e["ratios"]]
+
+
+def variant_key(module: str, ratio: float) -> str:
+    return f"{module}@{ratio:g}"

@@ -1,0 +1,85 @@
+"""Scoring: one importance value per head or per FFN neuron (higher = keep).
+
+Weight-only criteria need nothing but the module; the data-driven ``activation`` criterion uses
+statistics gathered by ``activation_stats`` on a few batches of the origin model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ctprune.data.batching import Batch
+from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
+
+HEAD_CRITERIA = ("original", "l1", "activation")
+
+
+def _per_head(w: Tensor, n_heads: int) -> Tensor:
+    """(nh*hs, d) rows of a projection -> (nh, hs*d)."""
+    return w.reshape(n_heads, -1)
+
+
+@torch.no_grad()
+def head_original(attn: Attention) -> Tensor:
+    """The prototype's criterion: |sum of the head's q, k and v weights|. (nh,)"""
+    return sum(_per_head(p.weight, attn.n_heads).sum(1)
+               for p in (attn.q_proj, attn.k_proj, attn.v_proj)).abs()
+
+
+@torch.no_grad()
+def head_l1(attn: Attention) -> Tensor:
+    """Mean |w| of the head's q/k/v rows and out_proj columns. (nh,)"""
+    qkv = sum(_per_head(p.weight, attn.n_heads).abs().mean(1)
+              for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = attn.out_proj.weight.t().reshape(attn.n_heads, -1).abs().mean(1)
+    return qkv + out
+
+
+@torch.no_grad()
+def neuron_l1(ffn: FeedForward) -> Tensor:
+    """|row of linear1|_1 x |column of linear2|_1 per hidden neuron. (d_ff,)"""
+    return ffn.linear1.weight.abs().sum(1) * ffn.linear2.weight.abs().sum(0)
+
+
+@torch.no_grad()
+def activation_stats(model: Seq2SeqTransformer, batches: Iterable[Batch]) -> dict[str, Tensor]:
+    """Data-driven scores for every attention block and FFN of ``model``:
+    attention -> mean L2 norm of each head's contribution to the block output (nh,);
+    ffn -> mean |activation| x L2 norm of the neuron's output column (d_ff,)."""
+    model.eval()
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def attn_hook(name: str, attn: Attention) -> Callable[..., None]:
+        def hook(_m: object, inp: tuple[Tensor, ...]) -> None:
+            y = inp[0]  # (B, T, nh*hs), the input of out_proj
+            b, t, _ = y.shape
+            w = attn.out_proj.weight.t().reshape(attn.n_heads, attn.head_dim, -1)  # (nh, hs, d)
+            per_head = torch.einsum("bths,hsd->bthd", y.view(b, t, attn.n_heads, -1), w)
+            sums[name] = sums.get(name, 0) + per_head.norm(dim=-1).sum((0, 1))
+            counts[name] = counts.get(name, 0) + b * t
+        return hook
+
+    def ffn_hook(name: str, ffn: FeedForward) -> Callable[..., None]:
+        def hook(_m: object, inp: tuple[Tensor, ...]) -> None:
+            a = inp[0]  # (B, T, d_ff) post-ReLU activations, the input of linear2
+            sums[name] = sums.get(name, 0) + a.abs().sum((0, 1)) * ffn.linear2.weight.norm(dim=0)
+            counts[name] = counts.get(name, 0) + a.shape[0] * a.shape[1]
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            hooks.append(m.out_proj.register_forward_pre_hook(attn_hook(name, m)))
+        elif isinstance(m, FeedForward):
+            hooks.append(m.linear2.register_forward_pre_hook(ffn_hook(name, m)))
+    try:
+        for batch in batches:
+            model(batch.src, batch.tgt_in)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in sums}

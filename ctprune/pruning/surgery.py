@@ -1,0 +1,92 @@
+"""Cutting: small pure functions ``(module, kept indices) -> new module`` with updated sizes.
+
+Scoring (which heads or neurons matter) lives in ``importance.py``; these functions only cut.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
+
+
+def n_keep(ratio: float, n: int) -> int:
+    """round(ratio x n), halves rounded up, at least 1."""
+    return max(1, min(n, math.floor(ratio * n + 0.5)))
+
+
+def _rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[idx])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[idx])
+    return new
+
+
+def _cols(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+    new = nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[:, idx])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new
+
+
+def cut_heads(attn: Attention, keep: Tensor) -> Attention:
+    """A new Attention with only the heads ``keep`` (sorted 1-D indices); q/k/v rows and
+    out_proj columns of the other heads are removed."""
+    keep = keep.sort().values
+    hd = attn.head_dim
+    idx = (keep[:, None] * hd + torch.arange(hd)).flatten()  # (len(keep) * hd,)
+    new = Attention(attn.q_proj.in_features, len(keep), hd, attn.dropout)
+    new.q_proj, new.k_proj, new.v_proj = (_rows(p, idx) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    new.out_proj = _cols(attn.out_proj, idx)
+    return new.train(attn.training)
+
+
+def cut_neurons(ffn: FeedForward, keep: Tensor) -> FeedForward:
+    """A new FeedForward keeping hidden neurons ``keep``: rows of linear1, columns of linear2."""
+    keep = keep.sort().values
+    new = FeedForward(ffn.linear1.in_features, len(keep), ffn.dropout.p)
+    new.linear1, new.linear2 = _rows(ffn.linear1, keep), _cols(ffn.linear2, keep)
+    return new.train(ffn.training)
+
+
+def l1_mask(weight: Tensor, ratio: float) -> Tensor:
+    """Keep exactly round(ratio x numel) weights of largest magnitude: a 0/1 mask like ``weight``."""
+    k = n_keep(ratio, weight.numel())
+    mask = torch.zeros(weight.numel(), dtype=weight.dtype)
+    mask[weight.detach().abs().flatten().topk(k).indices] = 1
+    return mask.view_as(weight)
+
+
+def mask_linear(linear: nn.Linear, mask: Tensor) -> nn.Linear:
+    """A copy of ``linear`` with a ``weight_mask`` buffer and the masked weights zeroed."""
+    new = copy.deepcopy(linear)
+    new.register_buffer("weight_mask", mask.to(new.weight.dtype).clone())
+    with torch.no_grad():
+        new.weight.mul_(new.weight_mask)
+    return new
+
+
+def replace_module(model: Seq2SeqTransformer, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name`` and update the model's config (per-layer sizes, masked Linears)
+    in the same step, so the model can be saved and rebuilt from config + weights."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+    enc, dec = model.encoder.layers, model.decoder.layers
+    model.cfg = dataclasses.replace(
+        model.cfg,
+        encoder_heads=[layer.self_attn.n_heads for layer in enc],
+        encoder_ffn=[layer.ffn.linear1.out_features for layer in enc],
+        decoder_self_heads=[layer.self_attn.n_heads for layer in dec],
+        decoder_cross_heads=[layer.cross_attn.n_heads for layer in dec],
+        decoder_ffn=[layer.ffn.linear1.out_features for layer in dec],
+        sparse_linears=sorted(n for n, m in model.named_modules()
+                              if isinstance(m, nn.Linear) and hasattr(m, "weight_mask")))

@@ -1,0 +1,40 @@
+"""Stage `compose`: origin model + bank + configuration I -> a standalone model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ctprune.errors import CtpruneError
+from ctprune.model.checkpoint import load_model_folder, save_model_folder
+from ctprune.model.transformer import Seq2SeqTransformer
+from ctprune.pruning.bank import check_bank_model, compose, load_index
+from ctprune.pruning.configs import Configuration, load_configurations, model_fingerprint, prunable_modules
+
+
+def select_configuration(confs: list[Configuration], n: int, source: Path) -> Configuration:
+    if not 0 <= n < len(confs):
+        raise CtpruneError(f"-n {n} is out of range: {source} has configurations 0..{len(confs) - 1}")
+    return confs[n]
+
+
+def compose_configuration(model_dir: Path, bank: Path, conf_path: Path, n: int
+                          ) -> tuple[Seq2SeqTransformer, Any, dict[str, Any]]:
+    """(composed model, tokenizer, provenance) of configuration ``n``; checks that bank,
+    configuration file and model belong together."""
+    origin, tok, _ = load_model_folder(model_dir)
+    index = load_index(bank)
+    check_bank_model(index, model_fingerprint(model_dir), bank)
+    conf = select_configuration(load_configurations(conf_path, prunable_modules(origin)), n, conf_path)
+    model = compose(origin, bank, conf, index)
+    stages = sorted({index["variants"][k]["provenance"]["stage"] for k in index["variants"]})
+    provenance = {"stage": "compose", "origin": str(model_dir), "bank": str(bank),
+                  "bank_variants": "/".join(stages), "configurations": str(conf_path),
+                  "configuration_index": n, "configuration": conf}
+    return model, tok, provenance
+
+
+def compose_to_folder(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path) -> Path:
+    model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n)
+    save_model_folder(output, model, tok, provenance)
+    return output

@@ -1,0 +1,50 @@
+"""Stages `inspect`, `configs` and `plan`: prunable modules -> configurations -> plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ctprune.errors import CtpruneError
+from ctprune.fileio import write_json
+from ctprune.model.checkpoint import load_model_folder
+from ctprune.pruning.configs import (
+    Configuration,
+    default_configurations,
+    load_configurations,
+    make_plan,
+    model_fingerprint,
+    prunable_modules,
+)
+
+
+def inspect_model(model_dir: Path) -> list[str]:
+    """One line per prunable module: name, kind, parameters, heads/neurons/weights."""
+    model, _, _ = load_model_folder(model_dir)
+    mods = prunable_modules(model)
+    total = sum(p.numel() for p in model.parameters())
+    lines = [f"{model_dir}: {total:,} parameters, {len(mods)} prunable modules",
+             f"{'module':<40} {'kind':<10} {'params':>10}  size"]
+    lines += [f"{m.name:<40} {m.kind:<10} {m.params:>10,}  {m.size} {m.unit}" for m in mods.values()]
+    return lines
+
+
+def write_configs(model_dir: Path, n: int, output: Path, attention: list[float] | None = None,
+                  linear: list[float] | None = None, ffn: list[float] | None = None) -> list[Configuration]:
+    model, _, _ = load_model_folder(model_dir)
+    confs = default_configurations(prunable_modules(model), n, attention, linear, ffn)
+    write_json(output, confs)
+    return confs
+
+
+def write_plan(conf_path: Path, model_dir: Path, output: Path) -> dict[str, Any]:
+    """The plan of a configuration file, checked against the origin model whose fingerprint it
+    records, so that a bank or configuration from another model is refused later."""
+    model, _, _ = load_model_folder(model_dir)
+    modules = prunable_modules(model)
+    confs = load_configurations(conf_path, modules)
+    plan = make_plan(confs, modules, model_fingerprint(model_dir))
+    if not plan["modules"]:
+        raise CtpruneError(f"{conf_path}: every keep ratio is 1, so there is nothing to prune")
+    write_json(output, plan)
+    return plan
