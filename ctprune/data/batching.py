@@ -72,14 +72,14 @@ class TokenizedSplit:
         order = sorted(keys, key=keys.__getitem__)
         groups: list[list[int]] = []
         cur: list[int] = []
-        width = 0
+        ms = mt = 0  # padded widths of the current batch
         for i in order:
-            w = max(width, len(self.src[i]) + len(self.tgt_in[i]))
-            if cur and w * (len(cur) + 1) > max_tokens:
+            s, t = max(ms, len(self.src[i])), max(mt, len(self.tgt_in[i]))
+            if cur and (s + t) * (len(cur) + 1) > max_tokens:
                 groups.append(cur)
-                cur, w = [], len(self.src[i]) + len(self.tgt_in[i])
+                cur, s, t = [], len(self.src[i]), len(self.tgt_in[i])
             cur.append(i)
-            width = w
+            ms, mt = s, t
         if cur:
             groups.append(cur)
         if shuffle_seed is not None:
