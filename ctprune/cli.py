@@ -127,6 +127,37 @@ def cmd_compose(a: argparse.Namespace) -> None:
     print(f"configuration {a.n} composed -> {a.output}")
 
 
+def cmd_tune_blocks(a: argparse.Namespace) -> None:
+    from ctprune.stages.tune_blocks import tune_blocks
+
+    index = tune_blocks(Path(a.model), Path(a.bank), Path(a.output), epochs=a.epochs, corpus=a.corpus,
+                        data_dir=a.data_dir, lr=a.lr, max_tokens=a.max_tokens, patience=a.patience,
+                        resume=a.resume, device=a.device, seed=a.seed)
+    t = index["tuning"]
+    print(f"tuned bank: {t['variants']} variants, {t['epochs_done']} epochs, {t['wall_time_s']:.0f}s "
+          f"-> {a.output} (history.csv, block_loss.png)")
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from ctprune.stages.finetune import finetune, finetune_all
+
+    if (a.n is None) == (not a.all):
+        raise CtpruneError("give either -n I (one configuration) or --all")
+    recipe = _recipe(a)
+    kw = dict(corpus=a.corpus, data_dir=a.data_dir, target_bleu=a.target_bleu, device=a.device)
+    if a.all:
+        results = finetune_all(Path(a.model), Path(a.bank), Path(a.configurations), Path(a.output),
+                               recipe, **kw)  # type: ignore[arg-type]
+        for i, r in enumerate(results):
+            print(f"configuration {i}: best val BLEU {r.best_bleu:.2f} after {r.epochs_done} epochs, "
+                  f"{r.wall_time_s:.0f}s")
+    else:
+        r = finetune(Path(a.model), Path(a.bank), Path(a.configurations), a.n, Path(a.output), recipe,
+                     resume=a.resume, **kw)  # type: ignore[arg-type]
+        print(f"configuration {a.n}: best val BLEU {r.best_bleu:.2f} after {r.epochs_done} epochs, "
+              f"{r.wall_time_s:.0f}s -> {a.output}")
+
+
 def cmd_data_check(a: argparse.Namespace) -> None:
     from ctprune.data.corpus import check
 
@@ -215,6 +246,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configurations", required=True, help="configuration file")
     p.add_argument("-n", type=int, required=True, help="index of the configuration (from 0)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
+
+    p = add("tune-blocks", cmd_tune_blocks,
+            "pre-tune every block variant of a bank by local distillation against the frozen origin "
+            "(one teacher pass per batch serves all variants)")
+    p.add_argument("model", help="origin model folder")
+    p.add_argument("--bank", required=True, help="bank from `ctprune prune`")
+    _data_options(p)
+    p.add_argument("-e", "--epochs", type=int, default=3, help="block-tuning epochs")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the variants")
+    p.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch")
+    p.add_argument("--patience", type=int, default=2,
+                   help="stop tuning a variant after this many epochs without a lower val block loss (0: never)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted tuning in -o")
+    _device_option(p)
+    p.add_argument("-o", "--output", required=True, help="tuned bank folder to write")
+
+    p = add("finetune", cmd_finetune,
+            "compose configuration I (or --all) from a bank and finetune it end to end; with a pruned "
+            "bank this is the baseline, with a tuned bank the composed model")
+    p.add_argument("model", help="origin model folder")
+    p.add_argument("--bank", required=True, help="bank folder (pruned: baseline; tuned: composed)")
+    p.add_argument("-c", "--configurations", required=True, help="configuration file")
+    p.add_argument("-n", type=int, default=None, help="index of the configuration (from 0)")
+    p.add_argument("--all", action="store_true", help="every configuration, one after another, resumably")
+    _data_options(p)
+    _recipe_options(p, epochs=3)
+    p.set_defaults(recipe="original")
+    p.add_argument("--target-bleu", type=float, default=None, help="stop once val BLEU reaches this")
+    _device_option(p)
+    p.add_argument("-o", "--output", required=True, help="model folder (with --all: a folder of config-I)")
 
     p = add("data", lambda a: None, "check or download the Multi30k files")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")

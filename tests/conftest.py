@@ -60,3 +60,15 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "origin"
     save_model_folder(folder, model, tok, {"stage": "test"})
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny origin model trained briefly on the synthetic corpus (shared by several tests)."""
+    from ctprune.stages.train import TrainArgs, train_origin
+    from ctprune.training.loop import Recipe
+
+    out = tmp_path_factory.mktemp("origin") / "tiny"
+    train_origin(TrainArgs(output=out, preset="tiny", corpus="synthetic", device="cpu",
+                           recipe=Recipe(epochs=4, lr=3e-3, warmup_steps=100, max_tokens=1024, seed=0)))
+    return out

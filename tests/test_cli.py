@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from .conftest import run_cli
-from .test_train import trained  # noqa: F401  (session fixture)
 
 
 def test_help_explains_every_command() -> None:
@@ -27,7 +26,7 @@ def test_train_tiny_synthetic_one_epoch(tmp_path: Path) -> None:
     assert (out / "model.safetensors").is_file() and (out / "history.csv").is_file()
 
 
-def test_evaluate_and_translate(trained: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_evaluate_and_translate(trained: Path, tmp_path: Path) -> None:
     r = run_cli("evaluate", str(trained), "--corpus", "synthetic", "--split", "test", "-o", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "BLEU = " in r.stdout and "nrefs:1|case:mixed|eff:no|tok:13a" in r.stdout

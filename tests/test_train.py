@@ -17,15 +17,6 @@ from ctprune.stages.train import TrainArgs, train_origin
 from ctprune.training.loop import Recipe, read_history
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny origin model trained briefly on the synthetic corpus (shared by several tests)."""
-    out = tmp_path_factory.mktemp("origin") / "tiny"
-    train_origin(TrainArgs(output=out, preset="tiny", corpus="synthetic", device="cpu",
-                           recipe=Recipe(epochs=4, lr=3e-3, warmup_steps=100, max_tokens=1024, seed=0)))
-    return out
-
-
 def test_training_reaches_a_bleu_far_above_untrained(trained: Path) -> None:
     model, tok, hparams = load_model_folder(trained)
     test = load_split("synthetic", "test")

@@ -19,21 +19,22 @@ def _trim(seq: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def greedy(model: Seq2SeqTransformer, src: Tensor) -> list[list[int]]:
-    """src (B, S) -> B token-id lists (without BOS/EOS)."""
+def greedy(model: Seq2SeqTransformer, src: Tensor, steps: int | None = None) -> list[list[int]]:
+    """src (B, S) -> B token-id lists (without BOS/EOS). With ``steps``, exactly that many
+    decoding steps run whatever the model emits (for like-for-like speed measurements)."""
     cfg = model.cfg
     memory, mask = model.encode(src)
     cache = model.new_cache()
     tok = torch.full((src.shape[0], 1), cfg.bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
     steps: list[Tensor] = []
-    for t in range(_max_steps(model, src)):
+    for t in range(steps or _max_steps(model, src)):
         h = model.decode(tok, memory, mask, cache, offset=t)  # (B, 1, d)
         nxt = model.generator(h[:, -1]).argmax(-1)  # (B,)
         nxt = nxt.masked_fill(done, cfg.pad_id)
         steps.append(nxt)
         done |= nxt == cfg.eos_id
-        if bool(done.all()):
+        if steps is None and bool(done.all()):
             break
         tok = nxt[:, None]
     return [_trim(row) for row in torch.stack(steps, 1).tolist()]

@@ -1,0 +1,79 @@
+"""Stage `finetune`: compose configuration I from a bank, then train it end to end.
+
+With a merely pruned bank this is the baseline; with a tuned bank it is the composed model.
+BLEU is measured (greedy, on the validation split) before the first epoch and after each one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ctprune.data.corpus import default_splits, load_split
+from ctprune.device import resolve_device
+from ctprune.errors import CtpruneError
+from ctprune.model.checkpoint import is_model_folder
+from ctprune.pruning.configs import load_configurations, prunable_modules
+from ctprune.stages.compose import compose_configuration
+from ctprune.training.loop import FitResult, Recipe, fit
+
+
+def finetune(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path, recipe: Recipe,
+             corpus: str = "multi30k", data_dir: str | None = None, target_bleu: float | None = None,
+             resume: bool = False, device: str | None = None) -> FitResult:
+    """Finetune configuration ``n`` into the model folder ``output`` (history.csv, plots)."""
+    dev = resolve_device(device)
+    model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n)
+    train_name, val_name, _ = default_splits(corpus)
+    train, val = (load_split(corpus, s, data_dir) for s in (train_name, val_name))
+    hparams: dict[str, Any] = {**provenance, "stage": "finetune", "corpus": corpus, "target_bleu": target_bleu}
+    result = fit(model, tok, train, val, recipe, output, hparams, resume=resume, device=dev,
+                 eval_before=True, target_bleu=target_bleu, after_step=lambda m: m.apply_masks())
+    plot_history(output / "history.csv", output / "history.png", f"configuration {n}")
+    return result
+
+
+def finetune_all(model_dir: Path, bank: Path, conf_path: Path, output: Path, recipe: Recipe,
+                 **kwargs: Any) -> list[FitResult]:
+    """Every configuration, one after another, into ``output/config-I``; finished ones are kept,
+    an interrupted one resumes."""
+    from ctprune.model.checkpoint import load_model_folder
+
+    origin, _, _ = load_model_folder(model_dir)
+    confs = load_configurations(conf_path, prunable_modules(origin))
+    results = []
+    for i in range(len(confs)):
+        out = Path(output) / f"config-{i}"
+        started = (out / "history.csv").exists()
+        if started and (out / "train_summary.json").exists() and is_model_folder(out):
+            from ctprune.fileio import read_json
+
+            s = read_json(out / "train_summary.json")
+            results.append(FitResult(s["best_val_bleu"], s["epochs_done"], s["wall_time_s"],
+                                     s["train_tokens"], s["stopped_early"]))
+            continue
+        results.append(finetune(model_dir, bank, conf_path, i, out, recipe, resume=started, **kwargs))
+    return results
+
+
+def plot_history(csv_path: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ctprune.fileio import atomic_write
+    from ctprune.training.loop import read_history
+
+    rows = read_history(csv_path)
+    if not rows:
+        raise CtpruneError(f"{csv_path} has no rows")
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ep = [int(r["epoch"]) for r in rows]
+    ax[0].plot(ep, [float(r["val_bleu"]) for r in rows], marker="o")
+    ax[0].set(xlabel="epoch", ylabel="val BLEU (greedy)", title=title)
+    ax[1].plot([float(r["wall_time_s"]) for r in rows], [float(r["val_loss"]) for r in rows], marker="o")
+    ax[1].set(xlabel="finetuning wall time (s)", ylabel="val loss")
+    fig.tight_layout()
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

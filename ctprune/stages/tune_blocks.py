@@ -1,0 +1,220 @@
+"""Stage `tune-blocks`: bank -> tuned bank, by local distillation against the frozen origin.
+
+For each batch, ONE forward pass of the frozen origin model records every prunable module's
+input and output; every variant of that module runs on the same input and learns to reproduce
+the output (MSE normalised by the output's mean square, so modules of any scale weigh alike).
+A variant's input is always the origin's activation, so variants stay independent and any
+configuration can use any of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ctprune.data.batching import Batch, TokenizedSplit
+from ctprune.data.corpus import default_splits, load_split
+from ctprune.data.tokenizer import PAD_ID
+from ctprune.device import resolve_device
+from ctprune.errors import CtpruneError
+from ctprune.fileio import atomic_write, read_json, write_json, write_text
+from ctprune.model.checkpoint import load_model_folder
+from ctprune.model.transformer import Seq2SeqTransformer
+from ctprune.pruning.bank import INDEX_FILE, check_bank_model, load_index, load_variant, save_variant
+from ctprune.pruning.configs import model_fingerprint
+
+HISTORY_FIELDS = ("epoch", "variant", "train_loss", "val_loss", "wall_time_s")
+
+
+class Recorder:
+    """Forward hooks on the origin's modules that keep each call's inputs and output."""
+
+    def __init__(self, model: Seq2SeqTransformer, names: list[str]) -> None:
+        self.calls: dict[str, tuple[tuple[Any, ...], dict[str, Any], Tensor]] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n), with_kwargs=True)
+                        for n in names]
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> None:
+            self.calls[name] = (args, kwargs, out)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def block_losses(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
+                 rec: Recorder, batch: Batch) -> dict[str, Tensor]:
+    """One teacher pass, then each variant's normalised MSE on its module's recorded call."""
+    with torch.no_grad():
+        origin(batch.src, batch.tgt_in)
+    keep = {"encoder": batch.src != PAD_ID, "decoder": batch.tgt_in != PAD_ID}  # (B, T) real tokens
+    losses = {}
+    for key, variant in variants.items():
+        args, kwargs, target = rec.calls[modules[key]]
+        pred = variant(*args, **kwargs)
+        m = keep[modules[key].split(".")[0]]
+        err = ((pred - target) ** 2).mean(-1)[m].mean()
+        losses[key] = err / target[m].pow(2).mean().clamp_min(1e-8)
+    return losses
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def plot_block_losses(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in dict.fromkeys(r["variant"] for r in history):
+        rows = [r for r in history if r["variant"] == key]
+        ax.plot([int(r["epoch"]) for r in rows], [float(r["val_loss"]) for r in rows], marker="o",
+                lw=1, ms=3, label=key)
+    ax.set(xlabel="block-tuning epoch (0 = merely pruned)", ylabel="normalised block MSE (val)",
+           yscale="log", title="Block tuning: every variant against the frozen origin")
+    if len({r["variant"] for r in history}) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+@torch.no_grad()
+def _validate(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
+              rec: Recorder, batches: list[Batch]) -> dict[str, float]:
+    totals = dict.fromkeys(variants, 0.0)
+    for b in batches:
+        for k, v in block_losses(origin, variants, modules, rec, b).items():
+            totals[k] += float(v)
+    return {k: t / max(1, len(batches)) for k, t in totals.items()}
+
+
+def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corpus: str = "multi30k",
+                data_dir: str | None = None, lr: float = 1e-4, max_tokens: int = 4096,
+                patience: int = 2, resume: bool = False, device: str | None = None,
+                only: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Tune every variant of ``bank`` (or those in ``only``) and write the tuned bank ``output``.
+
+    The output holds the best epoch of every variant (by validation block loss); ``.state/``
+    beside it keeps the latest weights and optimizer for ``resume``."""
+    if epochs < 0:
+        raise CtpruneError(f"epochs must be a non-negative integer, got {epochs}")
+    output, bank = Path(output), Path(bank)
+    state_dir = output / ".state"
+    if output.exists() and not resume:
+        raise CtpruneError(f"{output} already exists; pass --resume to continue tuning it or choose another -o")
+    dev = resolve_device(device)
+    origin, tok, _ = load_model_folder(model_dir, dev)
+    origin.requires_grad_(False)
+    src_index = load_index(bank)
+    check_bank_model(src_index, model_fingerprint(model_dir), bank)
+    keys = list(src_index["variants"]) if only is None else only
+    unknown = [k for k in keys if k not in src_index["variants"]]
+    if unknown:
+        raise CtpruneError(f"bank {bank} has no variant {unknown[0]}")
+    modules = {k: src_index["variants"][k]["module"] for k in keys}
+    resuming = resume and (state_dir / "state.pt").is_file()
+    if not resuming:
+        if output.exists():
+            shutil.rmtree(output)
+        shutil.copytree(bank, output)  # untouched variants stay as they were
+    index = load_index(output)
+    variants = {k: load_variant(state_dir if resuming else bank, read_json(state_dir / INDEX_FILE)
+                                if resuming else src_index, k, origin.get_submodule(modules[k])).to(dev)
+                for k in keys}
+    for v in variants.values():
+        v.eval()  # the teacher runs without dropout; so do its students
+        v.requires_grad_(True)  # Linear variants are copies of the frozen origin's modules
+    params = [p for v in variants.values() for p in v.parameters()]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9)
+    train_name, val_name, _ = default_splits(corpus)
+    train = TokenizedSplit(load_split(corpus, train_name, data_dir), tok, origin.cfg.max_len)
+    val_batches = [b.to(dev) for b in
+                   TokenizedSplit(load_split(corpus, val_name, data_dir), tok, origin.cfg.max_len).batches(8192)]
+    rec = Recorder(origin, sorted(set(modules.values())))
+    history: list[dict[str, Any]] = []
+    start, wall, tokens = 1, 0.0, 0
+    best: dict[str, float] = {}
+    stale = dict.fromkeys(keys, 0)
+    if resuming:
+        state = torch.load(state_dir / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        start, wall, tokens = int(state["epoch"]) + 1, float(state["wall"]), int(state["tokens"])
+        best, stale = dict(state["best"]), dict(state["stale"])
+        history = list(csv.DictReader((output / "history.csv").open()))
+        tqdm.write(f"resuming block tuning in {output} after epoch {start - 1}")
+    else:
+        before = _validate(origin, variants, modules, rec, val_batches)
+        for k, loss in before.items():
+            best[k] = loss
+            history.append(dict(epoch=0, variant=k, train_loss="", val_loss=f"{loss:.6g}", wall_time_s=0))
+            index["variants"][k]["provenance"].update(block_loss_pruned=round(loss, 6))
+    try:
+        for epoch in range(start, epochs + 1):
+            active = [k for k in keys if not patience or stale[k] < patience]
+            if not active:
+                break
+            t0 = time.perf_counter()
+            sums = dict.fromkeys(active, 0.0)
+            batches = train.batches(max_tokens, shuffle_seed=seed * 1000 + epoch)
+            for batch in tqdm(batches, desc=f"tune-blocks {epoch}/{epochs}", unit="batch", leave=False):
+                batch = batch.to(dev)
+                losses = block_losses(origin, {k: variants[k] for k in active}, modules, rec, batch)
+                opt.zero_grad(set_to_none=True)
+                torch.stack(list(losses.values())).sum().backward()
+                opt.step()
+                with torch.no_grad():
+                    for k in active:
+                        if hasattr(variants[k], "weight_mask"):
+                            variants[k].weight.mul_(variants[k].weight_mask)
+                        sums[k] += float(losses[k])
+                tokens += batch.n_src_tokens + batch.n_tgt_tokens
+            wall += time.perf_counter() - t0
+            val = _validate(origin, {k: variants[k] for k in active}, modules, rec, val_batches)
+            for k in active:
+                history.append(dict(epoch=epoch, variant=k, train_loss=f"{sums[k] / len(batches):.6g}",
+                                    val_loss=f"{val[k]:.6g}", wall_time_s=f"{wall:.1f}"))
+                if val[k] < best[k]:
+                    best[k], stale[k] = val[k], 0
+                    prov = index["variants"][k]["provenance"]
+                    prov.update(stage="tuned", epochs=epoch, block_loss=round(val[k], 6))
+                    save_variant(output, index, k, variants[k], index["variants"][k])
+                else:
+                    stale[k] += 1
+            state_index = {"format": index["format"], "variants": {}}
+            for k in keys:
+                save_variant(state_dir, state_index, k, variants[k], dict(index["variants"][k]))
+            state = {"optimizer": opt.state_dict(), "epoch": epoch, "wall": wall, "tokens": tokens,
+                     "best": best, "stale": stale}
+            atomic_write(state_dir / "state.pt", functools.partial(torch.save, state))
+            _write_history(output / "history.csv", history)
+            tqdm.write(f"tune-blocks epoch {epoch}: mean val block loss "
+                       f"{sum(val.values()) / len(val):.4g} over {len(active)} variants ({wall:.0f}s)")
+    finally:
+        rec.remove()
+    index["tuned_from"] = str(bank)
+    index["tuning"] = {"epochs_done": max(int(r["epoch"]) for r in history), "wall_time_s": round(wall, 2),
+                       "train_tokens": tokens, "lr": lr, "variants": len(keys), "corpus": corpus}
+    write_json(output / INDEX_FILE, index)
+    _write_history(output / "history.csv", history)
+    plot_block_losses(history, output / "block_loss.png")
+    return index
+

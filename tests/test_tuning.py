@@ -1,0 +1,111 @@
+"""Block tuning and model finetuning on the tiny model: tuned variants beat merely pruned ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctprune.model.checkpoint import load_model_folder
+from ctprune.pruning.bank import load_index
+from ctprune.stages.configs import write_plan
+from ctprune.stages.finetune import finetune, finetune_all
+from ctprune.stages.prune import prune
+from ctprune.stages.tune_blocks import tune_blocks
+from ctprune.training.loop import Recipe, read_history
+
+CONFS = [
+    {"encoder.layers.0.self_attn": 0.5, "decoder.layers.1.cross_attn": 0.25, "encoder.layers.1.ffn": 0.25,
+     "decoder.layers.0.ffn.linear1": 0.2, "decoder.layers.1.ffn.linear2": 0.5},
+    {"encoder.layers.0.self_attn": 0.25, "decoder.layers.1.cross_attn": 0.25, "decoder.layers.0.ffn": 0.25,
+     "encoder.layers.1.ffn.linear1": 0.2},
+]
+
+
+@pytest.fixture(scope="module")
+def banks(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tune")
+    (d / "conf.json").write_text(json.dumps(CONFS))
+    write_plan(d / "conf.json", trained, d / "plan.json")
+    prune(trained, d / "pruned", plan_path=d / "plan.json")
+    tune_blocks(trained, d / "pruned", d / "tuned", epochs=2, corpus="synthetic", lr=2e-3,
+                max_tokens=1024, device="cpu")
+    return {"dir": d, "conf": d / "conf.json", "pruned": d / "pruned", "tuned": d / "tuned"}
+
+
+def test_every_variant_has_a_lower_block_loss_after_tuning(banks: dict[str, Path]) -> None:
+    rows = read_history(banks["tuned"] / "history.csv")
+    index = load_index(banks["tuned"])
+    assert len(index["variants"]) == 8
+    for key, v in index["variants"].items():
+        losses = {int(r["epoch"]): float(r["val_loss"]) for r in rows if r["variant"] == key}
+        assert min(losses[e] for e in losses if e > 0) < losses[0], key
+        assert v["provenance"]["stage"] == "tuned" and v["provenance"]["block_loss"] < v["provenance"][
+            "block_loss_pruned"]
+    assert index["tuning"]["train_tokens"] > 0 and index["tuning"]["wall_time_s"] > 0
+    assert (banks["tuned"] / "block_loss.png").stat().st_size > 1000
+
+
+def test_structure_and_masks_survive_tuning(banks: dict[str, Path]) -> None:
+    pruned, tuned = load_index(banks["pruned"]), load_index(banks["tuned"])
+    for key in pruned["variants"]:
+        a = load_file(str(banks["pruned"] / pruned["variants"][key]["file"]))
+        b = load_file(str(banks["tuned"] / tuned["variants"][key]["file"]))
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}, key
+        if "weight_mask" in b:
+            assert torch.equal(a["weight_mask"], b["weight_mask"])
+            assert bool((b["weight"][b["weight_mask"] == 0] == 0).all())
+        assert any(not torch.equal(a[k], b[k]) for k in a if k != "weight_mask"), f"{key} did not train"
+
+
+def test_composed_starts_higher_than_baseline_and_finetuning_keeps_masks(
+        trained: Path, banks: dict[str, Path]) -> None:
+    recipe = Recipe.original(epochs=1, lr=1e-3)
+    d = banks["dir"]
+    for which in ("pruned", "tuned"):
+        finetune(trained, banks[which], banks["conf"], 0, d / f"ft-{which}", recipe, corpus="synthetic",
+                 device="cpu")
+    base = read_history(d / "ft-pruned/history.csv")
+    comp = read_history(d / "ft-tuned/history.csv")
+    assert [r["epoch"] for r in comp] == ["0", "1"]
+    assert float(comp[0]["val_bleu"]) > float(base[0]["val_bleu"]), (comp[0], base[0])
+    model, _, hp = load_model_folder(d / "ft-tuned/last")
+    lin = model.decoder.layers[0].ffn.linear1
+    assert int((lin.weight != 0).sum()) == round(0.2 * lin.weight.numel())
+    assert model.cfg.encoder_heads[0] == 2 and model.cfg.decoder_cross_heads[1] == 1
+    assert model.cfg.encoder_ffn[1] == 32
+    assert (d / "ft-tuned/history.png").is_file()
+
+
+def test_tune_blocks_resumes(trained: Path, banks: dict[str, Path]) -> None:
+    d = banks["dir"]
+    only = ["encoder.layers.0.self_attn@0.5", "decoder.layers.0.ffn.linear1@0.2"]
+    tune_blocks(trained, banks["pruned"], d / "r", epochs=1, corpus="synthetic", lr=2e-3, max_tokens=1024,
+                device="cpu", only=only)
+    with pytest.raises(Exception, match="--resume"):
+        tune_blocks(trained, banks["pruned"], d / "r", epochs=2, corpus="synthetic", only=only)
+    tune_blocks(trained, banks["pruned"], d / "r", epochs=2, corpus="synthetic", lr=2e-3, max_tokens=1024,
+                device="cpu", only=only, resume=True)
+    rows = read_history(d / "r/history.csv")
+    assert sorted({int(r["epoch"]) for r in rows}) == [0, 1, 2]
+    assert len([r for r in rows if r["epoch"] == "1"]) == 2  # epoch 1 not repeated
+
+
+def test_finetune_all_resumes_and_skips_finished(trained: Path, banks: dict[str, Path]) -> None:
+    d = banks["dir"]
+    recipe = Recipe.original(epochs=1, lr=1e-3)
+    first = finetune_all(trained, banks["tuned"], banks["conf"], d / "all", recipe, corpus="synthetic",
+                         device="cpu")
+    assert len(first) == 2
+    stamp = (d / "all/config-0/model.safetensors").stat().st_mtime_ns
+    again = finetune_all(trained, banks["tuned"], banks["conf"], d / "all", recipe, corpus="synthetic",
+                         device="cpu")
+    assert (d / "all/config-0/model.safetensors").stat().st_mtime_ns == stamp
+    assert [r.best_bleu for r in again] == [r.best_bleu for r in first]
+    # One more epoch on an existing run resumes it instead of starting over.
+    finetune(trained, banks["tuned"], banks["conf"], 1, d / "all/config-1", Recipe.original(epochs=2, lr=1e-3),
+             corpus="synthetic", device="cpu", resume=True)
+    assert [r["epoch"] for r in read_history(d / "all/config-1/history.csv")] == ["0", "1", "2"]
