@@ -158,6 +158,18 @@ def cmd_finetune(a: argparse.Namespace) -> None:
               f"{r.wall_time_s:.0f}s -> {a.output}")
 
 
+def cmd_run(a: argparse.Namespace) -> None:
+    from ctprune.stages.run import run_experiment
+
+    run_experiment(Path(a.experiment), Path(a.output) if a.output else None)
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from ctprune.stages.report import write_report
+
+    print(f"report: {write_report(Path(a.run_dir))} (and report.html)")
+
+
 def cmd_data_check(a: argparse.Namespace) -> None:
     from ctprune.data.corpus import check
 
@@ -277,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-bleu", type=float, default=None, help="stop once val BLEU reaches this")
     _device_option(p)
     p.add_argument("-o", "--output", required=True, help="model folder (with --all: a folder of config-I)")
+
+    p = add("run", cmd_run,
+            "the whole experiment from one TOML file: origin -> plan -> prune -> tune-blocks -> baseline "
+            "and composed finetuning -> test evaluation -> report; re-run to resume")
+    p.add_argument("experiment", help="experiment file, e.g. examples/demo.toml")
+    p.add_argument("-o", "--output", default=None, help="run folder (default: runs/EXPERIMENT_NAME)")
+
+    p = add("report", cmd_report, "rebuild report.md / report.html of a run folder")
+    p.add_argument("run_dir", help="run folder of `ctprune run`")
 
     p = add("data", lambda a: None, "check or download the Multi30k files")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")

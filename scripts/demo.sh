@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the built-in synthetic corpus: train a tiny origin model, then evaluate it.
+# The main job: the demo composability experiment (examples/demo.toml) on the built-in synthetic
+# corpus. Re-running it resumes; the report is written to runs/demo/report.md and report.html.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
 out=${1:-runs/demo}
-if [ -f "$out/origin/last/trainer_state.pt" ]; then resume=--resume; else resume=; fi
-.venv/bin/ctprune train --preset tiny --corpus synthetic --epochs 8 -o "$out/origin" $resume
-.venv/bin/ctprune evaluate "$out/origin" --corpus synthetic --split test
-.venv/bin/ctprune evaluate "$out/origin" --corpus synthetic --split test --beam 4
-echo "demo done: model in $out/origin, hypotheses and scores in $out/origin/eval/"
+.venv/bin/ctprune run examples/demo.toml -o "$out"
+echo "demo done: open $out/report.html (or read $out/report.md)"

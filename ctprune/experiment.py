@@ -1,0 +1,119 @@
+"""The experiment file (TOML) of `ctprune run`, validated on load.
+
+    seed = 0
+    [data]           corpus = "synthetic" | "multi30k", data_dir = "..." (optional)
+    [origin]         preset = "tiny" | "seed", epochs = 8    (or model = "path/to/origin")
+    [configurations] attention = [..], linear = [..], ffn = [..]   (one ratio per configuration)
+                     or file = "conf.json", or inline = [{module = ratio, ...}, ...]
+    [tuning]         epochs = 2, lr = 1e-4
+    [finetuning]     epochs = 3, lr = 1e-4, target_bleu = 30.0 or "origin-2"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctprune.errors import CtpruneError
+
+SECTIONS = {"seed", "data", "origin", "configurations", "tuning", "finetuning"}
+
+
+@dataclass
+class Experiment:
+    path: Path
+    seed: int = 0
+    corpus: str = "synthetic"
+    data_dir: str | None = None
+    preset: str = "tiny"
+    origin_epochs: int = 8
+    origin_model: Path | None = None
+    conf_file: Path | None = None
+    conf_inline: list[dict[str, float]] | None = None
+    attention: list[float] | None = None
+    linear: list[float] | None = None
+    ffn: list[float] | None = None
+    tune_epochs: int = 2
+    tune_lr: float = 1e-4
+    finetune_epochs: int = 3
+    finetune_lr: float = 1e-4
+    target: str | float | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def target_bleu(self, origin_bleu: float) -> float | None:
+        """An absolute BLEU, or "origin-X": the origin model's val BLEU minus X."""
+        if self.target is None or isinstance(self.target, float):
+            return self.target
+        return origin_bleu - float(self.target.split("-", 1)[1])
+
+
+def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
+    if key not in d:
+        return default
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise CtpruneError(f"{where}.{key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _ratios(d: dict[str, Any], key: str, where: str) -> list[float] | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                   for x in v):
+        raise CtpruneError(f"{where}.{key} must be a non-empty list of keep ratios, got {v!r}")
+    return [float(x) for x in v]
+
+
+def load_experiment(path: Path) -> Experiment:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CtpruneError(f"experiment file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CtpruneError(f"{path} is not valid TOML: {e}") from None
+    unknown = sorted(set(raw) - SECTIONS)
+    if unknown:
+        raise CtpruneError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(SECTIONS)}")
+    data, origin, confs = raw.get("data", {}), raw.get("origin", {}), raw.get("configurations", {})
+    tune, ft = raw.get("tuning", {}), raw.get("finetuning", {})
+    e = Experiment(path=path, raw=raw, seed=_get(raw, "seed", int, "experiment", 0))
+    e.corpus = _get(data, "corpus", str, "data", "synthetic")
+    if e.corpus not in ("synthetic", "multi30k"):
+        raise CtpruneError(f"data.corpus must be \"synthetic\" or \"multi30k\", got {e.corpus!r}")
+    e.data_dir = _get(data, "data_dir", str, "data", None)
+    e.preset = _get(origin, "preset", str, "origin", "tiny")
+    if e.preset not in ("tiny", "seed"):
+        raise CtpruneError(f"origin.preset must be \"tiny\" or \"seed\", got {e.preset!r}")
+    e.origin_epochs = _get(origin, "epochs", int, "origin", 8)
+    model = _get(origin, "model", str, "origin", None)
+    e.origin_model = (path.parent / model) if model else None
+    file = _get(confs, "file", str, "configurations", None)
+    e.conf_file = (path.parent / file) if file else None
+    e.conf_inline = _get(confs, "inline", list, "configurations", None)
+    e.attention, e.linear, e.ffn = (_ratios(confs, k, "configurations") for k in ("attention", "linear", "ffn"))
+    if sum(x is not None for x in (e.conf_file, e.conf_inline, e.attention or e.linear or e.ffn)) != 1:
+        raise CtpruneError(f"{path}: [configurations] needs exactly one of file, inline, or ratio lists "
+                           "(attention / linear / ffn)")
+    e.tune_epochs = _get(tune, "epochs", int, "tuning", 2)
+    e.tune_lr = float(_get(tune, "lr", (int, float), "tuning", 1e-4))
+    e.finetune_epochs = _get(ft, "epochs", int, "finetuning", 3)
+    e.finetune_lr = float(_get(ft, "lr", (int, float), "finetuning", 1e-4))
+    t = ft.get("target_bleu")
+    if t is not None:
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            e.target = float(t)
+        elif isinstance(t, str) and re.fullmatch(r"origin\s*-\s*\d+(\.\d+)?", t):
+            e.target = t.replace(" ", "")
+        else:
+            raise CtpruneError(f"finetuning.target_bleu must be a number or \"origin-X\", got {t!r}")
+    for name, v in (("origin.epochs", e.origin_epochs), ("tuning.epochs", e.tune_epochs),
+                    ("finetuning.epochs", e.finetune_epochs)):
+        if v < 0:
+            raise CtpruneError(f"{name} must be a non-negative integer, got {v}")
+    return e
