@@ -54,10 +54,10 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     monkeypatch.setattr(run_stage, "finetune", killed_on_third)
     with pytest.raises(_Killed):
         run_stage.run_experiment(exp, run_dir)
-    finished = sorted((run_dir / "finetune").glob("*/config-0-*/model.safetensors"))
+    finished = sorted((run_dir / "finetune").glob("*/config-*/model.safetensors"))
     assert len(finished) == 2  # baseline and composed of configuration 0
     stamps = {p: p.stat().st_mtime_ns for p in
-              finished + sorted(run_dir.glob("banks/*/*/index.json")) + sorted(run_dir.glob("banks/*/*/variants/*"))}
+              finished + sorted(run_dir.glob("banks/*/index.json")) + sorted(run_dir.glob("banks/*/variants/*"))}
     monkeypatch.setattr(run_stage, "finetune", real)
     report = run_stage.run_experiment(exp, run_dir)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing finished was redone
@@ -79,6 +79,26 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     (run_dir / "report.md").unlink()
     r = run_cli("report", str(run_dir))
     assert r.returncode == 0 and (run_dir / "report.md").read_text() == md
+
+    # Edit the configurations: configuration 0 stays, configuration 1 moves its heads from 0.25 to 0.75.
+    # Only the new variants are pruned and tuned, only configuration 1 is finetuned again.
+    stamps = {p: p.stat().st_mtime_ns for p in sorted(run_dir.glob("banks/*/variants/*"))
+              + sorted(run_dir.glob("finetune/*/config-*/model.safetensors"))}
+    tuned_dir = run_dir / summary["tuned_bank"]
+    tuned_before = json.loads((tuned_dir / "index.json").read_text())
+    exp.write_text(EXPERIMENT.format(model=trained).replace("attention = [0.5, 0.25]", "attention = [0.5, 0.75]"))
+    run_stage.run_experiment(exp, run_dir)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    edited = json.loads((run_dir / "summary.json").read_text())
+    old, new = summary["configurations"], edited["configurations"]
+    assert [new[0][s]["dir"] for s in run_stage.SIDES] == [old[0][s]["dir"] for s in run_stage.SIDES]
+    assert all(new[1][s]["dir"] != old[1][s]["dir"] for s in run_stage.SIDES)
+    tuned_after = json.loads((tuned_dir / "index.json").read_text())
+    added = sorted(set(tuned_after["variants"]) - set(tuned_before["variants"]))
+    assert added and all(k.endswith("@0.75") and "attn" in k for k in added)
+    assert tuned_after["tuning"]["sessions"] == 2
+    assert tuned_after["tuning"]["variants"] == len(tuned_after["variants"])
+    assert edited["tuning"]["wall_time_s"] > summary["tuning"]["wall_time_s"]
 
 
 @pytest.mark.parametrize("text, message", [

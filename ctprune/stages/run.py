@@ -3,14 +3,19 @@
 RUN_DIR/
   origin/                 origin model (unless the experiment names one)
   conf.json, plan.json    configurations and plan
-  banks/PLAN_FP/pruned    merely pruned variants;  banks/PLAN_FP/tuned  tuned variants
-  finetune/{baseline,composed}/config-I-CONF_FP   one model folder per configuration and side
+  banks/pruned            merely pruned variants (every variant any plan of this run asked for)
+  banks/tuned-SCHED_FP    the same variants tuned with one tuning schedule
+  finetune/{baseline,composed}/config-FP   one model folder per configuration, bank and schedule
   summary.json            every number of the report; report.md / report.html
-Each step is skipped when its output is complete, resumed when it is partial.
+Each step is skipped when its output is complete, resumed when it is partial. The banks grow
+with the plan: after the configurations are edited only the variants no bank has yet are pruned
+and tuned, and only configurations whose fingerprint changed are finetuned again.
 """
 
 from __future__ import annotations
 
+import csv
+import os
 import platform
 import shutil
 import time
@@ -29,7 +34,7 @@ from ctprune.model.checkpoint import is_model_folder, load_model_folder
 from ctprune.model.decode import greedy, translate
 from ctprune.model.flops import forward_flops, parameter_counts
 from ctprune.model.transformer import Seq2SeqTransformer
-from ctprune.pruning.bank import compose, load_index
+from ctprune.pruning.bank import INDEX_FILE, compose, load_index
 from ctprune.pruning.configs import (
     default_configurations,
     fingerprint,
@@ -38,12 +43,14 @@ from ctprune.pruning.configs import (
     model_fingerprint,
     prunable_modules,
     validate_configurations,
+    variant_ids,
+    variant_key,
 )
 from ctprune.scoring import score
 from ctprune.stages.finetune import finetune
 from ctprune.stages.prune import prune
 from ctprune.stages.train import TrainArgs, train_origin
-from ctprune.stages.tune_blocks import tune_blocks
+from ctprune.stages.tune_blocks import plot_block_losses, tune_blocks, write_block_history
 from ctprune.training.loop import Recipe, read_history
 
 SIDES = ("baseline", "composed")
@@ -79,6 +86,76 @@ def _configurations(exp: Experiment, origin: Seq2SeqTransformer) -> list[dict[st
         return validate_configurations(exp.conf_inline, modules, f"{exp.path} [configurations].inline")
     n = len(exp.attention or exp.linear or exp.ffn or [])
     return default_configurations(modules, n, exp.attention, exp.linear, exp.ffn)
+
+
+def _missing(plan: dict[str, Any], bank: Path) -> list[str]:
+    """The plan's variant keys that ``bank`` does not hold (all of them when it does not exist)."""
+    have = load_index(bank)["variants"] if (bank / INDEX_FILE).exists() else {}
+    return [variant_key(n, r) for n, r in variant_ids(plan) if variant_key(n, r) not in have]
+
+
+def _merge(src: Path, dst: Path, keys: list[str]) -> None:
+    """Move the variants ``keys`` of bank ``src`` into bank ``dst`` (made if absent), adding up
+    tuning cost and history; ``dst``'s index is written last, so a crash loses nothing."""
+    new = load_index(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "variants").mkdir(exist_ok=True)
+    if (dst / INDEX_FILE).exists():
+        index = load_index(dst)
+    else:
+        index = {**{k: v for k, v in new.items() if k != "tuning"}, "variants": {}}
+    for key in keys:
+        entry = new["variants"][key]
+        if (src / entry["file"]).exists():  # absent only if an earlier merge moved it already
+            os.replace(src / entry["file"], dst / entry["file"])
+        index["variants"][key] = entry
+    if "tuning" in new:
+        t, old = {**new["tuning"], "sessions": 1}, index.get("tuning")
+        if old:
+            t.update(wall_time_s=round(old["wall_time_s"] + t["wall_time_s"], 2),
+                     train_tokens=old["train_tokens"] + t["train_tokens"], variants=old["variants"] + t["variants"],
+                     epochs_done=max(old["epochs_done"], t["epochs_done"]), sessions=old.get("sessions", 1) + 1)
+        index["tuning"] = t
+        rows = [r for f in (dst / "history.csv", src / "history.csv") if f.exists()
+                for r in csv.DictReader(f.open()) if r["variant"] in index["variants"]]
+        write_block_history(dst / "history.csv", rows)
+        plot_block_losses(rows, dst / "block_loss.png")
+    write_json(dst / INDEX_FILE, index)
+    shutil.rmtree(src)
+
+
+def _sub_plan(plan: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    modules = {n: {**e, "ratios": [r for r in e["ratios"] if variant_key(n, r) in keys]}
+               for n, e in plan["modules"].items()}
+    return {**plan, "modules": {n: e for n, e in modules.items() if e["ratios"]}}
+
+
+def _banks(exp: Experiment, origin_dir: Path, plan: dict[str, Any], banks: Path) -> tuple[Path, Path]:
+    """Prune and tune the variants of ``plan`` that the run's banks lack; returns (pruned, tuned)."""
+    pruned = banks / "pruned"
+    missing = _missing(plan, pruned)
+    if missing:
+        _say(f"prune: {len(missing)} block variants")
+        write_json(banks / ".plan-missing.json", _sub_plan(plan, missing))
+        tmp = banks / ".pruning"
+        shutil.rmtree(tmp, ignore_errors=True)
+        prune(origin_dir, tmp, plan_path=banks / ".plan-missing.json", corpus=exp.corpus, data_dir=exp.data_dir)
+        _merge(tmp, pruned, missing)
+    else:
+        _say("prune: done")
+    schedule = {"epochs": exp.tune_epochs, "lr": exp.tune_lr, "seed": exp.seed}
+    tuned = banks / f"tuned-{fingerprint(schedule)[:8]}"
+    missing = _missing(plan, tuned)
+    if missing:
+        tmp = banks / f".tuning-{fingerprint([tuned.name, missing])[:8]}"
+        _say(f"tune-blocks: {len(missing)} variants, {exp.tune_epochs} epochs{' (resuming)' if tmp.exists() else ''}")
+        tune_blocks(origin_dir, pruned, tmp, epochs=exp.tune_epochs, corpus=exp.corpus, data_dir=exp.data_dir,
+                    lr=exp.tune_lr, resume=tmp.exists(), device="cpu", only=missing, seed=exp.seed,
+                    max_tokens=1024 if exp.preset == "tiny" else 4096)
+        _merge(tmp, tuned, missing)
+    else:
+        _say("tune-blocks: done")
+    return pruned, tuned
 
 
 def _steps_and_ids(model: Seq2SeqTransformer, tok: Any, sentences: list[str]) -> tuple[list[list[int]], list[int]]:
@@ -124,17 +201,7 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
     write_json(run_dir / "conf.json", confs)
     plan = make_plan(confs, modules, model_fingerprint(origin_dir))
     write_json(run_dir / "plan.json", plan)
-    banks = run_dir / "banks" / fingerprint(plan)
-    if not (banks / "pruned").exists():
-        _say(f"prune: {sum(len(e['ratios']) for e in plan['modules'].values())} block variants")
-        prune(origin_dir, banks / "pruned", plan_path=run_dir / "plan.json", corpus=exp.corpus,
-              data_dir=exp.data_dir)
-    tuned = banks / "tuned"
-    if not (tuned / "index.json").exists() or "tuning" not in load_index(tuned):
-        _say(f"tune-blocks: {exp.tune_epochs} epochs")
-        tune_blocks(origin_dir, banks / "pruned", tuned, epochs=exp.tune_epochs, corpus=exp.corpus,
-                    data_dir=exp.data_dir, lr=exp.tune_lr, resume=tuned.exists(), device="cpu",
-                    seed=exp.seed, max_tokens=1024 if exp.preset == "tiny" else 4096)
+    pruned, tuned = _banks(exp, origin_dir, plan, run_dir / "banks")
     origin_bleu = read_json(origin_dir / "train_summary.json")["best_val_bleu"] \
         if (origin_dir / "train_summary.json").exists() else None
     _, val_name, test_name = default_splits(exp.corpus)
@@ -155,8 +222,11 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
     rows = []
     for i, conf in enumerate(confs):
         row: dict[str, Any] = {"index": i, "configuration": conf, "fingerprint": fingerprint(conf)}
-        for side, bank in zip(SIDES, (banks / "pruned", tuned)):
-            out = run_dir / "finetune" / side / f"config-{i}-{row['fingerprint']}"
+        for side, bank in zip(SIDES, (pruned, tuned)):
+            key = {"configuration": conf, "bank": bank.name, "seed": exp.seed,
+                   "target_bleu": None if target is None else round(target, 2),
+                   "epochs": exp.finetune_epochs, "lr": exp.finetune_lr}
+            out = run_dir / "finetune" / side / f"config-{fingerprint(key)}"
             if not (out / "train_summary.json").exists():
                 _say(f"finetune {side} configuration {i}")
                 finetune(origin_dir, bank, run_dir / "conf.json", i, out, recipe, corpus=exp.corpus,

@@ -69,7 +69,7 @@ def block_losses(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], mod
     return losses
 
 
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_block_history(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
     w.writeheader()
@@ -205,7 +205,7 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
             state = {"optimizer": opt.state_dict(), "epoch": epoch, "wall": wall, "tokens": tokens,
                      "best": best, "stale": stale}
             atomic_write(state_dir / "state.pt", functools.partial(torch.save, state))
-            _write_history(output / "history.csv", history)
+            write_block_history(output / "history.csv", history)
             tqdm.write(f"tune-blocks epoch {epoch}: mean val block loss "
                        f"{sum(val.values()) / len(val):.4g} over {len(active)} variants ({wall:.0f}s)")
     finally:
@@ -214,7 +214,7 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     index["tuning"] = {"epochs_done": max(int(r["epoch"]) for r in history), "wall_time_s": round(wall, 2),
                        "train_tokens": tokens, "lr": lr, "variants": len(keys), "corpus": corpus}
     write_json(output / INDEX_FILE, index)
-    _write_history(output / "history.csv", history)
+    write_block_history(output / "history.csv", history)
     plot_block_losses(history, output / "block_loss.png")
     return index
 
