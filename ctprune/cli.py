@@ -33,9 +33,11 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 
 def _recipe_options(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("-e", "--epochs", type=int, default=epochs, help="number of epochs")
-    p.add_argument("--recipe", choices=("fast", "original"), default="fast",
+    p.add_argument("--recipe", choices=("fast", "original", "finetune"), default="fast",
                    help="fast: warm-up + cosine lr, label smoothing 0.1, token-budget batches; "
-                        "original: the prototype's Adam 1e-4, 128-sentence batches, plain cross-entropy")
+                        "original: the prototype's Adam 1e-4, 128-sentence batches, plain cross-entropy; "
+                        "finetune (default of `finetune`): the prototype's optimizer on 4096-token "
+                        "length-sorted batches")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="token budget per batch, padded source+target tokens (fast recipe)")
@@ -65,6 +67,8 @@ def _recipe(a: argparse.Namespace) -> object:
         overrides["lr"] = a.lr
     if a.max_tokens is not None:
         overrides["max_tokens"] = a.max_tokens
+    if a.recipe == "finetune":
+        return Recipe.finetune(**overrides)
     return Recipe.original(**overrides) if a.recipe == "original" else Recipe(**overrides)
 
 
@@ -285,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every configuration, one after another, resumably")
     _data_options(p)
     _recipe_options(p, epochs=3)
-    p.set_defaults(recipe="original")
+    p.set_defaults(recipe="finetune")
     p.add_argument("--target-bleu", type=float, default=None, help="stop once val BLEU reaches this")
     _device_option(p)
     p.add_argument("-o", "--output", required=True, help="model folder (with --all: a folder of config-I)")

@@ -217,15 +217,15 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
     tgt_len = round(sum(steps) / len(steps))
     origin_flops = forward_flops(origin.cfg, src_len, tgt_len) / tgt_len
     origin_test = score(translate(origin, tok, test.src), test.tgt)
-    recipe = Recipe.original(epochs=exp.finetune_epochs, lr=exp.finetune_lr, seed=exp.seed,
-                             bf16=exp.preset != "tiny")
+    recipe = Recipe.finetune(epochs=exp.finetune_epochs, lr=exp.finetune_lr, seed=exp.seed,
+                             bf16=exp.preset != "tiny", max_tokens=1024 if exp.preset == "tiny" else 4096)
     rows = []
     for i, conf in enumerate(confs):
         row: dict[str, Any] = {"index": i, "configuration": conf, "fingerprint": fingerprint(conf)}
         for side, bank in zip(SIDES, (pruned, tuned)):
             key = {"configuration": conf, "bank": bank.name, "seed": exp.seed,
                    "target_bleu": None if target is None else round(target, 2),
-                   "epochs": exp.finetune_epochs, "lr": exp.finetune_lr}
+                   "epochs": exp.finetune_epochs, "lr": exp.finetune_lr, "max_tokens": recipe.max_tokens}
             out = run_dir / "finetune" / side / f"config-{fingerprint(key)}"
             if not (out / "train_summary.json").exists():
                 _say(f"finetune {side} configuration {i}")

@@ -73,6 +73,14 @@ class Recipe:
                     label_smoothing=0.0, batch_sentences=128, clip_norm=0.0)
         return cls(**{**base, **overrides})
 
+    @classmethod
+    def finetune(cls, **overrides: Any) -> Recipe:
+        """The prototype's optimizer (Adam 1e-4, constant, plain cross-entropy) on length-sorted
+        token-budget batches (4096 tokens, about 128 Multi30k sentences): the prototype's random
+        128-sentence batches pad every sentence to the longest one and took 3.7 s per batch
+        here against about 1 s."""
+        return cls.original(**{"batch_sentences": 0, "max_tokens": 4096, **overrides})
+
     def lr_at(self, step: int, total: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``total`` steps."""
         if self.warmup_steps and step < self.warmup_steps:
