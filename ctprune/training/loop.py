@@ -201,8 +201,8 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
             best = bleu
             save_model_folder(out, model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
         _write_history(out / "history.csv", history)
-        tqdm.write(f"epoch {epoch}: train loss {train_loss:.3f}  val loss {vloss:.3f}  "
-                   f"val BLEU {bleu:.2f}  ({epoch_time:.0f}s)")
+        head = "epoch 0 (before training)" if epoch == 0 else f"epoch {epoch}: train loss {train_loss:.3f}"
+        tqdm.write(f"{head}  val loss {vloss:.3f}  val BLEU {bleu:.2f}  ({epoch_time:.0f}s)")
         return bleu
 
     if eval_before and not history:
