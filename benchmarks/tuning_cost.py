@@ -18,19 +18,23 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ctprune.data.batching import TokenizedSplit
+from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import load_split
 from ctprune.experiment import load_experiment
 from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder
+from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import load_index, load_variant
-from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules, validate_configurations
+from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules
 from ctprune.stages.prune import prune
+from ctprune.stages.run import experiment_configurations
 from ctprune.stages.tune_blocks import Recorder, block_losses
 
 
-def seconds_per_batch(origin, variants, modules, batches, lr: float) -> float:  # type: ignore[no-untyped-def]
+def seconds_per_batch(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
+                      batches: list[Batch], lr: float) -> float:
     """Train ``variants`` (all at once) on ``batches``; the first batch is a warm-up, not timed."""
     params = [p for v in variants.values() for p in v.parameters()]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9)
@@ -60,7 +64,7 @@ def main() -> None:
     origin, tok, _ = load_model_folder(a.model)
     origin.requires_grad_(False)
     exp = load_experiment(Path(a.experiment))
-    confs = validate_configurations(exp.conf_inline or [], prunable_modules(origin), a.experiment)
+    confs = experiment_configurations(exp, origin)
     train = TokenizedSplit(load_split("multi30k", "train", a.data_dir), tok, origin.cfg.max_len)
     all_batches = train.batches(a.max_tokens, shuffle_seed=0)
     batches = all_batches[:a.batches + 1]
@@ -70,7 +74,7 @@ def main() -> None:
         prune(Path(a.model), d / "bank", plan_path=d / "plan.json")
         index = load_index(d / "bank")
 
-        def fresh(keys: list[str]) -> dict[str, torch.nn.Module]:
+        def fresh(keys: list[str]) -> dict[str, nn.Module]:
             out = {}
             for k in keys:
                 v = load_variant(d / "bank", index, k, origin.get_submodule(index["variants"][k]["module"]))

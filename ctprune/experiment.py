@@ -43,6 +43,11 @@ class Experiment:
     target: str | float | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def max_tokens(self) -> int:
+        """Token budget per batch for tuning and finetuning: small batches for the tiny preset."""
+        return 1024 if self.preset == "tiny" else 4096
+
     def target_bleu(self, origin_bleu: float) -> float | None:
         """An absolute BLEU, or "origin-X": the origin model's val BLEU minus X."""
         if self.target is None or isinstance(self.target, float):

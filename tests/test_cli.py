@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 
 def test_help_explains_every_command() -> None:
@@ -58,3 +58,11 @@ def test_bad_input_is_one_line_without_traceback(args: list[str], message: str, 
 def test_bad_choice_is_refused_by_the_parser(tmp_path: Path) -> None:
     r = run_cli("train", "--preset", "huge", "-o", "x", cwd=tmp_path)
     assert r.returncode == 2 and "invalid choice: 'huge'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text().split("Run the tests:", 1)[1]
+    command = next(line.strip() for line in readme.splitlines() if line.startswith("    "))
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [command] == ["bash scripts/test.sh"]

@@ -14,7 +14,6 @@ and tuned, and only configurations whose fingerprint changed are finetuned again
 
 from __future__ import annotations
 
-import csv
 import os
 import platform
 import shutil
@@ -78,7 +77,7 @@ def _origin(exp: Experiment, run_dir: Path) -> Path:
     return out
 
 
-def _configurations(exp: Experiment, origin: Seq2SeqTransformer) -> list[dict[str, float]]:
+def experiment_configurations(exp: Experiment, origin: Seq2SeqTransformer) -> list[dict[str, float]]:
     modules = prunable_modules(origin)
     if exp.conf_file is not None:
         return load_configurations(exp.conf_file, modules)
@@ -113,11 +112,11 @@ def _merge(src: Path, dst: Path, keys: list[str]) -> None:
         t, old = {**new["tuning"], "sessions": 1}, index.get("tuning")
         if old:
             t.update(wall_time_s=round(old["wall_time_s"] + t["wall_time_s"], 2),
-                     train_tokens=old["train_tokens"] + t["train_tokens"], variants=old["variants"] + t["variants"],
-                     epochs_done=max(old["epochs_done"], t["epochs_done"]), sessions=old.get("sessions", 1) + 1)
-        index["tuning"] = t
-        rows = [r for f in (dst / "history.csv", src / "history.csv") if f.exists()
-                for r in csv.DictReader(f.open()) if r["variant"] in index["variants"]]
+                     train_tokens=old["train_tokens"] + t["train_tokens"],
+                     epochs_done=max(old["epochs_done"], t["epochs_done"]), sessions=old["sessions"] + 1)
+        index["tuning"] = {**t, "variants": len(index["variants"])}
+        rows = [r for f in (dst / "history.csv", src / "history.csv")
+                for r in read_history(f) if r["variant"] in index["variants"]]
         write_block_history(dst / "history.csv", rows)
         plot_block_losses(rows, dst / "block_loss.png")
     write_json(dst / INDEX_FILE, index)
@@ -151,7 +150,7 @@ def _banks(exp: Experiment, origin_dir: Path, plan: dict[str, Any], banks: Path)
         _say(f"tune-blocks: {len(missing)} variants, {exp.tune_epochs} epochs{' (resuming)' if tmp.exists() else ''}")
         tune_blocks(origin_dir, pruned, tmp, epochs=exp.tune_epochs, corpus=exp.corpus, data_dir=exp.data_dir,
                     lr=exp.tune_lr, resume=tmp.exists(), device="cpu", only=missing, seed=exp.seed,
-                    max_tokens=1024 if exp.preset == "tiny" else 4096)
+                    max_tokens=exp.max_tokens)
         _merge(tmp, tuned, missing)
     else:
         _say("tune-blocks: done")
@@ -197,7 +196,7 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
     origin_dir = _origin(exp, run_dir)
     origin, tok, _ = load_model_folder(origin_dir)
     modules = prunable_modules(origin)
-    confs = _configurations(exp, origin)
+    confs = experiment_configurations(exp, origin)
     write_json(run_dir / "conf.json", confs)
     plan = make_plan(confs, modules, model_fingerprint(origin_dir))
     write_json(run_dir / "plan.json", plan)
@@ -218,7 +217,7 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
     origin_flops = forward_flops(origin.cfg, src_len, tgt_len) / tgt_len
     origin_test = score(translate(origin, tok, test.src), test.tgt)
     recipe = Recipe.finetune(epochs=exp.finetune_epochs, lr=exp.finetune_lr, seed=exp.seed,
-                             bf16=exp.preset != "tiny", max_tokens=1024 if exp.preset == "tiny" else 4096)
+                             bf16=exp.preset != "tiny", max_tokens=exp.max_tokens)
     rows = []
     for i, conf in enumerate(confs):
         row: dict[str, Any] = {"index": i, "configuration": conf, "fingerprint": fingerprint(conf)}

@@ -31,6 +31,7 @@ from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import INDEX_FILE, check_bank_model, load_index, load_variant, save_variant
 from ctprune.pruning.configs import model_fingerprint
+from ctprune.training.loop import read_history
 
 HISTORY_FIELDS = ("epoch", "variant", "train_loss", "val_loss", "wall_time_s")
 
@@ -159,7 +160,7 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
         opt.load_state_dict(state["optimizer"])
         start, wall, tokens = int(state["epoch"]) + 1, float(state["wall"]), int(state["tokens"])
         best, stale = dict(state["best"]), dict(state["stale"])
-        history = list(csv.DictReader((output / "history.csv").open()))
+        history = read_history(output / "history.csv")
         tqdm.write(f"resuming block tuning in {output} after epoch {start - 1}")
     else:
         before = _validate(origin, variants, modules, rec, val_batches)
