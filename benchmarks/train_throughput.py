@@ -16,7 +16,7 @@ import torch
 from ctprune.data.batching import pad
 from ctprune.model.flops import forward_flops
 from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
-from ctprune.training.loop import loss_fn
+from ctprune.training.loop import Recipe, make_optimizer, train_step
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -61,8 +61,10 @@ def main() -> None:
     results = []
     for max_tokens in a.max_tokens:
         for precision in ("fp32", "bf16"):
+            # The trainer's own step: default recipe (label smoothing, gradient clipping, fused Adam).
+            recipe = Recipe(bf16=precision == "bf16")
             model = Seq2SeqTransformer(ModelConfig.preset("seed", a.vocab)).train()
-            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            opt = make_optimizer(model, recipe)
             batches = multi30k_like_batches(max_tokens, a.steps + 3, a.vocab)
             # Warm-up steps see every batch shape class before timing starts.
             flops = tokens = 0
@@ -70,11 +72,7 @@ def main() -> None:
             for i, (batch, fwd) in enumerate(batches):
                 if i == 3:
                     t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = loss_fn(model, batch, 0.1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                train_step(model, opt, batch, recipe, recipe.lr)
                 if i >= 3:
                     flops += 3 * fwd  # forward + backward (2x forward)
                     tokens += int((batch.tgt_out != 0).sum() + (batch.src != 0).sum())

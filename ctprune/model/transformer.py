@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctprune.errors import CtpruneError
+from ctprune.model.ops import Dropout, attention, autocast_input
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The original architecture: 3+3 layers, d_model 512, 8 heads, FFN 512.
@@ -137,9 +138,7 @@ class Attention(nn.Module):
                     k = torch.cat([cache["k"], k], dim=2)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal and cache is None)
+        y = attention(q, k, v, mask, causal and cache is None, self.dropout, self.training)
         y = y.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim)
         return self.out_proj(y)  # (B, T, d)
 
@@ -151,7 +150,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
@@ -163,10 +162,11 @@ class EncoderLayer(nn.Module):
         self.self_attn = Attention(cfg.d_model, heads, cfg.head_dim, cfg.dropout)
         self.ffn = FeedForward(cfg.d_model, d_ff, cfg.dropout)
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
-        x = self.norm1(x + self.drop(self.self_attn(x, x, src_mask)))
+        h = autocast_input(x)  # cast once for q, k and v
+        x = self.norm1(x + self.drop(self.self_attn(h, h, src_mask)))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -177,14 +177,15 @@ class DecoderLayer(nn.Module):
         self.cross_attn = Attention(cfg.d_model, cross_heads, cfg.head_dim, cfg.dropout)
         self.ffn = FeedForward(cfg.d_model, d_ff, cfg.dropout)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, y: Tensor, memory: Tensor, src_mask: Tensor,
                 cache: dict[str, KVCache] | None = None) -> Tensor:
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
-        y = self.norm1(y + self.drop(self.self_attn(y, y, causal=True, cache=self_cache)))
+        h = autocast_input(y)  # cast once for q, k and v
+        y = self.norm1(y + self.drop(self.self_attn(h, h, causal=True, cache=self_cache)))
         y = self.norm2(y + self.drop(self.cross_attn(y, memory, src_mask, cache=cross_cache,
                                                      static_kv=True)))
         return self.norm3(y + self.drop(self.ffn(y)))
@@ -213,6 +214,7 @@ class Decoder(nn.Module):
 
     def forward(self, y: Tensor, memory: Tensor, src_mask: Tensor,
                 cache: list[dict[str, KVCache]] | None = None) -> Tensor:
+        memory = autocast_input(memory)  # cast once for every layer's cross-attention
         for i, layer in enumerate(self.layers):
             y = layer(y, memory, src_mask, None if cache is None else cache[i])
         return self.norm(y)
@@ -238,7 +240,7 @@ class Seq2SeqTransformer(nn.Module):
         self.tgt_embed = (self.src_embed if cfg.tie_embeddings
                           else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id))
         self.register_buffer("pos", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.generator = nn.Linear(cfg.d_model, cfg.vocab_size)

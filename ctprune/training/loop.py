@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ctprune.data.batching import TokenizedSplit
@@ -27,6 +26,7 @@ from ctprune.data.tokenizer import PAD_ID, Tokenizer
 from ctprune.errors import CtpruneError
 from ctprune.fileio import atomic_write, read_json, write_json, write_text
 from ctprune.model.checkpoint import is_model_folder, load_model_folder, save_model_folder
+from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.scoring import bleu_score
 
@@ -101,8 +101,29 @@ class FitResult:
 def loss_fn(model: Seq2SeqTransformer, batch: Any, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean token cross-entropy of ``batch`` (PAD ignored)."""
     logits = model(batch.src, batch.tgt_in)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.tgt_out.flatten(),
-                           ignore_index=PAD_ID, label_smoothing=label_smoothing)
+    return cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), PAD_ID, label_smoothing)
+
+
+def make_optimizer(model: Seq2SeqTransformer, recipe: Recipe) -> torch.optim.Adam:
+    """The recipe's Adam, with PyTorch's fused kernel (one pass per parameter tensor: about a
+    third of the for-loop version's time on CPU; same state, so checkpoints load either way)."""
+    return torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
+                            weight_decay=recipe.weight_decay, fused=True)
+
+
+def train_step(model: Seq2SeqTransformer, opt: torch.optim.Optimizer, batch: Any, recipe: Recipe,
+               lr: float) -> torch.Tensor:
+    """One optimizer step on ``batch`` (bf16 autocast if the recipe says so); returns the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(batch.src.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
+        loss = loss_fn(model, batch, recipe.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if recipe.clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
+    opt.step()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -168,8 +189,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     model.to(device)
     train_split = TokenizedSplit(train, tok, model.cfg.max_len)
     val_split = TokenizedSplit(val, tok, model.cfg.max_len)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
-                           weight_decay=recipe.weight_decay)
+    opt = make_optimizer(model, recipe)
     steps_per_epoch = len(_batches(train_split, recipe, 0))
     total_steps = steps_per_epoch * max(1, recipe.epochs)
     hparams = {**hparams, "recipe": asdict(recipe)}
@@ -222,22 +242,13 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         for batch in bar:
             batch = batch.to(device)
             lr = recipe.lr_at(step, total_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast("cpu" if device == "cpu" else "cuda", dtype=torch.bfloat16,
-                                enabled=recipe.bf16):
-                loss = loss_fn(model, batch, recipe.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
-            opt.step()
+            loss = train_step(model, opt, batch, recipe, lr)
             if after_step is not None:
                 after_step(model)
             step += 1
             n = batch.n_tgt_tokens
             tokens += batch.n_src_tokens + n
-            loss_sum += float(loss.detach()) * n
+            loss_sum += float(loss) * n
             loss_tokens += n
             bar.set_postfix(loss=f"{loss_sum / loss_tokens:.3f}", lr=f"{lr:.2e}")
         epoch_time = time.perf_counter() - t0
