@@ -101,4 +101,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int,
                   label_smoothing: float = 0.0) -> Tensor:
     """Same value and gradient as ``F.cross_entropy(logits.float(), target, ignore_index=...,
     label_smoothing=...)`` for (N, V) logits, without materialising fp32 (N, V) tensors."""
+    if logits.device.type != "cpu":
+        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing)
     return _CrossEntropy.apply(logits, target, ignore_index, label_smoothing)
