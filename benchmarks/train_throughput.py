@@ -1,7 +1,7 @@
 """Training throughput of the seed preset on Multi30k-shaped batches vs this machine's matmul peak.
 
 Prints one JSON object and one readable line per precision. Usage:
-    python benchmarks/train_throughput.py [--steps 12] [--max-tokens 4096 8192]
+    python benchmarks/train_throughput.py [--steps 20] [--max-tokens 4096 8192]
 """
 
 from __future__ import annotations
@@ -52,12 +52,14 @@ def multi30k_like_batches(max_tokens: int, n: int, vocab: int, seed: int = 0) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[4096])
     ap.add_argument("--vocab", type=int, default=8000)
     a = ap.parse_args()
     torch.manual_seed(0)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    # The best of three: this machine's speed fluctuates, and the peak is the best it can do.
+    peaks = {"fp32": max(matmul_peak(torch.float32) for _ in range(3)),
+             "bf16": max(matmul_peak(torch.bfloat16) for _ in range(3))}
     results = []
     for max_tokens in a.max_tokens:
         for precision in ("fp32", "bf16"):

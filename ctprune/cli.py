@@ -42,7 +42,7 @@ def _recipe_options(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="token budget per batch, padded source+target tokens (fast recipe)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="bf16 autocast or plain fp32; auto = bf16 for the seed preset (1.6-1.8x "
+                   help="bf16 autocast or plain fp32; auto = bf16 for the seed preset (1.7-1.8x "
                         "faster on this project's CPUs, see benchmarks/), fp32 for tiny (bf16 kernels "
                         "are re-specialised per batch shape, which costs more than tiny matmuls save)")
     p.add_argument("--seed", type=int, default=0, help="random seed")

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,12 +66,3 @@ def test_cross_entropy_value_and_gradient_match_pytorch(dtype: torch.dtype, smoo
     torch.testing.assert_close(ours_in.grad.float(), ref_in.grad.float(), atol=tol, rtol=0.02)
     assert ours_in.grad[::5].abs().max() == 0  # ignored rows get no gradient
 
-
-def test_importing_ctprune_turns_on_huge_pages_unless_the_user_chose() -> None:
-    code = "import os, ctprune; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1"
-    env["THP_MEM_ALLOC_ENABLE"] = "0"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0"
