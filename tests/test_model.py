@@ -121,3 +121,51 @@ def test_bad_config_is_refused_naming_the_field(bad: dict, message: str) -> None
 def test_unknown_preset() -> None:
     with pytest.raises(CtpruneError, match="unknown preset 'huge'; choose one of seed, tiny"):
         ModelConfig.preset("huge", vocab_size=10)
+
+
+def _counting_decode(model: Seq2SeqTransformer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = model.decode
+
+    def decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode", decode)
+    return calls
+
+
+def test_greedy_stops_when_every_sentence_has_ended(tiny_model: Seq2SeqTransformer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctprune.model.decode import greedy
+
+    eos = tiny_model.cfg.eos_id
+    real_gen = tiny_model.generator.forward
+    step = {"n": 0}
+
+    def gen(h: torch.Tensor) -> torch.Tensor:
+        step["n"] += 1
+        logits = real_gen(h).clone()
+        logits[:, eos] = 1e4 if step["n"] >= 3 else -1e4  # EOS from the third step on
+        return logits
+
+    monkeypatch.setattr(tiny_model.generator, "forward", gen)
+    calls = _counting_decode(tiny_model, monkeypatch)
+    src, _ = random_batch()
+    hyps = greedy(tiny_model, src)
+    assert len(calls) == 3  # stopped at the first step where every sentence ended
+    assert all(len(h) == 2 and eos not in h for h in hyps)
+
+
+def test_greedy_runs_exactly_the_given_steps(tiny_model: Seq2SeqTransformer,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctprune.model.decode import greedy
+
+    eos = tiny_model.cfg.eos_id
+    real_gen = tiny_model.generator.forward
+    monkeypatch.setattr(tiny_model.generator, "forward",
+                        lambda h: real_gen(h).index_fill(-1, torch.tensor([eos]), 1e4))  # EOS at once
+    calls = _counting_decode(tiny_model, monkeypatch)
+    src, _ = random_batch()
+    hyps = greedy(tiny_model, src, steps=7)
+    assert len(calls) == 7 and hyps == [[], [], []]

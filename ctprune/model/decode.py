@@ -27,17 +27,17 @@ def greedy(model: Seq2SeqTransformer, src: Tensor, steps: int | None = None) -> 
     cache = model.new_cache()
     tok = torch.full((src.shape[0], 1), cfg.bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
-    steps: list[Tensor] = []
+    emitted: list[Tensor] = []  # (B,) per step
     for t in range(steps or _max_steps(model, src)):
         h = model.decode(tok, memory, mask, cache, offset=t)  # (B, 1, d)
         nxt = model.generator(h[:, -1]).argmax(-1)  # (B,)
         nxt = nxt.masked_fill(done, cfg.pad_id)
-        steps.append(nxt)
+        emitted.append(nxt)
         done |= nxt == cfg.eos_id
         if steps is None and bool(done.all()):
             break
         tok = nxt[:, None]
-    return [_trim(row) for row in torch.stack(steps, 1).tolist()]
+    return [_trim(row) for row in torch.stack(emitted, 1).tolist()]
 
 
 @torch.no_grad()
