@@ -66,7 +66,7 @@ def main() -> None:
             # The trainer's own step: default recipe (label smoothing, gradient clipping, fused Adam).
             recipe = Recipe(bf16=precision == "bf16")
             model = Seq2SeqTransformer(ModelConfig.preset("seed", a.vocab)).train()
-            opt = make_optimizer(model, recipe)
+            opt = make_optimizer(model.parameters(), recipe)
             batches = multi30k_like_batches(max_tokens, a.steps + 3, a.vocab)
             # Warm-up steps see every batch shape class before timing starts.
             flops = tokens = 0

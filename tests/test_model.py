@@ -169,3 +169,18 @@ def test_greedy_runs_exactly_the_given_steps(tiny_model: Seq2SeqTransformer,
     src, _ = random_batch()
     hyps = greedy(tiny_model, src, steps=7)
     assert len(calls) == 7 and hyps == [[], [], []]
+
+
+def test_block_flops_add_up_to_the_model_flops(tiny_model: Seq2SeqTransformer) -> None:
+    from ctprune.model.flops import forward_flops, module_flops
+    from ctprune.pruning.configs import prunable_modules
+
+    cfg, (s, t) = tiny_model.cfg, (7, 5)
+    blocks = [n for n, p in prunable_modules(tiny_model).items() if p.kind != "linear"]
+    total = sum(module_flops(n, tiny_model.get_submodule(n), s, t) for n in blocks)
+    assert total + 2 * t * cfg.d_model * cfg.vocab_size == forward_flops(cfg, s, t)
+    # an attention block is its four Linears plus the score and value products
+    attn = "decoder.layers.1.cross_attn"
+    linears = sum(module_flops(f"{attn}.{p}", tiny_model.get_submodule(f"{attn}.{p}"), s, t)
+                  for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    assert module_flops(attn, tiny_model.get_submodule(attn), s, t) == linears + 2 * 2 * t * s * cfg.d_model

@@ -109,3 +109,23 @@ def test_finetune_all_resumes_and_skips_finished(trained: Path, banks: dict[str,
     finetune(trained, banks["tuned"], banks["conf"], 1, d / "all/config-1", Recipe.original(epochs=2, lr=1e-3),
              corpus="synthetic", device="cpu", resume=True)
     assert [r["epoch"] for r in read_history(d / "all/config-1/history.csv")] == ["0", "1", "2"]
+
+
+def test_tuning_counts_teacher_and_student_flops(banks: dict[str, Path]) -> None:
+    t = load_index(banks["tuned"])["tuning"]
+    assert set(t["variant_flops"]) == set(load_index(banks["tuned"])["variants"])
+    assert t["train_flops"] == t["teacher_flops"] + sum(t["variant_flops"].values())
+    assert all(f > 0 for f in t["variant_flops"].values()) and t["achieved_gflops"] > 0
+
+
+def test_bf16_tuning_keeps_masks_and_lowers_block_loss(trained: Path, banks: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    index = tune_blocks(trained, banks["pruned"], tmp_path / "bf16", epochs=1, corpus="synthetic", lr=2e-3,
+                        max_tokens=1024, device="cpu", bf16=True, only=["decoder.layers.0.ffn.linear1@0.2",
+                                                                       "encoder.layers.0.self_attn@0.5"])
+    assert index["tuning"]["bf16"] is True
+    for key in ("decoder.layers.0.ffn.linear1@0.2", "encoder.layers.0.self_attn@0.5"):
+        prov = index["variants"][key]["provenance"]
+        assert prov["stage"] == "tuned" and prov["block_loss"] < prov["block_loss_pruned"], key
+    w = load_file(str(tmp_path / "bf16" / index["variants"]["decoder.layers.0.ffn.linear1@0.2"]["file"]))
+    assert w["weight"].dtype == torch.float32 and bool((w["weight"][w["weight_mask"] == 0] == 0).all())

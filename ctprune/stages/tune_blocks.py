@@ -28,10 +28,11 @@ from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import atomic_write, read_json, write_json, write_text
 from ctprune.model.checkpoint import load_model_folder
+from ctprune.model.flops import BACKWARD_FACTOR, batch_forward_flops, module_flops
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import INDEX_FILE, check_bank_model, load_index, load_variant, save_variant
 from ctprune.pruning.configs import model_fingerprint
-from ctprune.training.loop import read_history
+from ctprune.training.loop import Recipe, make_optimizer, optimizer_step, read_history
 
 HISTORY_FIELDS = ("epoch", "variant", "train_loss", "val_loss", "wall_time_s")
 
@@ -56,18 +57,35 @@ class Recorder:
 
 def block_losses(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
                  rec: Recorder, batch: Batch) -> dict[str, Tensor]:
-    """One teacher pass, then each variant's normalised MSE on its module's recorded call."""
+    """One teacher pass, then each variant's normalised MSE on its module's recorded call
+    (computed in fp32 whatever precision the passes ran in)."""
     with torch.no_grad():
         origin(batch.src, batch.tgt_in)
     keep = {"encoder": batch.src != PAD_ID, "decoder": batch.tgt_in != PAD_ID}  # (B, T) real tokens
     losses = {}
     for key, variant in variants.items():
         args, kwargs, target = rec.calls[modules[key]]
-        pred = variant(*args, **kwargs)
+        pred = variant(*args, **kwargs).float()
+        target = target.float()
         m = keep[modules[key].split(".")[0]]
         err = ((pred - target) ** 2).mean(-1)[m].mean()
         losses[key] = err / target[m].pow(2).mean().clamp_min(1e-8)
     return losses
+
+
+def _summed_loss(out: list[Tensor], *args: Any) -> Tensor:
+    """Sum of ``block_losses(*args)``; the per-variant losses are appended to ``out``."""
+    out.extend(block_losses(*args).values())
+    return torch.stack(out).sum()
+
+
+def tuning_step_flops(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
+                      batch: Batch) -> tuple[int, dict[str, int]]:
+    """Analytic FLOPs of one tuning step on the padded batch: the teacher's forward pass, and per
+    variant its forward and backward pass."""
+    (b, s), t = batch.src.shape, batch.tgt_in.shape[1]
+    teacher = batch_forward_flops(origin.cfg, b, s, t)
+    return teacher, {k: (1 + BACKWARD_FACTOR) * b * module_flops(modules[k], v, s, t) for k, v in variants.items()}
 
 
 def write_block_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -100,22 +118,24 @@ def plot_block_losses(history: list[dict[str, Any]], path: Path) -> None:
 
 @torch.no_grad()
 def _validate(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
-              rec: Recorder, batches: list[Batch]) -> dict[str, float]:
-    totals = dict.fromkeys(variants, 0.0)
+              rec: Recorder, batches: list[Batch], bf16: bool) -> dict[str, float]:
+    totals = torch.zeros(len(variants))
     for b in batches:
-        for k, v in block_losses(origin, variants, modules, rec, b).items():
-            totals[k] += float(v)
-    return {k: t / max(1, len(batches)) for k, t in totals.items()}
+        with torch.autocast(b.src.device.type, dtype=torch.bfloat16, enabled=bf16):
+            totals += torch.stack(list(block_losses(origin, variants, modules, rec, b).values())).cpu()
+    return dict(zip(variants, (totals / max(1, len(batches))).tolist()))
 
 
 def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corpus: str = "multi30k",
                 data_dir: str | None = None, lr: float = 1e-4, max_tokens: int = 4096,
                 patience: int = 2, resume: bool = False, device: str | None = None,
-                only: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
+                only: list[str] | None = None, seed: int = 0, bf16: bool | None = None) -> dict[str, Any]:
     """Tune every variant of ``bank`` (or those in ``only``) and write the tuned bank ``output``.
 
-    The output holds the best epoch of every variant (by validation block loss); ``.state/``
-    beside it keeps the latest weights and optimizer for ``resume``."""
+    Each step is the training loop's ``optimizer_step`` (same precision policy and fused Adam as
+    finetuning); ``bf16=None`` follows the origin model's own training recipe. The output holds
+    the best epoch of every variant (by validation block loss); ``.state/`` beside it keeps the
+    latest weights and optimizer for ``resume``."""
     if epochs < 0:
         raise CtpruneError(f"epochs must be a non-negative integer, got {epochs}")
     output, bank = Path(output), Path(bank)
@@ -123,8 +143,11 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     if output.exists() and not resume:
         raise CtpruneError(f"{output} already exists; pass --resume to continue tuning it or choose another -o")
     dev = resolve_device(device)
-    origin, tok, _ = load_model_folder(model_dir, dev)
+    origin, tok, origin_hparams = load_model_folder(model_dir, dev)
     origin.requires_grad_(False)
+    if bf16 is None:
+        bf16 = bool(origin_hparams.get("recipe", {}).get("bf16", False))
+    recipe = Recipe.original(lr=lr, bf16=bf16, epochs=epochs, seed=seed)
     src_index = load_index(bank)
     check_bank_model(src_index, model_fingerprint(model_dir), bank)
     keys = list(src_index["variants"]) if only is None else only
@@ -144,8 +167,7 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     for v in variants.values():
         v.eval()  # the teacher runs without dropout; so do its students
         v.requires_grad_(True)  # Linear variants are copies of the frozen origin's modules
-    params = [p for v in variants.values() for p in v.parameters()]
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9)
+    opt = make_optimizer([p for v in variants.values() for p in v.parameters()], recipe)
     train_name, val_name, _ = default_splits(corpus)
     train = TokenizedSplit(load_split(corpus, train_name, data_dir), tok, origin.cfg.max_len)
     val_batches = [b.to(dev) for b in
@@ -155,15 +177,17 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     start, wall, tokens = 1, 0.0, 0
     best: dict[str, float] = {}
     stale = dict.fromkeys(keys, 0)
+    flops: dict[str, Any] = {"teacher": 0, "variants": {}}
     if resuming:
         state = torch.load(state_dir / "state.pt", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         start, wall, tokens = int(state["epoch"]) + 1, float(state["wall"]), int(state["tokens"])
         best, stale = dict(state["best"]), dict(state["stale"])
+        flops = {"teacher": int(state["flops"]["teacher"]), "variants": dict(state["flops"]["variants"])}
         history = read_history(output / "history.csv")
         tqdm.write(f"resuming block tuning in {output} after epoch {start - 1}")
     else:
-        before = _validate(origin, variants, modules, rec, val_batches)
+        before = _validate(origin, variants, modules, rec, val_batches, bf16)
         for k, loss in before.items():
             best[k] = loss
             history.append(dict(epoch=0, variant=k, train_loss="", val_loss=f"{loss:.6g}", wall_time_s=0))
@@ -174,24 +198,28 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
             if not active:
                 break
             t0 = time.perf_counter()
-            sums = dict.fromkeys(active, 0.0)
+            students = {k: variants[k] for k in active}
+            masked = [v for v in students.values() if hasattr(v, "weight_mask")]
+            sums = torch.zeros(len(active))
             batches = train.batches(max_tokens, shuffle_seed=seed * 1000 + epoch)
             for batch in tqdm(batches, desc=f"tune-blocks {epoch}/{epochs}", unit="batch", leave=False):
                 batch = batch.to(dev)
-                losses = block_losses(origin, {k: variants[k] for k in active}, modules, rec, batch)
-                opt.zero_grad(set_to_none=True)
-                torch.stack(list(losses.values())).sum().backward()
-                opt.step()
+                losses: list[Tensor] = []
+                optimizer_step(opt, functools.partial(_summed_loss, losses, origin, students, modules, rec, batch),
+                               recipe, lr, dev)
                 with torch.no_grad():
-                    for k in active:
-                        if hasattr(variants[k], "weight_mask"):
-                            variants[k].weight.mul_(variants[k].weight_mask)
-                        sums[k] += float(losses[k])
+                    for v in masked:
+                        v.weight.mul_(v.weight_mask)
+                    sums += torch.stack(losses).detach().cpu()
+                teacher, per_variant = tuning_step_flops(origin, students, modules, batch)
+                flops["teacher"] += teacher
+                for k, f in per_variant.items():
+                    flops["variants"][k] = flops["variants"].get(k, 0) + f
                 tokens += batch.n_src_tokens + batch.n_tgt_tokens
             wall += time.perf_counter() - t0
-            val = _validate(origin, {k: variants[k] for k in active}, modules, rec, val_batches)
-            for k in active:
-                history.append(dict(epoch=epoch, variant=k, train_loss=f"{sums[k] / len(batches):.6g}",
+            val = _validate(origin, students, modules, rec, val_batches, bf16)
+            for k, train_loss in zip(active, (sums / len(batches)).tolist()):
+                history.append(dict(epoch=epoch, variant=k, train_loss=f"{train_loss:.6g}",
                                     val_loss=f"{val[k]:.6g}", wall_time_s=f"{wall:.1f}"))
                 if val[k] < best[k]:
                     best[k], stale[k] = val[k], 0
@@ -204,7 +232,7 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
             for k in keys:
                 save_variant(state_dir, state_index, k, variants[k], dict(index["variants"][k]))
             state = {"optimizer": opt.state_dict(), "epoch": epoch, "wall": wall, "tokens": tokens,
-                     "best": best, "stale": stale}
+                     "best": best, "stale": stale, "flops": flops}
             atomic_write(state_dir / "state.pt", functools.partial(torch.save, state))
             write_block_history(output / "history.csv", history)
             tqdm.write(f"tune-blocks epoch {epoch}: mean val block loss "
@@ -212,8 +240,11 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     finally:
         rec.remove()
     index["tuned_from"] = str(bank)
+    total = flops["teacher"] + sum(flops["variants"].values())
     index["tuning"] = {"epochs_done": max(int(r["epoch"]) for r in history), "wall_time_s": round(wall, 2),
-                       "train_tokens": tokens, "lr": lr, "variants": len(keys), "corpus": corpus}
+                       "train_tokens": tokens, "lr": lr, "variants": len(keys), "corpus": corpus, "bf16": bf16,
+                       "train_flops": total, "teacher_flops": flops["teacher"], "variant_flops": flops["variants"],
+                       "achieved_gflops": round(total / max(wall, 1e-9) / 1e9, 2)}
     write_json(output / INDEX_FILE, index)
     write_block_history(output / "history.csv", history)
     plot_block_losses(history, output / "block_loss.png")

@@ -1,7 +1,10 @@
 """The one training loop: origin training and model finetuning both call ``fit``.
 
-Every epoch it writes ``last/`` (weights + optimizer/RNG state, for ``--resume``), appends a
-row to ``history.csv``, and keeps the best model (by val BLEU) as the output folder itself.
+Every epoch it commits ``last/`` (weights + optimizer/RNG state + history, for ``--resume``) as
+one unit: a new folder is written whole and ``last`` (a symlink) is switched to it by one
+rename, so a kill at any instruction leaves the previous or the new checkpoint. It keeps the
+best model (by val BLEU) as the output folder itself, and ``history.csv`` beside it; the final
+``train_summary.json`` records the history's size and SHA-256.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import io
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,18 @@ from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import Parallel
 from ctprune.data.tokenizer import PAD_ID, Tokenizer
 from ctprune.errors import CtpruneError
-from ctprune.fileio import atomic_write, read_json, write_json, write_text
+from ctprune.fileio import (
+    atomic_write,
+    check_existing,
+    commit_dir,
+    file_record,
+    read_json,
+    read_text,
+    sweep_commits,
+    verify_file,
+    write_json,
+    write_text,
+)
 from ctprune.model.checkpoint import is_model_folder, load_model_folder, save_model_folder
 from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
@@ -104,26 +118,34 @@ def loss_fn(model: Seq2SeqTransformer, batch: Any, label_smoothing: float = 0.0)
     return cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), PAD_ID, label_smoothing)
 
 
-def make_optimizer(model: Seq2SeqTransformer, recipe: Recipe) -> torch.optim.Adam:
+def make_optimizer(params: Iterable[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Adam:
     """The recipe's Adam, with PyTorch's fused kernel (one pass per parameter tensor: about a
     third of the for-loop version's time on CPU; same state, so checkpoints load either way)."""
-    return torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
+    return torch.optim.Adam(params, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
                             weight_decay=recipe.weight_decay, fused=True)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, compute_loss: Callable[[], torch.Tensor], recipe: Recipe,
+                   lr: float, device_type: str) -> torch.Tensor:
+    """One optimizer step: ``compute_loss()`` under the recipe's precision (bf16 autocast or
+    fp32), backward, gradient clipping, Adam. Model training and block tuning both use it."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=recipe.bf16):
+        loss = compute_loss()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if recipe.clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], recipe.clip_norm)
+    opt.step()
+    return loss.detach()
 
 
 def train_step(model: Seq2SeqTransformer, opt: torch.optim.Optimizer, batch: Any, recipe: Recipe,
                lr: float) -> torch.Tensor:
-    """One optimizer step on ``batch`` (bf16 autocast if the recipe says so); returns the loss."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    with torch.autocast(batch.src.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
-        loss = loss_fn(model, batch, recipe.label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if recipe.clip_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
-    opt.step()
-    return loss.detach()
+    """One end-to-end optimizer step on ``batch``; returns the loss."""
+    return optimizer_step(opt, lambda: loss_fn(model, batch, recipe.label_smoothing), recipe, lr,
+                          batch.src.device.type)
 
 
 @torch.no_grad()
@@ -156,10 +178,61 @@ def _batches(split: TokenizedSplit, recipe: Recipe, epoch: int) -> list[Any]:
 
 
 def read_history(path: Path) -> list[dict[str, str]]:
+    """Rows of a history CSV (training or block tuning), validated before any number is derived
+    from them: complete rows, numeric columns that parse, epochs in order (a training history:
+    consecutive). A history beside a ``train_summary.json`` must match the size and SHA-256 it
+    records, so a truncated or edited finished history is refused. A missing file: no rows."""
+    path = Path(path)
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    summary = path.parent / "train_summary.json"
+    if path.name == "history.csv" and summary.is_file():
+        record = read_json(summary, "training summary")
+        if isinstance(record, dict) and "history" in record:
+            verify_file(path, record["history"], "history", str(summary))
+    rows = list(csv.DictReader(io.StringIO(read_text(path, "history"), newline="")))
+    fields = list(rows[0]) if rows else []
+    if rows and "epoch" not in fields:
+        raise CtpruneError(f"history {path} has no \"epoch\" column")
+    prev = None
+    for i, row in enumerate(rows, start=2):
+        if None in row or any(v is None for v in row.values()):
+            raise CtpruneError(f"history {path}, line {i}: truncated or extra fields")
+        for col, value in row.items():
+            if col == "variant" or value == "":
+                continue
+            try:
+                float(value)
+            except ValueError:
+                raise CtpruneError(f"history {path}, line {i}: {col} {value!r} is not a number") from None
+        if not row["epoch"].isdigit():
+            raise CtpruneError(f"history {path}, line {i}: epoch {row['epoch']!r} is not a whole number")
+        epoch = int(row["epoch"])
+        consecutive = "variant" not in row
+        if prev is not None and (epoch != prev + 1 if consecutive else epoch < prev):
+            raise CtpruneError(f"history {path}, line {i}: epoch {epoch} after epoch {prev}")
+        prev = epoch
+    return rows
+
+
+# What ``fit`` (and `ctprune run` beside it) writes into its output folder.
+FIT_FILES = {"config.json", "model.safetensors", "tokenizer.model", "hparams.json", "manifest.json",
+             "history.csv", "history.png", "train_summary.json", "last", "eval", "test_metrics.json"}
+
+
+def is_fit_output(path: Path) -> bool:
+    """An output folder ``fit`` may write into: empty, or (an interrupted) training run's folder."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    if names & {"last", "history.csv", "train_summary.json"}:
+        return True
+    return all(n in FIT_FILES or n.startswith(".") for n in names)
+
+
+def has_training_run(out: Path) -> bool:
+    """Whether ``out`` holds a committed training checkpoint (or the history of one)."""
+    return (out / "last").exists() or (out / "history.csv").exists()
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -182,33 +255,61 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     out = Path(out)
     last = out / "last"
     state_path = last / "trainer_state.pt"
-    if not resume and (state_path.exists() or (out / "history.csv").exists()):
+    check_existing(out, is_fit_output, "a training run's folder")
+    sweep_commits(last)  # what a kill inside a checkpoint commit left
+    if not resume and has_training_run(out):
         raise CtpruneError(f"{out} already holds a training run; pass --resume to continue it "
                            "or choose another output folder")
     torch.manual_seed(recipe.seed)  # dropout; the data order is seeded per epoch in _batches
     model.to(device)
     train_split = TokenizedSplit(train, tok, model.cfg.max_len)
     val_split = TokenizedSplit(val, tok, model.cfg.max_len)
-    opt = make_optimizer(model, recipe)
+    opt = make_optimizer(model.parameters(), recipe)
     steps_per_epoch = len(_batches(train_split, recipe, 0))
     total_steps = steps_per_epoch * max(1, recipe.epochs)
     hparams = {**hparams, "recipe": asdict(recipe)}
     history: list[dict[str, Any]] = []
     start_epoch, step, wall, tokens = 1, 0, 0.0, 0
     best = float("-inf")
+    since_best = 0
     if resume and state_path.exists():
         last_model, _, _ = load_model_folder(last, device)
-        model.load_state_dict(last_model.state_dict())
-        state = torch.load(state_path, weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        wall, tokens, best = float(state["wall"]), int(state["tokens"]), float(state["best"])
-        torch.set_rng_state(state["torch_rng"])
-        history = read_history(out / "history.csv")
+        try:
+            model.load_state_dict(last_model.state_dict())
+        except RuntimeError:
+            raise CtpruneError(f"--resume: {last} holds a model of another architecture "
+                               "(another preset or vocabulary?); choose another output folder") from None
+        try:
+            state = torch.load(state_path, weights_only=True)
+            opt.load_state_dict(state["optimizer"])
+            start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+            wall, tokens, best = float(state["wall"]), int(state["tokens"]), float(state["best"])
+            since_best = int(state.get("since_best", 0))
+            torch.set_rng_state(state["torch_rng"])
+        except Exception as e:  # torch.load/pickle-free unpickler errors vary by corruption
+            raise CtpruneError(f"--resume: {state_path} is not a readable trainer state "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        committed = last / "history.csv"  # the history that belongs to this checkpoint
+        history = read_history(committed if committed.is_file() else out / "history.csv")
         tqdm.write(f"resuming {out} after epoch {start_epoch - 1}")
     elif resume and (out / "history.csv").exists():
-        history = read_history(out / "history.csv")  # only epoch 0 was recorded
+        history = read_history(out / "history.csv")  # only epoch 0 was recorded (older runs)
         best = max((float(r["val_bleu"]) for r in history), default=best)
+
+    def commit(epoch: int) -> None:
+        """Checkpoint ``last/`` (weights, optimizer, step, RNG, history) as one unit, then the
+        history beside the best model."""
+        state = {"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "wall": wall,
+                 "tokens": tokens, "best": best, "since_best": since_best,
+                 "torch_rng": torch.get_rng_state()}
+
+        def write(folder: Path) -> None:
+            save_model_folder(folder, model, tok, {**hparams, "epoch": epoch})
+            atomic_write(folder / "trainer_state.pt", functools.partial(torch.save, state))
+            _write_history(folder / "history.csv", history)
+
+        commit_dir(last, write)
+        _write_history(out / "history.csv", history)
 
     def record(epoch: int, train_loss: float, epoch_time: float, lr: float) -> float:
         nonlocal best
@@ -220,17 +321,18 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         if bleu > best:
             best = bleu
             save_model_folder(out, model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
-        _write_history(out / "history.csv", history)
         head = "epoch 0 (before training)" if epoch == 0 else f"epoch {epoch}: train loss {train_loss:.3f}"
         tqdm.write(f"{head}  val loss {vloss:.3f}  val BLEU {bleu:.2f}  ({epoch_time:.0f}s)")
         return bleu
 
     if eval_before and not history:
         record(0, float("nan"), 0.0, 0.0)
+        commit(0)
     stopped_early = False
     if target_bleu is not None and history and float(history[-1]["val_bleu"]) >= target_bleu:
         stopped_early = True
-    since_best = 0
+    if start_epoch <= recipe.epochs and not stopped_early:
+        (out / "train_summary.json").unlink(missing_ok=True)  # the run is not finished any more
     for epoch in range(start_epoch, recipe.epochs + 1):
         if stopped_early:
             break
@@ -255,18 +357,17 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         wall += epoch_time
         bleu = record(epoch, loss_sum / max(1, loss_tokens), epoch_time, lr)
         since_best = 0 if bleu >= best else since_best + 1
-        save_model_folder(last, model, tok, {**hparams, "epoch": epoch})
-        state = {"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "wall": wall,
-                 "tokens": tokens, "best": best, "torch_rng": torch.get_rng_state()}
-        atomic_write(state_path, functools.partial(torch.save, state))
+        commit(epoch)
         if target_bleu is not None and bleu >= target_bleu:
             stopped_early = True
         elif recipe.patience and since_best >= recipe.patience:
             stopped_early = True
     if not is_model_folder(out):  # zero epochs and no eval: still leave a usable folder
         save_model_folder(out, model, tok, {**hparams, "epoch": 0})
+    _write_history(out / "history.csv", history)  # a kill may have come between commit and copy
     write_json(out / "train_summary.json", {
         "best_val_bleu": best, "epochs_done": int(history[-1]["epoch"]) if history else 0,
-        "wall_time_s": round(wall, 2), "train_tokens": tokens, "stopped_early": stopped_early})
+        "wall_time_s": round(wall, 2), "train_tokens": tokens, "stopped_early": stopped_early,
+        "history": file_record(out / "history.csv")})
     summary = read_json(out / "train_summary.json")
     return FitResult(summary["best_val_bleu"], summary["epochs_done"], wall, tokens, stopped_early)
