@@ -26,6 +26,11 @@ def _data_options(p: argparse.ArgumentParser, split: str | None = None) -> None:
                        help="split name (multi30k: train, val, test_2016_flickr; synthetic: train, val, test)")
 
 
+def _subset_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batches", type=int, default=8, help="validation batches of the scoring subset")
+    p.add_argument("--max-tokens", type=int, default=4096, help="token budget per scoring batch")
+
+
 def _device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to run (default: cuda when present, else cpu)")
@@ -120,8 +125,50 @@ def cmd_prune(a: argparse.Namespace) -> None:
     from ctprune.stages.prune import prune
 
     index = prune(Path(a.model), Path(a.output), plan_path=Path(a.plan) if a.plan else None,
-                  ratio=a.ratio, criterion=a.criterion, corpus=a.corpus, data_dir=a.data_dir)
+                  ratio=a.ratio, criterion=a.criterion, corpus=a.corpus, data_dir=a.data_dir,
+                  grid=a.grid, kinds=tuple(a.kinds))
     print(f"bank: {len(index['variants'])} block variants ({a.criterion} criterion) -> {a.output}")
+
+
+def cmd_score(a: argparse.Namespace) -> None:
+    from ctprune.stages.score import score_bank
+
+    s = score_bank(Path(a.model), Path(a.bank), corpus=a.corpus, data_dir=a.data_dir, batches=a.batches,
+                   max_tokens=a.max_tokens, latency=a.latency, latency_repeats=a.latency_repeats,
+                   force=a.force, device=a.device)
+    sub = s["subset"]
+    print(f"scores: {s['scored']} variants scored, {s['reused']} reused, on {sub['sentences']} "
+          f"{sub['corpus']} {sub['split']} sentences ({sub['target_tokens']} target tokens) in "
+          f"{s['wall_time_s']:.1f}s -> {Path(a.bank) / 'index.json'}")
+    if "latency" in s:
+        lat = s["latency"]
+        print(f"latency: origin {lat['origin_ms']:.2f} ms per batch of {lat['batch'][0]} "
+              f"(spread {lat['origin_spread_ms']:.2f}), measured in {lat['wall_time_s']:.1f}s")
+
+
+def cmd_search(a: argparse.Namespace) -> None:
+    from ctprune.stages.search import SearchArgs, parse_budget, search
+
+    budgets = tuple(parse_budget(r, getattr(a, r)) for r in ("params", "flops", "latency")
+                    if getattr(a, r) is not None)
+    args = SearchArgs(model=Path(a.model), bank=Path(a.bank), output=Path(a.output), budgets=budgets,
+                      k=a.k, min_distance=a.min_distance, objective=a.objective, time_limit=a.time_limit,
+                      corpus=a.corpus, data_dir=a.data_dir, batches=a.batches, max_tokens=a.max_tokens)
+    problem, report = search(args)
+    for i, c in enumerate(report["configurations"]):
+        costs = "  ".join(f"{r} {c[f'{r}_fraction']:.3f}" for r in ("params", "flops", "latency")
+                          if f"{r}_fraction" in c)
+        print(f"{i:>3}  estimate {c['estimate']:.4f}  {costs}  pruned slots {c['pruned_slots']}  "
+              f"{c['status']} {c['solver_s']:.3f}s")
+    sv = report["solver"]
+    print(f"{sv['found']} configurations (of {a.k} asked) over {report['slots']} slots / "
+          f"{report['choices']} choices, solver {sv['total_s']:.3f}s -> {a.output} and "
+          f"{Path(a.output).parent / 'search.json'}")
+    if a.verify:
+        from ctprune.stages.search_verify import print_verify, verify
+
+        print_verify(verify(problem, args, report, n_random=a.random, sentences=a.verify_sentences,
+                            seed=a.seed))
 
 
 def cmd_compose(a: argparse.Namespace) -> None:
@@ -250,11 +297,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="plan file from `ctprune plan`")
     p.add_argument("--ratio", type=float, default=None,
                    help="instead of a plan: every prunable module at this keep ratio")
+    p.add_argument("--grid", type=float, nargs="+", default=None, metavar="R",
+                   help="instead of a plan: a grid bank, every prunable module of --kinds at every ratio")
+    p.add_argument("--kinds", nargs="+", choices=("attention", "ffn", "linear"), default=["attention", "ffn"],
+                   help="module kinds of a --grid bank (attention and FFN blocks bring real speed)")
     p.add_argument("--criterion", choices=("original", "l1", "activation"), default="original",
                    help="head/neuron importance: original = |sum of q,k,v weights| (FFN: L1), "
                         "l1 = weight L1 norm, activation = output magnitude on training batches")
     _data_options(p)
     p.add_argument("-o", "--output", required=True, help="bank folder to create")
+
+    p = add("score", cmd_score,
+            "score every variant of a bank by replacing one block in the origin: KL divergence of the "
+            "next-token distribution and loss on a fixed validation subset, stored in the bank's index "
+            "(reused until bank or origin change)")
+    p.add_argument("model", help="origin model folder")
+    p.add_argument("--bank", required=True, help="bank folder (pruned or tuned)")
+    _data_options(p)
+    _subset_options(p)
+    p.add_argument("--latency", action="store_true",
+                   help="also measure each variant's latency in context (greedy decoding, fixed steps)")
+    p.add_argument("--latency-repeats", type=int, default=5, help="timed repeats per variant")
+    p.add_argument("--force", action="store_true", help="recompute every score even if up to date")
+    _device_option(p)
+
+    p = add("search", cmd_search,
+            "the best configurations under budgets, chosen from a scored bank before any finetuning: "
+            "one choice per module slot (untouched or a variant), summed scores minimised by a MIP")
+    p.add_argument("model", help="origin model folder")
+    p.add_argument("--bank", required=True, help="bank scored by `ctprune score`")
+    for r, what in (("params", "non-zero parameters"), ("flops", "FLOPs per sentence pair"),
+                    ("latency", "latency (needs `ctprune score --latency`)")):
+        p.add_argument(f"--{r}", default=None, metavar="B",
+                       help=f"budget on {what}: a fraction of the origin (0.6, 60%%) or absolute (10M, 1.5G, 12ms)")
+    p.add_argument("-k", type=int, default=16, help="number of configurations")
+    p.add_argument("--min-distance", type=int, default=2, help="each pair differs in at least this many slots")
+    p.add_argument("--objective", choices=("kl", "loss"), default="kl",
+                   help="variant score to sum: KL to the origin, or the increase of val loss")
+    p.add_argument("--time-limit", type=float, default=10.0, help="solver seconds per configuration")
+    _data_options(p)
+    _subset_options(p)
+    p.add_argument("--verify", action="store_true",
+                   help="compose every configuration and random ones at the same budget; measure val loss "
+                        "and BLEU before finetuning; print Spearman(estimate, loss)")
+    p.add_argument("--random", type=int, default=16, help="random configurations for --verify")
+    p.add_argument("--verify-sentences", type=int, default=None, help="val sentences for BLEU (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random configurations")
+    p.add_argument("-o", "--output", required=True, help="configuration file to write (search.json goes beside it)")
 
     p = add("compose", cmd_compose, "build configuration I from a bank as a standalone model folder")
     p.add_argument("model", help="origin model folder")

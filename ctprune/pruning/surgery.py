@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -90,3 +92,15 @@ def replace_module(model: Seq2SeqTransformer, name: str, new: nn.Module) -> None
         decoder_ffn=[layer.ffn.linear1.out_features for layer in dec],
         sparse_linears=sorted(n for n, m in model.named_modules()
                               if isinstance(m, nn.Linear) and hasattr(m, "weight_mask")))
+
+
+@contextmanager
+def swapped(model: Seq2SeqTransformer, name: str, new: nn.Module) -> Iterator[Seq2SeqTransformer]:
+    """``model`` with ``new`` at ``name`` (config updated) inside the block, restored after it:
+    "replace one block" without copying the model."""
+    old = model.get_submodule(name)
+    replace_module(model, name, new)
+    try:
+        yield model
+    finally:
+        replace_module(model, name, old)

@@ -20,6 +20,8 @@ from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
 from ctprune.pruning import importance
 from ctprune.pruning.bank import INDEX_FILE, empty_index, save_variant
 from ctprune.pruning.configs import (
+    KINDS,
+    Prunable,
     check_plan,
     check_ratio,
     fingerprint,
@@ -67,16 +69,31 @@ def make_variant(model: Seq2SeqTransformer, name: str, kind: str, ratio: float, 
     return variant, entry
 
 
+def grid_plan(modules: dict[str, Prunable], grid: list[float], kinds: tuple[str, ...]
+              ) -> tuple[dict[str, Any], str]:
+    """(plan, plan fingerprint) of a grid bank: every module of ``kinds`` at every ratio < 1."""
+    ratios = sorted({check_ratio(r, "--grid") for r in grid} - {1.0})
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise CtpruneError(f"--kinds: choose from {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
+    if not ratios:
+        raise CtpruneError("--grid needs at least one keep ratio below 1")
+    plan = {"modules": {n: {"kind": m.kind, "ratios": ratios} for n, m in modules.items() if m.kind in kinds}}
+    return plan, f"grid-{'-'.join(f'{r:g}' for r in ratios)}-{'-'.join(sorted(kinds))}"
+
+
 def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: float | None = None,
           criterion: str = "original", corpus: str = "multi30k", data_dir: str | None = None,
-          calibration_batches: int = 8) -> dict[str, Any]:
-    """Write a bank with every variant of the plan (or every prunable module at ``ratio``).
+          calibration_batches: int = 8, grid: list[float] | None = None,
+          kinds: tuple[str, ...] = ("attention", "ffn")) -> dict[str, Any]:
+    """Write a bank with every variant of the plan (or every prunable module at ``ratio``, or a
+    grid bank: every prunable module of ``kinds`` at every ratio of ``grid``).
 
     The bank is built in a temporary folder and renamed into place when complete."""
     if criterion not in CRITERIA:
         raise CtpruneError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if (plan_path is None) == (ratio is None):
-        raise CtpruneError("give either --plan PLAN or --ratio R")
+    if sum(x is not None for x in (plan_path, ratio, grid)) != 1:
+        raise CtpruneError("give one of --plan PLAN, --ratio R or --grid R [R ...]")
     output = Path(output)
     if output.exists():
         raise CtpruneError(f"{output} already exists; choose another -o or remove it")
@@ -89,6 +106,8 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
             raise CtpruneError(f"plan {plan_path} was made for another model (fingerprint "
                                f"{plan['model_fingerprint']}, {model_dir} is {model_fp})")
         plan_fp = fingerprint(plan)
+    elif grid is not None:
+        plan, plan_fp = grid_plan(modules, grid, kinds)
     else:
         r = check_ratio(ratio, "--ratio")
         plan = {"modules": {n: {"kind": m.kind, "ratios": [r] if r < 1 else []}

@@ -1,0 +1,226 @@
+"""Stage `score`: bank -> the same bank, with every variant's score stored in its index.
+
+A variant's score is the damage it does alone ("replace one block", as in Puzzle): swap it into
+the otherwise intact origin and measure, teacher-forced on a fixed validation subset, the mean
+KL divergence of the next-token distribution from the origin's, and the cross-entropy loss.
+The origin runs once per batch; each layer's input is kept, so a variant in layer i reruns only
+layers i.. (a decoder variant never recomputes the encoder).
+
+Scores carry the fingerprints of the origin, the subset (its token ids) and each variant's
+weights; they are reused while all three match and recomputed, per variant, when one changes.
+With ``latency``, each variant's latency contribution is measured in context too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctprune.data.batching import Batch, TokenizedSplit
+from ctprune.data.corpus import default_splits, load_split
+from ctprune.data.tokenizer import PAD_ID, Tokenizer
+from ctprune.device import resolve_device
+from ctprune.errors import CtpruneError
+from ctprune.fileio import write_json
+from ctprune.model.checkpoint import load_model_folder
+from ctprune.model.decode import greedy
+from ctprune.model.ops import autocast_input
+from ctprune.model.transformer import Seq2SeqTransformer
+from ctprune.pruning.bank import INDEX_FILE, check_bank_model, load_index, load_variant
+from ctprune.pruning.configs import model_fingerprint
+from ctprune.pruning.surgery import swapped
+
+SCORES_FORMAT = "ctprune-scores/1"
+
+
+@dataclass(frozen=True)
+class Subset:
+    """The fixed validation subset: teacher-forced batches and the fingerprint of their ids."""
+
+    batches: list[Batch]
+    fingerprint: str
+    meta: dict[str, Any]
+
+
+def validation_subset(tok: Tokenizer, max_len: int, corpus: str, data_dir: str | None,
+                      batches: int, max_tokens: int) -> Subset:
+    """The first ``batches`` token-budget batches of the validation split in a fixed shuffled
+    order (so short and long sentences both appear)."""
+    if batches < 1:
+        raise CtpruneError(f"--batches must be at least 1, got {batches}")
+    if max_tokens < 1:
+        raise CtpruneError(f"--max-tokens must be at least 1, got {max_tokens}")
+    split = default_splits(corpus)[1]
+    chosen = TokenizedSplit(load_split(corpus, split, data_dir), tok, max_len).batches(
+        max_tokens, shuffle_seed=0)[:batches]
+    h = hashlib.sha256()
+    for b in chosen:
+        for t in (b.src, b.tgt_out):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+    n_src = sum(b.n_src_tokens for b in chosen)
+    n_tgt = sum(b.n_tgt_tokens for b in chosen)
+    sentences = sum(len(b.src) for b in chosen)
+    meta = {"fingerprint": h.hexdigest()[:16], "corpus": corpus, "split": split,
+            "batches": len(chosen), "max_tokens": max_tokens, "sentences": sentences,
+            "target_tokens": n_tgt,
+            # Mean sentence lengths: the lengths at which FLOPs budgets are counted.
+            "src_len": max(1, round(n_src / sentences)), "tgt_len": max(1, round(n_tgt / sentences))}
+    return Subset(chosen, meta["fingerprint"], meta)
+
+
+def variant_digest(bank: Path, entry: dict[str, Any]) -> str:
+    """Hash of a variant's weights file: scores measured on other weights are stale."""
+    return hashlib.sha256((Path(bank) / entry["file"]).read_bytes()).hexdigest()[:16]
+
+
+def _layer_of(name: str) -> tuple[str, int]:
+    """("encoder"|"decoder", layer index) of a prunable module name."""
+    side, _, i, *_ = name.split(".")
+    return side, int(i)
+
+
+@torch.no_grad()
+def _origin_pass(model: Seq2SeqTransformer, b: Batch) -> dict[str, Any]:
+    """The origin's log-probs (B, T, V) and every layer's input, kept for the partial reruns."""
+    inputs: dict[tuple[str, int], Tensor] = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda _m, args, key=(side, i): inputs.__setitem__(key, args[0]))
+        for side, stack in (("encoder", model.encoder), ("decoder", model.decoder))
+        for i, layer in enumerate(stack.layers)]
+    try:
+        memory, mask = model.encode(b.src)
+        logits = model.generator(model.decode(b.tgt_in, memory, mask))
+    finally:
+        for h in handles:
+            h.remove()
+    return {"inputs": inputs, "memory": memory, "mask": mask, "logp": logits.float().log_softmax(-1)}
+
+
+@torch.no_grad()
+def _rerun_from(model: Seq2SeqTransformer, name: str, b: Batch, cached: dict[str, Any]) -> Tensor:
+    """Logits (B, T, V) of ``model`` (a variant swapped in at ``name``) from that layer on."""
+    side, start = _layer_of(name)
+    mask, memory = cached["mask"], cached["memory"]
+    if side == "encoder":
+        x = cached["inputs"]["encoder", start]
+        for layer in model.encoder.layers[start:]:
+            x = layer(x, mask)
+        memory = model.encoder.norm(x)
+        return model.generator(model.decode(b.tgt_in, memory, mask))
+    y, memory = cached["inputs"]["decoder", start], autocast_input(memory)
+    for layer in model.decoder.layers[start:]:
+        y = layer(y, memory, mask)
+    return model.generator(model.decoder.norm(y))
+
+
+def _kl_and_loss(logits: Tensor, origin_logp: Tensor, tgt_out: Tensor) -> tuple[float, float]:
+    """Summed (over real target tokens) KL(origin || variant) and cross-entropy."""
+    real = tgt_out != PAD_ID  # (B, T)
+    logp = logits.float().log_softmax(-1)[real]  # (N, V)
+    ref = origin_logp[real]
+    kl = (ref.exp() * (ref - logp)).sum(-1).sum()
+    return float(kl), float(F.nll_loss(logp, tgt_out[real], reduction="sum"))
+
+
+def _timed(model: Seq2SeqTransformer, src: Tensor, steps: int) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        greedy(model, src, steps=steps)
+    return time.perf_counter() - t0
+
+
+def measure_latency(origin: Seq2SeqTransformer, variants: dict[str, tuple[str, nn.Module]],
+                    subset: Subset, repeats: int) -> dict[str, Any]:
+    """Milliseconds of batched greedy decoding (the subset's first batch, a fixed number of
+    steps) of the origin and, per variant, the origin with that variant swapped in. Origin and
+    variant runs alternate, so slow drifts of the machine cancel in the difference."""
+    if repeats < 1:
+        raise CtpruneError(f"--latency-repeats must be at least 1, got {repeats}")
+    src, steps = subset.batches[0].src, subset.batches[0].tgt_in.shape[1]
+    _timed(origin, src, steps)  # warm-up
+    out: dict[str, Any] = {"unit": "ms per greedy decoding of the latency batch",
+                           "batch": list(src.shape), "steps": steps, "repeats": repeats, "variants": {}}
+    origin_all: list[float] = []
+    for key, (name, module) in variants.items():
+        diffs = []
+        for _ in range(repeats):
+            o = _timed(origin, src, steps)
+            with swapped(origin, name, module):
+                v = _timed(origin, src, steps)
+            origin_all.append(o)
+            diffs.append(1000 * (v - o))
+        out["variants"][key] = {"delta_ms": round(statistics.median(diffs), 4),
+                                "spread_ms": round(max(diffs) - min(diffs), 4)}
+    if not origin_all:
+        origin_all = [_timed(origin, src, steps) for _ in range(repeats)]
+    out["origin_ms"] = round(1000 * statistics.median(origin_all), 4)
+    out["origin_spread_ms"] = round(1000 * (max(origin_all) - min(origin_all)), 4)
+    return out
+
+
+def score_bank(model_dir: Path, bank: Path, corpus: str = "multi30k", data_dir: str | None = None,
+               batches: int = 8, max_tokens: int = 4096, latency: bool = False,
+               latency_repeats: int = 5, force: bool = False, device: str | None = None
+               ) -> dict[str, Any]:
+    """Score every variant of ``bank`` whose score is missing or stale (all with ``force``),
+    store the scores in the bank's index and return them (``scored``: how many were computed)."""
+    bank = Path(bank)
+    index = load_index(bank)
+    model_fp = model_fingerprint(model_dir)
+    check_bank_model(index, model_fp, bank)
+    dev = resolve_device(device)
+    origin, tok, _ = load_model_folder(model_dir, dev)
+    subset = validation_subset(tok, origin.cfg.max_len, corpus, data_dir, batches, max_tokens)
+    digests = {k: variant_digest(bank, e) for k, e in index["variants"].items()}
+    old = index.get("scores") or {}
+    same_ground = (not force and old.get("model_fingerprint") == model_fp
+                   and old.get("subset", {}).get("fingerprint") == subset.fingerprint)
+    kept = {k: s for k, s in (old.get("variants", {}) if same_ground else {}).items()
+            if digests.get(k) == s.get("digest")}
+    todo = [k for k in index["variants"] if k not in kept]
+    modules = {k: index["variants"][k]["module"] for k in todo}
+    variants = {k: load_variant(bank, index, k, origin.get_submodule(modules[k])).to(dev).eval()
+                for k in todo}
+    t0 = time.perf_counter()
+    sums = {k: [0.0, 0.0] for k in todo}
+    origin_loss = 0.0
+    for b in [b.to(dev) for b in subset.batches]:
+        cached = _origin_pass(origin, b)
+        origin_loss += float(F.nll_loss(cached["logp"][b.tgt_out != PAD_ID], b.tgt_out[b.tgt_out != PAD_ID],
+                                        reduction="sum"))
+        for k in todo:
+            with swapped(origin, modules[k], variants[k]):
+                kl, loss = _kl_and_loss(_rerun_from(origin, modules[k], b, cached), cached["logp"], b.tgt_out)
+            sums[k][0] += kl
+            sums[k][1] += loss
+    n = subset.meta["target_tokens"]
+    fresh = {k: {"kl": round(sums[k][0] / n, 6), "loss": round(sums[k][1] / n, 6), "digest": digests[k]}
+             for k in todo}
+    seconds = time.perf_counter() - t0
+    scores: dict[str, Any] = {
+        "format": SCORES_FORMAT, "model_fingerprint": model_fp, "subset": subset.meta,
+        "origin": {"loss": round(origin_loss / n, 6)}, "device": dev,
+        "variants": {k: kept.get(k) or fresh[k] for k in index["variants"]},
+        "scored": len(todo), "reused": len(kept), "wall_time_s": round(seconds, 3),
+    }
+    old_latency = old.get("latency") if same_ground else None
+    if latency and not (old_latency and old_latency.get("digests") == digests):
+        t1 = time.perf_counter()
+        every = {k: (e["module"], load_variant(bank, index, k, origin.get_submodule(e["module"])).to(dev).eval())
+                 for k, e in index["variants"].items()}
+        scores["latency"] = {**measure_latency(origin, every, subset, latency_repeats),
+                             "digests": digests, "wall_time_s": round(time.perf_counter() - t1, 3)}
+    elif old_latency and old_latency.get("digests") == digests:
+        scores["latency"] = old_latency
+    index["scores"] = scores
+    write_json(bank / INDEX_FILE, index)
+    return scores
