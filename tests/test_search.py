@@ -1,0 +1,270 @@
+"""Search: grid banks, variant scores, the MIP solver (against brute force) and `ctprune search`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctprune.cli import main
+from ctprune.model.checkpoint import load_model_folder, save_model_folder
+from ctprune.model.flops import forward_flops, parameter_counts
+from ctprune.model.transformer import Seq2SeqTransformer
+from ctprune.pruning.bank import compose, load_index, load_variant, save_variant
+from ctprune.pruning.configs import load_configurations, prunable_modules
+from ctprune.pruning.solver import solve
+from ctprune.stages.configs import write_plan
+from ctprune.stages.prune import prune
+from ctprune.stages.score import _origin_pass, _rerun_from, score_bank, validation_subset
+from ctprune.stages.search import SearchArgs, parse_budget, search
+from ctprune.stages.tune_blocks import tune_blocks
+
+from .conftest import run_cli, tiny_config
+
+SUBSET = {"corpus": "synthetic", "batches": 2, "max_tokens": 1024}
+SUBSET_CLI = ["--corpus", "synthetic", "--batches", "2", "--max-tokens", "1024"]
+
+
+# --- the solver against brute-force enumeration ---------------------------------------------
+
+def random_instance(seed: int, n_slots: int, resources: int) -> tuple[np.ndarray, ...]:
+    """Slots of 1-4 choices; choice 0 of each is "untouched" (score 0, cost 0); pruning lowers
+    costs and adds damage. Limits between the cheapest and the origin."""
+    rng = np.random.default_rng(seed)
+    slot, score, costs = [], [], []
+    for s in range(n_slots):
+        for j in range(int(rng.integers(1, 5))):
+            slot.append(s)
+            score.append(0.0 if j == 0 else float(rng.random()))
+            costs.append([0.0] * resources if j == 0 else list(-rng.integers(1, 100, resources).astype(float)))
+    costs_arr = np.array(costs).T  # (R, n)
+    slot_arr = np.array(slot)
+    least = np.array([sum(costs_arr[r][slot_arr == s].min() for s in range(n_slots)) for r in range(resources)])
+    limits = least * rng.uniform(0.2, 0.7, resources)
+    return np.array(score), slot_arr, costs_arr, limits
+
+
+def brute_force(score: np.ndarray, slot: np.ndarray, costs: np.ndarray, limits: np.ndarray, k: int,
+                d: int) -> list[float]:
+    """Objectives of the greedy sequence of best points, each at distance >= d from the earlier."""
+    groups = [np.flatnonzero(slot == s) for s in range(int(slot.max()) + 1)]
+    points = [(float(score[list(c)].sum()), c) for c in itertools.product(*groups)
+              if np.all(costs[:, list(c)].sum(axis=1) <= limits)]
+    chosen: list[tuple[float, tuple[int, ...]]] = []
+    for _ in range(k):
+        ok = [p for p in points if all(sum(a != b for a, b in zip(p[1], q[1])) >= d for q in chosen)]
+        if not ok:
+            break
+        chosen.append(min(ok))
+    return [c[0] for c in chosen]
+
+
+@pytest.mark.parametrize("resources", [1, 2, 3], ids=["params", "params+flops", "params+flops+latency"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_solver_optimum_equals_brute_force(seed: int, resources: int) -> None:
+    score, slot, costs, limits = random_instance(seed, n_slots=5, resources=resources)
+    expected = brute_force(score, slot, costs, limits, k=3, d=2)
+    found = solve(score, slot, costs, limits, k=3, min_distance=2)
+    assert [round(s.objective, 9) for s in found] == [round(v, 9) for v in expected]
+    for s in found:
+        assert sorted(int(slot[j]) for j in s.choices) == list(range(5))
+        assert np.all(costs[:, list(s.choices)].sum(axis=1) <= limits)
+    for a, b in itertools.combinations(found, 2):
+        assert sum(x != y for x, y in zip(a.choices, b.choices)) >= 2
+
+
+def test_solver_returns_nothing_when_no_point_is_feasible() -> None:
+    score, slot, costs, _ = random_instance(5, n_slots=4, resources=1)
+    least = np.array([sum(costs[0][slot == s].min() for s in range(4))])
+    assert solve(score, slot, costs, least - 1) == []
+    assert len(solve(score, slot, costs, least, k=3)) == 1  # the cheapest point and nothing else
+
+
+@pytest.mark.parametrize("text,expected", [("0.6", (0.6, True)), ("60%", (0.6, True)),
+                                           ("10M", (1e7, False)), ("2500", (2500.0, False))])
+def test_budgets_are_fractions_or_absolute(text: str, expected: tuple[float, bool]) -> None:
+    b = parse_budget("params", text)
+    assert (round(b.value, 9), b.relative) == expected
+
+
+# --- grid bank, scores, search on the tiny model ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def grid(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("search")
+    prune(model_folder, d / "bank", grid=[0.25, 0.5, 0.75])
+    score_bank(model_folder, d / "bank", latency=True, latency_repeats=2, **SUBSET)  # type: ignore[arg-type]
+    return {"dir": d, "bank": d / "bank"}
+
+
+def test_grid_bank_has_every_block_at_every_ratio(grid: dict[str, Path], model_folder: Path) -> None:
+    index = load_index(grid["bank"])
+    origin, _, _ = load_model_folder(model_folder)
+    blocks = [n for n, m in prunable_modules(origin).items() if m.kind in ("attention", "ffn")]
+    assert len(blocks) == 10
+    assert sorted(index["variants"]) == sorted(f"{n}@{r:g}" for n in blocks for r in (0.25, 0.5, 0.75))
+    scores = index["scores"]
+    assert set(scores["variants"]) == set(index["variants"]) and scores["scored"] == 30
+    assert all(s["kl"] >= 0 for s in scores["variants"].values())
+    assert set(scores["latency"]["variants"]) == set(index["variants"])
+
+
+def test_score_of_a_variant_equals_the_composed_model(grid: dict[str, Path], model_folder: Path) -> None:
+    """The shared computation (cached layer inputs, no encoder rerun for decoder variants) gives
+    the same KL as running the whole composed model."""
+    origin, tok, _ = load_model_folder(model_folder)
+    index = load_index(grid["bank"])
+    subset = validation_subset(tok, origin.cfg.max_len, **SUBSET)  # type: ignore[arg-type]
+    b = subset.batches[0]
+    cached = _origin_pass(origin, b)
+    for name in ("encoder.layers.0.ffn", "decoder.layers.1.cross_attn"):
+        torch.testing.assert_close(_rerun_from(origin, name, b, cached).log_softmax(-1), cached["logp"])
+    for key in ("encoder.layers.1.self_attn@0.25", "decoder.layers.0.ffn@0.5"):
+        entry = index["variants"][key]
+        model = compose(origin, grid["bank"], {entry["module"]: entry["ratio"]}).eval()
+        kl = tokens = 0.0
+        with torch.no_grad():
+            for b in subset.batches:
+                real = b.tgt_out != 0
+                ref = origin(b.src, b.tgt_in).log_softmax(-1)[real]
+                logp = model(b.src, b.tgt_in).log_softmax(-1)[real]
+                kl += float((ref.exp() * (ref - logp)).sum())
+                tokens += int(real.sum())
+        assert index["scores"]["variants"][key]["kl"] == pytest.approx(kl / tokens, rel=1e-3, abs=1e-6)
+
+
+def slot_choices(conf: dict[str, float], modules: dict[str, object]) -> dict[str, tuple]:
+    out: dict[str, list] = {}
+    for m, r in conf.items():
+        if r < 1:
+            parent = m.rpartition(".")[0]
+            out.setdefault(parent if parent in modules else m, []).append((m, r))
+    return {k: tuple(sorted(v)) for k, v in out.items()}
+
+
+def test_every_solution_meets_its_budgets_on_the_composed_model(grid: dict[str, Path], model_folder: Path
+                                                                ) -> None:
+    out = grid["dir"] / "found" / "conf.json"
+    args = SearchArgs(model=model_folder, bank=grid["bank"], output=out, k=5, min_distance=2,
+                      budgets=(parse_budget("params", "0.8"), parse_budget("flops", "0.6")), **SUBSET)  # type: ignore[arg-type]
+    _, report = search(args)
+    origin, _, _ = load_model_folder(model_folder)
+    modules = prunable_modules(origin)
+    confs = load_configurations(out, modules)  # the configuration format plan/compose/finetune read
+    assert len(confs) == 5 and json.loads((out.parent / "search.json").read_text())["solver"]["found"] == 5
+    write_plan(out, model_folder, grid["dir"] / "found" / "plan.json")
+    sl, tl = report["flops_at"]["src_len"], report["flops_at"]["tgt_len"]
+    params_limit, flops_limit = report["budgets"]["params"]["limit"], report["budgets"]["flops"]["limit"]
+    assert params_limit == pytest.approx(0.8 * parameter_counts(origin)[1])
+    assert flops_limit == pytest.approx(0.6 * forward_flops(origin.cfg, sl, tl))
+    for conf, row in zip(confs, report["configurations"]):
+        model = compose(origin, grid["bank"], conf).eval()
+        assert parameter_counts(model)[1] == row["params"] <= params_limit
+        assert forward_flops(model.cfg, sl, tl) == row["flops"] <= flops_limit
+    estimates = [r["estimate"] for r in report["configurations"]]
+    assert estimates == sorted(estimates)
+    for a, b in itertools.combinations([slot_choices(c, modules) for c in confs], 2):
+        assert sum(a.get(s) != b.get(s) for s in set(a) | set(b)) >= 2
+
+
+def test_search_and_verify_from_the_command_line(grid: dict[str, Path], model_folder: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = grid["dir"] / "cli" / "conf.json"
+    rc = main(["search", str(model_folder), "--bank", str(grid["bank"]), "--flops", "0.7", "--latency", "0.95",
+               "-k", "3", "--verify", "--random", "3", "--verify-sentences", "16", *SUBSET_CLI, "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "Spearman(estimate, val loss)" in printed and "solver" in printed
+    report = json.loads((out.parent / "search.json").read_text())
+    assert len(report["configurations"]) == 3 and all(c["latency_fraction"] <= 0.95 for c in report["configurations"])
+    v = report["verify"]
+    assert [r["kind"] for r in v["rows"]].count("found") == 3 and v["random"] == 3
+    assert all(r["flops_on_model"] <= report["budgets"]["flops"]["limit"] for r in v["rows"])
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory: pytest.TempPathFactory, model_folder: Path) -> Path:
+    _, tok, _ = load_model_folder(model_folder)
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("other") / "origin"
+    save_model_folder(folder, Seq2SeqTransformer(tiny_config(vocab_size=tok.vocab_size)), tok, {"stage": "test"})
+    return folder
+
+
+@pytest.mark.parametrize("case", ["infeasible", "unscored", "other model", "k", "distance", "subset", "latency"])
+def test_bad_input_is_refused_in_one_line_and_writes_nothing(
+        case: str, grid: dict[str, Path], model_folder: Path, other_model: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    bank, model, extra = grid["bank"], model_folder, ["--flops", "0.6"]
+    expect = {"infeasible": "smallest reachable value", "unscored": "ctprune score", "other model": "another model",
+              "k": "-k must be at least 1", "distance": "larger than the number of module slots",
+              "subset": "another validation subset", "latency": "--latency"}[case]
+    subset = SUBSET_CLI
+    if case == "infeasible":
+        extra = ["--flops", "0.05"]
+    elif case == "unscored":
+        bank = grid["dir"] / "unscored"
+        if not bank.exists():
+            prune(model_folder, bank, grid=[0.5], kinds=("ffn",))
+    elif case == "other model":
+        model = other_model
+    elif case == "k":
+        extra += ["-k", "0"]
+    elif case == "distance":
+        extra += ["--min-distance", "11"]
+    elif case == "subset":
+        subset = [*SUBSET_CLI[:-3], "1", *SUBSET_CLI[-2:]]  # --batches 1
+    elif case == "latency":
+        bank, extra = grid["dir"] / "no-latency", ["--latency", "0.9"]
+        if not bank.exists():
+            shutil.copytree(grid["bank"], bank)
+            index = load_index(bank)
+            del index["scores"]["latency"]
+            (bank / "index.json").write_text(json.dumps(index))
+    out = grid["dir"] / f"bad-{case.replace(' ', '-')}" / "conf.json"
+    rc = main(["search", str(model), "--bank", str(bank), *extra, *subset, "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("ctprune search: error: ") and err.count("\n") == 1, err
+    assert expect in err and not out.parent.exists()
+
+
+def test_refusal_through_the_real_command_has_no_traceback(grid: dict[str, Path], model_folder: Path) -> None:
+    out = grid["dir"] / "refused" / "conf.json"
+    r = run_cli("search", str(model_folder), "--bank", str(grid["bank"]), "--params", "0.01", *SUBSET_CLI,
+                "-o", str(out))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "smallest reachable value" in r.stderr and not out.parent.exists()
+
+
+def test_scores_are_reused_then_recomputed_when_the_bank_changes(grid: dict[str, Path], model_folder: Path
+                                                                 ) -> None:
+    bank = grid["dir"] / "changed"
+    shutil.copytree(grid["bank"], bank)
+    assert score_bank(model_folder, bank, **SUBSET)["scored"] == 0  # type: ignore[arg-type]
+    index = load_index(bank)
+    key = "decoder.layers.1.ffn@0.5"
+    origin, _, _ = load_model_folder(model_folder)
+    variant = load_variant(bank, index, key, origin.get_submodule(index["variants"][key]["module"]))
+    with torch.no_grad():
+        variant.linear1.weight.mul_(0.5)
+    save_variant(bank, index, key, variant, index["variants"][key])
+    args = ["search", str(model_folder), "--bank", str(bank), "--flops", "0.6", *SUBSET_CLI]
+    assert main([*args, "-o", str(bank.parent / "stale" / "conf.json")]) == 2
+    s = score_bank(model_folder, bank, **SUBSET)  # type: ignore[arg-type]
+    assert (s["scored"], s["reused"]) == (1, 29) and "latency" not in s  # latency no longer matches
+    assert s["variants"][key]["kl"] != load_index(grid["bank"])["scores"]["variants"][key]["kl"]
+    assert score_bank(model_folder, bank, **{**SUBSET, "batches": 1})["scored"] == 30  # type: ignore[arg-type]
+
+
+def test_tune_blocks_works_on_a_grid_bank(grid: dict[str, Path], model_folder: Path) -> None:
+    tuned = grid["dir"] / "tuned"
+    index = tune_blocks(model_folder, grid["bank"], tuned, epochs=1, corpus="synthetic", lr=2e-3,
+                        max_tokens=4096, device="cpu", patience=0)
+    assert len(index["variants"]) == 30 and index["tuning"]["epochs_done"] == 1
+    s = score_bank(model_folder, tuned, **SUBSET)  # type: ignore[arg-type]
+    changed = sum(e["provenance"]["stage"] == "tuned" for e in load_index(tuned)["variants"].values())
+    assert changed > 0 and s["scored"] == changed
