@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
         p.set_defaults(handler=handler)
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads for PyTorch (default: $CTPRUNE_THREADS, else PyTorch's own "
+                            "default, one per physical core); give 1 when other jobs share the machine")
         return p
 
     p = add("train", cmd_train, "train the origin model (tokenizer + Transformer) on a corpus")
@@ -406,12 +409,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def set_threads(threads: int | None) -> None:
+    """Set PyTorch's CPU thread count from ``--threads``, else $CTPRUNE_THREADS; else leave
+    PyTorch's default. Two processes that each spin all cores' OpenMP threads on a shared
+    machine ran a tiny training about 150x slower, so a job runner should pass this."""
+    import os
+
+    env = os.environ.get("CTPRUNE_THREADS")
+    if threads is None and env:
+        if not env.strip().isdigit():
+            raise CtpruneError(f"CTPRUNE_THREADS must be a positive integer, got {env!r}")
+        threads = int(env)
+    if threads is None:
+        return
+    if threads < 1:
+        raise CtpruneError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        set_threads(getattr(args, "threads", None))
         args.handler(args)
     except CtpruneError as e:
         print(f"ctprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permission denied, disk full, a folder where a file belongs: one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"ctprune {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ctprune {args.command}: interrupted", file=sys.stderr)

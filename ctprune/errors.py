@@ -3,3 +3,8 @@
 
 class CtpruneError(Exception):
     """Bad input or state a user can fix; the message says what was wrong and what is allowed."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (a library's multi-line error becomes one line)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

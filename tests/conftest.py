@@ -14,6 +14,11 @@ from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A fixed thread count for the suite and the ctprune subprocesses it starts (CI may override it):
+# several processes that each spin every core's OpenMP threads slow each other down badly.
+os.environ.setdefault("CTPRUNE_THREADS", "1")
+torch.set_num_threads(int(os.environ["CTPRUNE_THREADS"]))
+
 
 def tiny_config(**overrides: object) -> ModelConfig:
     base = dict(vocab_size=99, d_model=32, n_heads=4, d_ff=48, n_encoder_layers=2,

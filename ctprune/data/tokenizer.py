@@ -36,7 +36,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: Path) -> Tokenizer:
-        return cls((folder / TOKENIZER_FILE).read_bytes())
+        from ctprune.errors import CtpruneError, first_line
+
+        path = Path(folder) / TOKENIZER_FILE
+        try:
+            return cls(path.read_bytes())
+        except OSError as e:
+            raise CtpruneError(f"tokenizer {path} cannot be read: {e.strerror}") from None
+        except Exception as e:  # sentencepiece raises RuntimeError (or worse) on a corrupt model
+            raise CtpruneError(f"tokenizer {path} is not a sentencepiece model: {first_line(e)}") from None
 
     @classmethod
     def train(cls, sentences: Iterable[str], vocab_size: int) -> Tokenizer:

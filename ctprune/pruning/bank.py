@@ -8,6 +8,7 @@ removed, and provenance (pruned or tuned, criterion, epochs, block loss).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ctprune.errors import CtpruneError
-from ctprune.fileio import atomic_write, read_json, write_json
+from ctprune.errors import CtpruneError, first_line
+from ctprune.fileio import atomic_write, contained, file_record, read_json, verify_file, write_json
 from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
-from ctprune.pruning.configs import Configuration, variant_key
+from ctprune.pruning.configs import KINDS, Configuration, check_ratio, variant_key
 from ctprune.pruning.surgery import replace_module
 
 INDEX_FILE = "index.json"
 BANK_FORMAT = "ctprune-bank/1"
+# A module name as ctprune writes it: dotted identifiers, so a variant key can never be a path.
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 
 
 def empty_index(model_fp: str, plan_fp: str) -> dict[str, Any]:
@@ -31,16 +34,20 @@ def empty_index(model_fp: str, plan_fp: str) -> dict[str, Any]:
 
 
 def variant_file(key: str) -> str:
+    module, _, ratio = key.partition("@")
+    if not MODULE_NAME.fullmatch(module) or not re.fullmatch(r"[0-9.e+-]+", ratio):
+        raise CtpruneError(f"variant key {key!r} is not MODULE@RATIO with a dotted module name")
     return "variants/" + key.replace("@", "__") + ".safetensors"
 
 
 def save_variant(bank: Path, index: dict[str, Any], key: str, module: nn.Module,
                  entry: dict[str, Any]) -> None:
-    """Write one variant's weights, then its index entry (both atomically)."""
+    """Write one variant's weights, then its index entry with the file's size and SHA-256
+    (both atomically)."""
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     path = Path(bank) / variant_file(key)
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
-    index["variants"][key] = {**entry, "file": variant_file(key)}
+    index["variants"][key] = {**entry, "file": variant_file(key), "checksum": file_record(path)}
     write_json(Path(bank) / INDEX_FILE, index)
 
 
@@ -48,9 +55,38 @@ def load_index(bank: Path) -> dict[str, Any]:
     bank = Path(bank)
     if not (bank / INDEX_FILE).is_file():
         raise CtpruneError(f"{bank} is not a block bank (no {INDEX_FILE}); make one with `ctprune prune`")
-    index = read_json(bank / INDEX_FILE, "bank index")
+    return check_index(read_json(bank / INDEX_FILE, "bank index"), bank)
+
+
+def check_index(index: Any, bank: Path) -> dict[str, Any]:
+    """Schema of a bank index: format, fingerprints, and per variant a module name, a kind, a
+    ratio, its key ``MODULE@RATIO`` and a file inside the bank."""
+    src = Path(bank) / INDEX_FILE
     if not isinstance(index, dict) or index.get("format") != BANK_FORMAT:
-        raise CtpruneError(f"{bank / INDEX_FILE} is not a ctprune bank index")
+        raise CtpruneError(f"{src} is not a ctprune bank index (no \"format\": \"{BANK_FORMAT}\")")
+    if not isinstance(index.get("model_fingerprint"), str):
+        raise CtpruneError(f"{src}: \"model_fingerprint\" is missing or not a string")
+    if not isinstance(index.get("variants"), dict):
+        raise CtpruneError(f"{src}: \"variants\" is missing or not an object")
+    for key, e in index["variants"].items():
+        where = f"{src}, variant {key!r}"
+        if not isinstance(e, dict):
+            raise CtpruneError(f"{where} must be an object")
+        if not isinstance(e.get("module"), str) or not MODULE_NAME.fullmatch(e["module"]):
+            raise CtpruneError(f"{where}: \"module\" must be a dotted module name, got {e.get('module')!r}")
+        if e.get("kind") not in KINDS:
+            raise CtpruneError(f"{where}: \"kind\" must be one of {', '.join(KINDS)}, got {e.get('kind')!r}")
+        ratio = check_ratio(e.get("ratio"), where)
+        if key != variant_key(e["module"], ratio):
+            raise CtpruneError(f"{where}: the key does not match its module and ratio "
+                               f"({variant_key(e['module'], ratio)!r})")
+        if e["kind"] != "linear" and (not isinstance(e.get("kept"), list) or not e["kept"]
+                                      or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                 for i in e["kept"])):
+            raise CtpruneError(f"{where}: \"kept\" must be a non-empty list of head/neuron indices")
+        if not isinstance(e.get("provenance"), dict):
+            raise CtpruneError(f"{where}: \"provenance\" is missing or not an object")
+        contained(bank, e.get("file"), where)
     return index
 
 
@@ -63,12 +99,17 @@ def check_bank_model(index: dict[str, Any], model_fp: str, bank: Path) -> None:
 def build_variant(origin_module: nn.Module, entry: dict[str, Any]) -> nn.Module:
     """An empty module of the variant's shape (weights are loaded afterwards)."""
     kind = entry["kind"]
+    expected = {"attention": Attention, "ffn": FeedForward, "linear": nn.Linear}[kind]
+    if not isinstance(origin_module, expected):
+        raise CtpruneError(f"variant of {entry['module']!r} says kind {kind!r}, but that module is a "
+                           f"{type(origin_module).__name__}")
+    if kind != "linear" and max(entry["kept"]) >= (origin_module.n_heads if kind == "attention"
+                                                   else origin_module.linear1.out_features):
+        raise CtpruneError(f"variant of {entry['module']!r} keeps index {max(entry['kept'])}, beyond the module")
     if kind == "attention":
-        assert isinstance(origin_module, Attention)
         return Attention(origin_module.q_proj.in_features, len(entry["kept"]), origin_module.head_dim,
                          origin_module.dropout)
     if kind == "ffn":
-        assert isinstance(origin_module, FeedForward)
         return FeedForward(origin_module.linear1.in_features, len(entry["kept"]),
                            origin_module.dropout.p)
     new = copy.deepcopy(origin_module)
@@ -77,9 +118,22 @@ def build_variant(origin_module: nn.Module, entry: dict[str, Any]) -> nn.Module:
 
 
 def load_variant(bank: Path, index: dict[str, Any], key: str, origin_module: nn.Module) -> nn.Module:
+    """The variant's module with its weights, after checking the file against the index
+    (inside the bank; size and SHA-256 as recorded; every tensor present with its shape)."""
     entry = index["variants"][key]
     module = build_variant(origin_module, entry)
-    module.load_state_dict(load_file(str(Path(bank) / entry["file"])))
+    path = contained(bank, entry["file"], f"bank {bank}, variant {key!r}")
+    if "checksum" in entry:  # banks written before checksums have none
+        verify_file(path, entry["checksum"], f"variant file of {key!r}", str(Path(bank) / INDEX_FILE))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise CtpruneError(f"variant file {path} is unreadable: {first_line(e)}") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise CtpruneError(f"variant file {path} does not fit variant {key!r}: {detail}") from None
     return module
 
 

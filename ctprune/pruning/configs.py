@@ -147,22 +147,41 @@ def make_plan(confs: list[Configuration], modules: dict[str, Prunable], model_fp
             if r < 1:
                 ratios.setdefault(name, set()).add(r)
     order = list(modules)
+    body = {name: {"kind": modules[name].kind, "ratios": sorted(ratios[name])}
+            for name in sorted(ratios, key=order.index)}
     return {
         "format": "ctprune-plan/1",
         "model_fingerprint": model_fp,
         "configurations_fingerprint": fingerprint(confs),
-        "modules": {name: {"kind": modules[name].kind, "ratios": sorted(ratios[name])}
-                    for name in sorted(ratios, key=order.index)},
+        "modules_fingerprint": fingerprint(body),  # a hand-edited plan no longer matches it
+        "modules": body,
     }
 
 
 def check_plan(plan: Any, modules: dict[str, Prunable], source: str) -> dict[str, Any]:
+    """Schema of a plan: format, model fingerprint, and per module its kind and a non-empty list
+    of distinct keep ratios < 1; a plan edited after planning fails its own fingerprint."""
     if not isinstance(plan, dict) or plan.get("format") != "ctprune-plan/1":
         raise CtpruneError(f"{source} is not a ctprune plan (no \"format\": \"ctprune-plan/1\")")
-    for name, entry in plan.get("modules", {}).items():
+    if not isinstance(plan.get("model_fingerprint"), str):
+        raise CtpruneError(f"{source}: \"model_fingerprint\" is missing or not a string")
+    if not isinstance(plan.get("modules"), dict):
+        raise CtpruneError(f"{source}: \"modules\" must be an object {{module name: {{kind, ratios}}}}")
+    if not plan["modules"]:
+        raise CtpruneError(f"{source}: the plan has no modules, so there is nothing to prune")
+    for name, entry in plan["modules"].items():
         check_module(name, modules, source)
-        for r in entry.get("ratios", []):
-            check_ratio(r, f"{source}, {name}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("ratios"), list) or not entry["ratios"]:
+            raise CtpruneError(f"{source}, {name}: must be an object with a non-empty list \"ratios\"")
+        if entry.get("kind") != modules[name].kind:
+            raise CtpruneError(f"{source}, {name}: kind {entry.get('kind')!r} contradicts the module, "
+                               f"which is {modules[name].kind!r}")
+        rs = [check_ratio(r, f"{source}, {name}") for r in entry["ratios"]]
+        if any(r >= 1 for r in rs) or len(set(rs)) != len(rs):
+            raise CtpruneError(f"{source}, {name}: ratios must be distinct and below 1, got {rs}")
+    if "modules_fingerprint" in plan and plan["modules_fingerprint"] != fingerprint(plan["modules"]):
+        raise CtpruneError(f"{source} was edited after `ctprune plan` wrote it (its modules no longer "
+                           "match its fingerprint); make a new plan from the configuration file")
     return plan
 
 

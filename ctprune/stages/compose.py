@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ctprune.errors import CtpruneError
+from ctprune.fileio import check_existing, check_output, read_json
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import check_bank_model, compose, load_index
@@ -16,6 +17,17 @@ def select_configuration(confs: list[Configuration], n: int, source: Path) -> Co
     if not 0 <= n < len(confs):
         raise CtpruneError(f"-n {n} is out of range: {source} has configurations 0..{len(confs) - 1}")
     return confs[n]
+
+
+def _is_composed(path: Path) -> bool:
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return read_json(path / "hparams.json").get("stage") == "compose"
+    except (CtpruneError, AttributeError):
+        return False
 
 
 def compose_configuration(model_dir: Path, bank: Path, conf_path: Path, n: int
@@ -35,6 +47,10 @@ def compose_configuration(model_dir: Path, bank: Path, conf_path: Path, n: int
 
 
 def compose_to_folder(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path) -> Path:
+    """Write configuration ``n`` as a model folder; an existing ``output`` is replaced only if it
+    is empty or an earlier `compose` output."""
+    check_output(output, {"model folder": model_dir, "bank": bank, "configuration file": conf_path})
+    check_existing(output, _is_composed, "an empty folder or a model folder written by `ctprune compose`")
     model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n)
     save_model_folder(output, model, tok, provenance)
     return output

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ctprune.errors import CtpruneError
-from ctprune.fileio import write_json
+from ctprune.fileio import check_existing, check_output, read_json, write_json
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.pruning.configs import (
     Configuration,
@@ -29,8 +29,21 @@ def inspect_model(model_dir: Path) -> list[str]:
     return lines
 
 
+def _is_json_of(kind: type, fmt: str | None = None) -> Any:
+    """Predicate: an existing output may be replaced only if it is a file of the same kind."""
+    def own(path: Path) -> bool:
+        try:
+            obj = read_json(path) if path.is_file() else None
+        except CtpruneError:
+            return False
+        return isinstance(obj, kind) and (fmt is None or obj.get("format") == fmt)
+    return own
+
+
 def write_configs(model_dir: Path, n: int, output: Path, attention: list[float] | None = None,
                   linear: list[float] | None = None, ffn: list[float] | None = None) -> list[Configuration]:
+    check_output(output, {"model folder": model_dir})
+    check_existing(output, _is_json_of(list), "a configuration file")
     model, _, _ = load_model_folder(model_dir)
     confs = default_configurations(prunable_modules(model), n, attention, linear, ffn)
     write_json(output, confs)
@@ -40,6 +53,8 @@ def write_configs(model_dir: Path, n: int, output: Path, attention: list[float] 
 def write_plan(conf_path: Path, model_dir: Path, output: Path) -> dict[str, Any]:
     """The plan of a configuration file, checked against the origin model whose fingerprint it
     records, so that a bank or configuration from another model is refused later."""
+    check_output(output, {"configuration file": conf_path, "model folder": model_dir})
+    check_existing(output, _is_json_of(dict, "ctprune-plan/1"), "a plan")
     model, _, _ = load_model_folder(model_dir)
     modules = prunable_modules(model)
     confs = load_configurations(conf_path, modules)

@@ -11,7 +11,7 @@ import torch
 from ctprune.data.corpus import load_split
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
-from ctprune.fileio import write_json, write_text
+from ctprune.fileio import check_output, write_json, write_text
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.decode import translate
 from ctprune.scoring import score
@@ -24,6 +24,10 @@ def evaluate(model_dir: Path, corpus: str = "multi30k", split: str = "test_2016_
     into ``output`` (default MODEL/eval), print a summary, and return the report."""
     if beam < 1:
         raise CtpruneError(f"--beam must be at least 1, got {beam}")
+    out = Path(output) if output else Path(model_dir) / "eval"
+    check_output(out, {"model folder": model_dir, "data folder": data_dir}, may_be_inside=("model folder",))
+    if out.exists() and not out.is_dir():
+        raise CtpruneError(f"output {out} exists and is not a folder; -o names the folder for the hypotheses")
     dev = resolve_device(device)
     data = load_split(corpus, split, data_dir)
     model, tok, _ = load_model_folder(model_dir, dev)
@@ -37,7 +41,6 @@ def evaluate(model_dir: Path, corpus: str = "multi30k", split: str = "test_2016_
               "bleu_detail": s.bleu_text, "bleu_signature": s.bleu_signature,
               "chrf_signature": s.chrf_signature, "translate_seconds": round(seconds, 2),
               "device": dev, "threads": torch.get_num_threads()}
-    out = Path(output) if output else Path(model_dir) / "eval"
     write_text(out / f"{split}.{decoder}.en", "\n".join(hyps) + "\n")
     write_json(out / f"{split}.{decoder}.json", report)
     if not quiet:

@@ -12,6 +12,7 @@ from typing import Any
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
+from ctprune.fileio import check_output
 from ctprune.model.checkpoint import is_model_folder
 from ctprune.pruning.configs import load_configurations, prunable_modules
 from ctprune.stages.compose import compose_configuration
@@ -20,15 +21,19 @@ from ctprune.training.loop import FitResult, Recipe, fit
 
 def finetune(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path, recipe: Recipe,
              corpus: str = "multi30k", data_dir: str | None = None, target_bleu: float | None = None,
-             resume: bool = False, device: str | None = None) -> FitResult:
+             resume: bool = False, device: str | None = None, min_epochs: int = 0,
+             snapshot_epochs: tuple[int, ...] = ()) -> FitResult:
     """Finetune configuration ``n`` into the model folder ``output`` (history.csv, plots)."""
+    check_output(output, {"model folder": model_dir, "bank": bank, "configuration file": conf_path,
+                          "data folder": data_dir})
     dev = resolve_device(device)
     model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n)
     train_name, val_name, _ = default_splits(corpus)
     train, val = (load_split(corpus, s, data_dir) for s in (train_name, val_name))
     hparams: dict[str, Any] = {**provenance, "stage": "finetune", "corpus": corpus, "target_bleu": target_bleu}
     result = fit(model, tok, train, val, recipe, output, hparams, resume=resume, device=dev,
-                 eval_before=True, target_bleu=target_bleu, after_step=lambda m: m.apply_masks())
+                 eval_before=True, target_bleu=target_bleu, after_step=lambda m: m.apply_masks(),
+                 min_epochs=min_epochs, snapshot_epochs=snapshot_epochs)
     plot_history(output / "history.csv", output / "history.png", f"configuration {n}")
     return result
 
@@ -39,6 +44,10 @@ def finetune_all(model_dir: Path, bank: Path, conf_path: Path, output: Path, rec
     an interrupted one resumes."""
     from ctprune.model.checkpoint import load_model_folder
 
+    check_output(output, {"model folder": model_dir, "bank": bank, "configuration file": conf_path,
+                          "data folder": kwargs.get("data_dir")})
+    if Path(output).exists() and not Path(output).is_dir():
+        raise CtpruneError(f"output {output} exists and is not a folder (--all writes OUTPUT/config-I)")
     origin, _, _ = load_model_folder(model_dir)
     confs = load_configurations(conf_path, prunable_modules(origin))
     results = []

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.errors import CtpruneError
-from ctprune.fileio import read_json, write_json
+from ctprune.fileio import check_output, read_json, write_json
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
+from ctprune.progress import progress
 from ctprune.pruning import importance
 from ctprune.pruning.bank import INDEX_FILE, empty_index, save_variant
 from ctprune.pruning.configs import (
@@ -94,8 +94,8 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
         raise CtpruneError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if sum(x is not None for x in (plan_path, ratio, grid)) != 1:
         raise CtpruneError("give one of --plan PLAN, --ratio R or --grid R [R ...]")
-    output = Path(output)
-    if output.exists():
+    output = check_output(output, {"model folder": model_dir, "plan": plan_path, "data folder": data_dir})
+    if output.exists() or output.is_symlink():
         raise CtpruneError(f"{output} already exists; choose another -o or remove it")
     model, tok, _ = load_model_folder(model_dir)
     modules = prunable_modules(model)
@@ -110,6 +110,8 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
         plan, plan_fp = grid_plan(modules, grid, kinds)
     else:
         r = check_ratio(ratio, "--ratio")
+        if r == 1:
+            raise CtpruneError("--ratio 1 keeps every module whole, so the bank would be empty")
         plan = {"modules": {n: {"kind": m.kind, "ratios": [r] if r < 1 else []}
                             for n, m in modules.items()}}
         plan_fp = f"ratio-{r:g}"
@@ -124,7 +126,7 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
         index = empty_index(model_fp, plan_fp)
         index["criterion"] = criterion
         t0 = time.perf_counter()
-        for name, r in tqdm(variant_ids(plan), desc="prune", unit="variant", leave=False):
+        for name, r in progress(variant_ids(plan), desc="prune", unit="variant", leave=False):
             variant, entry = make_variant(model, name, modules[name].kind, r, criterion, stats)
             save_variant(tmp, index, variant_key(name, r), variant, entry)
         index["prune_seconds"] = round(time.perf_counter() - t0, 3)

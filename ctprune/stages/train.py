@@ -14,6 +14,7 @@ from ctprune.data.corpus import default_splits, load_split
 from ctprune.data.tokenizer import Tokenizer
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
+from ctprune.fileio import check_output
 from ctprune.model.checkpoint import is_model_folder
 from ctprune.model.transformer import PRESETS, ModelConfig, Seq2SeqTransformer
 from ctprune.training.loop import FitResult, Recipe, fit
@@ -41,6 +42,7 @@ class TrainArgs:
 
 def train_origin(args: TrainArgs) -> FitResult:
     """Train the origin model into ``args.output``; ``resume`` continues after the last epoch."""
+    check_output(args.output, {"data folder": args.data_dir})
     device = resolve_device(args.device)
     train_name, val_name, _ = default_splits(args.corpus)
     train, val = (load_split(args.corpus, s, args.data_dir) for s in (train_name, val_name))

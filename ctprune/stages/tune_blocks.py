@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,28 @@ from ctprune.data.corpus import default_splits, load_split
 from ctprune.data.tokenizer import PAD_ID
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
-from ctprune.fileio import atomic_write, read_json, write_json, write_text
+from ctprune.fileio import (
+    atomic_write,
+    check_existing,
+    check_output,
+    commit_dir,
+    read_json,
+    sweep_commits,
+    write_json,
+    write_text,
+)
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.flops import BACKWARD_FACTOR, batch_forward_flops, module_flops
 from ctprune.model.transformer import Seq2SeqTransformer
-from ctprune.pruning.bank import INDEX_FILE, check_bank_model, load_index, load_variant, save_variant
+from ctprune.progress import progress
+from ctprune.pruning.bank import (
+    INDEX_FILE,
+    check_bank_model,
+    check_index,
+    load_index,
+    load_variant,
+    save_variant,
+)
 from ctprune.pruning.configs import model_fingerprint
 from ctprune.training.loop import Recipe, make_optimizer, optimizer_step, read_history
 
@@ -126,6 +145,39 @@ def _validate(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], module
     return dict(zip(variants, (totals / max(1, len(batches))).tolist()))
 
 
+TUNING_MARK = ".tune-blocks"  # in a bank that tune-blocks made: its own work, safe to resume or redo
+
+
+def _is_tuning_output(path: Path) -> bool:
+    return path.is_dir() and ((path / TUNING_MARK).is_file() or (path / ".state").exists())
+
+
+def _copy_bank(bank: Path, output: Path) -> None:
+    """Copy ``bank`` (without its own tuning state) to ``output`` with the tune-blocks mark, and
+    rename it into place whole."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        shutil.copytree(bank, tmp / "bank", ignore=shutil.ignore_patterns(".state", "..state-*", TUNING_MARK))
+        write_json(tmp / "bank" / TUNING_MARK, {"tuned_from": str(bank)})
+        os.replace(tmp / "bank", output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_state(index: dict[str, Any], variants: dict[str, nn.Module], state: dict[str, Any],
+                 history: list[dict[str, Any]], folder: Path) -> None:
+    """One tuning checkpoint in ``folder``: latest variant weights (a bank of its own), the
+    output's index, optimizer and counters, history; committed whole by ``commit_dir``."""
+    state_index = {k: index[k] for k in ("format", "model_fingerprint", "plan_fingerprint")}
+    state_index["variants"] = {}
+    for k, v in variants.items():
+        save_variant(folder, state_index, k, v, dict(index["variants"][k]))
+    write_json(folder / "output_index.json", index)
+    write_block_history(folder / "history.csv", history)
+    atomic_write(folder / "state.pt", functools.partial(torch.save, state))
+
+
 def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corpus: str = "multi30k",
                 data_dir: str | None = None, lr: float = 1e-4, max_tokens: int = 4096,
                 patience: int = 2, resume: bool = False, device: str | None = None,
@@ -140,8 +192,10 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
         raise CtpruneError(f"epochs must be a non-negative integer, got {epochs}")
     output, bank = Path(output), Path(bank)
     state_dir = output / ".state"
+    check_output(output, {"model folder": model_dir, "bank": bank, "data folder": data_dir})
     if output.exists() and not resume:
         raise CtpruneError(f"{output} already exists; pass --resume to continue tuning it or choose another -o")
+    check_existing(output, _is_tuning_output, "a (partial) `tune-blocks` output")
     dev = resolve_device(device)
     origin, tok, origin_hparams = load_model_folder(model_dir, dev)
     origin.requires_grad_(False)
@@ -155,13 +209,15 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     if unknown:
         raise CtpruneError(f"bank {bank} has no variant {unknown[0]}")
     modules = {k: src_index["variants"][k]["module"] for k in keys}
+    sweep_commits(state_dir)  # what a kill inside a state commit left
     resuming = resume and (state_dir / "state.pt").is_file()
     if not resuming:
         if output.exists():
-            shutil.rmtree(output)
-        shutil.copytree(bank, output)  # untouched variants stay as they were
-    index = load_index(output)
-    variants = {k: load_variant(state_dir if resuming else bank, read_json(state_dir / INDEX_FILE)
+            shutil.rmtree(output)  # our own interrupted output (checked above), not yet tuned
+        _copy_bank(bank, output)  # untouched variants stay as they were
+    index = check_index(read_json(state_dir / "output_index.json", "tuning state"), output) if resuming \
+        else load_index(output)
+    variants = {k: load_variant(state_dir if resuming else bank, load_index(state_dir)
                                 if resuming else src_index, k, origin.get_submodule(modules[k])).to(dev)
                 for k in keys}
     for v in variants.values():
@@ -179,12 +235,16 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     stale = dict.fromkeys(keys, 0)
     flops: dict[str, Any] = {"teacher": 0, "variants": {}}
     if resuming:
-        state = torch.load(state_dir / "state.pt", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        start, wall, tokens = int(state["epoch"]) + 1, float(state["wall"]), int(state["tokens"])
-        best, stale = dict(state["best"]), dict(state["stale"])
-        flops = {"teacher": int(state["flops"]["teacher"]), "variants": dict(state["flops"]["variants"])}
-        history = read_history(output / "history.csv")
+        try:
+            state = torch.load(state_dir / "state.pt", weights_only=True)
+            opt.load_state_dict(state["optimizer"])
+            start, wall, tokens = int(state["epoch"]) + 1, float(state["wall"]), int(state["tokens"])
+            best, stale = dict(state["best"]), dict(state["stale"])
+            flops = {"teacher": int(state["flops"]["teacher"]), "variants": dict(state["flops"]["variants"])}
+        except Exception as e:  # a corrupt or foreign state file fails in many ways
+            raise CtpruneError(f"--resume: {state_dir / 'state.pt'} is not a readable tuning state "
+                               f"({type(e).__name__})") from None
+        history = read_history(state_dir / "history.csv")
         tqdm.write(f"resuming block tuning in {output} after epoch {start - 1}")
     else:
         before = _validate(origin, variants, modules, rec, val_batches, bf16)
@@ -202,7 +262,7 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
             masked = [v for v in students.values() if hasattr(v, "weight_mask")]
             sums = torch.zeros(len(active))
             batches = train.batches(max_tokens, shuffle_seed=seed * 1000 + epoch)
-            for batch in tqdm(batches, desc=f"tune-blocks {epoch}/{epochs}", unit="batch", leave=False):
+            for batch in progress(batches, desc=f"tune-blocks {epoch}/{epochs}", unit="batch", leave=False):
                 batch = batch.to(dev)
                 losses: list[Tensor] = []
                 optimizer_step(opt, functools.partial(_summed_loss, losses, origin, students, modules, rec, batch),
@@ -228,12 +288,9 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
                     save_variant(output, index, k, variants[k], index["variants"][k])
                 else:
                     stale[k] += 1
-            state_index = {"format": index["format"], "variants": {}}
-            for k in keys:
-                save_variant(state_dir, state_index, k, variants[k], dict(index["variants"][k]))
             state = {"optimizer": opt.state_dict(), "epoch": epoch, "wall": wall, "tokens": tokens,
                      "best": best, "stale": stale, "flops": flops}
-            atomic_write(state_dir / "state.pt", functools.partial(torch.save, state))
+            commit_dir(state_dir, functools.partial(_write_state, index, variants, state, history))
             write_block_history(output / "history.csv", history)
             tqdm.write(f"tune-blocks epoch {epoch}: mean val block loss "
                        f"{sum(val.values()) / len(val):.4g} over {len(active)} variants ({wall:.0f}s)")

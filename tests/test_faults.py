@@ -1,0 +1,565 @@
+"""Fault injection: every bad input or output path is refused in one line (exit 2), inputs stay
+byte-identical and nothing is half-written; a failure inside a checkpoint write resumes to the
+numbers of an uninterrupted run.
+
+The table runs each case in-process (``ctprune.cli.main``) on a fresh copy of one workspace
+(tiny model ``origin``, configurations ``conf.json``, ``plan.json``, pruned ``bank``) built
+once per module; a few cases also run through a subprocess to prove there is no traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctprune.cli import main
+from ctprune.errors import CtpruneError
+
+from .conftest import run_cli, tiny_config
+
+# ------------------------------------------------------------------------------------------------
+# The workspace: built once, copied per case.
+
+
+@pytest.fixture(scope="module")
+def workspace(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    w = tmp_path_factory.mktemp("faults") / "w"
+    w.mkdir()
+    shutil.copytree(model_folder, w / "origin")
+    assert main(["configs", str(w / "origin"), "-n", "2", "--attention", "0.5", "0.75",
+                 "-o", str(w / "conf.json")]) == 0
+    assert main(["plan", str(w / "conf.json"), "-m", str(w / "origin"), "-o", str(w / "plan.json")]) == 0
+    assert main(["prune", str(w / "origin"), "--plan", str(w / "plan.json"), "-o", str(w / "bank")]) == 0
+    (w / "data").mkdir()
+    for split in ("train", "val"):
+        for lang in ("de", "en"):
+            (w / "data" / f"{split}.{lang}").write_text("ein hund .\n", encoding="utf-8")
+    (w / "notes.txt").write_text("a user's file\n")
+    (w / "userdir").mkdir()
+    (w / "userdir" / "keep.txt").write_text("keep me\n")
+    return w
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (hidden ones and symlinks included) with its content hash."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "link:" + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Corruptions: each takes the case's workspace copy and damages it.
+
+
+def _index(w: Path) -> dict:
+    return json.loads((w / "bank/index.json").read_text())
+
+
+def _set_index(w: Path, index: dict) -> None:
+    (w / "bank/index.json").write_text(json.dumps(index))
+
+
+def _variant(w: Path, i: int = 0) -> tuple[str, dict]:
+    key = sorted(_index(w)["variants"])[i]
+    return key, _index(w)["variants"][key]
+
+
+def edit_index(fn: Callable[[dict], None]) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        index = _index(w)
+        fn(index)
+        _set_index(w, index)
+    return corrupt
+
+
+def edit_entry(fn: Callable[[dict], None], drop_checksum: bool = False) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        index = _index(w)
+        key = sorted(index["variants"])[0]
+        fn(index["variants"][key])
+        if drop_checksum:
+            index["variants"][key].pop("checksum")
+        _set_index(w, index)
+    return corrupt
+
+
+def rename_key(new_key: str, module: str | None = None) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        index = _index(w)
+        key = sorted(index["variants"])[0]
+        entry = index["variants"].pop(key)
+        if module is not None:
+            entry["module"] = module
+        index["variants"][new_key] = entry
+        _set_index(w, index)
+    return corrupt
+
+
+def variant_bytes(fn: Callable[[bytes], bytes], drop_checksum: bool = False) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        _, entry = _variant(w)
+        f = w / "bank" / entry["file"]
+        f.write_bytes(fn(f.read_bytes()))
+        if drop_checksum:
+            edit_entry(lambda e: None, drop_checksum=True)(w)
+    return corrupt
+
+
+def variant_tensors(fn: Callable[[dict], dict]) -> Callable[[Path], None]:
+    """Rewrite the first variant's tensors (and drop its checksum, as a bank from before checksums)."""
+    def corrupt(w: Path) -> None:
+        _, entry = _variant(w)
+        f = w / "bank" / entry["file"]
+        save_file(fn(load_file(str(f))), str(f))
+        edit_entry(lambda e: None, drop_checksum=True)(w)
+    return corrupt
+
+
+def swap_variants(w: Path) -> None:
+    """Two variant files of the same shape (self-attention of layers 0 and 1) swap places."""
+    files = [e["file"] for k, e in sorted(_index(w)["variants"].items()) if "self_attn@0.5" in k][:2]
+    a, b = (w / "bank" / f for f in files)
+    da, db = a.read_bytes(), b.read_bytes()
+    assert len(da) == len(db)
+    a.write_bytes(db)
+    b.write_bytes(da)
+
+
+def symlink_variant(w: Path) -> None:
+    _, entry = _variant(w)
+    f = w / "bank" / entry["file"]
+    outside = w / "outside.safetensors"
+    shutil.copyfile(f, outside)
+    f.unlink()
+    f.symlink_to(outside)
+
+
+def write(rel: str, data: bytes | str, drop_manifest: bool = False) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        p = w / rel
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+        if drop_manifest:
+            (w / "origin/manifest.json").unlink()
+    return corrupt
+
+
+def truncate(rel: str, drop_manifest: bool = False) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        p = w / rel
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        if drop_manifest:
+            (w / "origin/manifest.json").unlink()
+    return corrupt
+
+
+def edit_json(rel: str, fn: Callable[[object], object], drop_manifest: bool = False) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        p = w / rel
+        p.write_text(json.dumps(fn(json.loads(p.read_text()))))
+        if drop_manifest:
+            (w / "origin/manifest.json").unlink()
+    return corrupt
+
+
+def _set(key: str, value: object) -> Callable[[object], object]:
+    def fn(obj: object) -> object:
+        assert isinstance(obj, dict)
+        return {**obj, key: value}
+    return fn
+
+
+def _without(key: str) -> Callable[[object], object]:
+    def fn(obj: object) -> object:
+        assert isinstance(obj, dict)
+        return {k: v for k, v in obj.items() if k != key}
+    return fn
+
+
+def _first_module(fn: Callable[[dict], None]) -> Callable[[object], object]:
+    def wrap(plan: object) -> object:
+        assert isinstance(plan, dict)
+        fn(next(iter(plan["modules"].values())))
+        return plan
+    return wrap
+
+
+def link(rel: str, target: str) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        (w / rel).symlink_to(w / target)
+    return corrupt
+
+
+def mkdir(rel: str) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        (w / rel).mkdir(parents=True)
+        (w / rel / "mine.txt").write_text("a user's file\n")
+    return corrupt
+
+
+def nothing(w: Path) -> None:
+    pass
+
+
+COMPOSE = ["compose", "origin", "--bank", "bank", "-c", "conf.json", "-n", "0", "-o"]
+FINETUNE = ["finetune", "origin", "--bank", "bank", "-c", "conf.json", "-n", "0", "--corpus", "synthetic", "-o"]
+TUNE = ["tune-blocks", "origin", "--bank", "bank", "--corpus", "synthetic", "-o"]
+PRUNE = ["prune", "origin", "--plan", "plan.json", "-o"]
+PLAN = ["plan", "conf.json", "-m", "origin", "-o"]
+TRAIN = ["train", "--preset", "tiny", "--corpus", "multi30k", "--data-dir", "data", "-o"]
+
+# (case id, command line (relative to the workspace), corruption, message fragment)
+CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
+    # --- inputs are never outputs (the issue's four reproductions first)
+    ("compose-o-origin", COMPOSE + ["origin"], nothing, "is the model folder"),
+    ("tune-o-bank-resume", TUNE + ["bank", "--resume"], nothing, "is the bank"),
+    ("plan-o-conf", PLAN + ["conf.json"], nothing, "is the configuration file"),
+    ("configs-o-origin-config", ["configs", "origin", "-n", "1", "-o", "origin/config.json"], nothing,
+     "is inside the model folder"),
+    ("compose-o-bank", COMPOSE + ["bank"], nothing, "is the bank"),
+    ("compose-o-inside-bank", COMPOSE + ["bank/variants"], nothing, "is inside the bank"),
+    ("compose-o-conf", COMPOSE + ["conf.json"], nothing, "is the configuration file"),
+    ("compose-o-parent", COMPOSE + ["."], nothing, "contains the model folder"),
+    ("compose-o-symlink-to-origin", COMPOSE + ["alias"], link("alias", "origin"), "is the model folder"),
+    ("prune-o-inside-origin", PRUNE + ["origin/bank2"], nothing, "is inside the model folder"),
+    ("prune-o-plan", PRUNE + ["plan.json"], nothing, "is the plan"),
+    ("prune-o-existing", PRUNE + ["userdir"], nothing, "already exists"),
+    ("finetune-o-bank", FINETUNE + ["bank"], nothing, "is the bank"),
+    ("finetune-o-origin", FINETUNE + ["origin"], nothing, "is the model folder"),
+    ("finetune-all-o-conf", ["finetune", "origin", "--bank", "bank", "-c", "conf.json", "--all",
+                             "--corpus", "synthetic", "-o", "conf.json"], nothing, "is the configuration file"),
+    ("train-o-data", TRAIN + ["data"], nothing, "is the data folder"),
+    ("train-o-inside-data", TRAIN + ["data/model"], nothing, "is inside the data folder"),
+    ("evaluate-o-origin", ["evaluate", "origin", "--corpus", "synthetic", "-o", "origin"], nothing,
+     "is the model folder"),
+    ("tune-o-inside-origin", TUNE + ["origin/tuned"], nothing, "is inside the model folder"),
+    ("tune-o-inside-bank", TUNE + ["bank/tuned", "--resume"], nothing, "is inside the bank"),
+    ("plan-o-origin", PLAN + ["origin"], nothing, "is the model folder"),
+    ("configs-o-plan", ["configs", "origin", "-o", "plan.json"], nothing, "is not a configuration file"),
+    ("configs-o-folder", ["configs", "origin", "-o", "userdir"], nothing, "is not a configuration file"),
+    ("plan-o-other-conf", PLAN + ["conf2.json"],
+     lambda w: shutil.copyfile(w / "conf.json", w / "conf2.json"), "is not a plan"),
+    ("plan-o-folder", PLAN + ["userdir"], nothing, "is not a plan"),
+    ("compose-o-file", COMPOSE + ["notes.txt"], nothing, "is not an empty folder"),
+    ("compose-o-user-folder", COMPOSE + ["userdir"], nothing, "is not an empty folder"),
+    ("train-o-file", ["train", "--preset", "tiny", "--corpus", "synthetic", "-o", "notes.txt"], nothing,
+     "is not a training run"),
+    ("train-o-user-folder", ["train", "--preset", "tiny", "--corpus", "synthetic", "-o", "userdir"], nothing,
+     "is not a training run"),
+    ("finetune-o-file", FINETUNE + ["notes.txt"], nothing, "is not a training run"),
+    ("evaluate-o-file", ["evaluate", "origin", "--corpus", "synthetic", "-o", "notes.txt"], nothing,
+     "is not a folder"),
+    ("tune-resume-user-folder", TUNE + ["userdir", "--resume"], nothing, "is not a (partial) `tune-blocks`"),
+    ("tune-resume-other-bank", TUNE + ["bank2", "--resume"],
+     lambda w: shutil.copytree(w / "bank", w / "bank2"), "is not a (partial) `tune-blocks`"),
+    # --- paths read from files stay inside their folder
+    ("variant-file-absolute", COMPOSE + ["out"], edit_entry(lambda e: e.update(file="/etc/passwd")),
+     "leaves its folder"),
+    ("variant-file-dotdot", COMPOSE + ["out"],
+     edit_entry(lambda e: e.update(file="../origin/model.safetensors")), "leaves its folder"),
+    ("variant-file-dotdot-inner", COMPOSE + ["out"],
+     edit_entry(lambda e: e.update(file="variants/../../origin/model.safetensors")), "leaves its folder"),
+    ("variant-file-symlink-out", COMPOSE + ["out"], symlink_variant, "through a symlink"),
+    ("variant-file-not-string", COMPOSE + ["out"], edit_entry(lambda e: e.update(file=3)), "non-empty string"),
+    ("variant-module-dotdot", COMPOSE + ["out"], rename_key("../../evil@0.5", module="../../evil"),
+     "dotted module name"),
+    ("variant-key-dotdot-tune", TUNE + ["tuned"], rename_key("../../evil@0.5"), "does not match"),
+    ("variant-key-mismatch", COMPOSE + ["out"], rename_key("encoder.layers.0.self_attn@0.25"),
+     "does not match"),
+    # --- bank index and variants
+    ("index-not-json", COMPOSE + ["out"], write("bank/index.json", "{not json"), "not valid JSON"),
+    ("index-duplicate-key", COMPOSE + ["out"],
+     lambda w: (w / "bank/index.json").write_text((w / "bank/index.json").read_text()
+                                                   .replace('"format"', '"format": "x", "format"', 1)),
+     "appears twice"),
+    ("index-no-variants", COMPOSE + ["out"], edit_index(lambda i: i.pop("variants")), '"variants" is missing'),
+    ("index-variants-list", COMPOSE + ["out"], edit_index(lambda i: i.update(variants=[])),
+     '"variants" is missing or not an object'),
+    ("index-no-fingerprint", COMPOSE + ["out"], edit_index(lambda i: i.pop("model_fingerprint")),
+     '"model_fingerprint" is missing'),
+    ("index-wrong-format", COMPOSE + ["out"], edit_index(lambda i: i.update(format="x")),
+     "is not a ctprune bank index"),
+    ("index-other-model", COMPOSE + ["out"], edit_index(lambda i: i.update(model_fingerprint="0" * 16)),
+     "was pruned from another model"),
+    ("bank-missing", ["compose", "origin", "--bank", "nobank", "-c", "conf.json", "-n", "0", "-o", "out"],
+     nothing, "is not a block bank"),
+    ("variant-truncated", COMPOSE + ["out"], variant_bytes(lambda b: b[: len(b) // 2]), "truncated"),
+    ("variant-altered", COMPOSE + ["out"], variant_bytes(lambda b: b[:-4] + b"\x00\x01\x02\x03"),
+     "altered or swapped"),
+    ("variants-swapped", COMPOSE + ["out"], swap_variants, "altered or swapped"),
+    ("variant-missing-file", COMPOSE + ["out"], lambda w: (w / "bank" / _variant(w)[1]["file"]).unlink(),
+     "is missing"),
+    ("variant-garbage-nochecksum", COMPOSE + ["out"], variant_bytes(lambda b: b"garbage" * 10, True),
+     "unreadable"),
+    ("variant-truncated-nochecksum", COMPOSE + ["out"], variant_bytes(lambda b: b[: len(b) // 2], True),
+     "unreadable"),
+    ("variant-wrong-shape", COMPOSE + ["out"],
+     variant_tensors(lambda t: {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in t.items()}),
+     "does not fit"),
+    ("variant-missing-tensor", COMPOSE + ["out"], variant_tensors(lambda t: dict(list(t.items())[1:])),
+     "does not fit"),
+    ("variant-kind-contradicts", COMPOSE + ["out"], edit_entry(lambda e: e.update(kind="ffn")), "says kind"),
+    ("variant-kind-unknown", COMPOSE + ["out"], edit_entry(lambda e: e.update(kind="conv")), '"kind" must be'),
+    ("variant-kept-not-list", COMPOSE + ["out"], edit_entry(lambda e: e.update(kept="0,1")), '"kept" must be'),
+    ("variant-kept-beyond", COMPOSE + ["out"], edit_entry(lambda e: e.update(kept=[0, 99])),
+     "beyond the module"),
+    ("variant-ratio-bad", COMPOSE + ["out"], edit_entry(lambda e: e.update(ratio=2)), "keep ratio"),
+    ("variant-no-provenance", COMPOSE + ["out"], edit_entry(lambda e: e.pop("provenance")), '"provenance"'),
+    ("variant-checksum-malformed", COMPOSE + ["out"], edit_entry(lambda e: e.update(checksum="x")),
+     "record of variant file"),
+    # --- model folder
+    ("weights-truncated", ["inspect", "origin"], truncate("origin/model.safetensors"), "truncated"),
+    ("weights-altered", ["inspect", "origin"],
+     lambda w: (w / "origin/model.safetensors").write_bytes(
+         (w / "origin/model.safetensors").read_bytes()[:-2] + b"\x11\x22"), "altered or swapped"),
+    ("weights-garbage-nomanifest", ["inspect", "origin"],
+     write("origin/model.safetensors", b"\x00" * 64, drop_manifest=True), "unreadable"),
+    ("weights-truncated-nomanifest", ["inspect", "origin"],
+     truncate("origin/model.safetensors", drop_manifest=True), "unreadable"),
+    ("tokenizer-garbage", ["inspect", "origin"], write("origin/tokenizer.model", b"garbage"), "tokenizer.model"),
+    ("tokenizer-garbage-nomanifest", ["inspect", "origin"],
+     write("origin/tokenizer.model", b"garbage", drop_manifest=True), "not a sentencepiece model"),
+    ("hparams-garbage-nomanifest", ["inspect", "origin"],
+     write("origin/hparams.json", "{oops", drop_manifest=True), "not valid JSON"),
+    ("hparams-list-nomanifest", ["inspect", "origin"],
+     write("origin/hparams.json", "[1, 2]", drop_manifest=True), "must be a JSON object"),
+    ("config-string-number", ["inspect", "origin"], edit_json("origin/config.json", _set("d_model", "32")),
+     "d_model must be a positive integer"),
+    ("config-dropout-string", ["inspect", "origin"], edit_json("origin/config.json", _set("dropout", "x")),
+     "config.json"),
+    ("config-heads-list-wrong", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("encoder_heads", ["4", 4])), "encoder_heads"),
+    ("config-unknown-field", ["inspect", "origin"], edit_json("origin/config.json", _set("colour", 1)),
+     "unknown field"),
+    ("config-list", ["inspect", "origin"], write("origin/config.json", "[]"), "must be a JSON object"),
+    ("config-not-json", ["inspect", "origin"], write("origin/config.json", "{"), "not valid JSON"),
+    ("config-shape-mismatch", ["inspect", "origin"], edit_json("origin/config.json", _set("vocab_size", 50)),
+     "do not fit its config"),
+    ("config-missing", ["inspect", "origin"], lambda w: (w / "origin/config.json").unlink(), "missing config.json"),
+    ("manifest-malformed", ["inspect", "origin"], write("origin/manifest.json", "{}"), "malformed"),
+    ("manifest-foreign-file", ["inspect", "origin"],
+     edit_json("origin/manifest.json", lambda m: {**m, "files": {"../x": {"bytes": 1, "sha256": "0"}}}),
+     "unexpected file"),
+    ("model-missing", ["inspect", "nomodel"], nothing, "model folder not found"),
+    # --- plan
+    ("plan-no-fingerprint", PRUNE + ["b2"], edit_json("plan.json", _without("model_fingerprint")),
+     '"model_fingerprint" is missing'),
+    ("plan-modules-list", PRUNE + ["b2"], edit_json("plan.json", _set("modules", [])),
+     '"modules" must be an object'),
+    ("plan-empty", PRUNE + ["b2"], edit_json("plan.json", _set("modules", {})), "nothing to prune"),
+    ("plan-ratio-edited", PRUNE + ["b2"], edit_json("plan.json", _first_module(lambda e: e.update(ratios=[0.3]))),
+     "edited after"),
+    ("plan-kind-contradicts", PRUNE + ["b2"],
+     edit_json("plan.json", _first_module(lambda e: e.update(kind="ffn"))), "contradicts the module"),
+    ("plan-ratio-one", PRUNE + ["b2"], edit_json("plan.json", _first_module(lambda e: e.update(ratios=[1]))),
+     "distinct and below 1"),
+    ("plan-ratios-string", PRUNE + ["b2"], edit_json("plan.json", _first_module(lambda e: e.update(ratios="0.5"))),
+     'non-empty list "ratios"'),
+    ("plan-not-json", PRUNE + ["b2"], write("plan.json", b"\xff\xfe"), "not UTF-8"),
+    ("plan-other-model", PRUNE + ["b2"], edit_json("plan.json", _set("model_fingerprint", "0" * 16)),
+     "made for another model"),
+    ("prune-ratio-one", ["prune", "origin", "--ratio", "1", "-o", "b2"], nothing, "bank would be empty"),
+    # --- configuration file
+    ("conf-duplicate-key", PLAN + ["p2.json"],
+     write("conf.json", '[{"encoder.layers.0.self_attn": 0.5, "encoder.layers.0.self_attn": 0.25}]'),
+     "appears twice"),
+    ("conf-not-utf8", PLAN + ["p2.json"], write("conf.json", b'[{"\xff": 0.5}]'), "not UTF-8"),
+    ("conf-ratio-string", PLAN + ["p2.json"], write("conf.json", '[{"encoder.layers.0.self_attn": "0.5"}]'),
+     "keep ratio must be a number"),
+    ("conf-unknown-module", PLAN + ["p2.json"], write("conf.json", '[{"encoder.layers.9.self_attn": 0.5}]'),
+     "unknown module"),
+    ("conf-is-folder", ["plan", "userdir", "-m", "origin", "-o", "p2.json"], nothing, "is a folder"),
+    ("conf-empty-list", PLAN + ["p2.json"], write("conf.json", "[]"), "non-empty JSON list"),
+    ("compose-n-out-of-range", ["compose", "origin", "--bank", "bank", "-c", "conf.json", "-n", "5", "-o", "out"],
+     nothing, "out of range"),
+    # --- options
+    ("threads-zero", ["inspect", "origin", "--threads", "0"], nothing, "--threads must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                      corrupt: Callable[[Path], None], fragment: str) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    corrupt(w)
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(w)
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith(f"ctprune {args[0]}: error: ") and fragment in err[0], err
+    assert snapshot(tmp_path) == before  # inputs byte-identical, nothing (half-)written
+
+
+def test_the_table_is_large() -> None:
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", ["compose-o-origin", "tune-o-bank-resume", "variants-swapped",
+                                  "weights-garbage-nomanifest"])
+def test_fault_through_a_subprocess_has_no_traceback(workspace: Path, tmp_path: Path, case: str) -> None:
+    _, args, corrupt, fragment = next(c for c in CASES if c[0] == case)
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    corrupt(w)
+    before = snapshot(tmp_path)
+    r = run_cli(*args, cwd=w)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Histories are validated before numbers are derived from them.
+
+
+def _finished_history(folder: Path) -> Path:
+    from ctprune.fileio import file_record, write_json
+    from ctprune.training.loop import _write_history
+
+    rows = [dict(epoch=e, train_loss="1.0", val_loss="1.0", val_bleu=f"{10 * e}.00", lr="0.001",
+                 epoch_time_s="1.0", wall_time_s=f"{e}.0", train_tokens=100 * e) for e in (1, 2, 3)]
+    _write_history(folder / "history.csv", rows)
+    write_json(folder / "train_summary.json", {"best_val_bleu": 30.0, "history": file_record(folder / "history.csv")})
+    return folder / "history.csv"
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda t: t.rsplit("\n", 2)[0] + "\n", "truncated, altered or swapped"),
+    (lambda t: t.replace("30.00", "90.00"), "altered or swapped"),
+])
+def test_a_damaged_finished_history_is_refused(tmp_path: Path, damage: Callable[[str], str], fragment: str) -> None:
+    from ctprune.training.loop import read_history
+
+    path = _finished_history(tmp_path)
+    assert [r["epoch"] for r in read_history(path)] == ["1", "2", "3"]
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(CtpruneError, match=fragment):
+        read_history(path)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("epoch,val_bleu\n1,3.0\n2\n", "truncated"),
+    ("epoch,val_bleu\n1,3.0\n2,abc\n", "not a number"),
+    ("epoch,val_bleu\n1,3.0\n3,4.0\n", "epoch 3 after epoch 1"),
+    ("epoch,val_bleu\n1,3.0,9\n", "extra fields"),
+    ("val_bleu\n3.0\n", 'no "epoch" column'),
+])
+def test_a_malformed_history_is_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    from ctprune.training.loop import read_history
+
+    (tmp_path / "h.csv").write_text(text)
+    with pytest.raises(CtpruneError, match=fragment):
+        read_history(tmp_path / "h.csv")
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths, integrity and commits, tested directly.
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "../x", "a/../../x", "~/x", "C:/x", ""])
+def test_contained_refuses_escaping_paths(tmp_path: Path, rel: str) -> None:
+    from ctprune.fileio import contained
+
+    with pytest.raises(CtpruneError):
+        contained(tmp_path, rel, "test")
+    assert contained(tmp_path, "a/b.txt", "test") == tmp_path / "a/b.txt"
+
+
+def test_sweep_removes_what_a_killed_commit_left(tmp_path: Path) -> None:
+    from ctprune.fileio import commit_dir, sweep_commits
+
+    commit_dir(tmp_path / "last", lambda d: (d / "f").write_text("1"))
+    (tmp_path / ".last-stale").mkdir()  # a folder written by a commit that was killed before its rename
+    os.symlink(".last-stale", tmp_path / ".last.link.last-stale")
+    sweep_commits(tmp_path / "last")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "last")[0].startswith(".last-")
+    assert len(list(tmp_path.iterdir())) == 2 and (tmp_path / "last/f").read_text() == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# A failure at the n-th file replace inside a checkpoint write, then --resume: the same numbers.
+
+
+class SimulatedKill(BaseException):
+    """Raised by the test double of os.replace: like a kill, no ``except Exception`` catches it."""
+
+
+def _fit(out: Path, tok_dir: Path, resume: bool) -> None:
+    from ctprune.data.corpus import Parallel, load_split
+    from ctprune.data.tokenizer import Tokenizer
+    from ctprune.model.transformer import Seq2SeqTransformer
+    from ctprune.training.loop import Recipe, fit
+
+    train, val = load_split("synthetic", "train"), load_split("synthetic", "val")
+    train, val = Parallel(train.src[:48], train.tgt[:48]), Parallel(val.src[:4], val.tgt[:4])
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(tiny_config(vocab_size=Tokenizer.load(tok_dir).vocab_size, dropout=0.1))
+    fit(model, Tokenizer.load(tok_dir), train, val, Recipe(epochs=2, lr=3e-3, warmup_steps=2, max_tokens=256),
+        out, {"stage": "test"}, resume=resume, eval_before=True)
+
+
+def _numbers(out: Path) -> tuple[list[tuple[str, ...]], dict[str, list[float]], float]:
+    from ctprune.fileio import read_json
+    from ctprune.training.loop import read_history
+
+    rows = [(r["epoch"], r["train_loss"], r["val_loss"], r["val_bleu"], r["train_tokens"])
+            for r in read_history(out / "history.csv")]
+    weights = {k: v.flatten()[:8].tolist() for k, v in load_file(str(out / "last/model.safetensors")).items()}
+    return rows, weights, read_json(out / "train_summary.json")["best_val_bleu"]
+
+
+def test_a_failure_at_every_replace_of_a_checkpoint_resumes_to_the_same_numbers(
+        model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_replace = os.replace
+    calls = 0
+
+    def counting(src: object, dst: object) -> None:
+        nonlocal calls
+        calls += 1
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", counting)
+    _fit(tmp_path / "straight", model_folder, resume=False)
+    total = calls
+    print(f"{total} file replaces in an uninterrupted run: each is a kill point")
+    reference = _numbers(tmp_path / "straight")
+    # Every replace of the whole run (best model, each `last/` commit, history, summary), one run each.
+    points = range(1, total + 1)
+    for n in points:
+        out = tmp_path / f"killed-{n}"
+        calls = 0
+
+        def failing(src: object, dst: object, n: int = n) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == n:
+                raise SimulatedKill(n)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", failing)
+        with pytest.raises(SimulatedKill):
+            _fit(out, model_folder, resume=False)
+        monkeypatch.setattr(os, "replace", real_replace)
+        _fit(out, model_folder, resume=True)
+        assert _numbers(out) == reference, f"kill at replace {n} of {total}"
+        current = os.readlink(out / "last")  # nothing left over but the checkpoint `last` points at
+        assert [p.name for p in out.iterdir() if p.name.startswith(".last")] == [current], n
