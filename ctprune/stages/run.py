@@ -126,7 +126,8 @@ def _merge(src: Path, dst: Path, keys: list[str]) -> None:
 def _sub_plan(plan: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     modules = {n: {**e, "ratios": [r for r in e["ratios"] if variant_key(n, r) in keys]}
                for n, e in plan["modules"].items()}
-    return {**plan, "modules": {n: e for n, e in modules.items() if e["ratios"]}}
+    body = {k: v for k, v in plan.items() if k != "modules_fingerprint"}  # a sub-plan is no edit
+    return {**body, "modules": {n: e for n, e in modules.items() if e["ratios"]}}
 
 
 def _banks(exp: Experiment, origin_dir: Path, plan: dict[str, Any], banks: Path) -> tuple[Path, Path]:

@@ -43,6 +43,7 @@ from ctprune.model.checkpoint import is_model_folder, load_model_folder, save_mo
 from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.scoring import bleu_score
+from ctprune.progress import progress
 
 RECIPES = ("fast", "original")
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_time_s",
@@ -340,7 +341,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         t0 = time.perf_counter()
         batches = _batches(train_split, recipe, epoch)
         loss_sum, loss_tokens = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", leave=False)
+        bar = progress(batches, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", leave=False)
         for batch in bar:
             batch = batch.to(device)
             lr = recipe.lr_at(step, total_steps)
