@@ -42,8 +42,8 @@ from ctprune.fileio import (
 from ctprune.model.checkpoint import is_model_folder, load_model_folder, save_model_folder
 from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
-from ctprune.scoring import bleu_score
 from ctprune.progress import progress
+from ctprune.scoring import bleu_score
 
 RECIPES = ("fast", "original")
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_time_s",
