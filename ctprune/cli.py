@@ -329,10 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
             "one choice per module slot (untouched or a variant), summed scores minimised by a MIP")
     p.add_argument("model", help="origin model folder")
     p.add_argument("--bank", required=True, help="bank scored by `ctprune score`")
-    for r, what in (("params", "non-zero parameters"), ("flops", "FLOPs per sentence pair"),
-                    ("latency", "latency (needs `ctprune score --latency`)")):
+    for r, what, example in (("params", "non-zero parameters", "10M"), ("flops", "FLOPs per sentence pair", "1.5G"),
+                             ("latency", "latency (needs `ctprune score --latency`)", "12ms")):
         p.add_argument(f"--{r}", default=None, metavar="B",
-                       help=f"budget on {what}: a fraction of the origin (0.6, 60%%) or absolute (10M, 1.5G, 12ms)")
+                       help=f"budget on {what}: a fraction of the origin (0.6, 60%%) or absolute ({example})")
     p.add_argument("-k", type=int, default=16, help="number of configurations")
     p.add_argument("--min-distance", type=int, default=2, help="each pair differs in at least this many slots")
     p.add_argument("--objective", choices=("kl", "loss"), default="kl",

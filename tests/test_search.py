@@ -268,3 +268,19 @@ def test_tune_blocks_works_on_a_grid_bank(grid: dict[str, Path], model_folder: P
     s = score_bank(model_folder, tuned, **SUBSET)  # type: ignore[arg-type]
     changed = sum(e["provenance"]["stage"] == "tuned" for e in load_index(tuned)["variants"].values())
     assert changed > 0 and s["scored"] == changed
+
+
+def test_a_block_and_its_linears_are_alternatives_of_one_slot(grid: dict[str, Path], model_folder: Path) -> None:
+    bank = grid["dir"] / "with-linears"
+    prune(model_folder, bank, grid=[0.5], kinds=("ffn", "linear"))
+    score_bank(model_folder, bank, **{**SUBSET, "batches": 1})  # type: ignore[arg-type]
+    out = grid["dir"] / "linears" / "conf.json"
+    args = SearchArgs(model=model_folder, bank=bank, output=out, k=6, min_distance=1,
+                      budgets=(parse_budget("params", "0.9"),), **{**SUBSET, "batches": 1})  # type: ignore[arg-type]
+    problem, report = search(args)
+    assert len(problem.choices.slots) == 10  # 4 FFNs and 6 attention blocks (through their Linears)
+    origin, _, _ = load_model_folder(model_folder)
+    confs = load_configurations(out, prunable_modules(origin))  # refuses a block with its Linears
+    assert any(m.endswith(("proj", "linear1", "linear2")) for c in confs for m in c)
+    for conf, row in zip(confs, report["configurations"]):
+        assert parameter_counts(compose(origin, bank, conf))[1] == row["params"] <= report["budgets"]["params"]["limit"]

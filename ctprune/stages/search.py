@@ -273,7 +273,7 @@ def search(a: SearchArgs) -> tuple[Problem, dict[str, Any]]:
         "objective": a.objective, "k": a.k, "min_distance": a.min_distance,
         "budgets": {b.resource: {"value": b.value, "relative": b.relative,
                                  "limit": round(float(b.limit(p.base[b.resource])), 4)} for b in a.budgets},
-        "origin": {r: v for r, v in p.base.items() if not math.isnan(v)},
+        "origin": {r: round(v, 4) if r == "latency" else int(v) for r, v in p.base.items() if not math.isnan(v)},
         "flops_at": {"src_len": p.subset["src_len"], "tgt_len": p.subset["tgt_len"]},
         "params_counted": "non-zero parameters",
         "slots": len(p.choices.slots), "choices": len(p.choices.slot),
