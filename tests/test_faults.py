@@ -563,3 +563,49 @@ def test_a_failure_at_every_replace_of_a_checkpoint_resumes_to_the_same_numbers(
         assert _numbers(out) == reference, f"kill at replace {n} of {total}"
         current = os.readlink(out / "last")  # nothing left over but the checkpoint `last` points at
         assert [p.name for p in out.iterdir() if p.name.startswith(".last")] == [current], n
+
+
+KILL_SCRIPT = """
+import os, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from tests.test_faults import _fit
+n, calls, real = int(sys.argv[1]), 0, os.replace
+def killing(src, dst):
+    global calls
+    calls += 1
+    if calls == n:
+        os._exit(137)  # like SIGKILL: no except, no finally, no cleanup runs
+    real(src, dst)
+os.replace = killing
+_fit(Path(sys.argv[2]), Path(sys.argv[3]), resume=False)
+"""
+
+
+def test_a_real_kill_inside_a_checkpoint_write_resumes_to_the_same_numbers(
+        model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    real_replace = os.replace
+    calls = 0
+
+    def counting(src: object, dst: object) -> None:
+        nonlocal calls
+        calls += 1
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", counting)
+    _fit(tmp_path / "straight", model_folder, resume=False)
+    monkeypatch.setattr(os, "replace", real_replace)
+    total, reference = calls, _numbers(tmp_path / "straight")
+    for n in (6, total // 2, total - 2):  # in the first checkpoint, mid-run, in the final writes
+        out = tmp_path / f"killed-{n}"
+        r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(n), str(out), str(model_folder)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 137, r.stderr
+        _fit(out, model_folder, resume=True)
+        assert _numbers(out) == reference, f"killed at replace {n} of {total}"
