@@ -69,7 +69,7 @@ def main() -> None:
                       budgets=(parse_budget("flops", a.flops),), k=a.k, min_distance=a.min_distance,
                       corpus=a.corpus, data_dir=a.data_dir, batches=a.batches, max_tokens=a.max_tokens)
     problem, report = timed("search_call_s", times, search, args)
-    v = timed("verify_s", times, verify, problem, args, report, n_random=a.random, sentences=a.verify_sentences)
+    v = timed("verify_s", times, verify, problem, report, n_random=a.random, sentences=a.verify_sentences)
     result = {
         "model": str(model), "corpus": a.corpus, "grid": a.grid, "tune_epochs": a.tune_epochs,
         "variants": len(scores["variants"]), "slots": report["slots"], "budget_flops": a.flops,

@@ -167,8 +167,7 @@ def cmd_search(a: argparse.Namespace) -> None:
     if a.verify:
         from ctprune.stages.search_verify import print_verify, verify
 
-        print_verify(verify(problem, args, report, n_random=a.random, sentences=a.verify_sentences,
-                            seed=a.seed))
+        print_verify(verify(problem, report, n_random=a.random, sentences=a.verify_sentences, seed=a.seed))
 
 
 def cmd_compose(a: argparse.Namespace) -> None:
@@ -340,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=10.0, help="solver seconds per configuration")
     _data_options(p)
     _subset_options(p)
+    # The validation subset defaults to the one the bank was scored on (its fingerprint is checked).
+    p.set_defaults(corpus=None, batches=None, max_tokens=None)
     p.add_argument("--verify", action="store_true",
                    help="compose every configuration and random ones at the same budget; measure val loss "
                         "and BLEU before finetuning; print Spearman(estimate, loss)")

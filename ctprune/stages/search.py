@@ -12,6 +12,7 @@ both are additive over disjoint modules. Latency is the measured in-context sum 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -162,10 +163,11 @@ class SearchArgs:
     min_distance: int = 2
     objective: str = "kl"
     time_limit: float = 10.0
-    corpus: str = "multi30k"
+    # The validation subset; None: the one the bank was scored on (its fingerprint is checked).
+    corpus: str | None = None
     data_dir: str | None = None
-    batches: int = 8
-    max_tokens: int = 4096
+    batches: int | None = None
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -194,6 +196,7 @@ class Problem:
     resources: list[str]
     limits: np.ndarray
     subset: dict[str, Any]
+    args: SearchArgs  # with the subset options resolved
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ch = self.choices
@@ -223,6 +226,10 @@ def prepare(a: SearchArgs) -> Problem:
     index = load_index(a.bank)
     model_fp = model_fingerprint(a.model)
     check_bank_model(index, model_fp, a.bank)
+    scored = (index.get("scores") or {}).get("subset", {})
+    a = dataclasses.replace(a, **{f: scored.get(f, default) for f, default in
+                                  (("corpus", "multi30k"), ("batches", 8), ("max_tokens", 4096))
+                                  if getattr(a, f) is None})
     subset = validation_subset(tok, origin.cfg.max_len, a.corpus, a.data_dir, a.batches, a.max_tokens)
     check_scores(index, a.bank, model_fp, subset.meta)
     if any(b.resource == "latency" for b in a.budgets) and not index["scores"].get("latency"):
@@ -243,7 +250,7 @@ def prepare(a: SearchArgs) -> Problem:
                 f"no configuration meets --{b.resource} {_show(b.resource, limit, base)}: the smallest "
                 f"reachable value with this bank is {_show(b.resource, least, base)}")
     limits = limits - np.array([base[r] for r in resources])  # limits on the summed changes
-    return Problem(origin, tok, index, choices, base, resources, limits, subset.meta)
+    return Problem(origin, tok, index, choices, base, resources, limits, subset.meta, a)
 
 
 def _show(resource: str, value: float, base: dict[str, float]) -> str:

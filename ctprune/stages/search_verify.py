@@ -27,7 +27,7 @@ from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import compose
 from ctprune.pruning.solver import feasible
 from ctprune.scoring import bleu_score
-from ctprune.stages.search import Problem, SearchArgs, search_json_path
+from ctprune.stages.search import Problem, search_json_path
 
 
 def random_feasible(p: Problem, n: int, seed: int = 0, attempts: int = 200_000) -> list[list[int]]:
@@ -64,10 +64,11 @@ def _spearman(x: list[float], y: list[float]) -> float | None:
     return round(float(spearmanr(x, y).statistic), 4)
 
 
-def verify(p: Problem, a: SearchArgs, report: dict[str, Any], n_random: int = 16,
+def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
            sentences: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Measure every found and ``n_random`` random configuration; add the results to
     ``search.json`` and return them. ``sentences`` limits the BLEU sentences (default: all)."""
+    a = p.args
     val = load_split(a.corpus, default_splits(a.corpus)[1], a.data_dir)
     batches = TokenizedSplit(val, p.tok, p.origin.cfg.max_len).batches(a.max_tokens)
     src, refs = val.src[:sentences], val.tgt[:sentences]
