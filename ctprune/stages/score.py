@@ -50,8 +50,8 @@ class Subset:
     meta: dict[str, Any]
 
 
-def validation_subset(tok: Tokenizer, max_len: int, corpus: str, data_dir: str | None,
-                      batches: int, max_tokens: int) -> Subset:
+def validation_subset(tok: Tokenizer, max_len: int, corpus: str, data_dir: str | None = None,
+                      batches: int = 8, max_tokens: int = 4096) -> Subset:
     """The first ``batches`` token-budget batches of the validation split in a fixed shuffled
     order (so short and long sentences both appear)."""
     if batches < 1:
