@@ -182,7 +182,8 @@ def cmd_tune_blocks(a: argparse.Namespace) -> None:
 
     index = tune_blocks(Path(a.model), Path(a.bank), Path(a.output), epochs=a.epochs, corpus=a.corpus,
                         data_dir=a.data_dir, lr=a.lr, max_tokens=a.max_tokens, patience=a.patience,
-                        resume=a.resume, device=a.device, seed=a.seed)
+                        resume=a.resume, device=a.device, seed=a.seed,
+                        bf16=None if a.precision == "auto" else a.precision == "bf16")
     t = index["tuning"]
     print(f"tuned bank: {t['variants']} variants, {t['epochs_done']} epochs, {t['wall_time_s']:.0f}s "
           f"-> {a.output} (history.csv, block_loss.png)")
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=2,
                    help="stop tuning a variant after this many epochs without a lower val block loss (0: never)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast or fp32; auto = the precision the origin model was trained with "
+                        "(the same policy as finetuning)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted tuning in -o")
     _device_option(p)
     p.add_argument("-o", "--output", required=True, help="tuned bank folder to write")

@@ -10,12 +10,14 @@ import pytest
 import ctprune.stages.run as run_stage
 from ctprune.errors import CtpruneError
 from ctprune.experiment import load_experiment
-from ctprune.stages.report import saving
+from ctprune.protocol import BankCost, Configuration, saving, saving_curve, time_to_target
+from ctprune.pruning.configs import variant_key
+from ctprune.training.loop import read_history
 
 from .conftest import run_cli
 
 EXPERIMENT = """
-seed = 0
+seeds = [0, 1]
 [data]
 corpus = "synthetic"
 [origin]
@@ -35,6 +37,14 @@ target_bleu = "origin-20"
 
 class _Killed(Exception):
     pass
+
+
+def _protocol_rows(run_dir: Path, run: dict, confs: list[dict[str, float]], target: float, cap: int
+                   ) -> list[Configuration]:
+    return [Configuration(tuple(variant_key(n, r) for n, r in conf.items() if r < 1),
+                          *(time_to_target(read_history(run_dir / c[side]["dir"] / "history.csv"), target, cap)
+                            for side in run_stage.SIDES))
+            for conf, c in zip(confs, run["configurations"])]
 
 
 def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
@@ -63,18 +73,36 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing finished was redone
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert len(summary["configurations"]) == 2 and summary["target_bleu"] == pytest.approx(
-        summary["origin"]["val_bleu"] - 20, abs=0.01)
+    confs = json.loads((run_dir / "conf.json").read_text())
+    target = summary["target_bleu"]
+    assert target == pytest.approx(summary["origin"]["val_bleu"] - 20, abs=0.01)
+    assert [r["seed"] for r in summary["runs"]] == [0, 1] and summary["test_splits"] == ["test"]
+    assert len({r["tuned_bank"] for r in summary["runs"]}) == 2  # each seed tunes its own bank
     for c in summary["configurations"]:
-        assert c["composed"]["val_bleu_epoch0"] > c["baseline"]["val_bleu_epoch0"]
-        assert 0 < c["composed"]["nonzero_params"] < summary["origin"]["nonzero_params"]
-        assert c["composed"]["flops_per_token"] < summary["origin"]["flops_per_token"]
+        assert 0 < c["nonzero_params"] < summary["origin"]["nonzero_params"]
+        assert 0 < c["flops_ratio"] < 1 and c["latency"]["spread"] >= 0
+    for run in summary["runs"]:
+        for c in run["configurations"]:
+            assert c["composed"]["val_bleu_epoch0"] > c["baseline"]["val_bleu_epoch0"]
+            for side in run_stage.SIDES:  # both sides train the equal budget, whatever the target
+                assert c[side]["epochs_trained"] >= 1 and set(c[side]["test_bleu_budget"]) == {"test"}
+                assert (run_dir / c[side]["dir"] / "epoch-1" / "model.safetensors").is_file()
+        # the summary's saving is the protocol's arithmetic on the histories and the bank's record
+        rows = _protocol_rows(run_dir, run, confs, target, 1)
+        tuning = json.loads((run_dir / run["tuned_bank"] / "index.json").read_text())["tuning"]
+        pruned = json.loads((run_dir / run["pruned_bank"] / "index.json").read_text())
+        bank = BankCost(pruned["prune_seconds"], tuning["wall_time_s"], tuning["teacher_flops"],
+                        tuning["variant_flops"])
+        assert saving(rows, bank).to_dict() == run["saving"]
+        assert run["curve"] == [x.to_dict() for x in saving_curve(rows, bank)]
+        assert run["saving"]["ratio_flops"] > 0 and run["saving"]["bank_flops"] > 0
     md = report.read_text()
-    sv = saving(summary)
-    assert f"**Saving: {sv['ratio']:.2f}x**" in md and "nrefs:1|case:mixed" in md
+    assert f"**{summary['runs'][0]['saving']['ratio_seconds']:.2f}x**" in md and "nrefs:1|case:mixed" in md
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
-    for f in ("plot_bleu_vs_time.png", "plot_size_vs_bleu.png", "conf.json", "plan.json", "experiment.toml"):
+    assert html.count("<table>") >= 4 and "<th>seed</th>" in html and "| seed |" not in html
+    assert html.count("data:image/png;base64,") == 4
+    for f in ("plot_bleu_vs_time.png", "plot_saving_curve.png", "plot_flops_vs_bleu.png", "conf.json",
+              "plan.json", "experiment.toml", "latency.json"):
         assert (run_dir / f).is_file(), f
     (run_dir / "report.md").unlink()
     r = run_cli("report", str(run_dir))
@@ -84,13 +112,13 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     # Only the new variants are pruned and tuned, only configuration 1 is finetuned again.
     stamps = {p: p.stat().st_mtime_ns for p in sorted(run_dir.glob("banks/*/variants/*"))
               + sorted(run_dir.glob("finetune/*/config-*/model.safetensors"))}
-    tuned_dir = run_dir / summary["tuned_bank"]
+    tuned_dir = run_dir / summary["runs"][0]["tuned_bank"]
     tuned_before = json.loads((tuned_dir / "index.json").read_text())
     exp.write_text(EXPERIMENT.format(model=trained).replace("attention = [0.5, 0.25]", "attention = [0.5, 0.75]"))
     run_stage.run_experiment(exp, run_dir)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     edited = json.loads((run_dir / "summary.json").read_text())
-    old, new = summary["configurations"], edited["configurations"]
+    old, new = summary["runs"][0]["configurations"], edited["runs"][0]["configurations"]
     assert [new[0][s]["dir"] for s in run_stage.SIDES] == [old[0][s]["dir"] for s in run_stage.SIDES]
     assert all(new[1][s]["dir"] != old[1][s]["dir"] for s in run_stage.SIDES)
     tuned_after = json.loads((tuned_dir / "index.json").read_text())
@@ -98,7 +126,8 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     assert added and all(k.endswith("@0.75") and "attn" in k for k in added)
     assert tuned_after["tuning"]["sessions"] == 2
     assert tuned_after["tuning"]["variants"] == len(tuned_after["variants"])
-    assert edited["tuning"]["wall_time_s"] > summary["tuning"]["wall_time_s"]
+    assert set(tuned_after["tuning"]["variant_flops"]) == set(tuned_after["variants"])
+    assert edited["runs"][0]["tuning"]["wall_time_s"] > summary["runs"][0]["tuning"]["wall_time_s"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -106,6 +135,11 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     ("[configurations]\n", "needs exactly one of"),
     ("[configurations]\nattention=[0.5]\n[finetuning]\ntarget_bleu='best'", "origin-X"),
     ("[nonsense]\n", "unknown section"),
+    ("[configurations]\nattention=[0.5]\n[tuning]\nepochs=1\nlearning_rate=1", "unknown key"),
+    ("origin = 'seed'\n[configurations]\nattention=[0.5]", "must be a table"),
+    ("seeds = []\n[configurations]\nattention=[0.5]", "seeds"),
+    ("[configurations]\nattention=[0.5]\n[finetuning]\ntarget_bleu=nan", "target_bleu"),
+    ("[configurations]\nattention=[0.5]\n[tuning]\nlr=nan", "tuning.lr"),
     ("not toml = = 1", "not valid TOML"),
 ])
 def test_bad_experiment_files(text: str, message: str, tmp_path: Path) -> None:
@@ -119,3 +153,4 @@ def test_shipped_examples_load() -> None:
     demo, m30k = load_experiment(root / "demo.toml"), load_experiment(root / "multi30k.toml")
     assert demo.corpus == "synthetic" and m30k.corpus == "multi30k" and m30k.preset == "seed"
     assert len(m30k.conf_inline or []) == 3
+    assert len(demo.attention or []) >= 8 and demo.target == "origin-1"

@@ -100,6 +100,17 @@ def default_splits(corpus: str) -> tuple[str, str, str]:
     return ("train", "val", "test_2016_flickr") if corpus == "multi30k" else ("train", "val", "test")
 
 
+def test_splits(corpus: str, data_dir: str | Path | None = None) -> list[str]:
+    """Every test split of a corpus: for Multi30k each ``test*.de`` with its ``.en`` in the data
+    folder (test_2016_flickr first), for the synthetic corpus ``test``."""
+    if corpus != "multi30k":
+        return ["test"]
+    folder = resolve_data_dir(data_dir)
+    found = sorted(p.name[:-3] for p in folder.glob("test*.de") if (folder / f"{p.name[:-3]}.en").is_file())
+    main = default_splits(corpus)[2]
+    return [main] + [s for s in found if s != main]
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -1,85 +1,262 @@
-"""Stage `report`: RUN_DIR/summary.json + histories -> report.md, report.html (plots embedded)."""
+"""Stage `report`: RUN_DIR/summary.json + histories -> report.md and a self-contained report.html.
+
+Both are rendered from one list of blocks (headings, paragraphs, tables, images), so the HTML
+has real tables and inline plots rather than Markdown source.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ctprune.errors import CtpruneError
-from ctprune.fileio import atomic_write, read_json, write_text
+from ctprune.fileio import atomic_write, contained, read_json, write_text
 from ctprune.training.loop import read_history
 
+SIDES = ("baseline", "composed")
 
-def _fmt(x: Any, suffix: str = "") -> str:
-    if x is None:
-        return "not reached"
-    if isinstance(x, float):
-        return f"{x:.2f}{suffix}"
-    return f"{x}{suffix}"
-
-
-def saving(summary: dict[str, Any]) -> dict[str, Any]:
-    """Total wall time for all configurations to reach the target: baseline vs composed
-    (block tuning included). A configuration that never reached it counts its whole
-    finetuning time, and the total is marked as a lower bound."""
-    out: dict[str, Any] = {}
-    for side in ("baseline", "composed"):
-        secs = [c[side]["seconds_to_target"] for c in summary["configurations"]]
-        out[f"{side}_all_reached"] = all(s is not None for s in secs)
-        out[f"{side}_seconds"] = sum(s if s is not None else c[side]["finetune_seconds"]
-                                     for s, c in zip(secs, summary["configurations"]))
-    out["tuning_seconds"] = summary["tuning"]["wall_time_s"]
-    out["composed_total_seconds"] = out["composed_seconds"] + out["tuning_seconds"]
-    out["ratio"] = out["baseline_seconds"] / max(1e-9, out["composed_total_seconds"])
-    return out
+PROTOCOL = (
+    "Protocol. *Time to target*: each configuration is finetuned from the merely pruned modules "
+    "(baseline) and from the bank's tuned modules (composed) until its val BLEU (greedy) reaches the "
+    "target, at most {cap} epochs; a run that never reaches it counts as {cap} epochs and is censored "
+    "(a censored baseline makes the saving a lower bound). *Cost*: wall seconds and analytic training "
+    "FLOPs (finetuning: forward and backward of the whole model; block tuning: the teacher's forward "
+    "plus every variant's forward and backward); the composed side pays the shared bank (pruning and "
+    "block tuning) once, each baseline pays the pruning of its own modules. "
+    "Saving = sum of baseline costs / (bank cost + sum of composed costs). *Curve*: the saving for the "
+    "first k configurations with a bank of only the variants they use. *Equal budget*: test BLEU of "
+    "both sides after {budget} finetuning epoch(s). *Seeds*: {seeds} (tuning and finetuning "
+    "randomness; one origin model). *Latency*: batched greedy decoding with the origin's step counts "
+    "for every model, {repeats} interleaved rounds, median ratio to the origin with the spread; a "
+    "ratio contradicting the FLOPs ratio by more than the spread is flagged, not printed.")
 
 
-def _plots(run_dir: Path, summary: dict[str, Any]) -> list[tuple[str, Path]]:
+@dataclass
+class Doc:
+    """Blocks rendered to Markdown and to HTML: ("h", level, text), ("p", text),
+    ("table", header, rows), ("img", title, path)."""
+
+    blocks: list[tuple[Any, ...]]
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.blocks.append(("table", list(header), [[str(c) for c in r] for r in rows]))
+
+    def img(self, title: str, path: Path) -> None:
+        self.blocks.append(("img", title, path))
+
+    def markdown(self, root: Path) -> str:
+        out: list[str] = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out += ["#" * b[1] + " " + b[2], ""]
+            elif b[0] == "p":
+                out += [b[1], ""]
+            elif b[0] == "table":
+                out += ["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
+                out += ["| " + " | ".join(r) + " |" for r in b[2]] + [""]
+            else:
+                out += [f"![{b[1]}]({b[2].relative_to(root)})", ""]
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        def inline(text: str) -> str:
+            t = html.escape(text)
+            t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+            t = re.sub(r"\*(.+?)\*", r"<i>\1</i>", t)
+            return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+                 "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
+                 "line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:90%}"
+                 "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+                 "td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f5f5f5}"
+                 "</style></head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                parts.append(f"<h{b[1]}>{inline(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                parts.append(f"<p>{inline(b[1])}</p>")
+            elif b[0] == "table":
+                head = "".join(f"<th>{inline(c)}</th>" for c in b[1])
+                body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in b[2])
+                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            else:
+                data = base64.b64encode(b[2].read_bytes()).decode()
+                parts.append(f"<figure><img alt='{html.escape(b[1])}' src='data:image/png;base64,{data}'/>"
+                             f"<figcaption>{html.escape(b[1])}</figcaption></figure>")
+        return "".join(parts) + "</body></html>"
+
+
+def _mean_sd(xs: Sequence[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}x"
+    return f"{statistics.mean(xs):.2f}x ± {statistics.stdev(xs):.2f}"
+
+
+def _tflop(x: float) -> str:
+    return f"{x / 1e12:.3g}"
+
+
+def _epochs(side: dict[str, Any], cap: int) -> str:
+    return f"> {cap} (censored)" if side["epochs_to_target"] is None else str(side["epochs_to_target"])
+
+
+def _mean(xs: Sequence[float]) -> str:
+    return f"{statistics.mean(xs):.2f}"
+
+
+def _plots(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, Path]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    confs = summary["configurations"]
     figs: list[tuple[str, Path]] = []
-    fig, axes = plt.subplots(1, len(confs), figsize=(4 * len(confs), 3.4), squeeze=False)
-    for ax, c in zip(axes[0], confs):
-        for side, color in (("baseline", "tab:gray"), ("composed", "tab:blue")):
-            rows = read_history(run_dir / c[side]["dir"] / "history.csv")
-            x = [float(r["wall_time_s"]) for r in rows]
-            if side == "composed":
-                x = [v + summary["tuning"]["wall_time_s"] for v in x]
-            ax.plot(x, [float(r["val_bleu"]) for r in rows], marker="o", color=color, label=side)
-        if summary["target_bleu"] is not None:
-            ax.axhline(summary["target_bleu"], ls="--", color="tab:red", lw=1, label="target")
-        ax.set(title=f"configuration {c['index']}", xlabel="wall time (s; composed incl. block tuning)",
-               ylabel="val BLEU")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    figs.append(("val BLEU vs finetuning wall time", run_dir / "plot_bleu_vs_time.png"))
-    atomic_write(figs[-1][1], lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    o = summary["origin"]
-    ax.scatter([o["nonzero_params"] / 1e6], [o["test_bleu"]], marker="*", s=150, color="k", label="origin")
+    def save(fig: Any, title: str, name: str) -> None:
+        fig.tight_layout()
+        figs.append((title, run_dir / name))
+        atomic_write(run_dir / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for unit, ax in zip(("seconds", "flops"), axes):
+        for run in s["runs"]:
+            ks = range(1, len(run["curve"]) + 1)
+            ax.plot(ks, [c[f"ratio_{unit}"] for c in run["curve"]], marker="o", ms=3, label=f"seed {run['seed']}")
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        ax.set(xlabel="number of configurations k", ylabel=f"saving ({'wall time' if unit == 'seconds' else 'FLOPs'})",
+               title=f"Saving vs k ({'wall seconds' if unit == 'seconds' else 'training FLOPs'})")
+        ax.legend(fontsize=7)
+    save(fig, "saving curve: baseline cost / (bank + composed cost) for the first k configurations",
+         "plot_saving_curve.png")
+
+    run = s["runs"][0]
+    n = len(run["configurations"])
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    bank_s = run["saving"]["bank_seconds"]
+    for ax, c in zip(axes.flat, run["configurations"]):
+        for side, color in (("baseline", "tab:gray"), ("composed", "tab:blue")):
+            hist = read_history(contained(run_dir, c[side]["dir"], "summary.json") / "history.csv")
+            x = [float(r["wall_time_s"]) + (bank_s if side == "composed" else 0.0) for r in hist]
+            ax.plot(x, [float(r["val_bleu"]) for r in hist], marker="o", ms=3, color=color, label=side)
+        ax.axhline(s["target_bleu"], ls="--", color="tab:red", lw=1, label="target")
+        ax.set_title(f"configuration {c['index']}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=6)
+    fig.supxlabel("wall seconds (composed: from the start of block tuning)", fontsize=8)
+    fig.supylabel("val BLEU", fontsize=8)
+    save(fig, f"val BLEU vs wall time, seed {run['seed']} (composed curves start after the whole bank's cost)",
+         "plot_bleu_vs_time.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    first = s["test_splits"][0]
+    o = s["origin"]
+    ax.scatter([1.0], [o["test_bleu"][first]], marker="*", s=150, color="k", label="origin")
     for side, color in (("baseline", "tab:gray"), ("composed", "tab:blue")):
-        ax.scatter([c[side]["nonzero_params"] / 1e6 for c in confs], [c[side]["test_bleu_best"] for c in confs],
-                   color=color, label=side)
-    for c in confs:
-        ax.annotate(str(c["index"]), (c["composed"]["nonzero_params"] / 1e6, c["composed"]["test_bleu_best"]))
-    ax.set(xlabel="non-zero parameters (M)", ylabel="test BLEU (best)", title="size vs BLEU")
+        ax.scatter([c["flops_ratio"] for c in s["configurations"]],
+                   [statistics.mean(r["configurations"][i][side]["test_bleu_budget"][first] for r in s["runs"])
+                    for i in range(len(s["configurations"]))], color=color, label=side)
+    ax.set(xlabel="FLOPs per token / origin's", ylabel=f"test BLEU ({first})",
+           title=f"Quality after {s['protocol']['budget_epochs']} finetuning epoch(s)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    figs.append(("size vs BLEU", run_dir / "plot_size_vs_bleu.png"))
-    atomic_write(figs[-1][1], lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    block = run_dir / summary["tuned_bank"] / "block_loss.png"
+    save(fig, "FLOPs vs test BLEU at equal finetuning budget (mean over seeds)", "plot_flops_vs_bleu.png")
+    block = contained(run_dir, run["tuned_bank"], "summary.json") / "block_loss.png"
     if block.exists():
-        figs.append(("block-tuning loss", block))
+        figs.append((f"block-tuning loss, seed {run['seed']}", block))
     return figs
+
+
+def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
+    doc = Doc([])
+    p, o, runs = s["protocol"], s["origin"], s["runs"]
+    cap, splits = p["cap_epochs"], s["test_splits"]
+    doc.h(1, f"ctprune experiment report: {s['experiment']}")
+    doc.p(PROTOCOL.format(cap=cap, budget=p["budget_epochs"], seeds=", ".join(map(str, s["seeds"])),
+                          repeats=p["latency_repeats"]))
+    tests = ", ".join(f"{k} {v}" for k, v in o["test_bleu"].items())
+    doc.p(f"Origin model: val BLEU {o['val_bleu']}, test BLEU {tests}, {o['params']:,} parameters, "
+          f"{o['flops_per_token'] / 1e6:.2f} MFLOPs per target token. Target: val BLEU >= **{s['target_bleu']}** "
+          f"({p['target']}).")
+
+    doc.h(2, "What composability saved")
+    sec = [r["saving"]["ratio_seconds"] for r in runs]
+    flo = [r["saving"]["ratio_flops"] for r in runs]
+    bounds = {r["saving"]["bound"] for r in runs} - {""}
+    doc.p(f"All {len(s['configurations'])} configurations, over {len(runs)} seed(s): **saving {_mean_sd(sec)} in "
+          f"wall time, {_mean_sd(flo)} in training FLOPs**"
+          + (f" ({', '.join(sorted(bounds))} in some seeds: see the censored columns)" if bounds else "") + ".")
+    doc.table(["seed", "baseline s", "bank s (prune + tune)", "composed finetuning s", "saving (time)",
+               "baseline TFLOP", "bank TFLOP", "composed TFLOP", "saving (FLOPs)", "censored base / comp"],
+              [[r["seed"], f"{v['baseline_seconds']:.1f}", f"{v['bank_seconds']:.1f}", f"{v['composed_seconds']:.1f}",
+                f"**{v['ratio_seconds']:.2f}x**", _tflop(v["baseline_flops"]), _tflop(v["bank_flops"]),
+                _tflop(v["composed_flops"]), f"**{v['ratio_flops']:.2f}x**",
+                f"{v['censored_baselines']} / {v['censored_composed']}"]
+               for r in runs for v in [r["saving"]]])
+    ks = range(1, len(s["configurations"]) + 1)
+    doc.p("Saving for the first k configurations (mean over seeds; time / FLOPs):")
+    doc.table(["k"] + [str(k) for k in ks],
+              [["time"] + [f"{statistics.mean(r['curve'][k - 1]['ratio_seconds'] for r in runs):.2f}x" for k in ks],
+               ["FLOPs"] + [f"{statistics.mean(r['curve'][k - 1]['ratio_flops'] for r in runs):.2f}x" for k in ks]])
+    t = runs[0]["tuning"]
+    doc.p(f"Efficiency: block tuning ran at {t['achieved_gflops']} GFLOP/s (seed {runs[0]['seed']}, "
+          f"{'bf16' if t.get('bf16') else 'fp32'}), finetuning at {s['finetune_achieved_gflops']} GFLOP/s "
+          f"(all finetuning epochs of the run).")
+
+    doc.h(2, "Configurations")
+    doc.p("Architecture of each configuration (the same for both sides and all seeds). Latency: median "
+          "ratio to the origin ± spread.")
+    doc.table(["#", "params", "non-zero", "FLOPs/token", "latency vs origin", "modules pruned"],
+              [[i, f"{c['params']:,}", f"{c['nonzero_params']:,}", f"{c['flops_ratio']:.2f}x",
+                "flagged: contradicts FLOPs" if c["latency"]["flagged"]
+                else f"{c['latency']['ratio']:.2f}x ± {c['latency']['spread']:.2f}",
+                sum(1 for r in c["configuration"].values() if r < 1)]
+               for i, c in enumerate(s["configurations"])])
+    doc.p(f"Finetuning results, mean over seeds; epochs to target per seed. Test BLEU after "
+          f"{p['budget_epochs']} epoch(s) is the equal-budget comparison.")
+    header = ["#", "val BLEU epoch 0 base / comp", "epochs to target base / comp"]
+    header += [f"test {x} after {p['budget_epochs']} ep. base / comp" for x in splits]
+    header += [f"test {x} best base / comp" for x in splits]
+    rows = []
+    for i in range(len(s["configurations"])):
+        per = [r["configurations"][i] for r in runs]
+
+        def both(f: Any, per: list[dict[str, Any]] = per) -> str:
+            return " / ".join(_mean([f(c[side]) for c in per]) for side in SIDES)
+
+        row = [i, both(lambda x: x["val_bleu_epoch0"]),
+               " / ".join(", ".join(_epochs(c[side], cap) for c in per) for side in SIDES)]
+        row += [both(lambda x, sp=sp: x["test_bleu_budget"][sp]) for sp in splits]
+        row += [both(lambda x, sp=sp: x["test_bleu_best"][sp]) for sp in splits]
+        rows.append(row)
+    doc.table(header, rows)
+
+    doc.h(2, "Plots")
+    for title, path in _plots(run_dir, s):
+        doc.img(title, path)
+    doc.h(2, "Provenance")
+    doc.p("Block tuning per seed: " + "; ".join(
+        f"seed {r['seed']}: {r['tuning']['variants']} variants, {r['tuning']['epochs_done']} epochs, "
+        f"{r['tuning']['wall_time_s']} s, {r['tuning']['train_tokens']:,} tokens" for r in runs) + ".")
+    doc.p(f"sacreBLEU signature `{s['bleu_signature']}`; chrF `{s['chrf_signature']}`. Corpus {s['corpus']}; "
+          f"versions {s['versions']}; machine {s['machine']}.")
+    return doc
 
 
 def write_report(run_dir: Path) -> Path:
@@ -87,52 +264,12 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists():
         raise CtpruneError(f"{run_dir} has no summary.json; is it a finished `ctprune run` folder?")
-    s = read_json(run_dir / "summary.json")
-    sv = saving(s)
-    o = s["origin"]
-    lines = [f"# ctprune experiment report: {s['experiment']}", "",
-             f"Origin model: val BLEU {o['val_bleu']}, test BLEU {o['test_bleu']}, {o['params']:,} parameters, "
-             f"{o['flops_per_token'] / 1e6:.1f} MFLOPs per target token. Target BLEU (val, greedy): "
-             f"{_fmt(s['target_bleu'])}.", "",
-             "## What composability saved", "",
-             f"Total wall time for all {len(s['configurations'])} configurations to reach the target: "
-             f"baseline {'' if sv['baseline_all_reached'] else '>= '}{sv['baseline_seconds']:.1f} s, "
-             f"composed {sv['composed_total_seconds']:.1f} s ({sv['composed_seconds']:.1f} s finetuning + "
-             f"{sv['tuning_seconds']:.1f} s block tuning, once for all). "
-             f"**Saving: {sv['ratio']:.2f}x**"
-             + ("" if sv["composed_all_reached"] else " (some composed runs did not reach the target)") + ".",
-             "", "## Configurations", "",
-             "| # | params | non-zero | FLOPs/token | latency vs origin | test BLEU base ep0 / best | "
-             "test BLEU comp ep0 / best | epochs to target base / comp | seconds to target base / comp |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c in s["configurations"]:
-        b, m = c["baseline"], c["composed"]
-        lines.append(
-            f"| {c['index']} | {m['params']:,} | {m['nonzero_params']:,} | {m['flops_per_token'] / 1e6:.1f}M "
-            f"({m['flops_per_token'] / o['flops_per_token']:.2f}x) | {m['latency_ratio']:.2f}x | "
-            f"{b['test_bleu_epoch0']} / {b['test_bleu_best']} | {m['test_bleu_epoch0']} / {m['test_bleu_best']} | "
-            f"{_fmt(b['epochs_to_target'])} / {_fmt(m['epochs_to_target'])} | "
-            f"{_fmt(b['seconds_to_target'])} / {_fmt(m['seconds_to_target'])} |")
-    lines += ["", "Seconds are training wall time (evaluation excluded). Composed configurations start "
-              "from block variants tuned once against the frozen origin; baseline from merely pruned ones.",
-              "", "## Plots", ""]
-    figs = _plots(run_dir, s)
-    lines += [f"![{title}]({p.relative_to(run_dir)})" for title, p in figs]
-    t = s["tuning"]
-    lines += ["", "## Provenance", "",
-              f"- block tuning: {t['variants']} variants, {t['epochs_done']} epochs, {t['wall_time_s']} s, "
-              f"{t['train_tokens']:,} tokens",
-              f"- sacreBLEU signature: `{s['bleu_signature']}`; chrF: `{s['chrf_signature']}`",
-              f"- seed {s['seed']}, corpus {s['corpus']}, versions {s['versions']}",
-              f"- machine: {s['machine']}", ""]
-    md = "\n".join(lines)
-    write_text(run_dir / "report.md", md)
-    body = [html.escape(x) for x in lines if not x.startswith("![")]
-    imgs = "".join(f"<h3>{html.escape(title)}</h3><img src='data:image/png;base64,"
-                   f"{base64.b64encode(p.read_bytes()).decode()}'/>" for title, p in figs)
-    page = ("<!doctype html><meta charset='utf-8'><title>ctprune report</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{white-space:pre-wrap}"
-            "img{max-width:100%}</style>"
-            f"<pre>{chr(10).join(body)}</pre>{imgs}")
-    write_text(run_dir / "report.html", page)
+    s = read_json(run_dir / "summary.json", "run summary")
+    try:
+        doc = _build(run_dir, s)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise CtpruneError(f"{run_dir / 'summary.json'} is not a complete run summary "
+                           f"({type(e).__name__}: {e}); re-run `ctprune run` to rewrite it") from None
+    write_text(run_dir / "report.md", doc.markdown(run_dir))
+    write_text(run_dir / "report.html", doc.html(f"ctprune report: {s['experiment']}"))
     return run_dir / "report.md"

@@ -40,6 +40,7 @@ from ctprune.fileio import (
     write_text,
 )
 from ctprune.model.checkpoint import is_model_folder, load_model_folder, save_model_folder
+from ctprune.model.flops import train_step_flops
 from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.progress import progress
@@ -47,7 +48,7 @@ from ctprune.scoring import bleu_score
 
 RECIPES = ("fast", "original")
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_time_s",
-                  "wall_time_s", "train_tokens")
+                  "wall_time_s", "train_tokens", "train_flops")
 
 
 @dataclass
@@ -247,11 +248,16 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parallel,
         recipe: Recipe, out: Path, hparams: dict[str, Any], resume: bool = False,
         device: str = "cpu", eval_before: bool = False, target_bleu: float | None = None,
-        after_step: Callable[[Seq2SeqTransformer], None] | None = None) -> FitResult:
+        after_step: Callable[[Seq2SeqTransformer], None] | None = None, min_epochs: int = 0,
+        snapshot_epochs: tuple[int, ...] = ()) -> FitResult:
     """Train ``model`` for ``recipe.epochs`` epochs and write the model folder ``out``.
 
     ``after_step`` runs after every optimizer step (pruning masks are re-applied there).
-    ``eval_before`` records epoch 0 (the model as given) in the history.
+    ``eval_before`` records epoch 0 (the model as given) in the history. Reaching
+    ``target_bleu`` stops training, but not before ``min_epochs``. After each epoch K in
+    ``snapshot_epochs`` the model is also saved as ``out/epoch-K`` (equal-budget comparisons).
+    Every history row carries the analytic training FLOPs so far (forward + backward of the
+    padded batches).
     """
     out = Path(out)
     last = out / "last"
@@ -270,7 +276,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     total_steps = steps_per_epoch * max(1, recipe.epochs)
     hparams = {**hparams, "recipe": asdict(recipe)}
     history: list[dict[str, Any]] = []
-    start_epoch, step, wall, tokens = 1, 0, 0.0, 0
+    start_epoch, step, wall, tokens, flops = 1, 0, 0.0, 0, 0
     best = float("-inf")
     since_best = 0
     if resume and state_path.exists():
@@ -285,6 +291,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
             opt.load_state_dict(state["optimizer"])
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             wall, tokens, best = float(state["wall"]), int(state["tokens"]), float(state["best"])
+            flops = int(state.get("flops", 0))
             since_best = int(state.get("since_best", 0))
             torch.set_rng_state(state["torch_rng"])
         except Exception as e:  # torch.load/pickle-free unpickler errors vary by corruption
@@ -301,7 +308,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         """Checkpoint ``last/`` (weights, optimizer, step, RNG, history) as one unit, then the
         history beside the best model."""
         state = {"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "wall": wall,
-                 "tokens": tokens, "best": best, "since_best": since_best,
+                 "tokens": tokens, "flops": flops, "best": best, "since_best": since_best,
                  "torch_rng": torch.get_rng_state()}
 
         def write(folder: Path) -> None:
@@ -318,7 +325,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         vloss = evaluate_loss(model, val_split, device)
         history.append(dict(epoch=epoch, train_loss=f"{train_loss:.4f}", val_loss=f"{vloss:.4f}",
                             val_bleu=f"{bleu:.2f}", lr=f"{lr:.3g}", epoch_time_s=f"{epoch_time:.1f}",
-                            wall_time_s=f"{wall:.1f}", train_tokens=tokens))
+                            wall_time_s=f"{wall:.1f}", train_tokens=tokens, train_flops=flops))
         if bleu > best:
             best = bleu
             save_model_folder(out, model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
@@ -330,7 +337,8 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         record(0, float("nan"), 0.0, 0.0)
         commit(0)
     stopped_early = False
-    if target_bleu is not None and history and float(history[-1]["val_bleu"]) >= target_bleu:
+    if (target_bleu is not None and history and float(history[-1]["val_bleu"]) >= target_bleu
+            and int(history[-1]["epoch"]) >= min_epochs):
         stopped_early = True
     if start_epoch <= recipe.epochs and not stopped_early:
         (out / "train_summary.json").unlink(missing_ok=True)  # the run is not finished any more
@@ -348,6 +356,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
             loss = train_step(model, opt, batch, recipe, lr)
             if after_step is not None:
                 after_step(model)
+            flops += train_step_flops(model.cfg, *batch.src.shape, batch.tgt_in.shape[1])
             step += 1
             n = batch.n_tgt_tokens
             tokens += batch.n_src_tokens + n
@@ -358,7 +367,11 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         wall += epoch_time
         bleu = record(epoch, loss_sum / max(1, loss_tokens), epoch_time, lr)
         since_best = 0 if bleu >= best else since_best + 1
+        if epoch in snapshot_epochs:  # before the commit: a kill in between redoes the epoch
+            save_model_folder(out / f"epoch-{epoch}", model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
         commit(epoch)
+        if epoch < min_epochs:
+            continue
         if target_bleu is not None and bleu >= target_bleu:
             stopped_early = True
         elif recipe.patience and since_best >= recipe.patience:

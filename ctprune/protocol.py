@@ -1,0 +1,139 @@
+"""The composability protocol's arithmetic: time to target, censoring, costs, saving, the curve.
+
+Pure functions of finetuning histories (rows of ``history.csv``) and bank costs, so that every
+number of a report can be recomputed and tested by hand:
+
+- *Time to target*: the first epoch (0 = before finetuning) whose val BLEU reaches the target,
+  within the cap of E epochs. A run that never reaches it costs its E epochs and is *censored*.
+- *Cost* is counted in wall seconds and in analytic training FLOPs. The composed side pays the
+  shared bank (pruning + block tuning) once; each baseline pays the pruning of its own modules.
+- *Saving* = sum of baseline costs / (bank cost + sum of composed costs). A censored baseline
+  makes it a lower bound; a censored composed run makes it an upper bound.
+- *Curve*: the saving for the first k configurations, k = 1..N, with a bank made of only the
+  variants those k configurations use (the teacher pass is paid in full for any bank; a subset's
+  tuning seconds are the measured seconds scaled by its share of the tuning FLOPs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ctprune.errors import CtpruneError
+
+
+@dataclass(frozen=True)
+class Cost:
+    seconds: float
+    flops: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.seconds + other.seconds, self.flops + other.flops)
+
+
+ZERO = Cost(0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class TimeToTarget:
+    epochs: int | None  # None: censored, the target was not reached within the cap
+    cost: Cost  # finetuning cost up to the target epoch, or of the whole capped run
+
+    @property
+    def censored(self) -> bool:
+        return self.epochs is None
+
+
+def time_to_target(history: Sequence[dict[str, Any]], target: float, cap: int) -> TimeToTarget:
+    """First epoch <= ``cap`` with val BLEU >= ``target``; censored at the cap otherwise."""
+    rows = [r for r in history if int(r["epoch"]) <= cap]
+    for r in rows:
+        if float(r["val_bleu"]) >= target:
+            return TimeToTarget(int(r["epoch"]), Cost(float(r["wall_time_s"]), float(r["train_flops"])))
+    if not rows or int(rows[-1]["epoch"]) < cap:
+        last = int(rows[-1]["epoch"]) if rows else None
+        raise CtpruneError(f"a history ends at epoch {last} without reaching the target, before the cap of "
+                           f"{cap} epochs: the run is unfinished")
+    return TimeToTarget(None, Cost(float(rows[-1]["wall_time_s"]), float(rows[-1]["train_flops"])))
+
+
+@dataclass(frozen=True)
+class BankCost:
+    """What a bank cost: pruning (seconds; FLOPs negligible), and block tuning (measured seconds,
+    FLOPs of the teacher passes, FLOPs per variant)."""
+
+    prune_seconds: float
+    tuning_seconds: float
+    teacher_flops: float
+    variant_flops: dict[str, float]
+
+    def pruning(self, keys: Sequence[str]) -> Cost:
+        """Pruning ``keys`` alone: their share of the measured pruning time."""
+        return Cost(self.prune_seconds * len(set(keys)) / max(1, len(self.variant_flops)), 0.0)
+
+    def for_variants(self, keys: Sequence[str]) -> Cost:
+        """A bank of only ``keys``: pruning them, and tuning them under the full teacher pass."""
+        missing = sorted(set(keys) - set(self.variant_flops))
+        if missing:
+            raise CtpruneError(f"the bank's tuning record has no variant {missing[0]}")
+        total = self.teacher_flops + sum(self.variant_flops.values())
+        flops = self.teacher_flops + sum(self.variant_flops[k] for k in set(keys))
+        return self.pruning(keys) + Cost(self.tuning_seconds * flops / max(total, 1.0), flops)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    variants: tuple[str, ...]  # the bank keys this configuration uses
+    baseline: TimeToTarget
+    composed: TimeToTarget
+
+
+@dataclass(frozen=True)
+class Saving:
+    baseline: Cost
+    bank: Cost
+    composed: Cost  # finetuning only; the composed side's total is bank + composed
+    censored_baselines: int
+    censored_composed: int
+
+    @property
+    def seconds(self) -> float:
+        return self.baseline.seconds / max(1e-9, self.bank.seconds + self.composed.seconds)
+
+    @property
+    def flops(self) -> float:
+        return self.baseline.flops / max(1.0, self.bank.flops + self.composed.flops)
+
+    @property
+    def bound(self) -> str:
+        """'' (exact), 'lower bound', 'upper bound' or 'undetermined' (censored on both sides)."""
+        if self.censored_baselines and self.censored_composed:
+            return "undetermined"
+        return "lower bound" if self.censored_baselines else "upper bound" if self.censored_composed else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ratio_seconds": round(self.seconds, 3), "ratio_flops": round(self.flops, 3),
+                "bound": self.bound, "baseline_seconds": round(self.baseline.seconds, 2),
+                "baseline_flops": self.baseline.flops, "bank_seconds": round(self.bank.seconds, 2),
+                "bank_flops": self.bank.flops, "composed_seconds": round(self.composed.seconds, 2),
+                "composed_flops": self.composed.flops, "censored_baselines": self.censored_baselines,
+                "censored_composed": self.censored_composed}
+
+
+def saving(confs: Sequence[Configuration], bank: BankCost) -> Saving:
+    """The saving for ``confs``, with a bank of exactly the variants they use."""
+    if not confs:
+        raise CtpruneError("no configurations to compare")
+    baseline = composed = ZERO
+    for c in confs:
+        baseline = baseline + bank.pruning(c.variants) + c.baseline.cost
+        composed = composed + c.composed.cost
+    used = sorted({k for c in confs for k in c.variants})
+    return Saving(baseline, bank.for_variants(used), composed, sum(c.baseline.censored for c in confs),
+                  sum(c.composed.censored for c in confs))
+
+
+def saving_curve(confs: Sequence[Configuration], bank: BankCost) -> list[Saving]:
+    """The saving for the first k configurations, k = 1..N."""
+    return [saving(confs[:k], bank) for k in range(1, len(confs) + 1)]

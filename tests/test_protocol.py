@@ -1,0 +1,59 @@
+"""The saving arithmetic on hand-made histories: censoring, the shared bank, the curve over k."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctprune.errors import CtpruneError
+from ctprune.protocol import BankCost, Configuration, Cost, saving, saving_curve, time_to_target
+
+
+def hist(*bleus: float, epoch_s: float = 10.0, epoch_flops: float = 100.0) -> list[dict[str, str]]:
+    return [{"epoch": str(e), "val_bleu": str(b), "wall_time_s": str(e * epoch_s),
+             "train_flops": str(e * epoch_flops)} for e, b in enumerate(bleus)]
+
+
+def test_time_to_target_first_epoch_reaching_it() -> None:
+    t = time_to_target(hist(20, 28, 31, 33), target=30, cap=3)
+    assert (t.epochs, t.cost, t.censored) == (2, Cost(20.0, 200.0), False)
+    assert time_to_target(hist(31, 32), target=30, cap=3).cost == Cost(0.0, 0.0)  # at epoch 0: free
+
+
+def test_a_run_that_never_reaches_the_target_is_censored_at_the_cap() -> None:
+    t = time_to_target(hist(20, 25, 27, 29, 35), target=30, cap=3)  # epoch 4 is past the cap
+    assert t.censored and t.cost == Cost(30.0, 300.0)
+
+
+def test_an_unfinished_history_is_refused() -> None:
+    with pytest.raises(CtpruneError, match="unfinished"):
+        time_to_target(hist(20, 25), target=30, cap=3)
+
+
+BANK = BankCost(prune_seconds=4.0, tuning_seconds=60.0, teacher_flops=200.0,
+                variant_flops={"a": 100.0, "b": 100.0, "c": 200.0, "d": 0.0})
+
+
+def test_bank_subsets_pay_the_teacher_in_full_and_their_own_variants() -> None:
+    assert BANK.for_variants(["a", "b", "c", "d"]) == Cost(4.0 + 60.0, 600.0)
+    sub = BANK.for_variants(["a", "c"])
+    assert sub.flops == 500.0 and sub.seconds == pytest.approx(2.0 + 60.0 * 500 / 600)
+
+
+def test_saving_counts_the_shared_bank_once_and_censored_baselines_as_the_cap() -> None:
+    confs = [Configuration(("a", "b"), time_to_target(hist(10, 20, 25, 29), 30, 3),  # censored: 3 epochs
+                           time_to_target(hist(31), 30, 3)),
+             Configuration(("a", "c"), time_to_target(hist(10, 31), 30, 3),
+                           time_to_target(hist(28, 31), 30, 3, )),
+             Configuration(("b", "c"), time_to_target(hist(10, 20, 30), 30, 3),
+                           time_to_target(hist(30), 30, 3))]
+    s = saving(confs, BANK)
+    # baseline: pruning 2 of 4 variants each (2 s) + 30 s, 10 s, 20 s of finetuning
+    assert s.baseline == Cost(3 * 2.0 + 30 + 10 + 20, 300 + 100 + 200)
+    assert s.bank == Cost(3.0 + 60.0 * 600 / 600, 600.0)  # a, b, c: d is not used
+    assert s.composed == Cost(10.0, 100.0)
+    assert s.seconds == pytest.approx(66 / 73) and s.flops == pytest.approx(600 / 700)
+    assert (s.censored_baselines, s.censored_composed, s.bound) == (1, 0, "lower bound")
+    curve = saving_curve(confs, BANK)
+    assert [c.bank.flops for c in curve] == [400.0, 600.0, 600.0]
+    assert curve[0].seconds == pytest.approx((2 + 30) / (2 + 60 * 400 / 600))
+    assert curve[-1] == s
