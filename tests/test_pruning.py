@@ -133,7 +133,8 @@ def test_compose_save_load_gives_identical_outputs(pipeline: dict[str, Path], mo
     q = model.encoder.layers[1].self_attn.q_proj.weight
     assert int((q != 0).sum()) == q.numel() // 2
     origin, _, _ = load_model_folder(model_folder)
-    direct = compose(origin, pipeline["bank"], hp["configuration"]).eval()
+    direct = compose(origin, pipeline["bank"], hp["configuration"])
+    assert not any(m.training for m in direct.modules())  # the origin's mode, variants included
     src, tgt = random_batch(vocab=origin.cfg.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(model(src, tgt), direct(src, tgt), atol=0, rtol=0)

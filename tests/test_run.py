@@ -153,4 +153,4 @@ def test_shipped_examples_load() -> None:
     demo, m30k = load_experiment(root / "demo.toml"), load_experiment(root / "multi30k.toml")
     assert demo.corpus == "synthetic" and m30k.corpus == "multi30k" and m30k.preset == "seed"
     assert len(m30k.conf_inline or []) == 3
-    assert len(demo.attention or []) >= 8 and demo.target == "origin-1"
+    assert len(demo.conf_inline or []) == 8 and demo.target == "origin-1"

@@ -152,4 +152,4 @@ def compose(origin: Seq2SeqTransformer, bank: Path, conf: Configuration,
         if ratio < 1:
             key = variant_key(name, ratio)
             replace_module(model, name, load_variant(bank, index, key, origin.get_submodule(name)))
-    return model
+    return model.train(origin.training)  # new variant modules would otherwise be in training mode

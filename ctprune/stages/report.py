@@ -231,8 +231,8 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     doc.p(f"Finetuning results, mean over seeds; epochs to target per seed. Test BLEU after "
           f"{p['budget_epochs']} epoch(s) is the equal-budget comparison.")
     header = ["#", "val BLEU epoch 0 base / comp", "epochs to target base / comp"]
-    header += [f"test {x} after {p['budget_epochs']} ep. base / comp" for x in splits]
-    header += [f"test {x} best base / comp" for x in splits]
+    header += [f"test BLEU ({x}) after {p['budget_epochs']} ep. base / comp" for x in splits]
+    header += [f"test BLEU ({x}) best base / comp" for x in splits]
     rows = []
     for i in range(len(s["configurations"])):
         per = [r["configurations"][i] for r in runs]

@@ -178,18 +178,20 @@ def test_bleu(model: Seq2SeqTransformer, tok: Any, tests: dict[str, Parallel]) -
 def latencies(models: list[Seq2SeqTransformer], ids: list[list[int]], steps: list[int], repeats: int = 5,
               batch_size: int = 64) -> list[list[float]]:
     """Seconds of batched greedy decoding with fixed step counts (the same work for every model),
-    ``repeats`` rounds in which every model runs once (interleaved, so drifts hit all alike)."""
+    ``repeats`` rounds in which every model runs once (interleaved, so drifts hit all alike),
+    after one untimed warm-up round (allocator and kernel caches)."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     srcs = [(pad([ids[i] for i in c]), max(steps[i] for i in c)) for c in chunks]
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for _ in progress(range(repeats), desc="latency", unit="round", leave=False):
+        for r in progress(range(repeats + 1), desc="latency", unit="round", leave=False):
             for m, model in enumerate(models):
                 t0 = time.perf_counter()
                 for src, n in srcs:
                     greedy(model, src, steps=n)
-                times[m].append(time.perf_counter() - t0)
+                if r:
+                    times[m].append(time.perf_counter() - t0)
     return times
 
 
