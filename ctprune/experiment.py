@@ -96,6 +96,8 @@ def load_experiment(path: Path) -> Experiment:
         raise CtpruneError(f"experiment file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise CtpruneError(f"{path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise CtpruneError(f"{path} is not UTF-8 text (byte {e.start})") from None
     unknown = sorted(set(raw) - SECTIONS)
     if unknown:
         raise CtpruneError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(SECTIONS)}")

@@ -321,6 +321,21 @@ CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
     ("variant-no-provenance", COMPOSE + ["out"], edit_entry(lambda e: e.pop("provenance")), '"provenance"'),
     ("variant-checksum-malformed", COMPOSE + ["out"], edit_entry(lambda e: e.update(checksum="x")),
      "record of variant file"),
+    # --- options and experiment files
+    ("tune-max-tokens-negative", TUNE + ["tuned", "--max-tokens", "-5"], nothing, "--max-tokens must be at least 64"),
+    ("tune-lr-nan", TUNE + ["tuned", "--lr", "nan"], nothing, "--lr must be a positive number"),
+    ("run-toml-unknown-key", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n[tuning]\nlearning_rate = 1\n"), "unknown key"),
+    ("run-toml-section-string", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", "origin = 'seed'\n[configurations]\nattention = [0.5]\n"), "must be a table"),
+    ("run-toml-not-utf8", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", b"[data]\ncorpus = '\xff'\n"), "not UTF-8"),
+    ("run-toml-target-nan", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n[finetuning]\ntarget_bleu = nan\n"), "target_bleu"),
+    ("run-toml-lr-nan", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n[tuning]\nlr = nan\n"), "tuning.lr"),
+    ("run-toml-seeds-repeated", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", "seeds = [1, 1]\n[configurations]\nattention = [0.5]\n"), "distinct integers"),
     # --- model folder
     ("weights-truncated", ["inspect", "origin"], truncate("origin/model.safetensors"), "truncated"),
     ("weights-altered", ["inspect", "origin"],
@@ -406,6 +421,18 @@ def test_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, capsys: p
     assert rc == 2, err
     assert len(err) == 1 and err[0].startswith(f"ctprune {args[0]}: error: ") and fragment in err[0], err
     assert snapshot(tmp_path) == before  # inputs byte-identical, nothing (half-)written
+
+
+def test_translate_refuses_binary_stdin_and_keeps_unicode_separators_inside_lines(workspace: Path) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ctprune", "translate", str(workspace / "origin")]
+    r = subprocess.run(cmd, input=b"ein hund\n\xff\xfe\x00\n", capture_output=True, timeout=120)
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "not UTF-8" in err[0], err
+    r = subprocess.run(cmd, input="ein\u2028hund\nder\x85mann\n".encode(), capture_output=True, timeout=120)
+    assert r.returncode == 0 and len(r.stdout.decode("utf-8").split("\n")) == 3  # two lines in, two out
 
 
 def test_the_table_is_large() -> None:

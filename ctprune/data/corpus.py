@@ -62,7 +62,16 @@ def read_lines(path: Path) -> list[str]:
         raise CtpruneError(f"data file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise CtpruneError(f"data file {path} is not valid UTF-8 (byte {e.start})") from None
-    return [line.strip() for line in text.splitlines()]
+    return split_lines(text)
+
+
+def split_lines(text: str) -> list[str]:
+    """Stripped lines split at "\n" only: ``str.splitlines`` also splits at U+2028, U+0085 and
+    other separators, which would misalign the two sides of a parallel corpus."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.strip() for line in lines]
 
 
 def load_split(corpus: str, split: str, data_dir: str | Path | None = None) -> Parallel:

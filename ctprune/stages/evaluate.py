@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ctprune.data.corpus import load_split
+from ctprune.data.corpus import load_split, split_lines
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output, write_json, write_text
@@ -58,6 +58,11 @@ def translate_stream(model_dir: Path, inp: TextIO, out: TextIO, beam: int = 1,
     if beam < 1:
         raise CtpruneError(f"--beam must be at least 1, got {beam}")
     model, tok, _ = load_model_folder(model_dir, resolve_device(device))
-    lines = [line.strip() for line in inp]
+    data = inp.buffer.read() if hasattr(inp, "buffer") else inp.read().encode("utf-8")
+    try:
+        lines = split_lines(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CtpruneError(f"standard input is not UTF-8 text (byte {e.start}); give one German sentence "
+                           "per line") from None
     for hyp in translate(model, tok, lines, beam=beam) if lines else []:
         out.write(hyp + "\n")

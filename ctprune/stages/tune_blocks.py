@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -190,6 +191,10 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     latest weights and optimizer for ``resume``."""
     if epochs < 0:
         raise CtpruneError(f"epochs must be a non-negative integer, got {epochs}")
+    if max_tokens < 64:
+        raise CtpruneError(f"--max-tokens must be at least 64, got {max_tokens}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise CtpruneError(f"--lr must be a positive number, got {lr}")
     output, bank = Path(output), Path(bank)
     state_dir = output / ".state"
     check_output(output, {"model folder": model_dir, "bank": bank, "data folder": data_dir})
