@@ -5,6 +5,9 @@
     [origin]         preset = "tiny" | "seed", epochs = 8    (or model = "path/to/origin")
     [configurations] attention = [..], linear = [..], ffn = [..]   (one ratio per configuration)
                      or file = "conf.json", or inline = [{module = ratio, ...}, ...]
+    [search]         (instead of [configurations]) grid = [0.25, 0.5, 0.75], kinds = ["attention", "ffn"],
+                     flops = 0.6 and/or params = "10M", k = 8, min_distance = 2: a grid bank is
+                     pruned, tuned and scored, and `ctprune search` picks the configurations
     [tuning]         epochs = 2, lr = 1e-4
     [finetuning]     epochs = 3 (the cap E), lr = 1e-4, target_bleu = "origin-1" (or a number),
                      budget_epochs = 1 (the equal-budget comparison)
@@ -25,8 +28,20 @@ from ctprune.errors import CtpruneError
 KEYS: dict[str, set[str]] = {
     "data": {"corpus", "data_dir"}, "origin": {"preset", "epochs", "model"},
     "configurations": {"attention", "linear", "ffn", "file", "inline"}, "tuning": {"epochs", "lr"},
-    "finetuning": {"epochs", "lr", "target_bleu", "budget_epochs"}}
+    "finetuning": {"epochs", "lr", "target_bleu", "budget_epochs"},
+    "search": {"grid", "kinds", "flops", "params", "k", "min_distance"}}
 SECTIONS = {"seed", "seeds", *KEYS}
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """The [search] section: a grid bank, and the budgets and diversity of `ctprune search`."""
+
+    grid: tuple[float, ...] = (0.25, 0.5, 0.75)
+    kinds: tuple[str, ...] = ("attention", "ffn")
+    budgets: tuple[tuple[str, str], ...] = ()  # (resource, value as `ctprune search` takes it)
+    k: int = 8
+    min_distance: int = 2
 
 
 @dataclass
@@ -49,6 +64,7 @@ class Experiment:
     finetune_lr: float = 1e-4
     budget_epochs: int = 1
     target: str | float | None = "origin-1"
+    search: SearchSpec | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -86,6 +102,30 @@ def _ratios(d: dict[str, Any], key: str, where: str) -> list[float] | None:
                                                    for x in v):
         raise CtpruneError(f"{where}.{key} must be a non-empty list of keep ratios, got {v!r}")
     return [float(x) for x in v]
+
+
+def _search(d: dict[str, Any], path: Path) -> SearchSpec:
+    from ctprune.pruning.configs import KINDS, check_ratio
+
+    grid = _ratios(d, "grid", "search") or list(SearchSpec.grid)
+    for r in grid:
+        check_ratio(r, f"{path} search.grid")
+    kinds = _get(d, "kinds", list, "search", list(SearchSpec.kinds))
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise CtpruneError(f"search.kinds must be a non-empty list of {', '.join(KINDS)}, got {kinds!r}")
+    from ctprune.stages.search import parse_budget
+
+    budgets = tuple((r, str(_get(d, r, (int, float, str), "search", None))) for r in ("flops", "params") if r in d)
+    for r, v in budgets:
+        parse_budget(r, v)
+    if not budgets:
+        raise CtpruneError(f"{path}: [search] needs a budget: flops = 0.6 and/or params = \"10M\"")
+    spec = SearchSpec(tuple(grid), tuple(kinds), budgets, _get(d, "k", int, "search", SearchSpec.k),
+                      _get(d, "min_distance", int, "search", SearchSpec.min_distance))
+    if spec.k < 1 or spec.min_distance < 1:
+        raise CtpruneError(f"search.k and search.min_distance must be at least 1, got {spec.k} and "
+                           f"{spec.min_distance}")
+    return spec
 
 
 def load_experiment(path: Path) -> Experiment:
@@ -130,7 +170,11 @@ def load_experiment(path: Path) -> Experiment:
     e.conf_file = (path.parent / file) if file else None
     e.conf_inline = _get(confs, "inline", list, "configurations", None)
     e.attention, e.linear, e.ffn = (_ratios(confs, k, "configurations") for k in ("attention", "linear", "ffn"))
-    if sum(x is not None for x in (e.conf_file, e.conf_inline, e.attention or e.linear or e.ffn)) != 1:
+    if "search" in raw:
+        if "configurations" in raw:
+            raise CtpruneError(f"{path}: give [configurations] or [search], not both")
+        e.search = _search(raw["search"], path)
+    elif sum(x is not None for x in (e.conf_file, e.conf_inline, e.attention or e.linear or e.ffn)) != 1:
         raise CtpruneError(f"{path}: [configurations] needs exactly one of file, inline, or ratio lists "
                            "(attention / linear / ffn)")
     e.tune_epochs = _get(tune, "epochs", int, "tuning", 2)

@@ -67,6 +67,7 @@ class BankCost:
     tuning_seconds: float
     teacher_flops: float
     variant_flops: dict[str, float]
+    scoring_seconds: float = 0.0  # variant scores for `search`, paid by any subset
 
     def pruning(self, keys: Sequence[str]) -> Cost:
         """Pruning ``keys`` alone: their share of the measured pruning time."""
@@ -79,7 +80,8 @@ class BankCost:
             raise CtpruneError(f"the bank's tuning record has no variant {missing[0]}")
         total = self.teacher_flops + sum(self.variant_flops.values())
         flops = self.teacher_flops + sum(self.variant_flops[k] for k in set(keys))
-        return self.pruning(keys) + Cost(self.tuning_seconds * flops / max(total, 1.0), flops)
+        seconds = self.tuning_seconds * flops / max(total, 1.0) + self.scoring_seconds
+        return self.pruning(keys) + Cost(seconds, flops)
 
 
 @dataclass(frozen=True)
@@ -121,19 +123,21 @@ class Saving:
                 "censored_composed": self.censored_composed}
 
 
-def saving(confs: Sequence[Configuration], bank: BankCost) -> Saving:
-    """The saving for ``confs``, with a bank of exactly the variants they use."""
+def saving(confs: Sequence[Configuration], bank: BankCost, bank_variants: Sequence[str] | None = None) -> Saving:
+    """The saving for ``confs``, with a bank of exactly the variants they use, or of
+    ``bank_variants`` when given (a search needs every variant of its grid, tuned and scored)."""
     if not confs:
         raise CtpruneError("no configurations to compare")
     baseline = composed = ZERO
     for c in confs:
         baseline = baseline + bank.pruning(c.variants) + c.baseline.cost
         composed = composed + c.composed.cost
-    used = sorted({k for c in confs for k in c.variants})
+    used = sorted(set(bank_variants) if bank_variants is not None else {k for c in confs for k in c.variants})
     return Saving(baseline, bank.for_variants(used), composed, sum(c.baseline.censored for c in confs),
                   sum(c.composed.censored for c in confs))
 
 
-def saving_curve(confs: Sequence[Configuration], bank: BankCost) -> list[Saving]:
+def saving_curve(confs: Sequence[Configuration], bank: BankCost,
+                 bank_variants: Sequence[str] | None = None) -> list[Saving]:
     """The saving for the first k configurations, k = 1..N."""
-    return [saving(confs[:k], bank) for k in range(1, len(confs) + 1)]
+    return [saving(confs[:k], bank, bank_variants) for k in range(1, len(confs) + 1)]

@@ -154,3 +154,41 @@ def test_shipped_examples_load() -> None:
     assert demo.corpus == "synthetic" and m30k.corpus == "multi30k" and m30k.preset == "seed"
     assert len(m30k.conf_inline or []) == 3
     assert len(demo.conf_inline or []) == 8 and demo.target == "origin-1"
+
+
+def test_run_with_search_picks_configurations_from_a_scored_grid_bank(trained: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f"""
+seeds = [0]
+[data]
+corpus = "synthetic"
+[origin]
+model = "{trained}"
+[search]
+grid = [0.5]
+kinds = ["attention"]
+flops = 0.9
+k = 2
+min_distance = 1
+[tuning]
+epochs = 1
+lr = 2e-3
+[finetuning]
+epochs = 1
+lr = 1e-3
+target_bleu = "origin-20"
+""")
+    run_dir = tmp_path / "run"
+    run_stage.run_experiment(exp, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    confs = json.loads((run_dir / "conf.json").read_text())
+    found = json.loads((run_dir / "search.json").read_text())
+    assert len(confs) == 2 and confs != [confs[0]] * 2
+    assert all(c["flops_fraction"] <= 0.9 for c in found["configurations"])
+    run = summary["runs"][0]
+    tuning = json.loads((run_dir / run["tuned_bank"] / "index.json").read_text())
+    assert len(tuning["variants"]) == 6 and "scores" in tuning  # every attention block at 0.5, scored
+    # the whole grid bank is charged for every k, however few variants the first configurations use
+    assert {c["bank_flops"] for c in run["curve"]} == {tuning["tuning"]["train_flops"]}
+    assert summary["search"]["scoring_seconds"] > 0
+    assert "Configurations found by `ctprune search`" in (run_dir / "report.md").read_text()

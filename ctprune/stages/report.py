@@ -195,6 +195,14 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
           f"{o['flops_per_token'] / 1e6:.2f} MFLOPs per target token. Target: val BLEU >= **{s['target_bleu']}** "
           f"({p['target']}).")
 
+    if s.get("search"):
+        q = s["search"]
+        budgets = ", ".join(f"{r} <= {b['value']}{' of the origin' if b['relative'] else ''}"
+                            for r, b in q["budgets"].items())
+        doc.p(f"Configurations found by `ctprune search` ({budgets}; k = {q['k']}, at least {q['min_distance']} "
+              f"slots apart) among {q['choices']} choices in {q['slots']} slots of a grid bank that was tuned and "
+              f"scored whole: scoring {q['scoring_seconds']:.1f} s, solver {q['solver']['total_s']:.2f} s. The "
+              "bank's whole cost (every grid variant, and the scoring) is charged to the composed side for every k.")
     doc.h(2, "What composability saved")
     sec = [r["saving"]["ratio_seconds"] for r in runs]
     flo = [r["saving"]["ratio_flops"] for r in runs]

@@ -31,6 +31,7 @@ from ctprune import __version__
 from ctprune.data.batching import pad
 from ctprune.data.corpus import Parallel, default_splits, load_split, test_splits
 from ctprune.data.tokenizer import EOS_ID
+from ctprune.errors import CtpruneError
 from ctprune.experiment import Experiment, load_experiment
 from ctprune.fileio import read_json, write_json
 from ctprune.model.checkpoint import is_model_folder, load_model_folder
@@ -93,6 +94,10 @@ def experiment_configurations(exp: Experiment, origin: Seq2SeqTransformer) -> li
         return validate_configurations(exp.conf_inline, modules, f"{exp.path} [configurations].inline")
     n = len(exp.attention or exp.linear or exp.ffn or [])
     return default_configurations(modules, n, exp.attention, exp.linear, exp.ffn)
+
+
+def _plan_keys(plan: dict[str, Any]) -> list[str]:
+    return [variant_key(n, r) for n, r in variant_ids(plan)]
 
 
 def _missing(plan: dict[str, Any], bank: Path) -> list[str]:
@@ -252,9 +257,35 @@ def _finetune_side(exp: Experiment, run_dir: Path, origin_dir: Path, bank: Path,
             "epochs_trained": max(by_epoch)}
 
 
+def _searched_configurations(exp: Experiment, run_dir: Path, origin_dir: Path, origin: Seq2SeqTransformer
+                             ) -> tuple[list[dict[str, float]], dict[str, Any], float]:
+    """[search]: prune and tune a grid bank (first seed), score it, and let `ctprune search` pick
+    the configurations. Returns (configurations, the grid plan, scoring seconds)."""
+    from ctprune.stages.score import score_bank
+    from ctprune.stages.search import SearchArgs, parse_budget, search
+
+    spec = exp.search
+    if spec is None:
+        raise CtpruneError("internal error: no [search] section")
+    modules = prunable_modules(origin)
+    grid = [{n: r for n, m in modules.items() if m.kind in spec.kinds} for r in spec.grid]
+    plan = make_plan(grid, modules, model_fingerprint(origin_dir))
+    _, tuned = _banks(exp, origin_dir, plan, run_dir / "banks", exp.seeds[0])
+    _say(f"score: {len(load_index(tuned)['variants'])} variants of {tuned.name}")
+    scores = score_bank(origin_dir, tuned, corpus=exp.corpus, data_dir=exp.data_dir, device="cpu")
+    _, found = search(SearchArgs(model=origin_dir, bank=tuned, output=run_dir / "conf.json",
+                                 budgets=tuple(parse_budget(r, v) for r, v in spec.budgets), k=spec.k,
+                                 min_distance=spec.min_distance, corpus=exp.corpus, data_dir=exp.data_dir))
+    _say(f"search: {len(found['configurations'])} configurations in {found['solver']['total_s']:.2f} s")
+    confs = load_configurations(run_dir / "conf.json", modules)
+    return confs, plan, float(scores["wall_time_s"])
+
+
 def _seed_run(exp: Experiment, run_dir: Path, origin_dir: Path, confs: list[dict[str, float]],
-              plan: dict[str, Any], target: float, tests: dict[str, Parallel], seed: int) -> dict[str, Any]:
-    """Tuning and both sides' finetuning for one seed, and the protocol's numbers."""
+              plan: dict[str, Any], target: float, tests: dict[str, Parallel], seed: int,
+              scoring_seconds: float = 0.0) -> dict[str, Any]:
+    """Tuning and both sides' finetuning for one seed, and the protocol's numbers. With a search
+    the whole grid bank is paid for (tuning and scoring) whatever the configurations use."""
     pruned, tuned = _banks(exp, origin_dir, plan, run_dir / "banks", seed)
     rows, protocol_rows = [], []
     for i, conf in enumerate(confs):
@@ -268,12 +299,13 @@ def _seed_run(exp: Experiment, run_dir: Path, origin_dir: Path, confs: list[dict
     tuning = load_index(tuned)["tuning"]
     bank = BankCost(prune_seconds=float(load_index(pruned).get("prune_seconds", 0.0)),
                     tuning_seconds=tuning["wall_time_s"], teacher_flops=tuning["teacher_flops"],
-                    variant_flops=tuning["variant_flops"])
+                    variant_flops=tuning["variant_flops"], scoring_seconds=scoring_seconds)
+    whole = _plan_keys(plan) if exp.search is not None else None
     return {"seed": seed, "tuned_bank": str(tuned.relative_to(run_dir)),
             "pruned_bank": str(pruned.relative_to(run_dir)),
             "tuning": {k: v for k, v in tuning.items() if k != "variant_flops"}, "configurations": rows,
-            "saving": saving(protocol_rows, bank).to_dict(),
-            "curve": [c.to_dict() for c in saving_curve(protocol_rows, bank)]}
+            "saving": saving(protocol_rows, bank, whole).to_dict(),
+            "curve": [c.to_dict() for c in saving_curve(protocol_rows, bank, whole)]}
 
 
 def _finetune_gflops(run_dir: Path, seeds: list[dict[str, Any]]) -> float:
@@ -299,9 +331,13 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
     origin_dir = _origin(exp, run_dir)
     origin, tok, _ = load_model_folder(origin_dir)
     modules = prunable_modules(origin)
-    confs = experiment_configurations(exp, origin)
-    write_json(run_dir / "conf.json", confs)
-    plan = make_plan(confs, modules, model_fingerprint(origin_dir))
+    scoring_seconds = 0.0
+    if exp.search is not None:
+        confs, plan, scoring_seconds = _searched_configurations(exp, run_dir, origin_dir, origin)
+    else:
+        confs = experiment_configurations(exp, origin)
+        write_json(run_dir / "conf.json", confs)
+        plan = make_plan(confs, modules, model_fingerprint(origin_dir))
     write_json(run_dir / "plan.json", plan)
     summary_path = origin_dir / "train_summary.json"
     _, val_name, _ = default_splits(exp.corpus)
@@ -312,7 +348,8 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
         origin_bleu = score(translate(origin, tok, val.src), val.tgt).bleu
     target = exp.target_bleu(origin_bleu)
     tests = {name: load_split(exp.corpus, name, exp.data_dir) for name in test_splits(exp.corpus, exp.data_dir)}
-    seeds = [_seed_run(exp, run_dir, origin_dir, confs, plan, target, tests, seed) for seed in exp.seeds]
+    seeds = [_seed_run(exp, run_dir, origin_dir, confs, plan, target, tests, seed, scoring_seconds)
+             for seed in exp.seeds]
     pruned = run_dir / seeds[0]["pruned_bank"]
     shapes = []
     origin_params, origin_nonzero = parameter_counts(origin)
@@ -334,6 +371,8 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
     origin_test = score(translate(origin, tok, first.src), first.tgt)
     summary = {
         "experiment": str(exp_path), "seeds": exp.seeds, "corpus": exp.corpus, "target_bleu": round(target, 2),
+        "search": None if exp.search is None else {
+            **read_json(run_dir / "search.json"), "scoring_seconds": scoring_seconds},
         "protocol": {"target": exp.target, "cap_epochs": exp.finetune_epochs, "budget_epochs": exp.budget_epochs,
                      "tuning_epochs": exp.tune_epochs, "latency_repeats": LATENCY_REPEATS},
         "test_splits": list(tests),
