@@ -55,13 +55,10 @@ def _recipe_options(p: argparse.ArgumentParser, epochs: int) -> None:
                    help="continue an interrupted run in -o from its last finished epoch")
 
 
-# Recipe defaults that differ for the tiny preset (measured on the synthetic corpus: 8 epochs,
-# about a minute on 2 cores, reach val BLEU ~95).
-TINY_RECIPE: dict[str, object] = {"lr": 3e-3, "max_tokens": 1024, "warmup_steps": 100}
 
 
 def _recipe(a: argparse.Namespace) -> object:
-    from ctprune.training.loop import Recipe
+    from ctprune.training.loop import TINY_RECIPE, Recipe
 
     tiny = getattr(a, "preset", "seed") == "tiny"
     bf16 = a.precision == "bf16" or (a.precision == "auto" and not tiny)

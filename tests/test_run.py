@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,66 @@ target_bleu = "origin-20"
     assert {c["bank_flops"] for c in run["curve"]} == {tuning["tuning"]["train_flops"]}
     assert summary["search"]["scoring_seconds"] > 0
     assert "Configurations found by `ctprune search`" in (run_dir / "report.md").read_text()
+
+
+KILLED_RUN = """
+seeds = [0]
+[data]
+corpus = "synthetic"
+[origin]
+preset = "tiny"
+epochs = 2
+[configurations]
+attention = [0.5, 0.25]
+ffn = [0.5, 0.5]
+[tuning]
+epochs = 1
+lr = 2e-3
+[finetuning]
+epochs = 1
+lr = 1e-3
+target_bleu = "origin-5"
+"""
+
+
+def _numbers(run_dir: Path) -> dict:
+    """Every number of a summary that does not depend on the clock."""
+    s = json.loads((run_dir / "summary.json").read_text())
+    out = {"origin": {k: s["origin"][k] for k in ("val_bleu", "test_bleu", "params", "flops_per_token")},
+           "target": s["target_bleu"], "shapes": [(c["params"], c["flops_per_token"]) for c in s["configurations"]]}
+    for run in s["runs"]:
+        out[f"flops-{run['seed']}"] = (run["tuning"]["train_flops"], run["saving"]["ratio_flops"],
+                                       run["saving"]["baseline_flops"], run["saving"]["composed_flops"])
+        out[f"confs-{run['seed']}"] = [{k: v for k, v in c[side].items() if k not in ("cost_seconds", "dir")}
+                                       for c in run["configurations"] for side in run_stage.SIDES]
+    return out
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_file_replace_resumes_to_the_same_numbers(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole pipeline (origin training, pruning, tuning, finetuning, evaluation, report) fails
+    at the n-th file replace for n spread over the run, and the re-run ends with the numbers of
+    an uninterrupted run."""
+    exp = tmp_path / "exp.toml"
+    exp.write_text(KILLED_RUN)
+    real = os.replace
+    calls = {"n": 0, "kill": 0}
+
+    def replace(src, dst):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == calls["kill"]:
+            raise _Killed
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run_stage.run_experiment(exp, tmp_path / "whole")
+    total, expected = calls["n"], _numbers(tmp_path / "whole")
+    points = [total // 5, 2 * total // 5, 3 * total // 5, 4 * total // 5]
+    for kill in points:
+        calls.update(n=0, kill=kill)
+        with pytest.raises(_Killed):
+            run_stage.run_experiment(exp, tmp_path / f"killed-{kill}")
+        calls.update(n=0, kill=0)
+        run_stage.run_experiment(exp, tmp_path / f"killed-{kill}")
+        assert _numbers(tmp_path / f"killed-{kill}") == expected, kill

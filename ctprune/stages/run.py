@@ -57,7 +57,7 @@ from ctprune.stages.finetune import finetune
 from ctprune.stages.prune import prune
 from ctprune.stages.train import TrainArgs, train_origin
 from ctprune.stages.tune_blocks import plot_block_losses, tune_blocks, write_block_history
-from ctprune.training.loop import Recipe, read_history
+from ctprune.training.loop import TINY_RECIPE, Recipe, has_training_run, read_history
 
 SIDES = ("baseline", "composed")
 LATENCY_REPEATS = 5  # interleaved rounds; the median is reported with the spread
@@ -75,10 +75,8 @@ def _origin(exp: Experiment, run_dir: Path) -> Path:
     if is_model_folder(out) and (out / "train_summary.json").exists():
         _say(f"origin model: done ({out})")
         return out
-    resume = (out / "last" / "trainer_state.pt").exists()
+    resume = has_training_run(out)
     _say(f"origin model: {'resuming' if resume else 'training'} {exp.preset} on {exp.corpus}")
-    from ctprune.cli import TINY_RECIPE
-
     recipe = Recipe(epochs=exp.origin_epochs, seed=exp.seeds[0], bf16=exp.bf16,
                     **(TINY_RECIPE if exp.preset == "tiny" else {}))  # type: ignore[arg-type]
     train_origin(TrainArgs(output=out, preset=exp.preset, corpus=exp.corpus, data_dir=exp.data_dir,
@@ -240,7 +238,7 @@ def _finetune_side(exp: Experiment, run_dir: Path, origin_dir: Path, bank: Path,
     if not (out / "train_summary.json").exists():
         _say(f"finetune {side} configuration {i} (seed {seed})")
         finetune(origin_dir, bank, run_dir / "conf.json", i, out, recipe, corpus=exp.corpus, data_dir=exp.data_dir,
-                 target_bleu=target, resume=(out / "history.csv").exists(), device="cpu",
+                 target_bleu=target, resume=has_training_run(out), device="cpu",
                  min_epochs=exp.budget_epochs, snapshot_epochs=(exp.budget_epochs,))
     metrics = out / "test_metrics.json"
     if not metrics.exists():

@@ -51,6 +51,11 @@ HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_ti
                   "wall_time_s", "train_tokens", "train_flops")
 
 
+# Recipe defaults that differ for the tiny preset (measured on the synthetic corpus: 8 epochs,
+# about a minute on 2 cores, reach val BLEU ~95).
+TINY_RECIPE: dict[str, Any] = {"lr": 3e-3, "max_tokens": 1024, "warmup_steps": 100}
+
+
 @dataclass
 class Recipe:
     """How to train. ``fast`` is the default; ``original`` is the prototype's recipe
