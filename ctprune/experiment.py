@@ -40,7 +40,7 @@ class SearchSpec:
     grid: tuple[float, ...] = (0.25, 0.5, 0.75)
     kinds: tuple[str, ...] = ("attention", "ffn")
     budgets: tuple[tuple[str, str], ...] = ()  # (resource, value as `ctprune search` takes it)
-    k: int = 8
+    k: int = 16  # as `ctprune search -k`
     min_distance: int = 2
 
 
@@ -182,8 +182,9 @@ def load_experiment(path: Path) -> Experiment:
     e.finetune_epochs = _get(ft, "epochs", int, "finetuning", 3)
     e.finetune_lr = float(_get(ft, "lr", (int, float), "finetuning", 1e-4))
     e.budget_epochs = _get(ft, "budget_epochs", int, "finetuning", 1)
-    if not 1 <= e.budget_epochs <= max(1, e.finetune_epochs):
-        raise CtpruneError(f"finetuning.budget_epochs must be in [1, finetuning.epochs], got {e.budget_epochs}")
+    if e.finetune_epochs < 1 or not 1 <= e.budget_epochs <= e.finetune_epochs:
+        raise CtpruneError(f"finetuning.epochs must be at least 1 and finetuning.budget_epochs in [1, "
+                           f"finetuning.epochs], got {e.finetune_epochs} and {e.budget_epochs}")
     for name, v in (("tuning.lr", e.tune_lr), ("finetuning.lr", e.finetune_lr)):
         if not (math.isfinite(v) and v > 0):
             raise CtpruneError(f"{name} must be a positive number, got {v!r}")

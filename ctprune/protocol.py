@@ -68,10 +68,12 @@ class BankCost:
     teacher_flops: float
     variant_flops: dict[str, float]
     scoring_seconds: float = 0.0  # variant scores for `search`, paid by any subset
+    n_pruned: int | None = None  # variants in the pruned bank that prune_seconds paid for (default: all tuned)
 
     def pruning(self, keys: Sequence[str]) -> Cost:
         """Pruning ``keys`` alone: their share of the measured pruning time."""
-        return Cost(self.prune_seconds * len(set(keys)) / max(1, len(self.variant_flops)), 0.0)
+        n = self.n_pruned if self.n_pruned is not None else len(self.variant_flops)
+        return Cost(self.prune_seconds * len(set(keys)) / max(1, n), 0.0)
 
     def for_variants(self, keys: Sequence[str]) -> Cost:
         """A bank of only ``keys``: pruning them, and tuning them under the full teacher pass."""

@@ -39,6 +39,12 @@ def test_bank_subsets_pay_the_teacher_in_full_and_their_own_variants() -> None:
     assert sub.flops == 500.0 and sub.seconds == pytest.approx(2.0 + 60.0 * 500 / 600)
 
 
+def test_pruning_time_is_shared_over_every_variant_it_pruned() -> None:
+    bank = BankCost(prune_seconds=8.0, tuning_seconds=0.0, teacher_flops=0.0, variant_flops={"a": 1.0, "b": 1.0},
+                    n_pruned=8)  # the pruned bank also holds variants of earlier plans
+    assert bank.pruning(["a", "b"]).seconds == 2.0 and BANK.pruning(["a"]).seconds == 1.0
+
+
 def test_saving_counts_the_shared_bank_once_and_censored_baselines_as_the_cap() -> None:
     confs = [Configuration(("a", "b"), time_to_target(hist(10, 20, 25, 29), 30, 3),  # censored: 3 epochs
                            time_to_target(hist(31), 30, 3)),

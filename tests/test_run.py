@@ -129,6 +129,15 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     assert tuned_after["tuning"]["variants"] == len(tuned_after["variants"])
     assert set(tuned_after["tuning"]["variant_flops"]) == set(tuned_after["variants"])
     assert edited["runs"][0]["tuning"]["wall_time_s"] > summary["runs"][0]["tuning"]["wall_time_s"]
+    # A third tuning session (FFN Linears 0.5 -> 0.3) merges into the same banks; the block history
+    # stays one row per (variant, epoch), in epoch order.
+    exp.write_text(EXPERIMENT.format(model=trained).replace("attention = [0.5, 0.25]", "attention = [0.5, 0.75]")
+                   .replace("linear = [0.2, 0.5]", "linear = [0.2, 0.3]"))
+    run_stage.run_experiment(exp, run_dir)
+    third = json.loads((tuned_dir / "index.json").read_text())["tuning"]
+    rows = read_history(tuned_dir / "history.csv")
+    assert third["sessions"] == 3 and [int(r["epoch"]) for r in rows] == sorted(int(r["epoch"]) for r in rows)
+    assert len({(r["variant"], r["epoch"]) for r in rows}) == len(rows)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -141,6 +150,10 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     ("seeds = []\n[configurations]\nattention=[0.5]", "seeds"),
     ("[configurations]\nattention=[0.5]\n[finetuning]\ntarget_bleu=nan", "target_bleu"),
     ("[configurations]\nattention=[0.5]\n[tuning]\nlr=nan", "tuning.lr"),
+    ("[configurations]\nattention=[0.5]\n[finetuning]\nepochs=0", "finetuning.epochs must be at least 1"),
+    ("[configurations]\nattention=[0.5]\n[search]\nflops=0.5", "not both"),
+    ("[search]\nk=2", "needs a budget"),
+    ("[search]\nflops='lots'", "--flops"),
     ("not toml = = 1", "not valid TOML"),
 ])
 def test_bad_experiment_files(text: str, message: str, tmp_path: Path) -> None:

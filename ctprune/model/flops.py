@@ -15,7 +15,10 @@ BACKWARD_FACTOR = 2  # a backward pass costs about twice the forward pass (grads
 
 def attention_flops(d: int, heads: int, head_dim: int, q_len: int, kv_len: int, causal: bool = False) -> int:
     """One attention block over one sentence: q/out projections on the queries, k/v projections
-    on the keys, the score and value products (half of them when causal)."""
+    on the keys, the score and value products (the causal half of them in a decoder's
+    self-attention: what decoding computes, and what a causal kernel needs; the explicit CPU
+    training path computes the full square, so training FLOPs are slightly undercounted there,
+    on both sides of a comparison)."""
     inner = heads * head_dim
     products = 2 * q_len * kv_len * inner // (2 if causal else 1)
     return 2 * (q_len * 2 * d * inner + kv_len * 2 * d * inner + products)

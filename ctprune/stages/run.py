@@ -17,6 +17,7 @@ and tuned, and only configurations whose fingerprint changed are finetuned again
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -73,6 +74,14 @@ def _origin(exp: Experiment, run_dir: Path) -> Path:
         return exp.origin_model
     out = run_dir / "origin"
     if is_model_folder(out) and (out / "train_summary.json").exists():
+        # Banks, finetunings and latencies of the run folder belong to this origin: refuse to
+        # reuse it for another [origin] or [data] (the banks would be silently stale).
+        hp = read_json(out / "hparams.json", "origin hparams")
+        was = (hp.get("preset"), hp.get("corpus"), (hp.get("recipe") or {}).get("epochs"))
+        if was != (exp.preset, exp.corpus, exp.origin_epochs):
+            raise CtpruneError(f"{run_dir} holds an origin model of preset {was[0]}, corpus {was[1]}, {was[2]} "
+                               f"epochs, but {exp.path} asks for {exp.preset}, {exp.corpus}, {exp.origin_epochs}; "
+                               "choose another -o for a new origin")
         _say(f"origin model: done ({out})")
         return out
     resume = has_training_run(out)
@@ -131,9 +140,12 @@ def _merge(src: Path, dst: Path, keys: list[str]) -> None:
                      train_flops=old["train_flops"] + t["train_flops"],
                      variant_flops={**old["variant_flops"], **t["variant_flops"]},
                      epochs_done=max(old["epochs_done"], t["epochs_done"]), sessions=old["sessions"] + 1)
+            t["achieved_gflops"] = round(t["train_flops"] / max(t["wall_time_s"], 1e-9) / 1e9, 2)
         index["tuning"] = {**t, "variants": len(index["variants"])}
-        rows = [r for f in (dst / "history.csv", src / "history.csv")
-                for r in read_history(f) if r["variant"] in index["variants"]]
+        # one row per (variant, epoch), epochs in order (a merge redone after a kill sees its rows twice)
+        rows = list({(r["variant"], r["epoch"]): r for f in (src / "history.csv", dst / "history.csv")
+                     for r in read_history(f) if r["variant"] in index["variants"]}.values())
+        rows.sort(key=lambda r: int(r["epoch"]))
         write_block_history(dst / "history.csv", rows)
         plot_block_losses(rows, dst / "block_loss.png")
     write_json(dst / INDEX_FILE, index)
@@ -241,7 +253,7 @@ def _finetune_side(exp: Experiment, run_dir: Path, origin_dir: Path, bank: Path,
                  target_bleu=target, resume=has_training_run(out), device="cpu",
                  min_epochs=exp.budget_epochs, snapshot_epochs=(exp.budget_epochs,))
     metrics = out / "test_metrics.json"
-    if not metrics.exists():
+    if not metrics.exists() or set(read_json(metrics)["test_bleu_best"]) != set(tests):
         origin, tok, _ = load_model_folder(origin_dir)
         write_json(metrics, {"test_bleu_epoch0": test_bleu(compose(origin, bank, conf).eval(), tok, tests),
                              "test_bleu_budget": test_bleu(load_model_folder(budget)[0], tok, tests),
@@ -271,12 +283,19 @@ def _searched_configurations(exp: Experiment, run_dir: Path, origin_dir: Path, o
     _, tuned = _banks(exp, origin_dir, plan, run_dir / "banks", exp.seeds[0])
     _say(f"score: {len(load_index(tuned)['variants'])} variants of {tuned.name}")
     scores = score_bank(origin_dir, tuned, corpus=exp.corpus, data_dir=exp.data_dir, device="cpu")
-    _, found = search(SearchArgs(model=origin_dir, bank=tuned, output=run_dir / "conf.json",
-                                 budgets=tuple(parse_budget(r, v) for r, v in spec.budgets), k=spec.k,
-                                 min_distance=spec.min_distance, corpus=exp.corpus, data_dir=exp.data_dir))
-    _say(f"search: {len(found['configurations'])} configurations in {found['solver']['total_s']:.2f} s")
+    digests = {k: v["digest"] for k, v in scores["variants"].items()}
+    key = fingerprint([dataclasses.asdict(spec), scores["subset"], digests])
+    done = run_dir / "search.json"
+    if done.exists() and (run_dir / "conf.json").exists() and read_json(done).get("run_key") == key:
+        _say("search: done")  # the same scores and spec: the same configurations, never re-solved
+    else:
+        _, found = search(SearchArgs(model=origin_dir, bank=tuned, output=run_dir / "conf.json",
+                                     budgets=tuple(parse_budget(r, v) for r, v in spec.budgets), k=spec.k,
+                                     min_distance=spec.min_distance, corpus=exp.corpus, data_dir=exp.data_dir))
+        write_json(done, {**found, "run_key": key})
+        _say(f"search: {len(found['configurations'])} configurations in {found['solver']['total_s']:.2f} s")
     confs = load_configurations(run_dir / "conf.json", modules)
-    return confs, plan, float(scores["wall_time_s"])
+    return confs, plan, float(scores["total_wall_time_s"])
 
 
 def _seed_run(exp: Experiment, run_dir: Path, origin_dir: Path, confs: list[dict[str, float]],
@@ -295,7 +314,9 @@ def _seed_run(exp: Experiment, run_dir: Path, origin_dir: Path, confs: list[dict
             *(TimeToTarget(sides[s]["epochs_to_target"], Cost(sides[s]["cost_seconds"], sides[s]["cost_flops"]))
               for s in SIDES)))
     tuning = load_index(tuned)["tuning"]
-    bank = BankCost(prune_seconds=float(load_index(pruned).get("prune_seconds", 0.0)),
+    pruned_index = load_index(pruned)
+    bank = BankCost(prune_seconds=float(pruned_index.get("prune_seconds", 0.0)),
+                    n_pruned=len(pruned_index["variants"]),
                     tuning_seconds=tuning["wall_time_s"], teacher_flops=tuning["teacher_flops"],
                     variant_flops=tuning["variant_flops"], scoring_seconds=scoring_seconds)
     whole = _plan_keys(plan) if exp.search is not None else None

@@ -211,6 +211,9 @@ def score_bank(model_dir: Path, bank: Path, corpus: str = "multi30k", data_dir: 
         "origin": {"loss": round(origin_loss / n, 6)}, "device": dev,
         "variants": {k: kept.get(k) or fresh[k] for k in index["variants"]},
         "scored": len(todo), "reused": len(kept), "wall_time_s": round(seconds, 3),
+        # every second ever spent scoring this bank (a rerun that reuses every score adds nothing)
+        "total_wall_time_s": round(old.get("total_wall_time_s", old.get("wall_time_s", 0.0))
+                                   + (seconds if todo else 0.0), 3),
     }
     old_latency = old.get("latency") if same_ground else None
     if latency and not (old_latency and old_latency.get("digests") == digests):

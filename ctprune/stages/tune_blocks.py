@@ -238,7 +238,7 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     start, wall, tokens = 1, 0.0, 0
     best: dict[str, float] = {}
     stale = dict.fromkeys(keys, 0)
-    flops: dict[str, Any] = {"teacher": 0, "variants": {}}
+    flops: dict[str, Any] = {"teacher": 0, "variants": dict.fromkeys(keys, 0)}  # 0 epochs: nothing spent
     if resuming:
         try:
             state = torch.load(state_dir / "state.pt", weights_only=True)
