@@ -242,30 +242,39 @@ def _numbers(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_any_file_replace_resumes_to_the_same_numbers(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole pipeline (origin training, pruning, tuning, finetuning, evaluation, report) fails
-    at the n-th file replace for n spread over the run, and the re-run ends with the numbers of
-    an uninterrupted run."""
+def test_a_run_killed_inside_every_stage_resumes_to_the_same_numbers(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run fails at a file replace in the middle of every stage (origin training, pruning,
+    tuning, each finetuning, latency, report), and its re-run ends with the numbers of an
+    uninterrupted run."""
     exp = tmp_path / "exp.toml"
     exp.write_text(KILLED_RUN)
-    real = os.replace
-    calls = {"n": 0, "kill": 0}
+    real, real_say = os.replace, run_stage._say
+    calls: dict = {"n": 0, "kill": 0, "stage": "start", "stages": {}}
 
     def replace(src, dst):  # type: ignore[no-untyped-def]
         calls["n"] += 1
+        calls["stages"].setdefault(calls["stage"], []).append(calls["n"])
         if calls["n"] == calls["kill"]:
             raise _Killed
         return real(src, dst)
 
+    def say(msg: str) -> None:
+        calls["stage"] = msg.split(":")[0].split(" (")[0]
+        real_say(msg)
+
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(run_stage, "_say", say)
     run_stage.run_experiment(exp, tmp_path / "whole")
-    total, expected = calls["n"], _numbers(tmp_path / "whole")
-    points = [total // 5, 2 * total // 5, 3 * total // 5, 4 * total // 5]
-    for kill in points:
-        calls.update(n=0, kill=kill)
+    expected = _numbers(tmp_path / "whole")
+    stages = {k: v for k, v in calls["stages"].items() if k != "start"}
+    assert {"origin model", "prune", "tune-blocks", "latency", "report"} <= set(stages)
+    assert sum(k.startswith("finetune") for k in stages) == 4  # 2 configurations x 2 sides
+    for stage, replaces in stages.items():
+        kill = replaces[len(replaces) // 2]
+        calls.update(n=0, kill=kill, stages={})
         with pytest.raises(_Killed):
             run_stage.run_experiment(exp, tmp_path / f"killed-{kill}")
         calls.update(n=0, kill=0)
         run_stage.run_experiment(exp, tmp_path / f"killed-{kill}")
-        assert _numbers(tmp_path / f"killed-{kill}") == expected, kill
+        assert _numbers(tmp_path / f"killed-{kill}") == expected, stage

@@ -405,7 +405,8 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None) -> Path:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads()},
     }
+    _say("report: summary.json, report.md, report.html")
     write_json(run_dir / "summary.json", summary)
     report = write_report(run_dir)
-    _say(f"report: {report} (and report.html)")
+    _say(f"done: {report} (and report.html)")
     return report
