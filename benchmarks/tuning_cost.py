@@ -77,7 +77,7 @@ def main() -> None:
         def fresh(keys: list[str]) -> dict[str, nn.Module]:
             out = {}
             for k in keys:
-                v = load_variant(d / "bank", index, k, origin.get_submodule(index["variants"][k]["module"]))
+                v = load_variant(d / "bank", index, k, origin)
                 out[k] = v.eval().requires_grad_(True)
             return out
 

@@ -9,33 +9,36 @@ import torch
 from torch import Tensor
 
 from ctprune.data.corpus import Parallel
-from ctprune.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from ctprune.data.tokenizer import PAD_ID, Tokenizer
 
 
 @dataclass(frozen=True)
 class Batch:
-    """src (B, S); tgt_in (B, T) starts with BOS; tgt_out (B, T) ends with EOS; PAD elsewhere."""
+    """src (B, S); tgt_in (B, T) starts with BOS (the decoder's start token); tgt_out (B, T) ends
+    with EOS; ``pad_id`` elsewhere (the tokenizer's own ids: ctprune's 0/2/3, or a Hugging Face
+    model's)."""
 
     src: Tensor
     tgt_in: Tensor
     tgt_out: Tensor
     index: Tensor  # (B,) positions of the examples in the split
+    pad_id: int = PAD_ID
 
     @property
     def n_tgt_tokens(self) -> int:
-        return int((self.tgt_out != PAD_ID).sum())
+        return int((self.tgt_out != self.pad_id).sum())
 
     @property
     def n_src_tokens(self) -> int:
-        return int((self.src != PAD_ID).sum())
+        return int((self.src != self.pad_id).sum())
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device),
-                     self.index)
+                     self.index, self.pad_id)
 
 
-def pad(seqs: list[list[int]]) -> Tensor:
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD_ID, dtype=torch.long)
+def pad(seqs: list[list[int]], pad_id: int = PAD_ID) -> Tensor:
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return out
@@ -46,10 +49,11 @@ class TokenizedSplit:
 
     def __init__(self, data: Parallel, tok: Tokenizer, max_len: int) -> None:
         # Sentences longer than the model's positions are truncated (none in Multi30k at 256).
-        self.src = [s[:max_len - 1] + [EOS_ID] for s in tok.encode(data.src)]
-        tgt = [t[:max_len - 1] for t in tok.encode(data.tgt)]
-        self.tgt_in = [[BOS_ID] + t for t in tgt]
-        self.tgt_out = [t + [EOS_ID] for t in tgt]
+        self.pad_id = tok.pad_id
+        self.src = [s[:max_len - 1] + [tok.eos_id] for s in tok.encode(data.src)]
+        tgt = [t[:max_len - 1] for t in tok.encode_target(data.tgt)]
+        self.tgt_in = [[tok.bos_id] + t for t in tgt]
+        self.tgt_out = [t + [tok.eos_id] for t in tgt]
 
     def __len__(self) -> int:
         return len(self.src)
@@ -59,8 +63,9 @@ class TokenizedSplit:
         return sum(len(t) for t in self.tgt_out)
 
     def _make(self, idx: list[int]) -> Batch:
-        return Batch(pad([self.src[i] for i in idx]), pad([self.tgt_in[i] for i in idx]),
-                     pad([self.tgt_out[i] for i in idx]), torch.tensor(idx))
+        p = self.pad_id
+        return Batch(pad([self.src[i] for i in idx], p), pad([self.tgt_in[i] for i in idx], p),
+                     pad([self.tgt_out[i] for i in idx], p), torch.tensor(idx), p)
 
     def batches(self, max_tokens: int, shuffle_seed: int | None = None) -> list[Batch]:
         """Examples sorted by length and cut into batches of at most ``max_tokens`` padded

@@ -15,7 +15,10 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 class Tokenizer:
-    """Wraps a sentencepiece processor; ids follow PAD/UNK/BOS/EOS = 0/1/2/3."""
+    """Wraps a sentencepiece processor; ids follow PAD/UNK/BOS/EOS = 0/1/2/3. One joint model
+    serves both languages (``encode_target`` is ``encode``)."""
+
+    pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
     def __init__(self, model_proto: bytes) -> None:
         self.proto = model_proto
@@ -27,6 +30,9 @@ class Tokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts, out_type=int)
+
+    def encode_target(self, texts: list[str]) -> list[list[int]]:
+        return self.encode(texts)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return self.sp.decode(ids)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from ctprune.arch import arch_of, detect
 from ctprune.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import atomic_write, file_record, read_json, verify_file, write_json
@@ -23,8 +24,30 @@ CONFIG_FILE, WEIGHTS_FILE, HPARAMS_FILE = "config.json", "model.safetensors", "h
 MANIFEST_FILE, MODEL_FORMAT = "manifest.json", "ctprune-model/1"
 
 
-def save_model_folder(folder: Path, model: Seq2SeqTransformer, tok: Tokenizer,
-                      hparams: dict[str, Any]) -> None:
+def save_model_folder(folder: Path, model: torch.nn.Module, tok: Any, hparams: dict[str, Any]) -> None:
+    """Write ``model`` as a model folder of its architecture (see ``ctprune.arch``)."""
+    arch_of(model).save(Path(folder), model, tok, hparams)
+
+
+def load_model_folder(folder: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True
+                      ) -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, hparams) of a model folder of any supported architecture;
+    ``tokenizer=False``: a Hugging Face folder without a tokenizer loads with None."""
+    folder = Path(folder)
+    return detect(folder).load(folder, device, tokenizer)
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete model folder (ctprune's or a Hugging Face one)."""
+    try:
+        arch = detect(folder)
+    except CtpruneError:
+        return False
+    return all((Path(folder) / f).is_file() for f in arch.required_files)
+
+
+def save_native_folder(folder: Path, model: Seq2SeqTransformer, tok: Tokenizer,
+                       hparams: dict[str, Any]) -> None:
     """Write the files, each atomically: tokenizer, hparams, weights, then the manifest of their
     sizes and checksums, and config last; a folder interrupted midway fails its manifest check."""
     folder = Path(folder)
@@ -32,17 +55,12 @@ def save_model_folder(folder: Path, model: Seq2SeqTransformer, tok: Tokenizer,
     tok.save(folder)
     write_json(folder / HPARAMS_FILE, hparams)
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp)))
-    write_json(folder / MANIFEST_FILE, {"format": MODEL_FORMAT, "files": {
-        f: file_record(folder / f) for f in (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE)}})
+    write_manifest(folder, MODEL_FORMAT, (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE))
     write_json(folder / CONFIG_FILE, model.cfg.to_dict())
 
 
-def is_model_folder(folder: Path) -> bool:
-    return all((Path(folder) / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE))
-
-
-def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"
-                      ) -> tuple[Seq2SeqTransformer, Tokenizer, dict[str, Any]]:
+def load_native_folder(folder: str | Path, device: str | torch.device = "cpu"
+                       ) -> tuple[Seq2SeqTransformer, Tokenizer, dict[str, Any]]:
     """(model in eval mode, tokenizer, hparams); a path that is not a model folder is an error."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -50,7 +68,7 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / f).is_file()]
     if missing:
         raise CtpruneError(f"{folder} is not a ctprune model folder (missing {', '.join(missing)})")
-    _check_manifest(folder)
+    check_manifest(folder)
     raw = read_json(folder / CONFIG_FILE, "model config")
     if not isinstance(raw, dict):
         raise CtpruneError(f"model config {folder / CONFIG_FILE} must be a JSON object")
@@ -72,16 +90,23 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), Tokenizer.load(folder), hparams
 
 
-def _check_manifest(folder: Path) -> None:
-    """Check the recorded files of a model folder; folders written before manifests have none."""
+def write_manifest(folder: Path, fmt: str, files: tuple[str, ...]) -> None:
+    """Record the size and SHA-256 of ``files`` of a model folder in its manifest."""
+    write_json(folder / MANIFEST_FILE, {"format": fmt, "files": {f: file_record(folder / f) for f in files}})
+
+
+def check_manifest(folder: Path, fmt: str = MODEL_FORMAT,
+                   files: tuple[str, ...] = (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE)) -> None:
+    """Check the recorded files of a model folder; folders written before manifests (or by
+    another tool) have none."""
     path = folder / MANIFEST_FILE
     if not path.is_file():
         return
     manifest = read_json(path, "model manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != MODEL_FORMAT \
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt \
             or not isinstance(manifest.get("files"), dict):
-        raise CtpruneError(f"model manifest {path} is malformed (no format {MODEL_FORMAT!r} / files)")
+        raise CtpruneError(f"model manifest {path} is malformed (no format {fmt!r} / files)")
     for name, record in manifest["files"].items():
-        if name not in (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE):
+        if name not in files:
             raise CtpruneError(f"model manifest {path} lists an unexpected file {name!r}")
         verify_file(folder / name, record, name, str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ctprune.arch import arch_of
 from ctprune.data.batching import pad
 from ctprune.data.tokenizer import EOS_ID, Tokenizer
 from ctprune.model.transformer import Seq2SeqTransformer
@@ -81,20 +82,22 @@ def beam_search(model: Seq2SeqTransformer, src: Tensor, beam: int,
     return [_trim(row[1:]) for row in seqs[best].tolist()]
 
 
-def translate(model: Seq2SeqTransformer, tok: Tokenizer, sentences: list[str], beam: int = 1,
+def translate(model: torch.nn.Module, tok: Tokenizer, sentences: list[str], beam: int = 1,
               batch_size: int = 128, progress: bool = False) -> list[str]:
-    """Translate raw German sentences into detokenized English, batched by source length."""
+    """Translate raw source sentences into detokenized target sentences, batched by source
+    length; any architecture's model (``generate`` of ``ctprune.arch``: ctprune's greedy / beam
+    search above, or a Hugging Face model's own)."""
     from tqdm import tqdm
 
+    arch = arch_of(model)
     model.eval()
     dev = next(model.parameters()).device
-    ids = [s[:model.cfg.max_len - 1] + [EOS_ID] for s in tok.encode(sentences)]
+    ids = [s[:arch.max_len(model) - 1] + [tok.eos_id] for s in tok.encode(sentences)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[list[int]] = [[] for _ in ids]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc="translate", unit="batch", disable=not progress, leave=False):
-        src = pad([ids[i] for i in chunk]).to(dev)
-        hyps = greedy(model, src) if beam <= 1 else beam_search(model, src, beam)
-        for i, h in zip(chunk, hyps):
+        src = pad([ids[i] for i in chunk], tok.pad_id).to(dev)
+        for i, h in zip(chunk, arch.generate(model, src, beam)):
             out[i] = h
     return tok.decode(out)

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ctprune.arch import arch_of
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import atomic_write, contained, file_record, read_json, verify_file, write_json
-from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
 from ctprune.pruning.configs import KINDS, Configuration, check_ratio, variant_key
-from ctprune.pruning.surgery import replace_module
+from ctprune.pruning.surgery import mask_linear
 
 INDEX_FILE = "index.json"
 BANK_FORMAT = "ctprune-bank/1"
@@ -96,32 +96,30 @@ def check_bank_model(index: dict[str, Any], model_fp: str, bank: Path) -> None:
                            f"{index['model_fingerprint']}, this model is {model_fp})")
 
 
-def build_variant(origin_module: nn.Module, entry: dict[str, Any]) -> nn.Module:
-    """An empty module of the variant's shape (weights are loaded afterwards)."""
-    kind = entry["kind"]
-    expected = {"attention": Attention, "ffn": FeedForward, "linear": nn.Linear}[kind]
-    if not isinstance(origin_module, expected):
-        raise CtpruneError(f"variant of {entry['module']!r} says kind {kind!r}, but that module is a "
-                           f"{type(origin_module).__name__}")
-    if kind != "linear" and max(entry["kept"]) >= (origin_module.n_heads if kind == "attention"
-                                                   else origin_module.linear1.out_features):
-        raise CtpruneError(f"variant of {entry['module']!r} keeps index {max(entry['kept'])}, beyond the module")
-    if kind == "attention":
-        return Attention(origin_module.q_proj.in_features, len(entry["kept"]), origin_module.head_dim,
-                         origin_module.dropout)
-    if kind == "ffn":
-        return FeedForward(origin_module.linear1.in_features, len(entry["kept"]),
-                           origin_module.dropout.p)
-    new = copy.deepcopy(origin_module)
-    new.register_buffer("weight_mask", torch.ones_like(new.weight))
-    return new
+def build_variant(origin: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    """A module of the variant's shape for model ``origin`` (its weights are loaded afterwards):
+    the origin's block cut to the recorded heads/neurons, or its Linear with a mask."""
+    arch, name, kind = arch_of(origin), entry["module"], entry["kind"]
+    unit = arch.units(origin).get(name)
+    if unit is None:
+        raise CtpruneError(f"variant of {name!r}: the model ({arch.model_class}) has no such module; "
+                           "was the bank pruned from a model of another architecture?")
+    if unit.kind != kind:
+        raise CtpruneError(f"variant of {name!r} says kind {kind!r}, but that module is a {unit.kind} module")
+    block = arch.block(origin, name)
+    if kind == "linear":
+        return mask_linear(block, torch.ones_like(block.weight))
+    if max(entry["kept"]) >= unit.size:
+        raise CtpruneError(f"variant of {name!r} keeps index {max(entry['kept'])}, beyond the module")
+    return arch.cut(block, torch.tensor(entry["kept"]))
 
 
-def load_variant(bank: Path, index: dict[str, Any], key: str, origin_module: nn.Module) -> nn.Module:
-    """The variant's module with its weights, after checking the file against the index
-    (inside the bank; size and SHA-256 as recorded; every tensor present with its shape)."""
+def load_variant(bank: Path, index: dict[str, Any], key: str, origin: nn.Module) -> nn.Module:
+    """Variant ``key`` of model ``origin``'s module, with its weights, after checking the file
+    against the index (inside the bank; size and SHA-256 as recorded; every tensor present with
+    its shape)."""
     entry = index["variants"][key]
-    module = build_variant(origin_module, entry)
+    module = build_variant(origin, entry)
     path = contained(bank, entry["file"], f"bank {bank}, variant {key!r}")
     if "checksum" in entry:  # banks written before checksums have none
         verify_file(path, entry["checksum"], f"variant file of {key!r}", str(Path(bank) / INDEX_FILE))
@@ -137,8 +135,7 @@ def load_variant(bank: Path, index: dict[str, Any], key: str, origin_module: nn.
     return module
 
 
-def compose(origin: Seq2SeqTransformer, bank: Path, conf: Configuration,
-            index: dict[str, Any] | None = None) -> Seq2SeqTransformer:
+def compose(origin: nn.Module, bank: Path, conf: Configuration, index: dict[str, Any] | None = None) -> Any:
     """A new model: ``origin`` with each module of ``conf`` (ratio < 1) replaced by its variant."""
     index = index or load_index(bank)
     model = copy.deepcopy(origin)
@@ -151,5 +148,5 @@ def compose(origin: Seq2SeqTransformer, bank: Path, conf: Configuration,
     for name, ratio in conf.items():
         if ratio < 1:
             key = variant_key(name, ratio)
-            replace_module(model, name, load_variant(bank, index, key, origin.get_submodule(name)))
+            arch_of(model).set_block(model, name, load_variant(bank, index, key, origin))
     return model.train(origin.training)  # new variant modules would otherwise be in training mode

@@ -1,10 +1,11 @@
 """Prunable modules, configuration files, plans, and the fingerprints that tie them together.
 
-Module names are ctprune's own (``ctprune inspect MODEL`` lists them):
-``encoder.layers.I.self_attn``, ``decoder.layers.I.self_attn``, ``decoder.layers.I.cross_attn``
-(attention, pruned by heads); ``encoder|decoder.layers.I.ffn`` (FFN, pruned by hidden neurons);
-and every Linear inside them, e.g. ``decoder.layers.2.ffn.linear1`` or
-``encoder.layers.0.self_attn.q_proj`` (linear, pruned unstructured by L1 magnitude).
+Module names are those of the model's architecture (``ctprune inspect MODEL`` lists them; see
+``ctprune.arch``). For ctprune's own Transformer: ``encoder.layers.I.self_attn``,
+``decoder.layers.I.self_attn``, ``decoder.layers.I.cross_attn`` (attention, pruned by heads);
+``encoder|decoder.layers.I.ffn`` (FFN, pruned by hidden neurons); and every Linear inside them,
+e.g. ``decoder.layers.2.ffn.linear1`` or ``encoder.layers.0.self_attn.q_proj`` (linear, pruned
+unstructured by L1 magnitude).
 """
 
 from __future__ import annotations
@@ -13,53 +14,27 @@ import difflib
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ctprune.arch import KINDS as KINDS  # re-exported: stages import it from here
+from ctprune.arch import Prunable, arch_of, detect
 from ctprune.errors import CtpruneError
 from ctprune.fileio import read_json
-from ctprune.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
 
-KINDS = ("attention", "ffn", "linear")
 Configuration = dict[str, float]
 
 
-@dataclass(frozen=True)
-class Prunable:
-    name: str
-    kind: str
-    params: int
-    size: int  # heads (attention), hidden width (ffn), weights (linear)
-
-    @property
-    def unit(self) -> str:
-        return {"attention": "heads", "ffn": "neurons", "linear": "weights"}[self.kind]
-
-
-def prunable_modules(model: Seq2SeqTransformer) -> dict[str, Prunable]:
+def prunable_modules(model: nn.Module) -> dict[str, Prunable]:
     """Every prunable module of ``model`` by name, in model order."""
-    out: dict[str, Prunable] = {}
-    for name, m in model.named_modules():
-        if not name.startswith(("encoder.layers.", "decoder.layers.")):
-            continue
-        params = sum(p.numel() for p in m.parameters())
-        if isinstance(m, Attention):
-            out[name] = Prunable(name, "attention", params, m.n_heads)
-        elif isinstance(m, FeedForward):
-            out[name] = Prunable(name, "ffn", params, m.linear1.out_features)
-        elif isinstance(m, nn.Linear):
-            out[name] = Prunable(name, "linear", params, m.weight.numel())
-    return out
+    return arch_of(model).units(model)
 
 
 def _parent(name: str, modules: dict[str, Prunable]) -> str | None:
     """The attention/ffn block that contains Linear ``name``, if any."""
-    head, _, _ = name.rpartition(".")
-    return head if head in modules and modules[head].kind != "linear" else None
+    return modules[name].parent
 
 
 def check_ratio(value: Any, where: str) -> float:
@@ -122,7 +97,7 @@ def default_configurations(modules: dict[str, Prunable], n: int, attention: list
                 conf[name] = attention[i] if attention else 0.5
             elif m.kind == "ffn" and ffn is not None:
                 conf[name] = ffn[i]
-            elif m.kind == "linear" and ffn is None and name.endswith((".linear1", ".linear2")):
+            elif m.kind == "linear" and ffn is None and m.parent and modules[m.parent].kind == "ffn":
                 conf[name] = linear[i] if linear else 0.5
         confs.append(conf)
     return confs
@@ -133,10 +108,8 @@ def fingerprint(obj: Any) -> str:
 
 
 def model_fingerprint(folder: Path) -> str:
-    """Hash of a model folder's config and weights."""
-    h = hashlib.sha256((Path(folder) / CONFIG_FILE).read_bytes())
-    h.update((Path(folder) / WEIGHTS_FILE).read_bytes())
-    return h.hexdigest()[:16]
+    """Hash of a model folder's architecture (config, per-layer sizes) and weights."""
+    return detect(folder).fingerprint(Path(folder))
 
 
 def make_plan(confs: list[Configuration], modules: dict[str, Prunable], model_fp: str) -> dict[str, Any]:

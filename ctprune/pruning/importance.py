@@ -23,25 +23,42 @@ def _per_head(w: Tensor, n_heads: int) -> Tensor:
 
 
 @torch.no_grad()
+def head_scores(q: Tensor, k: Tensor, v: Tensor, out: Tensor, n_heads: int, criterion: str) -> Tensor:
+    """One score per head from its projections' weights, (nh*hs, d) rows of q/k/v and
+    (d, nh*hs) columns of the output projection, whatever module holds them. (nh,)
+    ``original``: the prototype's |sum of the head's q, k and v weights|;
+    ``l1``: mean |w| of the head's q/k/v rows plus that of its output columns."""
+    if criterion == "original":
+        return sum(_per_head(w, n_heads).sum(1) for w in (q, k, v)).abs()
+    qkv = sum(_per_head(w, n_heads).abs().mean(1) for w in (q, k, v))
+    return qkv + out.t().reshape(n_heads, -1).abs().mean(1)
+
+
+@torch.no_grad()
+def neuron_scores(w_in: list[Tensor], w_out: Tensor) -> Tensor:
+    """Product of the L1 norms of a hidden neuron's rows in the input Linear(s) (two when gated)
+    and of its column in the output Linear. (d_ff,)"""
+    score = w_out.abs().sum(0)
+    for w in w_in:
+        score = score * w.abs().sum(1)
+    return score
+
+
 def head_original(attn: Attention) -> Tensor:
     """The prototype's criterion: |sum of the head's q, k and v weights|. (nh,)"""
-    return sum(_per_head(p.weight, attn.n_heads).sum(1)
-               for p in (attn.q_proj, attn.k_proj, attn.v_proj)).abs()
+    return head_scores(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.out_proj.weight,
+                       attn.n_heads, "original")
 
 
-@torch.no_grad()
 def head_l1(attn: Attention) -> Tensor:
     """Mean |w| of the head's q/k/v rows and out_proj columns. (nh,)"""
-    qkv = sum(_per_head(p.weight, attn.n_heads).abs().mean(1)
-              for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    out = attn.out_proj.weight.t().reshape(attn.n_heads, -1).abs().mean(1)
-    return qkv + out
+    return head_scores(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.out_proj.weight,
+                       attn.n_heads, "l1")
 
 
-@torch.no_grad()
 def neuron_l1(ffn: FeedForward) -> Tensor:
     """|row of linear1|_1 x |column of linear2|_1 per hidden neuron. (d_ff,)"""
-    return ffn.linear1.weight.abs().sum(1) * ffn.linear2.weight.abs().sum(0)
+    return neuron_scores([ffn.linear1.weight], ffn.linear2.weight)
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ def n_keep(ratio: float, n: int) -> int:
     return max(1, min(n, math.floor(ratio * n + 0.5)))
 
 
-def _rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+def keep_rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+    """A new Linear with only output rows ``idx`` (weights and bias)."""
     new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None)
     with torch.no_grad():
         new.weight.copy_(linear.weight[idx])
@@ -31,7 +32,8 @@ def _rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
     return new
 
 
-def _cols(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+def keep_cols(linear: nn.Linear, idx: Tensor) -> nn.Linear:
+    """A new Linear with only input columns ``idx`` (the bias is kept whole)."""
     new = nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():
         new.weight.copy_(linear.weight[:, idx])
@@ -40,15 +42,20 @@ def _cols(linear: nn.Linear, idx: Tensor) -> nn.Linear:
     return new
 
 
+def head_index(keep: Tensor, head_dim: int) -> Tensor:
+    """Rows (of q/k/v) or columns (of the output projection) of heads ``keep``: (len(keep) * hd,)."""
+    return (keep[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
 def cut_heads(attn: Attention, keep: Tensor) -> Attention:
     """A new Attention with only the heads ``keep`` (sorted 1-D indices); q/k/v rows and
     out_proj columns of the other heads are removed."""
     keep = keep.sort().values
     hd = attn.head_dim
-    idx = (keep[:, None] * hd + torch.arange(hd)).flatten()  # (len(keep) * hd,)
+    idx = head_index(keep, hd)
     new = Attention(attn.q_proj.in_features, len(keep), hd, attn.dropout)
-    new.q_proj, new.k_proj, new.v_proj = (_rows(p, idx) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    new.out_proj = _cols(attn.out_proj, idx)
+    new.q_proj, new.k_proj, new.v_proj = (keep_rows(p, idx) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    new.out_proj = keep_cols(attn.out_proj, idx)
     return new.train(attn.training)
 
 
@@ -56,7 +63,7 @@ def cut_neurons(ffn: FeedForward, keep: Tensor) -> FeedForward:
     """A new FeedForward keeping hidden neurons ``keep``: rows of linear1, columns of linear2."""
     keep = keep.sort().values
     new = FeedForward(ffn.linear1.in_features, len(keep), ffn.dropout.p)
-    new.linear1, new.linear2 = _rows(ffn.linear1, keep), _cols(ffn.linear2, keep)
+    new.linear1, new.linear2 = keep_rows(ffn.linear1, keep), keep_cols(ffn.linear2, keep)
     return new.train(ffn.training)
 
 

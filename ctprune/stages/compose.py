@@ -8,7 +8,6 @@ from typing import Any
 from ctprune.errors import CtpruneError
 from ctprune.fileio import check_existing, check_output, read_json
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
-from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import check_bank_model, compose, load_index
 from ctprune.pruning.configs import Configuration, load_configurations, model_fingerprint, prunable_modules
 
@@ -30,11 +29,12 @@ def _is_composed(path: Path) -> bool:
         return False
 
 
-def compose_configuration(model_dir: Path, bank: Path, conf_path: Path, n: int
-                          ) -> tuple[Seq2SeqTransformer, Any, dict[str, Any]]:
+def compose_configuration(model_dir: Path, bank: Path, conf_path: Path, n: int, tokenizer: bool = True
+                          ) -> tuple[Any, Any, dict[str, Any]]:
     """(composed model, tokenizer, provenance) of configuration ``n``; checks that bank,
-    configuration file and model belong together."""
-    origin, tok, _ = load_model_folder(model_dir)
+    configuration file and model belong together. ``tokenizer=False``: a Hugging Face origin
+    without one composes too (its tokenizer is None)."""
+    origin, tok, _ = load_model_folder(model_dir, tokenizer=tokenizer)
     index = load_index(bank)
     check_bank_model(index, model_fingerprint(model_dir), bank)
     conf = select_configuration(load_configurations(conf_path, prunable_modules(origin)), n, conf_path)
@@ -51,6 +51,6 @@ def compose_to_folder(model_dir: Path, bank: Path, conf_path: Path, n: int, outp
     is empty or an earlier `compose` output."""
     check_output(output, {"model folder": model_dir, "bank": bank, "configuration file": conf_path})
     check_existing(output, _is_composed, "an empty folder or a model folder written by `ctprune compose`")
-    model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n)
+    model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n, tokenizer=False)
     save_model_folder(output, model, tok, provenance)
     return output

@@ -20,7 +20,7 @@ from ctprune.pruning.configs import (
 
 def inspect_model(model_dir: Path) -> list[str]:
     """One line per prunable module: name, kind, parameters, heads/neurons/weights."""
-    model, _, _ = load_model_folder(model_dir)
+    model, _, _ = load_model_folder(model_dir, tokenizer=False)
     mods = prunable_modules(model)
     total = sum(p.numel() for p in model.parameters())
     lines = [f"{model_dir}: {total:,} parameters, {len(mods)} prunable modules",
@@ -44,7 +44,7 @@ def write_configs(model_dir: Path, n: int, output: Path, attention: list[float] 
                   linear: list[float] | None = None, ffn: list[float] | None = None) -> list[Configuration]:
     check_output(output, {"model folder": model_dir})
     check_existing(output, _is_json_of(list), "a configuration file")
-    model, _, _ = load_model_folder(model_dir)
+    model, _, _ = load_model_folder(model_dir, tokenizer=False)
     confs = default_configurations(prunable_modules(model), n, attention, linear, ffn)
     write_json(output, confs)
     return confs
@@ -55,7 +55,7 @@ def write_plan(conf_path: Path, model_dir: Path, output: Path) -> dict[str, Any]
     records, so that a bank or configuration from another model is refused later."""
     check_output(output, {"configuration file": conf_path, "model folder": model_dir})
     check_existing(output, _is_json_of(dict, "ctprune-plan/1"), "a plan")
-    model, _, _ = load_model_folder(model_dir)
+    model, _, _ = load_model_folder(model_dir, tokenizer=False)
     modules = prunable_modules(model)
     confs = load_configurations(conf_path, modules)
     plan = make_plan(confs, modules, model_fingerprint(model_dir))

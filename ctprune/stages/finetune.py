@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ctprune.arch import arch_of
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
@@ -32,7 +33,7 @@ def finetune(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path,
     train, val = (load_split(corpus, s, data_dir) for s in (train_name, val_name))
     hparams: dict[str, Any] = {**provenance, "stage": "finetune", "corpus": corpus, "target_bleu": target_bleu}
     result = fit(model, tok, train, val, recipe, output, hparams, resume=resume, device=dev,
-                 eval_before=True, target_bleu=target_bleu, after_step=lambda m: m.apply_masks(),
+                 eval_before=True, target_bleu=target_bleu, after_step=arch_of(model).apply_masks,
                  min_epochs=min_epochs, snapshot_epochs=snapshot_epochs)
     plot_history(output / "history.csv", output / "history.png", f"configuration {n}")
     return result
@@ -48,7 +49,7 @@ def finetune_all(model_dir: Path, bank: Path, conf_path: Path, output: Path, rec
                           "data folder": kwargs.get("data_dir")})
     if Path(output).exists() and not Path(output).is_dir():
         raise CtpruneError(f"output {output} exists and is not a folder (--all writes OUTPUT/config-I)")
-    origin, _, _ = load_model_folder(model_dir)
+    origin, _, _ = load_model_folder(model_dir, tokenizer=False)
     confs = load_configurations(conf_path, prunable_modules(origin))
     results = []
     for i in range(len(confs)):

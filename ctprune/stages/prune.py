@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
+from ctprune.arch import arch_of
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output, read_json, write_json
 from ctprune.model.checkpoint import load_model_folder
-from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
 from ctprune.progress import progress
 from ctprune.pruning import importance
 from ctprune.pruning.bank import INDEX_FILE, empty_index, save_variant
@@ -30,26 +30,16 @@ from ctprune.pruning.configs import (
     variant_ids,
     variant_key,
 )
-from ctprune.pruning.surgery import cut_heads, cut_neurons, l1_mask, mask_linear, n_keep
+from ctprune.pruning.surgery import l1_mask, mask_linear, n_keep
 
 CRITERIA = importance.HEAD_CRITERIA
 
 
-def _scores(model: Seq2SeqTransformer, name: str, criterion: str,
-            stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    module = model.get_submodule(name)
-    if criterion == "activation":
-        return stats[name]
-    if isinstance(module, Attention):
-        return importance.head_original(module) if criterion == "original" else importance.head_l1(module)
-    assert isinstance(module, FeedForward)
-    return importance.neuron_l1(module)  # the prototype had no FFN criterion; L1 serves both
-
-
-def make_variant(model: Seq2SeqTransformer, name: str, kind: str, ratio: float, criterion: str,
+def make_variant(model: torch.nn.Module, name: str, kind: str, ratio: float, criterion: str,
                  stats: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """One pruned copy of module ``name`` and its index entry."""
-    module = model.get_submodule(name)
+    arch = arch_of(model)
+    module = arch.block(model, name)
     entry: dict[str, Any] = {"module": name, "kind": kind, "ratio": ratio,
                              "provenance": {"stage": "pruned", "criterion": criterion,
                                             "epochs": 0, "block_loss": None}}
@@ -60,10 +50,10 @@ def make_variant(model: Seq2SeqTransformer, name: str, kind: str, ratio: float, 
                      sparsity=round(1 - float(mask.mean()), 6))
         entry["provenance"]["criterion"] = "l1-magnitude"
         return variant, entry
-    scores = _scores(model, name, criterion, stats)
+    scores = stats[name] if criterion == "activation" else arch.scores(module, criterion)
     keep = scores.topk(n_keep(ratio, len(scores))).indices.sort().values
     removed = sorted(set(range(len(scores))) - set(keep.tolist()))
-    variant = cut_heads(module, keep) if kind == "attention" else cut_neurons(module, keep)
+    variant = arch.cut(module, keep)
     entry.update(kept=keep.tolist(), removed=removed, size=len(keep), of=len(scores),
                  scores=[round(float(s), 6) for s in scores])
     return variant, entry
@@ -97,7 +87,7 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
     output = check_output(output, {"model folder": model_dir, "plan": plan_path, "data folder": data_dir})
     if output.exists() or output.is_symlink():
         raise CtpruneError(f"{output} already exists; choose another -o or remove it")
-    model, tok, _ = load_model_folder(model_dir)
+    model, tok, _ = load_model_folder(model_dir, tokenizer=criterion == "activation")
     modules = prunable_modules(model)
     model_fp = model_fingerprint(model_dir)
     if plan_path is not None:
@@ -118,8 +108,8 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
     stats: dict[str, torch.Tensor] = {}
     if criterion == "activation":
         train = load_split(corpus, default_splits(corpus)[0], data_dir)
-        batches = TokenizedSplit(train, tok, model.cfg.max_len).batches(4096, shuffle_seed=0)
-        stats = importance.activation_stats(model, batches[:calibration_batches])
+        batches = TokenizedSplit(train, tok, arch_of(model).max_len(model)).batches(4096, shuffle_seed=0)
+        stats = arch_of(model).activation_stats(model, batches[:calibration_batches])
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:

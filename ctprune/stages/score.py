@@ -188,7 +188,7 @@ def score_bank(model_dir: Path, bank: Path, corpus: str = "multi30k", data_dir: 
             if digests.get(k) == s.get("digest")}
     todo = [k for k in index["variants"] if k not in kept]
     modules = {k: index["variants"][k]["module"] for k in todo}
-    variants = {k: load_variant(bank, index, k, origin.get_submodule(modules[k])).to(dev).eval()
+    variants = {k: load_variant(bank, index, k, origin).to(dev).eval()
                 for k in todo}
     t0 = time.perf_counter()
     sums = {k: [0.0, 0.0] for k in todo}
@@ -218,7 +218,7 @@ def score_bank(model_dir: Path, bank: Path, corpus: str = "multi30k", data_dir: 
     old_latency = old.get("latency") if same_ground else None
     if latency and not (old_latency and old_latency.get("digests") == digests):
         t1 = time.perf_counter()
-        every = {k: (e["module"], load_variant(bank, index, k, origin.get_submodule(e["module"])).to(dev).eval())
+        every = {k: (e["module"], load_variant(bank, index, k, origin).to(dev).eval())
                  for k, e in index["variants"].items()}
         scores["latency"] = {**measure_latency(origin, every, subset, latency_repeats),
                              "digests": digests, "wall_time_s": round(time.perf_counter() - t1, 3)}

@@ -98,7 +98,7 @@ def build_choices(origin: Seq2SeqTransformer, bank: Path, index: dict[str, Any],
     modules = prunable_modules(origin)
     per_variant: dict[str, tuple[str, float, float, dict[str, float]]] = {}
     for key, e in index["variants"].items():
-        variant = load_variant(bank, index, key, origin.get_submodule(e["module"]))
+        variant = load_variant(bank, index, key, origin)
         with swapped(origin, e["module"], variant):
             cost = {"params": float(parameter_counts(origin)[1] - origin_nonzero),
                     "flops": float(forward_flops(origin.cfg, src_len, tgt_len) - origin_flops)}

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ctprune.arch import arch_of
 from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
-from ctprune.data.tokenizer import PAD_ID
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import (
@@ -40,8 +40,7 @@ from ctprune.fileio import (
     write_text,
 )
 from ctprune.model.checkpoint import load_model_folder
-from ctprune.model.flops import BACKWARD_FACTOR, batch_forward_flops, module_flops
-from ctprune.model.transformer import Seq2SeqTransformer
+from ctprune.model.flops import BACKWARD_FACTOR
 from ctprune.progress import progress
 from ctprune.pruning.bank import (
     INDEX_FILE,
@@ -58,36 +57,55 @@ HISTORY_FIELDS = ("epoch", "variant", "train_loss", "val_loss", "wall_time_s")
 
 
 class Recorder:
-    """Forward hooks on the origin's modules that keep each call's inputs and output."""
+    """Hooks on the origin that keep each unit's last call: the inputs of the module that receives
+    the unit's input and the output of the module that returns its output (the unit's own block,
+    or e.g. a Marian FFN's fc1 and fc2), and the side (encoder/decoder) whose tokens it sees."""
 
-    def __init__(self, model: Seq2SeqTransformer, names: list[str]) -> None:
-        self.calls: dict[str, tuple[tuple[Any, ...], dict[str, Any], Tensor]] = {}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n), with_kwargs=True)
-                        for n in names]
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        arch = arch_of(model)
+        units = arch.units(model)
+        self.sides = {n: units[n].side for n in names}
+        self.inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.handles = []
+        for n in names:
+            first, last = arch.io_modules(model, n)
+            self.handles.append(first.register_forward_pre_hook(self._keep_inputs(n), with_kwargs=True))
+            self.handles.append(last.register_forward_hook(self._keep_output(n)))
 
-    def _hook(self, name: str):  # type: ignore[no-untyped-def]
-        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> None:
-            self.calls[name] = (args, kwargs, out)
+    def _keep_inputs(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.inputs[name] = (args, kwargs)
         return hook
+
+    def _keep_output(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+            self.outputs[name] = out[0] if isinstance(out, tuple) else out  # HF attention: (output, ...)
+        return hook
+
+    def call(self, name: str, block: nn.Module) -> tuple[Tensor, Tensor]:
+        """(``block`` run on unit ``name``'s recorded input, the unit's recorded output)."""
+        args, kwargs = self.inputs[name]
+        out = block(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out, self.outputs[name]
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def block_losses(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
+def block_losses(origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
                  rec: Recorder, batch: Batch) -> dict[str, Tensor]:
     """One teacher pass, then each variant's normalised MSE on its module's recorded call
     (computed in fp32 whatever precision the passes ran in)."""
     with torch.no_grad():
-        origin(batch.src, batch.tgt_in)
-    keep = {"encoder": batch.src != PAD_ID, "decoder": batch.tgt_in != PAD_ID}  # (B, T) real tokens
+        arch_of(origin).logits(origin, batch.src, batch.tgt_in)
+    keep = {"encoder": batch.src != batch.pad_id, "decoder": batch.tgt_out != batch.pad_id}  # (B, T) real tokens
     losses = {}
     for key, variant in variants.items():
-        args, kwargs, target = rec.calls[modules[key]]
-        pred = variant(*args, **kwargs).float()
-        target = target.float()
-        m = keep[modules[key].split(".")[0]]
+        pred, target = rec.call(modules[key], variant)
+        pred, target = pred.float(), target.float()
+        m = keep[rec.sides[modules[key]]]
         err = ((pred - target) ** 2).mean(-1)[m].mean()
         losses[key] = err / target[m].pow(2).mean().clamp_min(1e-8)
     return losses
@@ -99,13 +117,15 @@ def _summed_loss(out: list[Tensor], *args: Any) -> Tensor:
     return torch.stack(out).sum()
 
 
-def tuning_step_flops(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
+def tuning_step_flops(origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
                       batch: Batch) -> tuple[int, dict[str, int]]:
     """Analytic FLOPs of one tuning step on the padded batch: the teacher's forward pass, and per
     variant its forward and backward pass."""
     (b, s), t = batch.src.shape, batch.tgt_in.shape[1]
-    teacher = batch_forward_flops(origin.cfg, b, s, t)
-    return teacher, {k: (1 + BACKWARD_FACTOR) * b * module_flops(modules[k], v, s, t) for k, v in variants.items()}
+    arch = arch_of(origin)
+    teacher = b * arch.forward_flops(origin, s, t)
+    return teacher, {k: (1 + BACKWARD_FACTOR) * b * arch.block_flops(origin, modules[k], v, s, t)
+                     for k, v in variants.items()}
 
 
 def write_block_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -137,7 +157,7 @@ def plot_block_losses(history: list[dict[str, Any]], path: Path) -> None:
 
 
 @torch.no_grad()
-def _validate(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
+def _validate(origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
               rec: Recorder, batches: list[Batch], bf16: bool) -> dict[str, float]:
     totals = torch.zeros(len(variants))
     for b in batches:
@@ -223,16 +243,21 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     index = check_index(read_json(state_dir / "output_index.json", "tuning state"), output) if resuming \
         else load_index(output)
     variants = {k: load_variant(state_dir if resuming else bank, load_index(state_dir)
-                                if resuming else src_index, k, origin.get_submodule(modules[k])).to(dev)
+                                if resuming else src_index, k, origin).to(dev)
                 for k in keys}
+    arch = arch_of(origin)
+    trained = [p for v in variants.values() for p in arch.tuning_parameters(v)]
     for v in variants.values():
         v.eval()  # the teacher runs without dropout; so do its students
-        v.requires_grad_(True)  # Linear variants are copies of the frozen origin's modules
-    opt = make_optimizer([p for v in variants.values() for p in v.parameters()], recipe)
+        v.requires_grad_(False)  # variants are copies of the frozen origin's modules
+    for p in trained:
+        p.requires_grad_(True)
+    opt = make_optimizer(trained, recipe)
     train_name, val_name, _ = default_splits(corpus)
-    train = TokenizedSplit(load_split(corpus, train_name, data_dir), tok, origin.cfg.max_len)
+    max_len = arch.max_len(origin)
+    train = TokenizedSplit(load_split(corpus, train_name, data_dir), tok, max_len)
     val_batches = [b.to(dev) for b in
-                   TokenizedSplit(load_split(corpus, val_name, data_dir), tok, origin.cfg.max_len).batches(8192)]
+                   TokenizedSplit(load_split(corpus, val_name, data_dir), tok, max_len).batches(8192)]
     rec = Recorder(origin, sorted(set(modules.values())))
     history: list[dict[str, Any]] = []
     start, wall, tokens = 1, 0.0, 0

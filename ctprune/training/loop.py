@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ctprune.arch import arch_of
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import Parallel
-from ctprune.data.tokenizer import PAD_ID, Tokenizer
+from ctprune.data.tokenizer import Tokenizer
 from ctprune.errors import CtpruneError
 from ctprune.fileio import (
     atomic_write,
@@ -40,7 +41,6 @@ from ctprune.fileio import (
     write_text,
 )
 from ctprune.model.checkpoint import is_model_folder, load_model_folder, save_model_folder
-from ctprune.model.flops import train_step_flops
 from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.progress import progress
@@ -119,10 +119,10 @@ class FitResult:
     stopped_early: bool
 
 
-def loss_fn(model: Seq2SeqTransformer, batch: Any, label_smoothing: float = 0.0) -> torch.Tensor:
+def loss_fn(model: torch.nn.Module, batch: Any, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean token cross-entropy of ``batch`` (PAD ignored)."""
-    logits = model(batch.src, batch.tgt_in)
-    return cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), PAD_ID, label_smoothing)
+    logits = arch_of(model).logits(model, batch.src, batch.tgt_in)
+    return cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), batch.pad_id, label_smoothing)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Adam:
@@ -274,8 +274,9 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
                            "or choose another output folder")
     torch.manual_seed(recipe.seed)  # dropout; the data order is seeded per epoch in _batches
     model.to(device)
-    train_split = TokenizedSplit(train, tok, model.cfg.max_len)
-    val_split = TokenizedSplit(val, tok, model.cfg.max_len)
+    arch = arch_of(model)
+    train_split = TokenizedSplit(train, tok, arch.max_len(model))
+    val_split = TokenizedSplit(val, tok, arch.max_len(model))
     opt = make_optimizer(model.parameters(), recipe)
     steps_per_epoch = len(_batches(train_split, recipe, 0))
     total_steps = steps_per_epoch * max(1, recipe.epochs)
@@ -361,7 +362,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
             loss = train_step(model, opt, batch, recipe, lr)
             if after_step is not None:
                 after_step(model)
-            flops += train_step_flops(model.cfg, *batch.src.shape, batch.tgt_in.shape[1])
+            flops += arch.train_step_flops(model, *batch.src.shape, batch.tgt_in.shape[1])
             step += 1
             n = batch.n_tgt_tokens
             tokens += batch.n_src_tokens + n

@@ -1,0 +1,223 @@
+"""The architecture seam: what a stage needs to know about one model family, in one place.
+
+Stages never ask what class a model is. They ask ``detect(folder)`` or ``arch_of(model)`` for an
+:class:`Architecture` and call it: load / save a model folder, fingerprint it, list its prunable
+units (name, kind, size), take a unit out as a block and put a block back, cut heads or neurons,
+score them, compute logits, translate, count FLOPs. ctprune's own Transformer is one
+implementation (``native.py``); MarianMT (``marian.py``) and T5 (``t5.py``) are others, sharing the
+Hugging Face plumbing of ``hf.py``. A fourth architecture is one new file and one line in
+``_REGISTRY``.
+
+Every implementation is imported lazily, so that ``transformers`` is loaded only for a Hugging
+Face model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ctprune.errors import CtpruneError
+from ctprune.model.flops import BACKWARD_FACTOR
+
+KINDS = ("attention", "ffn", "linear")
+SIZE_UNITS = {"attention": "heads", "ffn": "neurons", "linear": "weights"}
+
+
+@dataclass(frozen=True)
+class Prunable:
+    """One prunable unit of a model: an attention block (heads), an FFN block (neurons) or a
+    Linear inside them (weights, unstructured). ``side`` says which positions it runs on (its
+    block loss is averaged over the real tokens of that side); ``parent`` is, for a Linear, the
+    block that contains it (a configuration may prune one or the other, not both)."""
+
+    name: str
+    kind: str
+    params: int
+    size: int  # heads (attention), hidden width (ffn), weights (linear)
+    side: str = "encoder"
+    parent: str | None = None
+
+    @property
+    def unit(self) -> str:
+        return SIZE_UNITS[self.kind]
+
+
+class Architecture(ABC):
+    """One model family. Methods take the model (an ``nn.Module`` of this family) explicitly and
+    keep no state, so one instance serves every model of the family."""
+
+    name: str  # as written into hparams and error messages
+    model_class: str  # the class users know it by
+    required_files: tuple[str, ...]  # what a complete model folder holds
+
+    # ---- model folders -------------------------------------------------------------------
+    @abstractmethod
+    def claims(self, folder: Path, config: dict[str, Any]) -> bool:
+        """Whether ``folder`` (its parsed ``config.json``) is a model folder of this family."""
+
+    @abstractmethod
+    def load(self, folder: Path, device: str | torch.device = "cpu", tokenizer: bool = True
+             ) -> tuple[nn.Module, Any, dict[str, Any]]:
+        """(model in eval mode, tokenizer or None, hparams). ``tokenizer=True``: a folder without
+        one is an error (the command reads or writes text); else a missing one is None."""
+
+    @abstractmethod
+    def save(self, folder: Path, model: nn.Module, tok: Any, hparams: dict[str, Any]) -> None:
+        """Write ``model`` (pruned or not) so that ``load`` rebuilds it with its own sizes."""
+
+    @abstractmethod
+    def fingerprint(self, folder: Path) -> str:
+        """16 hex digits of the folder's architecture and weights."""
+
+    # ---- prunable units -----------------------------------------------------------------
+    @abstractmethod
+    def units(self, model: nn.Module) -> dict[str, Prunable]:
+        """Every prunable unit of ``model`` by name, in model order."""
+
+    def block(self, model: nn.Module, name: str) -> nn.Module:
+        """The module that computes unit ``name``: what a block variant replaces."""
+        return model.get_submodule(name)
+
+    def set_block(self, model: nn.Module, name: str, block: nn.Module) -> None:
+        """Put ``block`` in place of unit ``name`` (and update whatever records the sizes)."""
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, block)
+
+    def io_modules(self, model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
+        """(module whose call receives the unit's input, module whose call returns its output);
+        ``block(*args, **kwargs)`` of the first's call reproduces the second's output."""
+        b = self.block(model, name)
+        return b, b
+
+    @abstractmethod
+    def cut(self, block: nn.Module, keep: Tensor) -> nn.Module:
+        """A new attention / FFN block keeping heads / neurons ``keep`` (sorted indices into the
+        block as it is), sizes updated; the input block is not changed."""
+
+    @abstractmethod
+    def scores(self, block: nn.Module, criterion: str) -> Tensor:
+        """One importance value per head or neuron of an attention / FFN block (higher = keep)."""
+
+    def activation_stats(self, model: nn.Module, batches: list[Any]) -> dict[str, Tensor]:
+        """Data-driven scores (the ``activation`` criterion) of every attention / FFN unit."""
+        raise CtpruneError(f"the activation criterion is not implemented for {self.model_class} yet; "
+                           "use --criterion original or l1")
+
+    def tuning_parameters(self, block: nn.Module) -> list[nn.Parameter]:
+        """The parameters block tuning trains (all of them unless the family shares one)."""
+        return list(block.parameters())
+
+    # ---- running --------------------------------------------------------------------------
+    @abstractmethod
+    def max_len(self, model: nn.Module) -> int:
+        """Longest token sequence (either side) the model takes."""
+
+    @abstractmethod
+    def logits(self, model: nn.Module, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """src (B, S), tgt_in (B, T) token ids, padded with the model's pad id -> (B, T, V)."""
+
+    @abstractmethod
+    def generate(self, model: nn.Module, src: Tensor, beam: int = 1) -> list[list[int]]:
+        """src (B, S) token ids (ending with EOS, padded) -> B hypotheses as token ids without
+        start or end token; greedy for ``beam`` 1, else beam search."""
+
+    @abstractmethod
+    def forward_flops(self, model: nn.Module, src_len: int, tgt_len: int) -> int:
+        """Analytic FLOPs of one forward pass over one sentence pair."""
+
+    def train_step_flops(self, model: nn.Module, batch_size: int, src_len: int, tgt_len: int) -> int:
+        """Forward + backward FLOPs of one end-to-end training step on a padded batch."""
+        return (1 + BACKWARD_FACTOR) * batch_size * self.forward_flops(model, src_len, tgt_len)
+
+    @abstractmethod
+    def block_flops(self, model: nn.Module, name: str, block: nn.Module, src_len: int, tgt_len: int) -> int:
+        """Forward FLOPs of ``block`` standing for unit ``name`` over one sentence pair."""
+
+    def apply_masks(self, model: nn.Module) -> None:
+        """Zero the pruned weights of every masked Linear (after each optimizer step)."""
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Linear) and hasattr(m, "weight_mask"):
+                    m.weight.mul_(m.weight_mask)
+
+
+# name -> (module, class): imported on first use.
+_REGISTRY = {
+    "ctprune": ("ctprune.arch.native", "NativeArchitecture"),
+    "marian": ("ctprune.arch.marian", "MarianArchitecture"),
+    "t5": ("ctprune.arch.t5", "T5Architecture"),
+}
+# The Hugging Face class of each family, for arch_of without importing transformers.
+_HF_CLASSES = {"MarianMTModel": "marian", "T5ForConditionalGeneration": "t5"}
+SUPPORTED = "ctprune's own Transformer, MarianMTModel (model_type marian), T5ForConditionalGeneration (model_type t5)"
+_loaded: dict[str, Architecture] = {}
+
+
+def get(name: str) -> Architecture:
+    """The architecture registered as ``name`` (ctprune, marian, t5)."""
+    if name not in _REGISTRY:
+        raise CtpruneError(f"unknown architecture {name!r}; choose one of {', '.join(_REGISTRY)}")
+    if name not in _loaded:
+        module, cls = _REGISTRY[name]
+        try:
+            _loaded[name] = getattr(importlib.import_module(module), cls)()
+        except ImportError as e:
+            raise CtpruneError(f"the {name} architecture needs {e.name or 'a package'}; install ctprune's "
+                               "Hugging Face extra: pip install -e \".[hf]\"") from None
+    return _loaded[name]
+
+
+def detect(folder: str | Path) -> Architecture:
+    """The architecture of model folder ``folder``, from its ``config.json``: a Hugging Face
+    folder names its ``model_type``; a ctprune folder has none. Anything else is refused in one
+    line naming what is supported."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CtpruneError(f"model folder not found: {folder}")
+    path = folder / "config.json"
+    if not path.is_file():
+        if (folder / "model.safetensors").is_file() or (folder / "tokenizer.model").is_file():
+            return get("ctprune")  # a damaged ctprune folder: its own loader says what is missing
+        raise CtpruneError(f"{folder} is not a ctprune model folder nor a supported Hugging Face model "
+                           f"(no config.json); supported: {SUPPORTED}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CtpruneError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CtpruneError(f"model config {path} must be a JSON object")
+    model_type = config.get("model_type")
+    if model_type is None:
+        if get("ctprune").claims(folder, config):
+            return get("ctprune")
+        raise CtpruneError(f"{folder} is not a ctprune model folder nor a supported Hugging Face model "
+                           f"({path.name} has neither ctprune's fields nor a model_type); supported: {SUPPORTED}")
+    name = {"marian": "marian", "t5": "t5"}.get(model_type)
+    if name is None:
+        archs = config.get("architectures") or [model_type]
+        raise CtpruneError(f"{folder} holds a Hugging Face {'/'.join(map(str, archs))} (model_type "
+                           f"{model_type!r}), which ctprune does not support; supported: {SUPPORTED}")
+    arch = get(name)
+    if not arch.claims(folder, config):
+        archs = config.get("architectures") or []
+        raise CtpruneError(f"{folder} holds a Hugging Face {'/'.join(map(str, archs)) or model_type} model; "
+                           f"ctprune supports {arch.model_class} for model_type {model_type!r}")
+    return arch
+
+
+def arch_of(model: nn.Module) -> Architecture:
+    """The architecture of a loaded model."""
+    cls = type(model).__name__
+    if cls == "Seq2SeqTransformer":
+        return get("ctprune")
+    if cls in _HF_CLASSES:
+        return get(_HF_CLASSES[cls])
+    raise CtpruneError(f"a {cls} is not a model ctprune can prune; supported: {SUPPORTED}")

@@ -1,0 +1,306 @@
+"""What MarianMT and T5 share behind the architecture seam: model folders, tokenizers, logits,
+generation and FLOPs of a Hugging Face encoder-decoder whose layers may have been pruned.
+
+A Hugging Face config holds one head count and one FFN width for all layers, so a non-uniformly
+pruned model cannot go through ``from_pretrained``. ctprune saves it as the (unchanged) HF
+``config.json``, the per-layer sizes in ``ctprune_layers.json``, and ``model.safetensors``;
+:func:`load_pruned` rebuilds the same HF class from the config, cuts each listed unit to its size
+(``Architecture.cut`` on the fresh model: the same code that pruned it), and loads the weights.
+No pickle is read or written: a folder with only ``pytorch_model.bin`` is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from ctprune.arch import Architecture, Prunable
+from ctprune.errors import CtpruneError, first_line
+from ctprune.fileio import atomic_write, read_json, write_json, write_text
+from ctprune.model.checkpoint import check_manifest, write_manifest
+from ctprune.model.flops import attention_flops, ffn_flops
+
+CONFIG_FILE, WEIGHTS_FILE, LAYERS_FILE = "config.json", "model.safetensors", "ctprune_layers.json"
+HPARAMS_FILE, GENERATION_FILE = "hparams.json", "generation_config.json"
+LAYERS_FORMAT, MANIFEST_FORMAT = "ctprune-hf-layers/1", "ctprune-hf-model/1"
+# Files that mark a folder as holding a tokenizer (one of them is enough for AutoTokenizer).
+TOKENIZER_MARKS = ("tokenizer.json", "tokenizer_config.json", "source.spm", "spiece.model")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' info and warnings (load reports, generation flags, Marian's advice to install
+    sacremoses, which ctprune does not use) off inside the block."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+            yield
+    finally:
+        logging.set_verbosity(level)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer as ctprune's stages use one: plain ids without special tokens
+    (the batcher adds the end and start tokens), the model's own pad / decoder-start / end ids,
+    and source and target encodings apart (Marian has one sentencepiece model per side)."""
+
+    def __init__(self, hf: Any, pad_id: int, bos_id: int, eos_id: int, prefix: str = "") -> None:
+        self.hf, self.pad_id, self.bos_id, self.eos_id, self.prefix = hf, pad_id, bos_id, eos_id, prefix
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.hf([self.prefix + t for t in texts], add_special_tokens=False)["input_ids"] if texts else []
+
+    def encode_target(self, texts: list[str]) -> list[list[int]]:
+        return self.hf(text_target=texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return self.hf.batch_decode(ids, skip_special_tokens=True)
+
+    def save(self, folder: Path) -> None:
+        """The tokenizer's files into ``folder``, each replaced atomically."""
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
+            self.hf.save_pretrained(tmp)
+            for f in Path(tmp).iterdir():
+                os.replace(f, Path(folder) / f.name)
+
+
+class HFArchitecture(Architecture):
+    """Shared Hugging Face plumbing; a family names its class and how its units are laid out."""
+
+    required_files = (CONFIG_FILE, WEIGHTS_FILE)
+    model_type: str  # config.json's
+    cross_attention: str  # attribute name of a decoder layer's attention over the encoder output
+    ffn_types: tuple[type, ...]  # the classes of the family's FFN blocks
+
+    def model_cls(self) -> type:
+        """The Hugging Face class (``model_class`` names it in ``transformers``)."""
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    # ---- what each family defines ---------------------------------------------------------
+
+    def full_size(self, config: Any, unit: Prunable) -> int:
+        """Heads / FFN width of ``unit`` in an unpruned model of ``config``."""
+        raise NotImplementedError
+
+    def kept_heads(self, block: nn.Module) -> list[int]:
+        """Indices, in the unpruned layer, of the heads an attention block keeps."""
+        raise NotImplementedError
+
+    def attention_dims(self, block: nn.Module) -> tuple[int, int, int]:
+        """(d_model, heads, head_dim) of an attention block."""
+        raise NotImplementedError
+
+    def ffn_dims(self, block: nn.Module) -> tuple[int, int, int]:
+        """(d_model, width, number of d_model x width matrices) of an FFN block."""
+        raise NotImplementedError
+
+    def is_cross(self, name: str) -> bool:
+        """Whether attention unit ``name`` attends to the encoder's output."""
+        return name.endswith("." + self.cross_attention)
+
+    # ---- folders --------------------------------------------------------------------------
+    def claims(self, folder: Path, config: dict[str, Any]) -> bool:
+        archs = config.get("architectures")
+        return config.get("model_type") == self.model_type and (not archs or self.model_class in archs)
+
+    def load(self, folder: Path, device: str | torch.device = "cpu", tokenizer: bool = True
+             ) -> tuple[nn.Module, Any, dict[str, Any]]:
+        folder = Path(folder)
+        if not (folder / WEIGHTS_FILE).is_file():
+            if (folder / "pytorch_model.bin").is_file():
+                raise CtpruneError(f"{folder} holds only pytorch_model.bin (a pickle); ctprune reads safetensors "
+                                   f"only: save it once with save_pretrained(..., safe_serialization=True)")
+            if (folder / f"{WEIGHTS_FILE}.index.json").is_file():
+                raise CtpruneError(f"{folder} holds sharded weights; ctprune reads one {WEIGHTS_FILE}")
+            raise CtpruneError(f"{folder} has no {WEIGHTS_FILE}")
+        check_manifest(folder, MANIFEST_FORMAT, (WEIGHTS_FILE, LAYERS_FILE, HPARAMS_FILE))
+        layers = self._read_layers(folder)
+        with quiet_transformers():
+            try:
+                model = load_pruned(self, folder) if layers is not None else self.model_cls().from_pretrained(
+                    str(folder), dtype=torch.float32, local_files_only=True)
+            except CtpruneError:
+                raise
+            except Exception as e:  # transformers and safetensors raise many types for a bad folder
+                raise CtpruneError(f"{folder}: cannot load the {self.model_class}: {first_line(e)}") from None
+        tok = self.load_tokenizer(folder, model, required=tokenizer)
+        hp_path = folder / HPARAMS_FILE
+        hparams = read_json(hp_path, "hparams") if hp_path.is_file() else {}
+        if not isinstance(hparams, dict):
+            raise CtpruneError(f"hparams {hp_path} must be a JSON object")
+        return model.to(device).eval(), tok, hparams
+
+    def load_tokenizer(self, folder: Path, model: nn.Module, required: bool = True) -> HFTokenizer | None:
+        if not any((folder / f).is_file() for f in TOKENIZER_MARKS):
+            if required:
+                raise CtpruneError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_MARKS)}); this "
+                                   "command reads or writes text, so it needs the model's own tokenizer there")
+            return None
+        from transformers import AutoTokenizer
+
+        with quiet_transformers():
+            try:
+                hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            except Exception as e:  # a broken or partial tokenizer fails in many ways
+                raise CtpruneError(f"{folder}: cannot load the tokenizer: {first_line(e)}") from None
+        cfg = model.config  # type: ignore[union-attr]
+        return HFTokenizer(hf, cfg.pad_token_id, cfg.decoder_start_token_id, cfg.eos_token_id)
+
+    def save(self, folder: Path, model: nn.Module, tok: Any, hparams: dict[str, Any]) -> None:
+        """Tokenizer, hparams, weights, per-layer sizes, generation config, then the manifest of
+        their sizes and checksums, and config.json last (each written atomically)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if tok is not None:
+            tok.save(folder)
+        write_json(folder / HPARAMS_FILE, hparams)
+        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp)))
+        write_json(folder / LAYERS_FILE, self.layers(model))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            write_text(folder / GENERATION_FILE, gen.to_json_string())
+        write_manifest(folder, MANIFEST_FORMAT, (WEIGHTS_FILE, LAYERS_FILE, HPARAMS_FILE))
+        write_text(folder / CONFIG_FILE, model.config.to_json_string(use_diff=True))  # type: ignore[union-attr]
+
+    def fingerprint(self, folder: Path) -> str:
+        h = hashlib.sha256()
+        for f in (CONFIG_FILE, LAYERS_FILE, WEIGHTS_FILE):
+            if (Path(folder) / f).is_file():
+                h.update((Path(folder) / f).read_bytes())
+        return h.hexdigest()[:16]
+
+    def layers(self, model: nn.Module) -> dict[str, Any]:
+        """The per-layer sizes that differ from the config: kept heads per attention unit,
+        width per FFN unit, and the masked Linears."""
+        attention, ffn = {}, {}
+        for name, u in self.units(model).items():
+            if u.kind == "attention" and u.size < self.full_size(model.config, u):  # type: ignore[union-attr]
+                attention[name] = self.kept_heads(self.block(model, name))
+            elif u.kind == "ffn" and u.size < self.full_size(model.config, u):  # type: ignore[union-attr]
+                ffn[name] = u.size
+        masked = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "weight_mask"))
+        return {"format": LAYERS_FORMAT, "model_type": self.model_type, "attention": attention, "ffn": ffn,
+                "sparse_linears": masked}
+
+    def _read_layers(self, folder: Path) -> dict[str, Any] | None:
+        path = folder / LAYERS_FILE
+        if not path.is_file():
+            return None
+        layers = read_json(path, "per-layer sizes")
+        if not (isinstance(layers, dict) and layers.get("format") == LAYERS_FORMAT
+                and isinstance(layers.get("attention"), dict) and isinstance(layers.get("ffn"), dict)
+                and isinstance(layers.get("sparse_linears"), list)):
+            raise CtpruneError(f"{path} is not a ctprune per-layer sizes file (format {LAYERS_FORMAT!r} with "
+                               "attention, ffn and sparse_linears)")
+        return layers
+
+    # ---- units ----------------------------------------------------------------------------
+    def _unit(self, name: str, kind: str, module: nn.Module, size: int, side: str,
+              parent: str | None = None, params: int | None = None) -> Prunable:
+        return Prunable(name, kind, params if params is not None else sum(p.numel() for p in module.parameters()),
+                        size, side, parent)
+
+    def side(self, name: str) -> str:
+        return "decoder" if "decoder." in name else "encoder"
+
+    # ---- running --------------------------------------------------------------------------
+    def logits(self, model: nn.Module, src: Tensor, tgt_in: Tensor) -> Tensor:
+        pad = model.config.pad_token_id  # type: ignore[union-attr]
+        return model(input_ids=src, attention_mask=src.ne(pad), decoder_input_ids=tgt_in, use_cache=False).logits
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, src: Tensor, beam: int = 1) -> list[list[int]]:
+        cfg = model.config  # type: ignore[union-attr]
+        steps = min(self.max_len(model) - 1, int(src.shape[1] * 1.5) + 10)
+        with quiet_transformers():
+            out = model.generate(input_ids=src, attention_mask=src.ne(cfg.pad_token_id),  # type: ignore[operator]
+                                 num_beams=beam, do_sample=False, max_new_tokens=steps, max_length=None)
+        hyps = []
+        for row in out[:, 1:].tolist():  # without the decoder start token
+            if cfg.eos_token_id in row:
+                row = row[:row.index(cfg.eos_token_id)]
+            hyps.append([t for t in row if t != cfg.pad_token_id])
+        return hyps
+
+    def forward_flops(self, model: nn.Module, src_len: int, tgt_len: int) -> int:
+        f = sum(self.block_flops(model, n, self.block(model, n), src_len, tgt_len)
+                for n, u in self.units(model).items() if u.kind != "linear")
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        return f + 2 * tgt_len * head.in_features * head.out_features
+
+    def block_flops(self, model: nn.Module, name: str, block: nn.Module, src_len: int, tgt_len: int) -> int:
+        decoder = self.side(name) == "decoder"
+        q_len = tgt_len if decoder else src_len
+        if isinstance(block, nn.Linear):
+            on_memory = self.is_cross(name.rpartition(".")[0]) and name.rpartition(".")[2] in ("k", "v", "k_proj",
+                                                                                                 "v_proj")
+            return 2 * (src_len if on_memory else q_len) * block.in_features * block.out_features
+        if not isinstance(block, self.ffn_types):
+            causal = decoder and not self.is_cross(name)
+            return attention_flops(*self.attention_dims(block), q_len, tgt_len if causal else src_len, causal)
+        d, width, matrices = self.ffn_dims(block)
+        return ffn_flops(d, width, q_len) * matrices // 2
+
+
+
+def load_pruned(arch: HFArchitecture, folder: Path) -> nn.Module:
+    """The model of a folder ctprune saved: the HF class built from ``config.json``, each unit of
+    ``ctprune_layers.json`` cut to its size, masks registered, then the safetensors weights (every
+    tensor present and of its shape). Plain-Python use::
+
+        from ctprune.model.checkpoint import load_model_folder
+        model, tok, hparams = load_model_folder("composed")  # a MarianMTModel / T5ForConditionalGeneration
+    """
+    folder = Path(folder)
+    layers = arch._read_layers(folder)
+    assert layers is not None
+    cls = arch.model_cls()
+    config = cls.config_class.from_pretrained(str(folder), local_files_only=True)
+    model = cls(config)
+    units = arch.units(model)
+    for name, kept in layers["attention"].items():
+        _check_unit(units, name, "attention", folder)
+        arch.set_block(model, name, arch.cut(arch.block(model, name), torch.tensor(kept)))
+    for name, width in layers["ffn"].items():
+        _check_unit(units, name, "ffn", folder)
+        arch.set_block(model, name, arch.cut(arch.block(model, name), torch.arange(int(width))))
+    for name in layers["sparse_linears"]:
+        _check_unit(units, name, "linear", folder)
+        linear = model.get_submodule(name)
+        linear.register_buffer("weight_mask", torch.ones_like(linear.weight))
+    try:
+        load_model(model, str(folder / WEIGHTS_FILE), strict=True)
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise CtpruneError(f"weights in {folder / WEIGHTS_FILE} are unreadable or do not fit "
+                           f"{LAYERS_FILE}: {first_line(e)}") from None
+    if (folder / GENERATION_FILE).is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    return model
+
+
+def _check_unit(units: dict[str, Prunable], name: str, kind: str, folder: Path) -> None:
+    if name not in units or units[name].kind != kind:
+        raise CtpruneError(f"{folder / LAYERS_FILE} names {name!r}, which is no {kind} module of this model")
+

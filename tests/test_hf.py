@@ -1,0 +1,357 @@
+"""Hugging Face origin models (tiny random MarianMT and T5, gated and plain FFN): pruning is
+exact, a non-uniformly pruned model reloads into its HF class, and the pipeline's stages run on
+them. Nothing is downloaded: models come from config objects, tokenizers from a sentencepiece
+model trained on the synthetic corpus."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+os.environ["HF_HUB_OFFLINE"] = "1"  # also inherited by the CLI subprocesses
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from ctprune.arch import arch_of  # noqa: E402
+from ctprune.data.synthetic import synthetic_corpus  # noqa: E402
+from ctprune.data.tokenizer import Tokenizer  # noqa: E402
+from ctprune.errors import CtpruneError  # noqa: E402
+from ctprune.model.checkpoint import load_model_folder, save_model_folder  # noqa: E402
+
+from .conftest import run_cli  # noqa: E402
+
+T5_FFN = ("gated-gelu", "relu")
+
+
+@pytest.fixture(scope="module")
+def spm_proto() -> bytes:
+    pairs = synthetic_corpus("train")
+    return Tokenizer.train([p[0] for p in pairs] + [p[1] for p in pairs], 300).proto
+
+
+def tiny_marian(vocab: int = 99, seed: int = 0):  # type: ignore[no-untyped-def]
+    from transformers import MarianMTModel
+
+    from ctprune.arch.marian import marian_config
+
+    torch.manual_seed(seed)
+    cfg = marian_config(vocab, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
+                        dropout=0.0, max_len=64)
+    cfg.init_std = 0.3  # HF's 0.02 makes every head matter too little to see the cut
+    return MarianMTModel(cfg).eval()
+
+
+def tiny_t5(ffn: str, vocab: int = 99, seed: int = 0):  # type: ignore[no-untyped-def]
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   feed_forward_proj=ffn, dropout_rate=0.0, relative_attention_num_buckets=8,
+                   pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def batch(vocab: int = 99) -> tuple[torch.Tensor, torch.Tensor]:
+    """src (3, 7) ending in EOS (3) with padding (0) in two rows; tgt_in (3, 5) starting with 0."""
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, vocab, (3, 7), generator=g)
+    src[:, -1] = 3
+    src[1, 5:] = 0
+    src[2, 4:] = 0
+    tgt = torch.randint(4, vocab, (3, 5), generator=g)
+    tgt[:, 0] = 0
+    return src, tgt
+
+
+def _zero_heads(model, name: str, heads: list[int], out: str) -> None:  # type: ignore[no-untyped-def]
+    w = getattr(model.get_submodule(name), out).weight  # (d, heads * hd)
+    hd = w.shape[1] // 4
+    for h in heads:
+        w[:, h * hd:(h + 1) * hd] = 0
+
+
+def _assert_cut_equals_zeroed(model, names: list[str], keep: list[int], zero) -> None:  # type: ignore[no-untyped-def]
+    arch = arch_of(model)
+    src, tgt = batch()
+    zeroed, cut = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            zero(zeroed, name)
+            arch.set_block(cut, name, arch.cut(arch.block(cut, name), torch.tensor(keep)))
+        want, got = arch.logits(zeroed, src, tgt), arch.logits(cut, src, tgt)
+        assert not torch.allclose(want, arch.logits(model, src, tgt), atol=1e-4)  # the cut does change the model
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert arch.generate(cut, src, 1) == arch.generate(zeroed, src, 1)  # cached decoding too
+        assert arch.generate(cut, src, 2) == arch.generate(zeroed, src, 2)
+    assert sum(p.numel() for p in cut.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("names", [["model.encoder.layers.0.self_attn"], ["model.decoder.layers.1.self_attn"],
+                                   ["model.decoder.layers.0.encoder_attn", "model.encoder.layers.1.self_attn"]])
+def test_marian_removed_heads_equal_zeroed_heads(names: list[str]) -> None:
+    model = tiny_marian()
+    _assert_cut_equals_zeroed(model, names, [0, 2], lambda m, n: _zero_heads(m, n, [1, 3], "out_proj"))
+    cut = copy.deepcopy(model)
+    arch = arch_of(cut)
+    arch.set_block(cut, names[0], arch.cut(arch.block(cut, names[0]), torch.tensor([0, 2])))
+    attn = cut.get_submodule(names[0])
+    assert attn.num_heads == 2 and attn.q_proj.weight.shape == (16, 32) and attn.out_proj.weight.shape == (32, 16)
+    assert attn.q_proj.bias.shape == (16,) and arch.units(cut)[names[0]].size == 2
+
+
+def test_marian_removed_neurons_equal_zeroed_neurons() -> None:
+    model = tiny_marian()
+    keep = list(range(0, 64, 3))
+    drop = sorted(set(range(64)) - set(keep))
+
+    def zero(m, name: str) -> None:  # type: ignore[no-untyped-def]
+        m.get_submodule(name.removesuffix(".ffn")).fc2.weight[:, drop] = 0
+
+    _assert_cut_equals_zeroed(model, ["model.encoder.layers.1.ffn", "model.decoder.layers.0.ffn"], keep, zero)
+
+
+@pytest.mark.parametrize("ffn", T5_FFN)
+@pytest.mark.parametrize("names", [
+    ["encoder.block.0.layer.0.SelfAttention"],  # layer 0 owns the relative position bias
+    ["encoder.block.1.layer.0.SelfAttention"],  # a later layer reads layer 0's bias
+    ["decoder.block.0.layer.0.SelfAttention", "decoder.block.1.layer.0.SelfAttention"],
+    ["decoder.block.0.layer.1.EncDecAttention", "encoder.block.0.layer.0.SelfAttention",
+     "encoder.block.1.layer.0.SelfAttention"],
+])
+def test_t5_removed_heads_equal_zeroed_heads(ffn: str, names: list[str]) -> None:
+    model = tiny_t5(ffn)
+    _assert_cut_equals_zeroed(model, names, [1, 3], lambda m, n: _zero_heads(m, n, [0, 2], "o"))
+
+
+def test_t5_layer0_pruning_keeps_the_shared_bias_whole() -> None:
+    model = tiny_t5("relu")
+    arch = arch_of(model)
+    name = "encoder.block.0.layer.0.SelfAttention"
+    table = model.get_submodule(name).relative_attention_bias.weight.clone()  # (buckets, 4)
+    cut = arch.cut(arch.block(model, name), torch.tensor([2]))
+    assert cut.n_heads == 1 and cut.inner_dim == 8 and cut.heads.tolist() == [2]
+    assert torch.equal(cut.relative_attention_bias.weight, table)
+    assert all(p is not cut.relative_attention_bias.weight for p in arch.tuning_parameters(cut))
+    again = arch.cut(cut, torch.tensor([0]))  # a cut of a cut still names the layer's head 2
+    assert again.heads.tolist() == [2]
+
+
+@pytest.mark.parametrize("ffn", T5_FFN)
+def test_t5_removed_neurons_equal_zeroed_neurons(ffn: str) -> None:
+    model = tiny_t5(ffn)
+    keep = list(range(1, 64, 4))
+    drop = sorted(set(range(64)) - set(keep))
+
+    def zero(m, name: str) -> None:  # type: ignore[no-untyped-def]
+        m.get_submodule(name).wo.weight[:, drop] = 0
+
+    names = ["encoder.block.0.layer.1.DenseReluDense", "decoder.block.1.layer.2.DenseReluDense"]
+    _assert_cut_equals_zeroed(model, names, keep, zero)
+
+
+def _prune_unevenly(model) -> None:  # type: ignore[no-untyped-def]
+    """Different heads and widths per layer, one unit at a time, and one masked Linear."""
+    from ctprune.pruning.surgery import l1_mask, mask_linear
+
+    arch = arch_of(model)
+    units = arch.units(model)
+    blocks = [n for n, u in units.items() if u.kind != "linear"]
+    for i, name in enumerate(blocks[:-1]):
+        keep = torch.arange(i % 3, units[name].size - 1)  # e.g. heads 0-2, 1-2, 2
+        arch.set_block(model, name, arch.cut(arch.block(model, name), keep))
+    linear = next(n for n, u in units.items() if u.kind == "linear" and u.parent == blocks[-1])
+    w = model.get_submodule(linear)
+    arch.set_block(model, linear, mask_linear(w, l1_mask(w.weight, 0.3)))
+
+
+@pytest.mark.parametrize("family", ["marian", "gated-gelu", "relu"])
+def test_non_uniform_model_saves_and_reloads_into_its_class(family: str, tmp_path: Path) -> None:
+    model = tiny_marian() if family == "marian" else tiny_t5(family)
+    _prune_unevenly(model)
+    arch = arch_of(model)
+    sizes = {n: u.size for n, u in arch.units(model).items() if u.kind != "linear"}
+    assert len(set(sizes.values())) > 2  # really non-uniform
+    save_model_folder(tmp_path / "m", model, None, {"stage": "test"})
+    assert not [p for p in (tmp_path / "m").iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
+    layers = json.loads((tmp_path / "m" / "ctprune_layers.json").read_text())
+    assert len(layers["attention"]) + len(layers["ffn"]) == len(sizes) - 1 and len(layers["sparse_linears"]) == 1
+    again, tok, hparams = load_model_folder(tmp_path / "m", tokenizer=False)
+    assert type(again) is type(model) and tok is None and hparams == {"stage": "test"}
+    assert {n: u.size for n, u in arch.units(again).items() if u.kind != "linear"} == sizes
+    src, tgt = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(arch.logits(again, src, tgt), arch.logits(model, src, tgt), atol=0, rtol=0)
+    for beam in (1, 3):
+        a = again.generate(input_ids=src, attention_mask=src.ne(0), num_beams=beam, max_new_tokens=12, do_sample=False)
+        b = model.generate(input_ids=src, attention_mask=src.ne(0), num_beams=beam, max_new_tokens=12, do_sample=False)
+        assert torch.equal(a, b)
+    masked = again.get_submodule(layers["sparse_linears"][0])
+    assert int((masked.weight != 0).sum()) == int(masked.weight_mask.sum()) < masked.weight.numel()
+
+
+@pytest.fixture(scope="module")
+def marian_folder(spm_proto: bytes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face folder as a user brings one (save_pretrained): tiny random MarianMT with a
+    Marian tokenizer over the synthetic corpus's sentencepiece model."""
+    from ctprune.arch.marian import marian_tokenizer
+
+    folder = tmp_path_factory.mktemp("hf") / "marian"
+    tok = marian_tokenizer(spm_proto, folder)
+    model = tiny_marian(vocab=len(tok))
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def t5_folder(spm_proto: bytes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ctprune.arch.t5 import t5_tokenizer
+
+    folder = tmp_path_factory.mktemp("hf") / "t5"
+    tok = t5_tokenizer(spm_proto, folder)
+    tiny_t5("gated-gelu", vocab=len(tok)).save_pretrained(str(folder))
+    return folder
+
+
+CONFS = [{"model.encoder.layers.0.self_attn": 0.5, "model.decoder.layers.1.encoder_attn": 0.25,
+          "model.encoder.layers.1.ffn": 0.25, "model.decoder.layers.0.fc1": 0.2},
+         {"model.encoder.layers.0.self_attn": 0.75, "model.decoder.layers.1.encoder_attn": 0.25,
+          "model.decoder.layers.0.ffn": 0.5, "model.decoder.layers.1.self_attn.q_proj": 0.5}]
+
+
+@pytest.fixture(scope="module")
+def marian_banks(marian_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from ctprune.stages.configs import write_plan
+    from ctprune.stages.prune import prune
+    from ctprune.stages.tune_blocks import tune_blocks
+
+    d = tmp_path_factory.mktemp("marian-banks")
+    (d / "conf.json").write_text(json.dumps(CONFS))
+    write_plan(d / "conf.json", marian_folder, d / "plan.json")
+    prune(marian_folder, d / "pruned", plan_path=d / "plan.json")
+    tune_blocks(marian_folder, d / "pruned", d / "tuned", epochs=2, corpus="synthetic", lr=2e-3, max_tokens=1024,
+                device="cpu")
+    return {"dir": d, "conf": d / "conf.json", "pruned": d / "pruned", "tuned": d / "tuned"}
+
+
+def test_marian_tune_blocks_lowers_every_variant_block_loss(marian_banks: dict[str, Path]) -> None:
+    from ctprune.pruning.bank import load_index
+    from ctprune.training.loop import read_history
+
+    index = load_index(marian_banks["tuned"])
+    assert len(index["variants"]) == 7
+    rows = read_history(marian_banks["tuned"] / "history.csv")
+    for key, v in index["variants"].items():
+        losses = {int(r["epoch"]): float(r["val_loss"]) for r in rows if r["variant"] == key}
+        assert min(losses[e] for e in losses if e > 0) < losses[0], key
+        assert v["provenance"]["stage"] == "tuned"
+    assert index["tuning"]["train_flops"] > 0
+
+
+def test_marian_compose_finetune_evaluate_translate(marian_folder: Path, marian_banks: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    from ctprune.stages.compose import compose_to_folder
+    from ctprune.stages.evaluate import evaluate
+    from ctprune.stages.finetune import finetune
+    from ctprune.training.loop import Recipe
+
+    out = compose_to_folder(marian_folder, marian_banks["tuned"], marian_banks["conf"], 0, tmp_path / "c0")
+    model, tok, hp = load_model_folder(out)
+    assert type(model).__name__ == "MarianMTModel" and hp["configuration_index"] == 0
+    assert model.model.encoder.layers[0].self_attn.num_heads == 2
+    assert model.model.decoder.layers[1].encoder_attn.num_heads == 1
+    assert model.model.encoder.layers[1].fc1.out_features == 16
+    fc1 = model.model.decoder.layers[0].fc1
+    assert int((fc1.weight != 0).sum()) == int(0.2 * fc1.weight.numel() + 0.5)
+    result = finetune(marian_folder, marian_banks["tuned"], marian_banks["conf"], 1, tmp_path / "f1",
+                      Recipe.finetune(epochs=1, lr=1e-3, max_tokens=1024), corpus="synthetic", device="cpu")
+    assert result.epochs_done == 1 and (tmp_path / "f1" / "history.csv").is_file()
+    tuned, _, _ = load_model_folder(tmp_path / "f1")
+    q = tuned.model.decoder.layers[1].self_attn.q_proj
+    assert int((q.weight != 0).sum()) == int(q.weight_mask.sum()) == q.weight.numel() // 2  # the mask held
+    report = evaluate(tmp_path / "f1", corpus="synthetic", split="test", device="cpu", quiet=True)
+    assert report["sentences"] == 200 and 0 <= report["bleu"] <= 100
+    r = run_cli("translate", str(tmp_path / "f1"), stdin="der Mann sieht einen Hund .\nheute schläft die Katze .\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2
+
+
+def _one_line_error(call, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(CtpruneError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_unsupported_folders_are_refused_naming_what_is_supported(marian_folder: Path, tmp_path: Path) -> None:
+    from ctprune.stages.configs import inspect_model
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a model\n")
+    bart = tmp_path / "bart"
+    bart.mkdir()
+    (bart / "config.json").write_text(json.dumps({"model_type": "bart",
+                                                  "architectures": ["BartForConditionalGeneration"]}))
+    encoder_only = tmp_path / "t5enc"
+    encoder_only.mkdir()
+    (encoder_only / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5EncoderModel"]}))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(marian_folder, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    supported = "supported: ctprune's own Transformer, MarianMTModel .*T5ForConditionalGeneration"
+    _one_line_error(lambda: inspect_model(junk), "not a ctprune model folder nor a supported Hugging Face model.*"
+                    + supported)
+    _one_line_error(lambda: inspect_model(bart), "BartForConditionalGeneration .*does not support; " + supported)
+    _one_line_error(lambda: inspect_model(encoder_only),
+                    "T5EncoderModel model; ctprune supports T5ForConditionalGeneration")
+    _one_line_error(lambda: inspect_model(pickled), "only pytorch_model.bin .*reads safetensors only")
+    r = run_cli("inspect", str(bart))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "MarianMTModel" in r.stderr
+
+
+def test_configuration_of_another_architecture_is_refused(marian_folder: Path, model_folder: Path,
+                                                          tmp_path: Path) -> None:
+    from ctprune.stages.configs import write_plan
+
+    (tmp_path / "native.json").write_text(json.dumps([{"encoder.layers.0.self_attn": 0.5}]))
+    _one_line_error(lambda: write_plan(tmp_path / "native.json", marian_folder, tmp_path / "p.json"),
+                    "unknown module 'encoder.layers.0.self_attn'")
+    (tmp_path / "marian.json").write_text(json.dumps(CONFS))
+    _one_line_error(lambda: write_plan(tmp_path / "marian.json", model_folder, tmp_path / "p.json"),
+                    "unknown module 'model.encoder.layers.0.self_attn'")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_folder_without_tokenizer_serves_the_commands_that_need_no_text(marian_folder: Path,
+                                                                        marian_banks: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    from ctprune.stages.compose import compose_to_folder
+    from ctprune.stages.configs import inspect_model, write_configs, write_plan
+    from ctprune.stages.evaluate import evaluate
+    from ctprune.stages.prune import prune
+    from ctprune.stages.tune_blocks import tune_blocks
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copyfile(marian_folder / f, bare / f)
+    assert any("model.decoder.layers.1.encoder_attn" in line and "4 heads" in line for line in inspect_model(bare))
+    confs = write_configs(bare, 2, tmp_path / "conf.json", attention=[0.5, 0.25], ffn=[0.5, 0.75])
+    assert confs[1]["model.decoder.layers.0.encoder_attn"] == 0.25 and confs[0]["model.encoder.layers.1.ffn"] == 0.5
+    write_plan(tmp_path / "conf.json", bare, tmp_path / "plan.json")
+    prune(bare, tmp_path / "bank", plan_path=tmp_path / "plan.json", criterion="l1")
+    out = compose_to_folder(bare, tmp_path / "bank", tmp_path / "conf.json", 1, tmp_path / "c1")
+    model, tok, _ = load_model_folder(out, tokenizer=False)
+    assert tok is None and model.model.decoder.layers[0].encoder_attn.num_heads == 1
+    _one_line_error(lambda: evaluate(bare, corpus="synthetic", split="test", quiet=True), "has no tokenizer")
+    assert not (bare / "eval").exists()
+    _one_line_error(lambda: tune_blocks(bare, marian_banks["pruned"], tmp_path / "tuned", epochs=1,
+                                        corpus="synthetic"), "has no tokenizer")
+    assert not (tmp_path / "tuned").exists()
+    _one_line_error(lambda: prune(bare, tmp_path / "b2", ratio=0.5, criterion="activation", corpus="synthetic"),
+                    "has no tokenizer")
