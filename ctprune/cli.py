@@ -77,7 +77,7 @@ def _recipe(a: argparse.Namespace) -> object:
 def cmd_train(a: argparse.Namespace) -> None:
     from ctprune.stages.train import TrainArgs, train_origin
 
-    res = train_origin(TrainArgs(output=Path(a.output), preset=a.preset, corpus=a.corpus,
+    res = train_origin(TrainArgs(output=Path(a.output), preset=a.preset, arch=a.arch, corpus=a.corpus,
                                  data_dir=a.data_dir, vocab_size=a.vocab_size, device=a.device,
                                  resume=a.resume, recipe=_recipe(a)))  # type: ignore[arg-type]
     print(f"origin model: {a.output}  best val BLEU {res.best_bleu:.2f}  "
@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train the origin model (tokenizer + Transformer) on a corpus")
     p.add_argument("--preset", choices=("seed", "tiny"), default="seed",
                    help="seed: the original 3+3 layers, d_model 512, 8 heads, FFN 512; tiny: for tests")
+    p.add_argument("--arch", choices=("ctprune", "marian", "t5"), default="ctprune",
+                   help="ctprune: its own Transformer; marian / t5: a Hugging Face MarianMTModel / "
+                        "T5ForConditionalGeneration of the preset's sizes (needs the hf extra)")
     _data_options(p)
     p.add_argument("--vocab-size", type=int, default=None,
                    help="sentencepiece vocabulary (default 8000 for multi30k, 1000 for synthetic)")

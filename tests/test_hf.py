@@ -355,3 +355,16 @@ def test_folder_without_tokenizer_serves_the_commands_that_need_no_text(marian_f
     assert not (tmp_path / "tuned").exists()
     _one_line_error(lambda: prune(bare, tmp_path / "b2", ratio=0.5, criterion="activation", corpus="synthetic"),
                     "has no tokenizer")
+
+
+def test_train_arch_marian_builds_and_trains_a_marian_of_the_preset(tmp_path: Path) -> None:
+    r = run_cli("train", "--arch", "marian", "--preset", "tiny", "--corpus", "synthetic", "-e", "1",
+                "-o", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    model, tok, hp = load_model_folder(tmp_path / "m")
+    cfg = model.config
+    assert type(model).__name__ == "MarianMTModel" and hp["arch"] == "marian" and hp["epoch"] == 1
+    assert (cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, cfg.encoder_layers) == (64, 4, 128, 2)
+    assert tok.vocab_size == cfg.vocab_size and (tmp_path / "m" / "source.spm").is_file()
+    r = run_cli("translate", str(tmp_path / "m"), stdin="der Mann sieht einen Hund .\n")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1, r.stderr

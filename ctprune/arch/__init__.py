@@ -141,6 +141,17 @@ class Architecture(ABC):
     def block_flops(self, model: nn.Module, name: str, block: nn.Module, src_len: int, tgt_len: int) -> int:
         """Forward FLOPs of ``block`` standing for unit ``name`` over one sentence pair."""
 
+    @abstractmethod
+    def tokenizer_from_spm(self, spm_proto: bytes) -> Any:
+        """This family's tokenizer over a sentencepiece model that ``ctprune train`` trained
+        (pieces 0-3: pad, unk, bos, eos)."""
+
+    @abstractmethod
+    def from_scratch(self, sizes: dict[str, Any], tok: Any) -> nn.Module:
+        """A new, randomly initialised model for ``ctprune train``: ``sizes`` as a preset gives
+        them (d_model, n_heads, d_ff, n_encoder_layers, n_decoder_layers), the vocabulary and
+        special ids of ``tok``."""
+
     def apply_masks(self, model: nn.Module) -> None:
         """Zero the pruned weights of every masked Linear (after each optimizer step)."""
         with torch.no_grad():

@@ -16,13 +16,15 @@ reshapes with -1, so nothing else changes; ``embed_dim`` stays the model width, 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from ctprune.arch import Prunable
-from ctprune.arch.hf import HFArchitecture, quiet_transformers
+from ctprune.arch.hf import HFArchitecture, HFTokenizer, quiet_transformers
+from ctprune.data.tokenizer import EOS_ID, PAD_ID
 from ctprune.pruning.importance import head_scores, neuron_scores
 from ctprune.pruning.surgery import head_index, keep_cols, keep_rows
 
@@ -119,6 +121,17 @@ class MarianArchitecture(HFArchitecture):
             return neuron_scores([block.fc1.weight], block.fc2.weight)
         return head_scores(block.q_proj.weight, block.k_proj.weight, block.v_proj.weight, block.out_proj.weight,
                            block.num_heads, criterion)
+
+    # ---- training from scratch ------------------------------------------------------------
+    def tokenizer_from_spm(self, spm_proto: bytes) -> HFTokenizer:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = marian_tokenizer(spm_proto, Path(tmp))
+        return HFTokenizer(hf, pad_id=PAD_ID, bos_id=PAD_ID, eos_id=EOS_ID)  # Marian starts decoding with pad
+
+    def from_scratch(self, sizes: dict[str, Any], tok: Any) -> nn.Module:
+        from transformers import MarianMTModel
+
+        return MarianMTModel(marian_config(tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id, **sizes))
 
     # ---- running ----------------------------------------------------------------------------
     def max_len(self, model: nn.Module) -> int:

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from ctprune.arch import Architecture, Prunable
+from ctprune.data.tokenizer import Tokenizer
 from ctprune.model import checkpoint, decode, flops
-from ctprune.model.transformer import Attention, FeedForward
+from ctprune.model.transformer import Attention, FeedForward, ModelConfig, Seq2SeqTransformer
 from ctprune.pruning import importance, surgery
 
 
@@ -75,6 +76,12 @@ class NativeArchitecture(Architecture):
 
     def activation_stats(self, model: nn.Module, batches: list[Any]) -> dict[str, Tensor]:
         return importance.activation_stats(model, batches)  # type: ignore[arg-type]
+
+    def tokenizer_from_spm(self, spm_proto: bytes) -> Any:
+        return Tokenizer(spm_proto)
+
+    def from_scratch(self, sizes: dict[str, Any], tok: Any) -> nn.Module:
+        return Seq2SeqTransformer(ModelConfig(vocab_size=tok.vocab_size, **sizes))
 
     def max_len(self, model: nn.Module) -> int:
         return model.cfg.max_len  # type: ignore[union-attr, return-value]

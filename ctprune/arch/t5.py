@@ -17,6 +17,7 @@ layers' input too).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,7 +27,8 @@ from torch import Tensor, nn
 from transformers.models.t5.modeling_t5 import T5Attention, T5DenseActDense, T5DenseGatedActDense
 
 from ctprune.arch import Prunable
-from ctprune.arch.hf import HFArchitecture
+from ctprune.arch.hf import HFArchitecture, HFTokenizer
+from ctprune.data.tokenizer import EOS_ID, PAD_ID
 from ctprune.pruning.importance import head_scores, neuron_scores
 from ctprune.pruning.surgery import head_index, keep_cols, keep_rows
 
@@ -123,6 +125,22 @@ class T5Architecture(HFArchitecture):
         shared = getattr(block, "relative_attention_bias", None)
         skip = {id(p) for p in shared.parameters()} if shared is not None else set()
         return [p for p in block.parameters() if id(p) not in skip]
+
+    # ---- training from scratch ------------------------------------------------------------
+    def tokenizer_from_spm(self, spm_proto: bytes) -> HFTokenizer:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = t5_tokenizer(spm_proto, Path(tmp))
+        return HFTokenizer(hf, pad_id=PAD_ID, bos_id=PAD_ID, eos_id=EOS_ID)  # T5 starts decoding with pad
+
+    def from_scratch(self, sizes: dict[str, Any], tok: Any) -> nn.Module:
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        d, heads = sizes["d_model"], sizes["n_heads"]
+        cfg = T5Config(vocab_size=tok.vocab_size, d_model=d, num_heads=heads, d_kv=d // heads, d_ff=sizes["d_ff"],
+                       num_layers=sizes["n_encoder_layers"], num_decoder_layers=sizes["n_decoder_layers"],
+                       feed_forward_proj="relu", dropout_rate=0.1, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
+                       decoder_start_token_id=tok.bos_id, architectures=[self.model_class])
+        return T5ForConditionalGeneration(cfg)
 
     # ---- running ----------------------------------------------------------------------------
     def max_len(self, model: nn.Module) -> int:

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from ctprune import __version__
+from ctprune.arch import get as get_arch
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.data.tokenizer import Tokenizer
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output
-from ctprune.model.checkpoint import is_model_folder
-from ctprune.model.transformer import PRESETS, ModelConfig, Seq2SeqTransformer
+from ctprune.model.checkpoint import is_model_folder, load_model_folder
+from ctprune.model.transformer import PRESETS
 from ctprune.training.loop import FitResult, Recipe, fit
 
 DEFAULT_VOCAB = {"multi30k": 8000, "synthetic": 1000}
@@ -26,6 +27,7 @@ DEFAULT_VOCAB = {"multi30k": 8000, "synthetic": 1000}
 class TrainArgs:
     output: Path
     preset: str = "seed"
+    arch: str = "ctprune"  # ctprune's Transformer, or a Hugging Face one of the preset's sizes (marian, t5)
     corpus: str = "multi30k"
     data_dir: str | None = None
     vocab_size: int | None = None
@@ -38,6 +40,7 @@ class TrainArgs:
             raise CtpruneError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.vocab_size is not None and not 50 <= self.vocab_size <= 64000:
             raise CtpruneError(f"vocab size must be in [50, 64000], got {self.vocab_size}")
+        get_arch(self.arch)  # an unknown name, or transformers missing, fails here
 
 
 def train_origin(args: TrainArgs) -> FitResult:
@@ -47,15 +50,16 @@ def train_origin(args: TrainArgs) -> FitResult:
     train_name, val_name, _ = default_splits(args.corpus)
     train, val = (load_split(args.corpus, s, args.data_dir) for s in (train_name, val_name))
     out = Path(args.output)
+    arch = get_arch(args.arch)
     if args.resume and is_model_folder(out / "last"):
-        tok = Tokenizer.load(out / "last")  # the run's own tokenizer, never a retrained one
+        tok = load_model_folder(out / "last")[1]  # the run's own tokenizer, never a retrained one
     else:
         vocab = args.vocab_size or DEFAULT_VOCAB[args.corpus]
-        tok = Tokenizer.train(train.src + train.tgt, vocab)
+        tok = arch.tokenizer_from_spm(Tokenizer.train(train.src + train.tgt, vocab).proto)
     torch.manual_seed(args.recipe.seed)
-    model = Seq2SeqTransformer(ModelConfig.preset(args.preset, tok.vocab_size))
+    model = arch.from_scratch(PRESETS[args.preset], tok)
     hparams = {
-        "stage": "train", "preset": args.preset, "corpus": args.corpus,
+        "stage": "train", "preset": args.preset, "arch": args.arch, "corpus": args.corpus,
         "vocab_size": tok.vocab_size, "device": device, "threads": torch.get_num_threads(),
         "ctprune": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

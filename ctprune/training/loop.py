@@ -224,7 +224,10 @@ def read_history(path: Path) -> list[dict[str, str]]:
 
 # What ``fit`` (and `ctprune run` beside it) writes into its output folder.
 FIT_FILES = {"config.json", "model.safetensors", "tokenizer.model", "hparams.json", "manifest.json",
-             "history.csv", "history.png", "train_summary.json", "last", "eval", "test_metrics.json"}
+             "history.csv", "history.png", "train_summary.json", "last", "eval", "test_metrics.json",
+             # a Hugging Face model folder's own files (ctprune.arch.hf)
+             "ctprune_layers.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "source.spm", "target.spm", "vocab.json", "spiece.model"}
 
 
 def is_fit_output(path: Path) -> bool:
