@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from ctprune.data import corpus as corpora
 from ctprune.data.batching import TokenizedSplit
-from ctprune.data.corpus import Parallel, check, load_split
+from ctprune.data.corpus import Parallel, check, folder_corpus, load_split
 from ctprune.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from ctprune.errors import CtpruneError
 
@@ -15,6 +16,20 @@ from ctprune.errors import CtpruneError
 def _write(folder: Path, split: str, de: bytes, en: bytes) -> None:
     (folder / f"{split}.de").write_bytes(de)
     (folder / f"{split}.en").write_bytes(en)
+
+
+def test_a_folder_of_other_languages_is_a_corpus(tmp_path: Path) -> None:
+    for split in ("train", "test", "test_2"):
+        (tmp_path / f"{split}.fr").write_text("Un chien .\nDeux chats .\n", encoding="utf-8")
+        (tmp_path / f"{split}.en").write_text("A dog .\nTwo cats .\n", encoding="utf-8")
+    corpus = folder_corpus("fr", "en")
+    assert load_split(corpus, "train", tmp_path).src == ["Un chien .", "Deux chats ."]
+    assert corpora.test_splits(corpus, tmp_path) == ["test", "test_2"]
+    with pytest.raises(CtpruneError, match=r"no split 'val' in .* \(no val.fr / val.en\); splits found: test, test_2"):
+        load_split(corpus, "val", tmp_path)
+    for bad in ("folder:fr", "folder:en-en", "folder:fr-en/../x", "europarl"):
+        with pytest.raises(CtpruneError, match="choose one of multi30k, synthetic or folder:SRC-TGT"):
+            load_split(bad, "train", tmp_path)
 
 
 def test_loads_and_strips_lines(tmp_path: Path) -> None:

@@ -368,3 +368,44 @@ def test_train_arch_marian_builds_and_trains_a_marian_of_the_preset(tmp_path: Pa
     assert tok.vocab_size == cfg.vocab_size and (tmp_path / "m" / "source.spm").is_file()
     r = run_cli("translate", str(tmp_path / "m"), stdin="der Mann sieht einen Hund .\n")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 1, r.stderr
+
+
+def test_t5_prune_tune_compose_evaluate(t5_folder: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from ctprune.pruning.bank import load_index
+    from ctprune.stages.compose import compose_to_folder
+    from ctprune.stages.configs import write_plan
+    from ctprune.stages.evaluate import evaluate
+    from ctprune.stages.prune import prune
+    from ctprune.stages.tune_blocks import tune_blocks
+    from ctprune.training.loop import read_history
+
+    layer0 = "encoder.block.0.layer.0.SelfAttention"
+    confs = [{layer0: 0.5, "decoder.block.1.layer.1.EncDecAttention": 0.25,
+              "encoder.block.1.layer.1.DenseReluDense": 0.5, "decoder.block.0.layer.2.DenseReluDense.wo": 0.5}]
+    (tmp_path / "conf.json").write_text(json.dumps(confs))
+    write_plan(tmp_path / "conf.json", t5_folder, tmp_path / "plan.json")
+    prune(t5_folder, tmp_path / "pruned", plan_path=tmp_path / "plan.json", criterion="l1")
+    tune_blocks(t5_folder, tmp_path / "pruned", tmp_path / "tuned", epochs=1, corpus="synthetic", lr=2e-3,
+                max_tokens=1024, device="cpu")
+    rows = read_history(tmp_path / "tuned" / "history.csv")
+    index = load_index(tmp_path / "tuned")
+    for key in index["variants"]:
+        losses = {int(r["epoch"]): float(r["val_loss"]) for r in rows if r["variant"] == key}
+        assert losses[1] < losses[0], key
+    origin, _, _ = load_model_folder(t5_folder)
+    variant = load_file(str(tmp_path / "tuned" / index["variants"][f"{layer0}@0.5"]["file"]))
+    table = variant["relative_attention_bias.weight"]  # tuned around, never itself: later layers read it
+    torch.testing.assert_close(table, origin.get_submodule(layer0).relative_attention_bias.weight, atol=0, rtol=0)
+    out = compose_to_folder(t5_folder, tmp_path / "tuned", tmp_path / "conf.json", 0, tmp_path / "c0")
+    model, _, _ = load_model_folder(out)
+    assert model.get_submodule(layer0).n_heads == 2 and len(model.get_submodule(layer0).heads) == 2
+    data = tmp_path / "data"  # the user's own files: SPLIT.SRC / SPLIT.TGT
+    data.mkdir()
+    for lang, side in (("de", 0), ("en", 1)):
+        (data / f"test.{lang}").write_text("".join(p[side] + "\n" for p in synthetic_corpus("test")[:50]),
+                                           encoding="utf-8")
+    report = evaluate(out, corpus="folder:de-en", data_dir=str(data), split="test", beam=2, device="cpu",
+                      quiet=True)
+    assert report["sentences"] == 50 and report["decoder"] == "beam2"

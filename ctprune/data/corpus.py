@@ -74,9 +74,34 @@ def split_lines(text: str) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def load_split(corpus: str, split: str, data_dir: str | Path | None = None) -> Parallel:
-    """One split of ``corpus`` ('multi30k' reads SPLIT.de / SPLIT.en from the data folder)."""
+def corpus_languages(corpus: str) -> tuple[str, str] | None:
+    """(source, target) language of a corpus read from files: ``multi30k`` is de-en, a user's
+    folder is named ``folder:SRC-TGT`` (SPLIT.SRC / SPLIT.TGT in the data folder); None for the
+    synthetic corpus. Anything else is refused naming the choices."""
+    if corpus == "multi30k":
+        return LANGS[0], LANGS[1]
     if corpus == "synthetic":
+        return None
+    kind, _, pair = corpus.partition(":")
+    src, _, tgt = pair.partition("-")
+    if kind != "folder" or not src.isalnum() or not tgt.isalnum() or src == tgt:
+        raise CtpruneError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)} or folder:SRC-TGT "
+                           "(a folder of SPLIT.SRC / SPLIT.TGT files, e.g. folder:fr-en)")
+    return src, tgt
+
+
+def folder_corpus(src_lang: str, tgt_lang: str) -> str:
+    """The corpus name of a folder of SPLIT.``src_lang`` / SPLIT.``tgt_lang`` files."""
+    corpus = f"folder:{src_lang}-{tgt_lang}"
+    corpus_languages(corpus)  # checks the language codes
+    return corpus
+
+
+def load_split(corpus: str, split: str, data_dir: str | Path | None = None) -> Parallel:
+    """One split of ``corpus``: 'multi30k' reads SPLIT.de / SPLIT.en from the data folder,
+    'folder:SRC-TGT' reads SPLIT.SRC / SPLIT.TGT, 'synthetic' is generated."""
+    langs = corpus_languages(corpus)
+    if langs is None:
         from ctprune.data.synthetic import SPLITS, synthetic_corpus
 
         if split not in SPLITS:
@@ -84,16 +109,17 @@ def load_split(corpus: str, split: str, data_dir: str | Path | None = None) -> P
                                f"choose one of {', '.join(SPLITS)}")
         pairs = synthetic_corpus(split)
         return Parallel([p[0] for p in pairs], [p[1] for p in pairs])
-    if corpus != "multi30k":
-        raise CtpruneError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
     folder = resolve_data_dir(data_dir)
     if not folder.is_dir():
+        if corpus != "multi30k":
+            raise CtpruneError(f"data folder {folder} does not exist; pass --data-dir")
         raise CtpruneError(f"Multi30k folder {folder} does not exist; pass --data-dir, set "
                            f"{DATA_DIR_ENV}, or run `ctprune data download`")
-    src_path, tgt_path = folder / f"{split}.de", folder / f"{split}.en"
+    s, t = langs
+    src_path, tgt_path = folder / f"{split}.{s}", folder / f"{split}.{t}"
     if not src_path.exists() and not tgt_path.exists():
-        found = sorted({p.stem for p in folder.glob("*.de")})
-        raise CtpruneError(f"no split {split!r} in {folder} (no {split}.de / {split}.en); "
+        found = sorted({p.stem for p in folder.glob(f"*.{s}")})
+        raise CtpruneError(f"no split {split!r} in {folder} (no {split}.{s} / {split}.{t}); "
                            f"splits found: {', '.join(found) or 'none'}")
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
@@ -110,12 +136,14 @@ def default_splits(corpus: str) -> tuple[str, str, str]:
 
 
 def test_splits(corpus: str, data_dir: str | Path | None = None) -> list[str]:
-    """Every test split of a corpus: for Multi30k each ``test*.de`` with its ``.en`` in the data
-    folder (test_2016_flickr first), for the synthetic corpus ``test``."""
-    if corpus != "multi30k":
+    """Every test split of a corpus: each ``test*.SRC`` with its ``.TGT`` in the data folder
+    (Multi30k's test_2016_flickr, or a folder's ``test``, first), for the synthetic corpus ``test``."""
+    langs = corpus_languages(corpus)
+    if langs is None:
         return ["test"]
-    folder = resolve_data_dir(data_dir)
-    found = sorted(p.name[:-3] for p in folder.glob("test*.de") if (folder / f"{p.name[:-3]}.en").is_file())
+    folder, (s, t) = resolve_data_dir(data_dir), langs
+    found = sorted(p.name[:-len(s) - 1] for p in folder.glob(f"test*.{s}")
+                   if (folder / f"{p.name[:-len(s) - 1]}.{t}").is_file())
     main = default_splits(corpus)[2]
     return [main] + [s for s in found if s != main]
 

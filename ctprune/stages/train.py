@@ -54,7 +54,7 @@ def train_origin(args: TrainArgs) -> FitResult:
     if args.resume and is_model_folder(out / "last"):
         tok = load_model_folder(out / "last")[1]  # the run's own tokenizer, never a retrained one
     else:
-        vocab = args.vocab_size or DEFAULT_VOCAB[args.corpus]
+        vocab = args.vocab_size or DEFAULT_VOCAB.get(args.corpus, DEFAULT_VOCAB["multi30k"])
         tok = arch.tokenizer_from_spm(Tokenizer.train(train.src + train.tgt, vocab).proto)
     torch.manual_seed(args.recipe.seed)
     model = arch.from_scratch(PRESETS[args.preset], tok)
