@@ -409,3 +409,24 @@ def test_t5_prune_tune_compose_evaluate(t5_folder: Path, tmp_path: Path) -> None
     report = evaluate(out, corpus="folder:de-en", data_dir=str(data), split="test", beam=2, device="cpu",
                       quiet=True)
     assert report["sentences"] == 50 and report["decoder"] == "beam2"
+
+
+def test_marian_grid_bank_scores_and_search(marian_folder: Path, tmp_path: Path) -> None:
+    from ctprune.pruning.bank import compose, load_index
+    from ctprune.pruning.configs import load_configurations, prunable_modules
+    from ctprune.stages.prune import prune
+    from ctprune.stages.score import score_bank
+    from ctprune.stages.search import SearchArgs, parse_budget, search
+
+    prune(marian_folder, tmp_path / "grid", grid=[0.5], kinds=("attention", "ffn"))
+    scores = score_bank(marian_folder, tmp_path / "grid", corpus="synthetic", batches=2, max_tokens=1024,
+                        latency=True, latency_repeats=1, device="cpu")
+    assert scores["scored"] == 10 and all(v["kl"] >= 0 for v in scores["variants"].values())
+    assert "origin_ms" in scores["latency"]
+    problem, report = search(SearchArgs(model=marian_folder, bank=tmp_path / "grid", output=tmp_path / "conf.json",
+                                        budgets=(parse_budget("flops", "0.9"),), k=2, min_distance=1))
+    assert report["solver"]["found"] >= 1 and report["configurations"][0]["flops_fraction"] <= 0.9
+    origin, _, _ = load_model_folder(marian_folder)
+    conf = load_configurations(tmp_path / "conf.json", prunable_modules(origin))[0]
+    model = compose(origin, tmp_path / "grid", conf, load_index(tmp_path / "grid"))
+    assert arch_of(model).forward_flops(model, 12, 12) <= 0.9 * arch_of(origin).forward_flops(origin, 12, 12)

@@ -125,9 +125,11 @@ class Architecture(ABC):
         """src (B, S), tgt_in (B, T) token ids, padded with the model's pad id -> (B, T, V)."""
 
     @abstractmethod
-    def generate(self, model: nn.Module, src: Tensor, beam: int = 1) -> list[list[int]]:
+    def generate(self, model: nn.Module, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
         """src (B, S) token ids (ending with EOS, padded) -> B hypotheses as token ids without
-        start or end token; greedy for ``beam`` 1, else beam search."""
+        start or end token; greedy for ``beam`` 1, else beam search. With ``steps`` (greedy),
+        exactly that many decoding steps run whatever the model emits (for like-for-like
+        speed measurements)."""
 
     @abstractmethod
     def forward_flops(self, model: nn.Module, src_len: int, tgt_len: int) -> int:

@@ -229,12 +229,13 @@ class HFArchitecture(Architecture):
         return model(input_ids=src, attention_mask=src.ne(pad), decoder_input_ids=tgt_in, use_cache=False).logits
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, src: Tensor, beam: int = 1) -> list[list[int]]:
+    def generate(self, model: nn.Module, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
         cfg = model.config  # type: ignore[union-attr]
-        steps = min(self.max_len(model) - 1, int(src.shape[1] * 1.5) + 10)
+        limit = steps or min(self.max_len(model) - 1, int(src.shape[1] * 1.5) + 10)
         with quiet_transformers():
             out = model.generate(input_ids=src, attention_mask=src.ne(cfg.pad_token_id),  # type: ignore[operator]
-                                 num_beams=beam, do_sample=False, max_new_tokens=steps, max_length=None)
+                                 num_beams=beam, do_sample=False, max_new_tokens=limit, max_length=None,
+                                 min_new_tokens=steps)
         hyps = []
         for row in out[:, 1:].tolist():  # without the decoder start token
             if cfg.eos_token_id in row:

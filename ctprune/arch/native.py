@@ -89,9 +89,9 @@ class NativeArchitecture(Architecture):
     def logits(self, model: nn.Module, src: Tensor, tgt_in: Tensor) -> Tensor:
         return model(src, tgt_in)
 
-    def generate(self, model: nn.Module, src: Tensor, beam: int = 1) -> list[list[int]]:
+    def generate(self, model: nn.Module, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
         if beam <= 1:
-            return decode.greedy(model, src)  # type: ignore[arg-type]
+            return decode.greedy(model, src, steps)  # type: ignore[arg-type]
         return decode.beam_search(model, src, beam)  # type: ignore[arg-type]
 
     def forward_flops(self, model: nn.Module, src_len: int, tgt_len: int) -> int:

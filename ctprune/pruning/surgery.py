@@ -102,12 +102,15 @@ def replace_module(model: Seq2SeqTransformer, name: str, new: nn.Module) -> None
 
 
 @contextmanager
-def swapped(model: Seq2SeqTransformer, name: str, new: nn.Module) -> Iterator[Seq2SeqTransformer]:
-    """``model`` with ``new`` at ``name`` (config updated) inside the block, restored after it:
-    "replace one block" without copying the model."""
-    old = model.get_submodule(name)
-    replace_module(model, name, new)
+def swapped(model: nn.Module, name: str, new: nn.Module) -> Iterator[nn.Module]:
+    """``model`` (any architecture) with ``new`` at unit ``name`` (sizes updated) inside the
+    block, restored after it: "replace one block" without copying the model."""
+    from ctprune.arch import arch_of
+
+    arch = arch_of(model)
+    old = arch.block(model, name)
+    arch.set_block(model, name, new)
     try:
         yield model
     finally:
-        replace_module(model, name, old)
+        arch.set_block(model, name, old)

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctprune.arch import arch_of
 from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
-from ctprune.data.tokenizer import PAD_ID, Tokenizer
+from ctprune.data.tokenizer import Tokenizer
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder
-from ctprune.model.decode import greedy
 from ctprune.model.ops import autocast_input
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import INDEX_FILE, check_bank_model, load_index, load_variant
@@ -89,8 +89,11 @@ def _layer_of(name: str) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def _origin_pass(model: Seq2SeqTransformer, b: Batch) -> dict[str, Any]:
-    """The origin's log-probs (B, T, V) and every layer's input, kept for the partial reruns."""
+def _origin_pass(model: nn.Module, b: Batch) -> dict[str, Any]:
+    """The origin's log-probs (B, T, V) and, for ctprune's own Transformer, every layer's input,
+    kept for the partial reruns (another architecture reruns its whole model per variant)."""
+    if not isinstance(model, Seq2SeqTransformer):
+        return {"logp": arch_of(model).logits(model, b.src, b.tgt_in).float().log_softmax(-1)}
     inputs: dict[tuple[str, int], Tensor] = {}
     handles = [layer.register_forward_pre_hook(
         lambda _m, args, key=(side, i): inputs.__setitem__(key, args[0]))
@@ -106,8 +109,10 @@ def _origin_pass(model: Seq2SeqTransformer, b: Batch) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _rerun_from(model: Seq2SeqTransformer, name: str, b: Batch, cached: dict[str, Any]) -> Tensor:
+def _rerun_from(model: nn.Module, name: str, b: Batch, cached: dict[str, Any]) -> Tensor:
     """Logits (B, T, V) of ``model`` (a variant swapped in at ``name``) from that layer on."""
+    if "inputs" not in cached:
+        return arch_of(model).logits(model, b.src, b.tgt_in)
     side, start = _layer_of(name)
     mask, memory = cached["mask"], cached["memory"]
     if side == "encoder":
@@ -122,23 +127,23 @@ def _rerun_from(model: Seq2SeqTransformer, name: str, b: Batch, cached: dict[str
     return model.generator(model.decoder.norm(y))
 
 
-def _kl_and_loss(logits: Tensor, origin_logp: Tensor, tgt_out: Tensor) -> tuple[float, float]:
+def _kl_and_loss(logits: Tensor, origin_logp: Tensor, tgt_out: Tensor, pad_id: int) -> tuple[float, float]:
     """Summed (over real target tokens) KL(origin || variant) and cross-entropy."""
-    real = tgt_out != PAD_ID  # (B, T)
+    real = tgt_out != pad_id  # (B, T)
     logp = logits.float().log_softmax(-1)[real]  # (N, V)
     ref = origin_logp[real]
     kl = (ref.exp() * (ref - logp)).sum(-1).sum()
     return float(kl), float(F.nll_loss(logp, tgt_out[real], reduction="sum"))
 
 
-def _timed(model: Seq2SeqTransformer, src: Tensor, steps: int) -> float:
+def _timed(model: nn.Module, src: Tensor, steps: int) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
-        greedy(model, src, steps=steps)
+        arch_of(model).generate(model, src, steps=steps)
     return time.perf_counter() - t0
 
 
-def measure_latency(origin: Seq2SeqTransformer, variants: dict[str, tuple[str, nn.Module]],
+def measure_latency(origin: nn.Module, variants: dict[str, tuple[str, nn.Module]],
                     subset: Subset, repeats: int) -> dict[str, Any]:
     """Milliseconds of batched greedy decoding (the subset's first batch, a fixed number of
     steps) of the origin and, per variant, the origin with that variant swapped in. Origin and
@@ -179,7 +184,7 @@ def score_bank(model_dir: Path, bank: Path, corpus: str = "multi30k", data_dir: 
     check_bank_model(index, model_fp, bank)
     dev = resolve_device(device)
     origin, tok, _ = load_model_folder(model_dir, dev)
-    subset = validation_subset(tok, origin.cfg.max_len, corpus, data_dir, batches, max_tokens)
+    subset = validation_subset(tok, arch_of(origin).max_len(origin), corpus, data_dir, batches, max_tokens)
     digests = {k: variant_digest(bank, e) for k, e in index["variants"].items()}
     old = index.get("scores") or {}
     same_ground = (not force and old.get("model_fingerprint") == model_fp
@@ -195,11 +200,12 @@ def score_bank(model_dir: Path, bank: Path, corpus: str = "multi30k", data_dir: 
     origin_loss = 0.0
     for b in [b.to(dev) for b in subset.batches]:
         cached = _origin_pass(origin, b)
-        origin_loss += float(F.nll_loss(cached["logp"][b.tgt_out != PAD_ID], b.tgt_out[b.tgt_out != PAD_ID],
-                                        reduction="sum"))
+        real = b.tgt_out != b.pad_id
+        origin_loss += float(F.nll_loss(cached["logp"][real], b.tgt_out[real], reduction="sum"))
         for k in todo:
             with swapped(origin, modules[k], variants[k]):
-                kl, loss = _kl_and_loss(_rerun_from(origin, modules[k], b, cached), cached["logp"], b.tgt_out)
+                kl, loss = _kl_and_loss(_rerun_from(origin, modules[k], b, cached), cached["logp"], b.tgt_out,
+                                        b.pad_id)
             sums[k][0] += kl
             sums[k][1] += loss
     n = subset.meta["target_tokens"]

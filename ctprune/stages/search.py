@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from ctprune.arch import arch_of
 from ctprune.errors import CtpruneError
 from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder
-from ctprune.model.flops import forward_flops, parameter_counts
+from ctprune.model.flops import parameter_counts
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import check_bank_model, load_index, load_variant
 from ctprune.pruning.configs import Configuration, model_fingerprint, prunable_modules
@@ -92,7 +93,8 @@ def build_choices(origin: Seq2SeqTransformer, bank: Path, index: dict[str, Any],
     """Every slot's choices with their scores and cost changes, and the origin's costs."""
     scores, lat = index["scores"], index["scores"].get("latency")
     origin_nonzero = parameter_counts(origin)[1]
-    origin_flops = forward_flops(origin.cfg, src_len, tgt_len)
+    arch = arch_of(origin)
+    origin_flops = arch.forward_flops(origin, src_len, tgt_len)
     base = {"params": float(origin_nonzero), "flops": float(origin_flops),
             "latency": float(lat["origin_ms"]) if lat else math.nan}
     modules = prunable_modules(origin)
@@ -101,7 +103,7 @@ def build_choices(origin: Seq2SeqTransformer, bank: Path, index: dict[str, Any],
         variant = load_variant(bank, index, key, origin)
         with swapped(origin, e["module"], variant):
             cost = {"params": float(parameter_counts(origin)[1] - origin_nonzero),
-                    "flops": float(forward_flops(origin.cfg, src_len, tgt_len) - origin_flops)}
+                    "flops": float(arch.forward_flops(origin, src_len, tgt_len) - origin_flops)}
         if lat:
             cost["latency"] = float(lat["variants"][key]["delta_ms"])
         s = scores["variants"][key]
@@ -230,7 +232,7 @@ def prepare(a: SearchArgs) -> Problem:
     a = dataclasses.replace(a, **{f: scored.get(f, default) for f, default in
                                   (("corpus", "multi30k"), ("batches", 8), ("max_tokens", 4096))
                                   if getattr(a, f) is None})
-    subset = validation_subset(tok, origin.cfg.max_len, a.corpus, a.data_dir, a.batches, a.max_tokens)
+    subset = validation_subset(tok, arch_of(origin).max_len(origin), a.corpus, a.data_dir, a.batches, a.max_tokens)
     check_scores(index, a.bank, model_fp, subset.meta)
     if any(b.resource == "latency" for b in a.budgets) and not index["scores"].get("latency"):
         raise CtpruneError(f"bank {a.bank} has no latency measurements; make them with "

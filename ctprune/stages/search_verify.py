@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from ctprune.arch import arch_of
 from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
-from ctprune.data.tokenizer import PAD_ID
 from ctprune.fileio import write_json
 from ctprune.model.decode import translate
-from ctprune.model.flops import forward_flops, parameter_counts
-from ctprune.model.transformer import Seq2SeqTransformer
+from ctprune.model.flops import parameter_counts
 from ctprune.pruning.bank import compose
 from ctprune.pruning.solver import feasible
 from ctprune.scoring import bleu_score
@@ -47,12 +46,12 @@ def random_feasible(p: Problem, n: int, seed: int = 0, attempts: int = 200_000) 
 
 
 @torch.no_grad()
-def val_loss(model: Seq2SeqTransformer, batches: list[Batch]) -> float:
+def val_loss(model: torch.nn.Module, batches: list[Batch]) -> float:
     """Mean teacher-forced cross-entropy per target token over ``batches``."""
     total, tokens = 0.0, 0
     for b in batches:
-        real = b.tgt_out != PAD_ID  # (B, T)
-        logits = model(b.src, b.tgt_in)[real].float()  # (N, V)
+        real = b.tgt_out != b.pad_id  # (B, T)
+        logits = arch_of(model).logits(model, b.src, b.tgt_in)[real].float()  # (N, V)
         total += float(torch.nn.functional.cross_entropy(logits, b.tgt_out[real], reduction="sum"))
         tokens += int(real.sum())
     return total / max(tokens, 1)
@@ -70,7 +69,7 @@ def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
     ``search.json`` and return them. ``sentences`` limits the BLEU sentences (default: all)."""
     a = p.args
     val = load_split(a.corpus, default_splits(a.corpus)[1], a.data_dir)
-    batches = TokenizedSplit(val, p.tok, p.origin.cfg.max_len).batches(a.max_tokens)
+    batches = TokenizedSplit(val, p.tok, arch_of(p.origin).max_len(p.origin)).batches(a.max_tokens)
     src, refs = val.src[:sentences], val.tgt[:sentences]
     found = [list(c["configuration"].items()) for c in report["configurations"]]
     rand = random_feasible(p, n_random, seed)
@@ -81,7 +80,8 @@ def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
         model = compose(p.origin, a.bank, conf, p.index).eval()
         return {**extra, "val_loss": round(val_loss(model, batches), 4),
                 "val_bleu": round(bleu_score(translate(model, p.tok, src), refs).score, 2),
-                "params_on_model": parameter_counts(model)[1], "flops_on_model": forward_flops(model.cfg, sl, tl)}
+                "params_on_model": parameter_counts(model)[1],
+                "flops_on_model": arch_of(model).forward_flops(model, sl, tl)}
 
     rows = [measure(dict(c), {"kind": "found", "estimate": r["estimate"]})
             for c, r in zip(found, report["configurations"])]
