@@ -27,9 +27,8 @@ from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import load_index, load_variant
-from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules
+from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules, validate_configurations
 from ctprune.stages.prune import prune
-from ctprune.stages.run import experiment_configurations
 from ctprune.stages.tune_blocks import Recorder, block_losses
 
 
@@ -64,7 +63,9 @@ def main() -> None:
     origin, tok, _ = load_model_folder(a.model)
     origin.requires_grad_(False)
     exp = load_experiment(Path(a.experiment))
-    confs = experiment_configurations(exp, origin)
+    if exp.configurations is None or exp.configurations.inline is None:
+        raise SystemExit(f"{a.experiment}: needs [configurations] inline = [...]")
+    confs = validate_configurations(list(exp.configurations.inline), prunable_modules(origin), a.experiment)
     train = TokenizedSplit(load_split("multi30k", "train", a.data_dir), tok, origin.cfg.max_len)
     all_batches = train.batches(a.max_tokens, shuffle_seed=0)
     batches = all_batches[:a.batches + 1]
@@ -83,8 +84,8 @@ def main() -> None:
 
         keys = list(index["variants"])
         modules = {k: index["variants"][k]["module"] for k in keys}
-        joint = seconds_per_batch(origin, fresh(keys), modules, batches, exp.tune_lr)
-        single = {k: seconds_per_batch(origin, fresh([k]), modules, batches, exp.tune_lr) for k in keys}
+        joint = seconds_per_batch(origin, fresh(keys), modules, batches, exp.tuning.lr)
+        single = {k: seconds_per_batch(origin, fresh([k]), modules, batches, exp.tuning.lr) for k in keys}
     n = len(all_batches)
     result = {"variants": len(keys), "timed_batches": a.batches, "epoch_batches": n,
               "joint_s_per_batch": round(joint, 4), "one_at_a_time_s_per_batch": round(sum(single.values()), 4),

@@ -8,6 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ctprune.errors import CtpruneError
+from ctprune.spec import (
+    PRECISIONS,
+    DataSpec,
+    ExecutionSpec,
+    FinetuningSpec,
+    OriginSpec,
+    TuningSpec,
+    add_option,
+    check_option,
+    spec_default,
+)
 
 Handler = Callable[[argparse.Namespace], None]
 
@@ -17,10 +28,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _data_options(p: argparse.ArgumentParser, split: str | None = None) -> None:
-    p.add_argument("--corpus", choices=("multi30k", "synthetic"), default="multi30k",
-                   help="parallel corpus: Multi30k de-en from --data-dir, or the built-in synthetic one")
-    p.add_argument("--data-dir", default=None,
-                   help="folder with SPLIT.de / SPLIT.en (else $CTPRUNE_DATA_DIR, else the download cache)")
+    add_option(p, DataSpec, "corpus")
+    add_option(p, DataSpec, "data_dir")
     if split is not None:
         p.add_argument("--split", default=split,
                        help="split name (multi30k: train, val, test_2016_flickr; synthetic: train, val, test)")
@@ -32,12 +41,15 @@ def _subset_options(p: argparse.ArgumentParser) -> None:
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="where to run (default: cuda when present, else cpu)")
+    add_option(p, ExecutionSpec, "device")
 
 
-def _recipe_options(p: argparse.ArgumentParser, epochs: int) -> None:
-    p.add_argument("-e", "--epochs", type=int, default=epochs, help="number of epochs")
+def _precision_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=help)
+
+
+def _recipe_options(p: argparse.ArgumentParser, spec: type) -> None:
+    add_option(p, spec, "epochs", "-e", "--epochs")
     p.add_argument("--recipe", choices=("fast", "original", "finetune"), default="fast",
                    help="fast: warm-up + cosine lr, label smoothing 0.1, token-budget batches; "
                         "original: the prototype's Adam 1e-4, 128-sentence batches, plain cross-entropy; "
@@ -46,10 +58,8 @@ def _recipe_options(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="token budget per batch, padded source+target tokens (fast recipe)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="bf16 autocast or plain fp32; auto = bf16 for the seed preset (1.7-1.8x "
-                        "faster on this project's CPUs, see benchmarks/), fp32 for tiny (bf16 kernels "
-                        "are re-specialised per batch shape, which costs more than tiny matmuls save)")
+    _precision_option(p, "bf16 autocast or plain fp32; auto = the preset's policy (bf16 for seed, fp32 for tiny: "
+                         "see ctprune.training.loop.preset_bf16)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in -o from its last finished epoch")
@@ -58,20 +68,10 @@ def _recipe_options(p: argparse.ArgumentParser, epochs: int) -> None:
 
 
 def _recipe(a: argparse.Namespace) -> object:
-    from ctprune.training.loop import TINY_RECIPE, Recipe
+    from ctprune.training.loop import preset_recipe
 
-    tiny = getattr(a, "preset", "seed") == "tiny"
-    bf16 = a.precision == "bf16" or (a.precision == "auto" and not tiny)
-    overrides: dict[str, object] = {"epochs": a.epochs, "bf16": bf16, "seed": a.seed}
-    if tiny and a.recipe == "fast":
-        overrides.update(TINY_RECIPE)
-    if a.lr is not None:
-        overrides["lr"] = a.lr
-    if a.max_tokens is not None:
-        overrides["max_tokens"] = a.max_tokens
-    if a.recipe == "finetune":
-        return Recipe.finetune(**overrides)
-    return Recipe.original(**overrides) if a.recipe == "original" else Recipe(**overrides)
+    return preset_recipe(getattr(a, "preset", "seed"), a.recipe, a.precision, epochs=a.epochs, seed=a.seed,
+                         lr=a.lr, max_tokens=a.max_tokens)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -192,7 +192,9 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     if (a.n is None) == (not a.all):
         raise CtpruneError("give either -n I (one configuration) or --all")
     recipe = _recipe(a)
-    kw = dict(corpus=a.corpus, data_dir=a.data_dir, target_bleu=a.target_bleu, device=a.device)
+    check_option(FinetuningSpec, "budget_epochs", a.budget_epochs, "--budget-epochs")
+    kw = dict(corpus=a.corpus, data_dir=a.data_dir, target_bleu=a.target_bleu,
+              device=a.device, min_epochs=min(a.budget_epochs, a.epochs))
     if a.all:
         results = finetune_all(Path(a.model), Path(a.bank), Path(a.configurations), Path(a.output),
                                recipe, **kw)  # type: ignore[arg-type]
@@ -209,7 +211,8 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 def cmd_run(a: argparse.Namespace) -> None:
     from ctprune.stages.run import run_experiment
 
-    run_experiment(Path(a.experiment), Path(a.output) if a.output else None)
+    given = {k: getattr(a, k) for k in ("executor", "workers", "address", "device") if getattr(a, k) is not None}
+    run_experiment(Path(a.experiment), Path(a.output) if a.output else None, execution=given)
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -249,15 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("train", cmd_train, "train the origin model (tokenizer + Transformer) on a corpus")
-    p.add_argument("--preset", choices=("seed", "tiny"), default="seed",
-                   help="seed: the original 3+3 layers, d_model 512, 8 heads, FFN 512; tiny: for tests")
+    add_option(p, OriginSpec, "preset")
     p.add_argument("--arch", choices=("ctprune", "marian", "t5"), default="ctprune",
                    help="ctprune: its own Transformer; marian / t5: a Hugging Face MarianMTModel / "
                         "T5ForConditionalGeneration of the preset's sizes (needs the hf extra)")
     _data_options(p)
     p.add_argument("--vocab-size", type=int, default=None,
                    help="sentencepiece vocabulary (default 8000 for multi30k, 1000 for synthetic)")
-    _recipe_options(p, epochs=12)
+    _recipe_options(p, OriginSpec)
     _device_option(p)
     p.add_argument("-o", "--output", required=True, help="model folder to write")
 
@@ -363,15 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="origin model folder")
     p.add_argument("--bank", required=True, help="bank from `ctprune prune`")
     _data_options(p)
-    p.add_argument("-e", "--epochs", type=int, default=3, help="block-tuning epochs")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the variants")
+    add_option(p, TuningSpec, "epochs", "-e", "--epochs")
+    add_option(p, TuningSpec, "lr")
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch")
-    p.add_argument("--patience", type=int, default=2,
-                   help="stop tuning a variant after this many epochs without a lower val block loss (0: never)")
+    add_option(p, TuningSpec, "patience")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="bf16 autocast or fp32; auto = the precision the origin model was trained with "
-                        "(the same policy as finetuning)")
+    _precision_option(p, "bf16 autocast or fp32; auto = the precision the origin model was trained with "
+                         "(the same policy as finetuning)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted tuning in -o")
     _device_option(p)
     p.add_argument("-o", "--output", required=True, help="tuned bank folder to write")
@@ -385,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=None, help="index of the configuration (from 0)")
     p.add_argument("--all", action="store_true", help="every configuration, one after another, resumably")
     _data_options(p)
-    _recipe_options(p, epochs=3)
-    p.set_defaults(recipe="finetune")
-    p.add_argument("--target-bleu", type=float, default=None, help="stop once val BLEU reaches this")
+    _recipe_options(p, FinetuningSpec)
+    p.set_defaults(recipe="finetune", lr=spec_default(FinetuningSpec, "lr"))
+    add_option(p, FinetuningSpec, "target_bleu")
+    add_option(p, FinetuningSpec, "budget_epochs")
     _device_option(p)
     p.add_argument("-o", "--output", required=True, help="model folder (with --all: a folder of config-I)")
 
@@ -396,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
             "and composed finetuning -> test evaluation -> report; re-run to resume")
     p.add_argument("experiment", help="experiment file, e.g. examples/demo.toml")
     p.add_argument("-o", "--output", default=None, help="run folder (default: runs/EXPERIMENT_NAME)")
+    for name, flag in (("executor", "--executor"), ("workers", "--workers"), ("address", "--ray-address"),
+                       ("device", "--device")):
+        default = spec_default(ExecutionSpec, name)
+        fallback = f", else {default}" if default is not None else ""
+        add_option(p, ExecutionSpec, name, flag, default=None,  # %(default).0s: no "(default: None)"
+                   help=f"{ExecutionSpec.__dataclass_fields__[name].metadata['help']} (default: the experiment "
+                        f"file's [execution] {name}{fallback})%(default).0s")
 
     p = add("report", cmd_report, "rebuild report.md / report.html of a run folder")
     p.add_argument("run_dir", help="run folder of `ctprune run`")

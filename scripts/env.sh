@@ -11,6 +11,6 @@ stamp=.venv/.ctprune-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet torch==2.13.0
-  .venv/bin/python -m pip install --quiet -e ".[test,hf]"
+  .venv/bin/python -m pip install --quiet -e ".[test,ray,hf]"
   touch "$stamp"
 fi

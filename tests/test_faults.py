@@ -216,7 +216,8 @@ def nothing(w: Path) -> None:
 
 
 COMPOSE = ["compose", "origin", "--bank", "bank", "-c", "conf.json", "-n", "0", "-o"]
-FINETUNE = ["finetune", "origin", "--bank", "bank", "-c", "conf.json", "-n", "0", "--corpus", "synthetic", "-o"]
+FINETUNE = ["finetune", "origin", "--bank", "bank", "-c", "conf.json", "-n", "0", "--corpus", "synthetic",
+            "--target-bleu", "none", "-o"]
 TUNE = ["tune-blocks", "origin", "--bank", "bank", "--corpus", "synthetic", "-o"]
 PRUNE = ["prune", "origin", "--plan", "plan.json", "-o"]
 PLAN = ["plan", "conf.json", "-m", "origin", "-o"]
@@ -336,6 +337,21 @@ CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
      write("exp.toml", "[configurations]\nattention = [0.5]\n[tuning]\nlr = nan\n"), "tuning.lr"),
     ("run-toml-seeds-repeated", ["run", "exp.toml", "-o", "runout"],
      write("exp.toml", "seeds = [1, 1]\n[configurations]\nattention = [0.5]\n"), "distinct integers"),
+    ("run-toml-execution-unknown-key", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n[execution]\nnodes = 4\n"),
+     "unknown key(s) ['nodes'] in [execution]"),
+    ("run-toml-executor-unknown", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n[execution]\nexecutor = 'slurm'\n"),
+     "execution.executor must be one of local, process, ray"),
+    ("run-toml-workers-string", ["run", "exp.toml", "-o", "runout"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n[execution]\nworkers = 'two'\n"),
+     "execution.workers must be int"),
+    ("run-workers-zero", ["run", "exp.toml", "-o", "runout", "--workers", "0"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n"), "execution.workers must be at least 1"),
+    ("run-device-unknown", ["run", "exp.toml", "-o", "runout", "--device", "tpu"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n"), "execution.device must be auto, cpu, cuda"),
+    ("run-address-without-ray", ["run", "exp.toml", "-o", "runout", "--ray-address", "10.0.0.1:6379"],
+     write("exp.toml", "[configurations]\nattention = [0.5]\n"), "execution.address is for executor"),
     # --- model folder
     ("weights-truncated", ["inspect", "origin"], truncate("origin/model.safetensors"), "truncated"),
     ("weights-altered", ["inspect", "origin"],

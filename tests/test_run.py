@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import ctprune.executors as executors
+import ctprune.stages.finetune as finetune_stage
 import ctprune.stages.run as run_stage
 from ctprune.errors import CtpruneError
 from ctprune.experiment import load_experiment
@@ -53,7 +55,7 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     exp = tmp_path / "exp.toml"
     exp.write_text(EXPERIMENT.format(model=trained))
     run_dir = tmp_path / "run"
-    real = run_stage.finetune
+    real = finetune_stage.finetune
     calls = {"n": 0}
 
     def killed_on_third(*a, **k):  # type: ignore[no-untyped-def]
@@ -62,14 +64,14 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
             raise _Killed
         return real(*a, **k)
 
-    monkeypatch.setattr(run_stage, "finetune", killed_on_third)
+    monkeypatch.setattr(finetune_stage, "finetune", killed_on_third)
     with pytest.raises(_Killed):
         run_stage.run_experiment(exp, run_dir)
     finished = sorted((run_dir / "finetune").glob("*/config-*/model.safetensors"))
     assert len(finished) == 2  # baseline and composed of configuration 0
     stamps = {p: p.stat().st_mtime_ns for p in
               finished + sorted(run_dir.glob("banks/*/index.json")) + sorted(run_dir.glob("banks/*/variants/*"))}
-    monkeypatch.setattr(run_stage, "finetune", real)
+    monkeypatch.setattr(finetune_stage, "finetune", real)
     report = run_stage.run_experiment(exp, run_dir)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing finished was redone
 
@@ -165,9 +167,10 @@ def test_bad_experiment_files(text: str, message: str, tmp_path: Path) -> None:
 def test_shipped_examples_load() -> None:
     root = Path(__file__).resolve().parents[1] / "examples"
     demo, m30k = load_experiment(root / "demo.toml"), load_experiment(root / "multi30k.toml")
-    assert demo.corpus == "synthetic" and m30k.corpus == "multi30k" and m30k.preset == "seed"
-    assert len(m30k.conf_inline or []) == 3
-    assert len(demo.conf_inline or []) == 8 and demo.target == "origin-1"
+    assert demo.data.corpus == "synthetic" and m30k.data.corpus == "multi30k" and m30k.origin.preset == "seed"
+    assert m30k.configurations is not None and len(m30k.configurations.inline or []) == 3
+    assert demo.configurations is not None and len(demo.configurations.inline or []) == 8
+    assert demo.finetuning.target_bleu == "origin-1" and demo.execution.executor == "local"
 
 
 def test_run_with_search_picks_configurations_from_a_scored_grid_bank(trained: Path, tmp_path: Path) -> None:
@@ -236,7 +239,8 @@ def _numbers(run_dir: Path) -> dict:
     for run in s["runs"]:
         out[f"flops-{run['seed']}"] = (run["tuning"]["train_flops"], run["saving"]["ratio_flops"],
                                        run["saving"]["baseline_flops"], run["saving"]["composed_flops"])
-        out[f"confs-{run['seed']}"] = [{k: v for k, v in c[side].items() if k not in ("cost_seconds", "dir")}
+        out[f"confs-{run['seed']}"] = [{k: v for k, v in c[side].items()
+                                        if k not in ("cost_seconds", "train_seconds", "dir")}
                                        for c in run["configurations"] for side in run_stage.SIDES]
     return out
 
@@ -265,10 +269,11 @@ def test_a_run_killed_inside_every_stage_resumes_to_the_same_numbers(tmp_path: P
 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(run_stage, "_say", say)
+    monkeypatch.setattr(executors, "_say", say)
     run_stage.run_experiment(exp, tmp_path / "whole")
     expected = _numbers(tmp_path / "whole")
     stages = {k: v for k, v in calls["stages"].items() if k != "start"}
-    assert {"origin model", "prune", "tune-blocks", "latency", "report"} <= set(stages)
+    assert {"origin model", "prune", "tune-blocks seed 0 shard 1/1", "latency", "report"} <= set(stages)
     assert sum(k.startswith("finetune") for k in stages) == 2  # baseline and composed
     for stage, replaces in stages.items():
         kill = replaces[len(replaces) // 2]

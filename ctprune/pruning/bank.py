@@ -41,14 +41,15 @@ def variant_file(key: str) -> str:
 
 
 def save_variant(bank: Path, index: dict[str, Any], key: str, module: nn.Module,
-                 entry: dict[str, Any]) -> None:
-    """Write one variant's weights, then its index entry with the file's size and SHA-256
-    (both atomically)."""
+                 entry: dict[str, Any], write_index: bool = True) -> None:
+    """Write one variant's weights, then its entry in ``index`` with the file's size and SHA-256,
+    and (unless the caller writes the index once after many variants) the index, atomically."""
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     path = Path(bank) / variant_file(key)
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     index["variants"][key] = {**entry, "file": variant_file(key), "checksum": file_record(path)}
-    write_json(Path(bank) / INDEX_FILE, index)
+    if write_index:
+        write_json(Path(bank) / INDEX_FILE, index)
 
 
 def load_index(bank: Path) -> dict[str, Any]:

@@ -16,21 +16,24 @@ from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output
 from ctprune.model.checkpoint import is_model_folder
 from ctprune.pruning.configs import load_configurations, prunable_modules
+from ctprune.spec import resolve_target
 from ctprune.stages.compose import compose_configuration
 from ctprune.training.loop import FitResult, Recipe, fit
 
 
 def finetune(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path, recipe: Recipe,
-             corpus: str = "multi30k", data_dir: str | None = None, target_bleu: float | None = None,
+             corpus: str = "multi30k", data_dir: str | None = None, target_bleu: float | str | None = None,
              resume: bool = False, device: str | None = None, min_epochs: int = 0,
              snapshot_epochs: tuple[int, ...] = ()) -> FitResult:
-    """Finetune configuration ``n`` into the model folder ``output`` (history.csv, plots)."""
+    """Finetune configuration ``n`` into the model folder ``output`` (history.csv, plots), until
+    ``target_bleu`` (a BLEU, "origin-X", or None) or the recipe's epochs."""
     check_output(output, {"model folder": model_dir, "bank": bank, "configuration file": conf_path,
                           "data folder": data_dir})
     dev = resolve_device(device)
     model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n)
     train_name, val_name, _ = default_splits(corpus)
     train, val = (load_split(corpus, s, data_dir) for s in (train_name, val_name))
+    target_bleu = resolve_target(target_bleu, model_dir)
     hparams: dict[str, Any] = {**provenance, "stage": "finetune", "corpus": corpus, "target_bleu": target_bleu}
     result = fit(model, tok, train, val, recipe, output, hparams, resume=resume, device=dev,
                  eval_before=True, target_bleu=target_bleu, after_step=arch_of(model).apply_masks,

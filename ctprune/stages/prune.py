@@ -118,7 +118,7 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
         t0 = time.perf_counter()
         for name, r in progress(variant_ids(plan), desc="prune", unit="variant", leave=False):
             variant, entry = make_variant(model, name, modules[name].kind, r, criterion, stats)
-            save_variant(tmp, index, variant_key(name, r), variant, entry)
+            save_variant(tmp, index, variant_key(name, r), variant, entry, write_index=False)
         index["prune_seconds"] = round(time.perf_counter() - t0, 3)
         write_json(tmp / INDEX_FILE, index)
         tmp.rename(output)

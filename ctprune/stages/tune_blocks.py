@@ -193,7 +193,8 @@ def _write_state(index: dict[str, Any], variants: dict[str, nn.Module], state: d
     state_index = {k: index[k] for k in ("format", "model_fingerprint", "plan_fingerprint")}
     state_index["variants"] = {}
     for k, v in variants.items():
-        save_variant(folder, state_index, k, v, dict(index["variants"][k]))
+        save_variant(folder, state_index, k, v, dict(index["variants"][k]), write_index=False)
+    write_json(folder / INDEX_FILE, state_index)
     write_json(folder / "output_index.json", index)
     write_block_history(folder / "history.csv", history)
     atomic_write(folder / "state.pt", functools.partial(torch.save, state))
@@ -315,12 +316,13 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
                     best[k], stale[k] = val[k], 0
                     prov = index["variants"][k]["provenance"]
                     prov.update(stage="tuned", epochs=epoch, block_loss=round(val[k], 6))
-                    save_variant(output, index, k, variants[k], index["variants"][k])
+                    save_variant(output, index, k, variants[k], index["variants"][k], write_index=False)
                 else:
                     stale[k] += 1
             state = {"optimizer": opt.state_dict(), "epoch": epoch, "wall": wall, "tokens": tokens,
                      "best": best, "stale": stale, "flops": flops}
             commit_dir(state_dir, functools.partial(_write_state, index, variants, state, history))
+            write_json(output / INDEX_FILE, index)  # once per epoch, not once per saved variant
             write_block_history(output / "history.csv", history)
             tqdm.write(f"tune-blocks epoch {epoch}: mean val block loss "
                        f"{sum(val.values()) / len(val):.4g} over {len(active)} variants ({wall:.0f}s)")
@@ -337,3 +339,53 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     plot_block_losses(history, output / "block_loss.png")
     return index
 
+
+
+def merge_shards(shards: list[tuple[Path, list[str]]], dst: Path) -> None:
+    """Move the variants ``keys`` of every shard bank into bank ``dst`` (made if absent), adding
+    up the shards' pruning or tuning cost and history; ``dst``'s index is written once, last (its
+    single writer), so a crash loses nothing and a re-run finishes the move."""
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "variants").mkdir(exist_ok=True)
+    dst_existed = (dst / INDEX_FILE).exists()
+    index = load_index(dst) if dst_existed else None
+    rows = {(r["variant"], r["epoch"]): r for r in read_history(dst / "history.csv")}
+    for src, keys in shards:
+        if index is not None and all(k in index["variants"] for k in keys) and (
+                not (src / INDEX_FILE).exists()
+                or all(index["variants"][k]["checksum"] == load_index(src)["variants"][k].get("checksum")
+                       for k in keys)):
+            continue  # merged before a kill stopped the clean-up: never count its cost twice
+        new = load_index(src)
+        if index is None:
+            index = {**{k: v for k, v in new.items() if k != "tuning"}, "variants": {}}
+        elif "prune_seconds" in new:
+            index["prune_seconds"] = round(index.get("prune_seconds", 0.0) + new["prune_seconds"], 3)
+        for key in keys:
+            entry = new["variants"][key]
+            if (src / entry["file"]).exists():  # absent only if an earlier merge moved it already
+                os.replace(src / entry["file"], dst / entry["file"])
+            index["variants"][key] = entry
+        if "tuning" in new:
+            t, old = {**new["tuning"], "sessions": 1}, index.get("tuning")
+            if old:
+                t.update(wall_time_s=round(old["wall_time_s"] + t["wall_time_s"], 2),
+                         train_tokens=old["train_tokens"] + t["train_tokens"],
+                         teacher_flops=old["teacher_flops"] + t["teacher_flops"],
+                         train_flops=old["train_flops"] + t["train_flops"],
+                         variant_flops={**old["variant_flops"], **t["variant_flops"]},
+                         epochs_done=max(old["epochs_done"], t["epochs_done"]), sessions=old["sessions"] + 1)
+                t["achieved_gflops"] = round(t["train_flops"] / max(t["wall_time_s"], 1e-9) / 1e9, 2)
+            index["tuning"] = t
+            rows.update({(r["variant"], r["epoch"]): r for r in read_history(src / "history.csv")})
+    if index is None:
+        raise CtpruneError(f"nothing to merge into {dst}")
+    if "tuning" in index:
+        index["tuning"]["variants"] = len(index["variants"])
+        # one row per (variant, epoch), epochs in order (a merge redone after a kill sees its rows twice)
+        history = sorted((r for r in rows.values() if r["variant"] in index["variants"]), key=lambda r: int(r["epoch"]))
+        write_block_history(dst / "history.csv", history)
+        plot_block_losses(history, dst / "block_loss.png")
+    write_json(dst / INDEX_FILE, index)
+    for src, _ in shards:
+        shutil.rmtree(src, ignore_errors=True)

@@ -45,8 +45,9 @@ from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.progress import progress
 from ctprune.scoring import bleu_score
+from ctprune.spec import OriginSpec, spec_default
 
-RECIPES = ("fast", "original")
+RECIPES = ("fast", "original")  # and "finetune": the original optimizer on token-budget batches
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_time_s",
                   "wall_time_s", "train_tokens", "train_flops")
 
@@ -56,13 +57,38 @@ HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_ti
 TINY_RECIPE: dict[str, Any] = {"lr": 3e-3, "max_tokens": 1024, "warmup_steps": 100}
 
 
+def preset_bf16(preset: str) -> bool:
+    """bf16 autocast for the seed preset (1.7-1.8x faster on this project's CPUs, see
+    benchmarks/), fp32 for tiny models (bf16 kernels are re-specialised per batch shape, which
+    costs more than tiny matmuls save); training, tuning and finetuning alike."""
+    return preset != "tiny"
+
+
+def preset_max_tokens(preset: str) -> int:
+    """Token budget per batch of tuning and finetuning: small batches for the tiny preset."""
+    return int(TINY_RECIPE["max_tokens"]) if preset == "tiny" else 4096
+
+
+def preset_recipe(preset: str, name: str = "fast", precision: str = "auto", **overrides: Any) -> Recipe:
+    """The recipe ``name`` (fast, original or finetune) with the preset's policy: bf16 unless
+    ``precision`` says otherwise, and for ``tiny`` the fast recipe's tiny defaults; ``overrides``
+    (None values ignored) win."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    policy: dict[str, Any] = {"bf16": precision == "bf16" or (precision == "auto" and preset_bf16(preset))}
+    if preset == "tiny" and name == "fast":
+        policy.update(TINY_RECIPE)
+    if name == "finetune":
+        return Recipe.finetune(**{**policy, **given})
+    return Recipe.original(**{**policy, **given}) if name == "original" else Recipe(**{**policy, **given})
+
+
 @dataclass
 class Recipe:
     """How to train. ``fast`` is the default; ``original`` is the prototype's recipe
     (Adam 1e-4, betas 0.9/0.98, eps 1e-9, 128-sentence batches, plain cross-entropy)."""
 
     name: str = "fast"
-    epochs: int = 18
+    epochs: int = spec_default(OriginSpec, "epochs")
     lr: float = 8e-4
     warmup_steps: int = 250
     min_lr_ratio: float = 0.05
@@ -138,7 +164,7 @@ def optimizer_step(opt: torch.optim.Optimizer, compute_loss: Callable[[], torch.
     fp32), backward, gradient clipping, Adam. Model training and block tuning both use it."""
     for g in opt.param_groups:
         g["lr"] = lr
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=recipe.bf16):
+    with torch.autocast(torch.device(device_type).type, dtype=torch.bfloat16, enabled=recipe.bf16):
         loss = compute_loss()
     opt.zero_grad(set_to_none=True)
     loss.backward()

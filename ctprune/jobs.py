@@ -1,0 +1,400 @@
+"""Jobs: every unit of work of `ctprune run` as a function of input paths and options that writes
+one output (a folder, or a file of the run folder), resumable, and returns a small JSON result.
+
+A ``Job`` names one such function call. Its fingerprint (``key``) covers the function and its
+arguments; when the job ends, ``run_job`` writes ``RUN_DIR/jobs/NAME-KEY.json`` with the result,
+last, so a job with a record is complete and is skipped, and a job without one is (re)run, its
+function resuming whatever part of its output was committed. The executors (ctprune/executors.py)
+run a graph of jobs in this process, in worker processes, or as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctprune.errors import CtpruneError
+from ctprune.fileio import read_json, write_json
+from ctprune.pruning.configs import fingerprint, variant_ids, variant_key
+
+RECORDS = "jobs"
+LATENCY_REPEATS = 5  # interleaved rounds; the median is reported with the spread
+LATENCY_SENTENCES = 256  # the first sentences of the first test split
+FAULT_ENV = "CTPRUNE_FAULT_KILL_JOB"  # tests: "NAME_PART:SECONDS:MARKER" kills the worker once, mid-job
+
+
+@dataclass(frozen=True)
+class Job:
+    """One call of the job function ``fn`` ("module:function", or a function of this module)
+    with JSON-able ``kwargs``.
+    ``deps``: names of jobs that must finish first; ``exclusive``: nothing runs beside it (timing)."""
+
+    name: str
+    fn: str
+    kwargs: dict[str, Any]
+    deps: tuple[str, ...] = ()
+    exclusive: bool = False
+    gpu: bool = False  # uses the device (a GPU when there is one); CPU-only jobs reserve none
+
+    @property
+    def key(self) -> str:
+        return fingerprint([self.fn, self.kwargs])[:12]
+
+    def record(self, run_dir: Path) -> Path:
+        return Path(run_dir) / RECORDS / f"{re.sub(r'[^A-Za-z0-9]+', '-', self.name).strip('-')}-{self.key}.json"
+
+
+def read_record(job: Job, run_dir: Path) -> dict[str, Any] | None:
+    path = job.record(run_dir)
+    if not path.is_file():
+        return None
+    record = read_json(path, "job record")
+    if not isinstance(record, dict) or record.get("key") != job.key or "result" not in record:
+        raise CtpruneError(f"{path} is not the record of job {job.name!r}; remove it to run the job again")
+    return record["result"]
+
+
+def _fault_hook(name: str) -> None:
+    """For tests only: ``$CTPRUNE_FAULT_KILL_JOB`` = NAME_PART:SECONDS:MARKER kills this worker
+    process SECONDS into the first job whose name contains NAME_PART (MARKER records that it
+    happened, so the retry runs through; "always" kills every attempt)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    part, seconds, marker = spec.split(":", 2)
+    if part in name and (marker == "always" or not Path(marker).exists()):
+        if marker != "always":
+            Path(marker).write_text(name)
+        threading.Timer(float(seconds), lambda: os._exit(137)).start()
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_job(job: Job, run_dir: str, threads: int | None, device: str) -> dict[str, Any]:
+    """Run ``job`` here (a worker's entry point): set the thread count, call the function with
+    ``device`` resolved in this process, write the record last; returns the result."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    _fault_hook(job.name)
+    module, _, name = job.fn.rpartition(":")
+    fn = getattr(importlib.import_module(module), name) if module else globals()[name]
+    started = time.time()
+    result = fn(**job.kwargs, device=device)
+    write_json(job.record(Path(run_dir)), {
+        "job": job.name, "key": job.key, "result": result, "deps": list(job.deps), "started": started,
+        "seconds": round(time.time() - started, 3), "pid": os.getpid(),
+        "threads": threads or _torch_threads()})
+    return result
+
+
+# ---------------------------------------------------------------- job functions
+
+
+def train_origin_job(output: str, preset: str, corpus: str, data_dir: str | None, epochs: int, seed: int,
+                     device: str) -> dict[str, Any]:
+    """The origin model: trained (or resumed) into ``output``."""
+    from ctprune.stages.train import TrainArgs, train_origin
+    from ctprune.training.loop import has_training_run, preset_recipe
+
+    out = Path(output)
+    res = train_origin(TrainArgs(output=out, preset=preset, corpus=corpus, data_dir=data_dir, device=device,
+                                 resume=has_training_run(out),
+                                 recipe=preset_recipe(preset, epochs=epochs, seed=seed)))
+    return {"best_val_bleu": res.best_bleu, "epochs_done": res.epochs_done}
+
+
+def configurations_job(origin: str, conf_out: str, plan_out: str, configurations: dict[str, Any],
+                       where: str, device: str) -> dict[str, Any]:
+    """The experiment's configurations ([configurations] of the spec) checked against the origin,
+    written as the run's configuration file and plan."""
+    from ctprune.model.checkpoint import load_model_folder
+    from ctprune.pruning.configs import (
+        default_configurations,
+        load_configurations,
+        make_plan,
+        model_fingerprint,
+        prunable_modules,
+        validate_configurations,
+    )
+
+    modules = prunable_modules(load_model_folder(Path(origin))[0])
+    c = configurations
+    if c["file"] is not None:
+        confs = load_configurations(Path(c["file"]), modules)
+    elif c["inline"] is not None:
+        confs = validate_configurations(list(c["inline"]), modules, f"{where} [configurations].inline")
+    else:
+        n = len(c["attention"] or c["linear"] or c["ffn"])
+        confs = default_configurations(modules, n, c["attention"], c["linear"], c["ffn"])
+    write_json(Path(conf_out), confs)
+    write_json(Path(plan_out), make_plan(confs, modules, model_fingerprint(Path(origin))))
+    return {"configurations": len(confs)}
+
+
+def grid_plan_job(origin: str, plan_out: str, grid: list[float], kinds: list[str], device: str) -> dict[str, Any]:
+    """[search]: the plan of a grid bank (every module of ``kinds`` at every ratio of ``grid``)."""
+    from ctprune.model.checkpoint import load_model_folder
+    from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules
+
+    modules = prunable_modules(load_model_folder(Path(origin))[0])
+    grid_confs = [{n: r for n, m in modules.items() if m.kind in kinds} for r in grid]
+    plan = make_plan(grid_confs, modules, model_fingerprint(Path(origin)))
+    write_json(Path(plan_out), plan)
+    return {"variants": len(variant_ids(plan))}
+
+
+def sub_plan(plan: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The part of ``plan`` whose variant keys are in ``keys``."""
+    modules = {n: {**e, "ratios": [r for r in e["ratios"] if variant_key(n, r) in keys]}
+               for n, e in plan["modules"].items()}
+    body = {k: v for k, v in plan.items() if k != "modules_fingerprint"}  # a sub-plan is no edit
+    return {**body, "modules": {n: e for n, e in modules.items() if e["ratios"]}}
+
+
+def missing_variants(plan: dict[str, Any], bank: Path) -> list[str]:
+    """The plan's variant keys that ``bank`` does not hold (all of them when it does not exist)."""
+    from ctprune.pruning.bank import INDEX_FILE, load_index
+
+    have = load_index(bank)["variants"] if (Path(bank) / INDEX_FILE).exists() else {}
+    return [variant_key(n, r) for n, r in variant_ids(plan) if variant_key(n, r) not in have]
+
+
+def prune_job(origin: str, bank: str, plan: str, keys: list[str], corpus: str, data_dir: str | None,
+              device: str) -> dict[str, Any]:
+    """Prune the variants ``keys`` of the plan file and add them to ``bank`` (made if absent)."""
+    from ctprune.stages.prune import prune
+    from ctprune.stages.tune_blocks import merge_shards
+
+    bank_dir = Path(bank)
+    tmp, sub = bank_dir.parent / f".pruning-{bank_dir.name}", bank_dir.parent / f".plan-{bank_dir.name}.json"
+    write_json(sub, sub_plan(read_json(Path(plan), "plan"), keys))
+    shutil.rmtree(tmp, ignore_errors=True)
+    prune(Path(origin), tmp, plan_path=sub, corpus=corpus, data_dir=data_dir)
+    merge_shards([(tmp, keys)], bank_dir)
+    sub.unlink()
+    return {"pruned": len(keys)}
+
+
+def tune_job(origin: str, pruned: str, output: str, keys: list[str], epochs: int, lr: float, patience: int,
+             seed: int, max_tokens: int, bf16: bool, corpus: str, data_dir: str | None,
+             device: str) -> dict[str, Any]:
+    """Tune the variants ``keys`` of the pruned bank into the shard ``output`` (resumed if begun)."""
+    from ctprune.stages.tune_blocks import tune_blocks
+
+    out = Path(output)
+    index = tune_blocks(Path(origin), Path(pruned), out, epochs=epochs, corpus=corpus, data_dir=data_dir, lr=lr,
+                        patience=patience, resume=out.exists(), device=device, only=keys, seed=seed,
+                        max_tokens=max_tokens, bf16=bf16)
+    return {"variants": len(keys), "wall_time_s": index["tuning"]["wall_time_s"]}
+
+
+def merge_job(shards: list[list[Any]], bank: str, device: str) -> dict[str, Any]:
+    """Move the tuned variants of every shard ([folder, keys]) into ``bank``: its single writer."""
+    from ctprune.stages.tune_blocks import merge_shards
+
+    merge_shards([(Path(p), list(k)) for p, k in shards], Path(bank))
+    return {"variants": sum(len(k) for _, k in shards)}
+
+
+def score_job(origin: str, bank: str, corpus: str, data_dir: str | None, bank_variants: list[str],
+              device: str) -> dict[str, Any]:
+    """Replace-one-block scores of every variant of ``bank`` (stored in its index; the job's key
+    follows ``bank_variants``, so a grown bank is scored again, reusing the scores it has)."""
+    from ctprune.stages.score import score_bank
+
+    s = score_bank(Path(origin), Path(bank), corpus=corpus, data_dir=data_dir, device=device)
+    return {"total_wall_time_s": float(s["total_wall_time_s"]), "subset": s["subset"],
+            "digests": {k: v["digest"] for k, v in s["variants"].items()}}
+
+
+def search_job(origin: str, bank: str, conf_out: str, search: dict[str, Any], corpus: str, data_dir: str | None,
+               device: str) -> dict[str, Any]:
+    """`ctprune search` on the scored bank: the configuration file and search.json beside it."""
+    from ctprune.stages.search import SearchArgs, parse_budget
+    from ctprune.stages.search import search as solve
+
+    budgets = tuple(parse_budget(r, search[r]) for r in ("flops", "params") if search.get(r) is not None)
+    _, found = solve(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(conf_out), budgets=budgets,
+                                k=search["k"], min_distance=search["min_distance"], corpus=corpus,
+                                data_dir=data_dir))
+    return {"found": len(found["configurations"]), "solver_s": found["solver"]["total_s"]}
+
+
+def test_bleu(model: Any, tok: Any, tests: dict[str, Any]) -> dict[str, float]:
+    """Test BLEU (greedy) on every test split."""
+    from ctprune.model.decode import translate
+    from ctprune.scoring import score
+
+    return {name: round(score(translate(model, tok, t.src), t.tgt).bleu, 2) for name, t in tests.items()}
+
+
+def _tests(corpus: str, data_dir: str | None, names: list[str]) -> dict[str, Any]:
+    from ctprune.data.corpus import load_split
+
+    return {name: load_split(corpus, name, data_dir) for name in names}
+
+
+def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str, seed: int, target: float | None,
+                 epochs: int, budget_epochs: int, lr: float, max_tokens: int, bf16: bool, corpus: str,
+                 data_dir: str | None, tests: list[str], device: str) -> dict[str, Any]:
+    """One side of one configuration under the protocol: finetune until the target or the cap of
+    ``epochs`` (at least ``budget_epochs``, kept as epoch-K), then test BLEU before finetuning,
+    at the budget, and of the best model; the time-to-target cost from its history."""
+    from ctprune.model.checkpoint import load_model_folder
+    from ctprune.protocol import time_to_target
+    from ctprune.pruning.bank import compose
+    from ctprune.pruning.configs import load_configurations, prunable_modules
+    from ctprune.stages.finetune import finetune
+    from ctprune.training.loop import Recipe, has_training_run, read_history
+
+    out = Path(output)
+    recipe = Recipe.finetune(epochs=epochs, lr=lr, seed=seed, bf16=bf16, max_tokens=max_tokens)
+    if not (out / "train_summary.json").exists():
+        finetune(Path(origin), Path(bank), Path(conf_file), index, out, recipe, corpus=corpus, data_dir=data_dir,
+                 target_bleu=target, resume=has_training_run(out), device=device, min_epochs=budget_epochs,
+                 snapshot_epochs=(budget_epochs,))
+    metrics = out / "test_metrics.json"
+    splits = _tests(corpus, data_dir, tests)
+    if not metrics.exists() or set(read_json(metrics)["test_bleu_best"]) != set(tests):
+        model, tok, _ = load_model_folder(Path(origin))
+        conf = load_configurations(Path(conf_file), prunable_modules(model))[index]
+        write_json(metrics, {"test_bleu_epoch0": test_bleu(compose(model, Path(bank), conf).eval(), tok, splits),
+                             "test_bleu_budget": test_bleu(load_model_folder(out / f"epoch-{budget_epochs}")[0],
+                                                           tok, splits),
+                             "test_bleu_best": test_bleu(load_model_folder(out)[0], tok, splits)})
+    history = read_history(out / "history.csv")
+    ttt = time_to_target(history, target, epochs)
+    by_epoch = {int(r["epoch"]): float(r["val_bleu"]) for r in history}
+    last = history[-1]
+    return {**read_json(metrics), "epochs_to_target": ttt.epochs, "cost_seconds": ttt.cost.seconds,
+            "cost_flops": ttt.cost.flops, "val_bleu_epoch0": by_epoch[0], "val_bleu_budget": by_epoch[budget_epochs],
+            "val_bleu_best": max(by_epoch.values()), "epochs_trained": max(by_epoch),
+            "train_flops": float(last["train_flops"]), "train_seconds": float(last["wall_time_s"])}
+
+
+def latencies(models: list[Any], ids: list[list[int]], steps: list[int], repeats: int = 5,
+              batch_size: int = 64) -> list[list[float]]:
+    """Seconds of batched greedy decoding with fixed step counts (the same work for every model),
+    ``repeats`` rounds in which every model runs once (interleaved, so drifts hit all alike),
+    after one untimed warm-up round (allocator and kernel caches)."""
+    import torch
+
+    from ctprune.data.batching import pad
+    from ctprune.model.decode import greedy
+    from ctprune.progress import progress
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    srcs = [(pad([ids[i] for i in c]), max(steps[i] for i in c)) for c in chunks]
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for r in progress(range(repeats + 1), desc="latency", unit="round", leave=False):
+            for m, model in enumerate(models):
+                t0 = time.perf_counter()
+                for src, n in srcs:
+                    greedy(model, src, steps=n)
+                if r:
+                    times[m].append(time.perf_counter() - t0)
+    return times
+
+
+def latency_job(output: str, origin: str, bank: str, conf_file: str, flops_ratios: list[float], corpus: str,
+                data_dir: str | None, test: str, device: str) -> dict[str, Any]:
+    """Decoding latency ratio to the origin per configuration: median of interleaved repeats with
+    the spread (max - min over the median, both models' spreads added); a ratio below the FLOPs
+    ratio or above 1 by more than that spread contradicts the FLOPs and is flagged. Runs alone."""
+    import torch
+
+    from ctprune.data.batching import pad
+    from ctprune.data.corpus import load_split
+    from ctprune.data.tokenizer import EOS_ID
+    from ctprune.model.checkpoint import load_model_folder
+    from ctprune.model.decode import greedy
+    from ctprune.pruning.bank import compose
+    from ctprune.pruning.configs import load_configurations, prunable_modules
+
+    origin_model, tok, _ = load_model_folder(Path(origin))
+    confs = load_configurations(Path(conf_file), prunable_modules(origin_model))
+    sentences = load_split(corpus, test, data_dir).src[:LATENCY_SENTENCES]
+    ids = [s[:origin_model.cfg.max_len - 1] + [EOS_ID] for s in tok.encode(sentences)]
+    with torch.inference_mode():
+        steps = [len(h) + 1 for k in range(0, len(ids), 128) for h in greedy(origin_model, pad(ids[k:k + 128]))]
+    models = [origin_model] + [compose(origin_model, Path(bank), c).eval() for c in confs]
+    times = latencies(models, ids, steps, LATENCY_REPEATS)
+    med = [statistics.median(t) for t in times]
+    spread = [(max(t) - min(t)) / m for t, m in zip(times, med)]
+    rows = []
+    for i, f in enumerate(flops_ratios):
+        ratio, tol = med[i + 1] / med[0], spread[i + 1] + spread[0]
+        rows.append({"median_s": round(med[i + 1], 4), "ratio": round(ratio, 3), "spread": round(tol, 3),
+                     "flagged": ratio < f - tol or ratio > 1 + tol})
+    result = {"configurations": [fingerprint(c) for c in confs], "origin_median_s": round(med[0], 4),
+              "repeats": LATENCY_REPEATS, "sentences": len(ids), "rows": rows}
+    write_json(Path(output), result)
+    return result
+
+
+def describe_job(origin: str, pruned: str, conf_file: str, corpus: str, data_dir: str | None, tests: list[str],
+                 device: str) -> dict[str, Any]:
+    """The origin's val and test BLEU, parameters and FLOPs per token, and every configuration's
+    parameters and FLOPs per token (at the first test split's mean sentence lengths)."""
+    from ctprune.model.checkpoint import load_model_folder
+    from ctprune.model.decode import translate
+    from ctprune.model.flops import forward_flops, parameter_counts
+    from ctprune.pruning.bank import compose
+    from ctprune.pruning.configs import load_configurations, prunable_modules
+    from ctprune.scoring import score
+
+    model, tok, _ = load_model_folder(Path(origin))
+    confs = load_configurations(Path(conf_file), prunable_modules(model))
+    splits = _tests(corpus, data_dir, tests)
+    first = splits[tests[0]]
+    src_len = round(sum(map(len, tok.encode(first.src))) / len(first.src)) + 1
+    tgt_len = round(sum(map(len, tok.encode(first.tgt))) / len(first.tgt)) + 1
+    origin_flops = forward_flops(model.cfg, src_len, tgt_len) / tgt_len
+    shapes = []
+    for conf in confs:
+        composed = compose(model, Path(pruned), conf)
+        params, nonzero = parameter_counts(composed)
+        flops = forward_flops(composed.cfg, src_len, tgt_len) / tgt_len
+        shapes.append({"configuration": conf, "fingerprint": fingerprint(conf), "params": params,
+                       "nonzero_params": nonzero, "flops_per_token": round(flops),
+                       "flops_ratio": round(flops / origin_flops, 3)})
+    params, nonzero = parameter_counts(model)
+    first_score = score(translate(model, tok, first.src), first.tgt)
+    return {"origin": {"test_bleu": test_bleu(model, tok, splits), "params": params,
+                       "nonzero_params": nonzero, "flops_per_token": round(origin_flops)},
+            "bleu_signature": first_score.bleu_signature, "chrf_signature": first_score.chrf_signature,
+            "configurations": shapes}
+
+
+def val_bleu_job(origin: str, corpus: str, data_dir: str | None, device: str) -> dict[str, Any]:
+    """The val BLEU (greedy) of a model folder that holds no record of its training."""
+    from ctprune.data.corpus import default_splits, load_split
+    from ctprune.model.checkpoint import load_model_folder
+    from ctprune.model.decode import translate
+    from ctprune.scoring import score
+
+    model, tok, _ = load_model_folder(Path(origin))
+    val = load_split(corpus, default_splits(corpus)[1], data_dir)
+    return {"val_bleu": score(translate(model, tok, val.src), val.tgt).bleu}
+
+
+def origin_val_bleu(origin: Path) -> float | None:
+    """The val BLEU the origin's training recorded (None for a model without that record)."""
+    summary = Path(origin) / "train_summary.json"
+    return float(read_json(summary)["best_val_bleu"]) if summary.exists() else None

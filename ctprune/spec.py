@@ -1,0 +1,293 @@
+"""The one typed specification: every option of an experiment, with its type, default and help,
+declared once as a dataclass field.
+
+The sections of `ctprune run`'s experiment file are these dataclasses (``from_table`` reads and
+checks one), and the CLI's options of the same meaning are derived from the same fields
+(``add_option``), so a default cannot diverge between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctprune.errors import CtpruneError
+
+PRESETS = ("seed", "tiny")
+KINDS = ("attention", "ffn", "linear")
+EXECUTORS = ("local", "process", "ray")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
+        positive: bool = False) -> Any:
+    """A spec field: its default, help text, and allowed values (``choices``, ``low`` <= value,
+    ``positive``: > 0 and finite)."""
+    meta = {"help": help, "choices": choices, "low": low, "positive": positive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """[data]: the parallel corpus."""
+
+    corpus: str = opt("multi30k", "parallel corpus: multi30k (de-en from the data folder), synthetic (built in), "
+                                  "or folder:SRC-TGT (SPLIT.SRC / SPLIT.TGT files in the data folder)")
+    data_dir: str | None = opt(None, "folder with SPLIT.de / SPLIT.en (else $CTPRUNE_DATA_DIR, else the "
+                                     "download cache)")
+
+    def check(self, where: str) -> None:
+        from ctprune.data.corpus import corpus_languages
+
+        try:
+            corpus_languages(self.corpus)
+        except CtpruneError as e:
+            raise CtpruneError(f"{where}: data.corpus: {e}") from None
+
+
+@dataclass(frozen=True)
+class OriginSpec:
+    """[origin]: the model to prune, trained by the run or given."""
+
+    preset: str = opt("seed", "seed: the original 3+3 layers, d_model 512, 8 heads, FFN 512; tiny: for tests",
+                      choices=PRESETS)
+    epochs: int = opt(8, "origin training epochs", low=0)
+    model: str | None = opt(None, "an origin model folder to use instead of training one (relative to the "
+                                  "experiment file)")
+
+
+@dataclass(frozen=True)
+class ConfigurationsSpec:
+    """[configurations]: exactly one of ratio lists (one ratio per configuration), a file, or inline."""
+
+    attention: tuple[float, ...] | None = opt(None, "keep ratio of all attention blocks, one per configuration")
+    linear: tuple[float, ...] | None = opt(None, "keep ratio of all FFN Linears (unstructured), one per "
+                                                 "configuration")
+    ffn: tuple[float, ...] | None = opt(None, "keep ratio of all FFNs (structured neurons), one per configuration")
+    file: str | None = opt(None, "configuration file (JSON list of {module: keep ratio})")
+    inline: tuple[dict[str, float], ...] | None = opt(None, "configurations as TOML inline tables")
+
+    def check(self, where: str) -> None:
+        given = [self.file, self.inline, self.attention or self.linear or self.ffn]
+        if sum(x is not None for x in given) != 1:
+            raise CtpruneError(f"{where}: [configurations] needs exactly one of file, inline, or ratio lists "
+                               "(attention / linear / ffn)")
+        for name in ("attention", "linear", "ffn"):
+            for r in getattr(self, name) or ():
+                _keep_ratio(r, f"{where} configurations.{name}")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """[search] (instead of [configurations]): a grid bank is pruned, tuned and scored, and
+    `ctprune search` picks the configurations."""
+
+    grid: tuple[float, ...] = opt((0.25, 0.5, 0.75), "keep ratios of the grid bank")
+    kinds: tuple[str, ...] = opt(("attention", "ffn"), "module kinds of the grid bank", choices=KINDS)
+    flops: str | None = opt(None, "FLOPs budget: a fraction of the origin (0.6, 60%) or absolute (1.5G)")
+    params: str | None = opt(None, "parameter budget: a fraction of the origin or absolute (10M)")
+    k: int = opt(16, "number of configurations", low=1)
+    min_distance: int = opt(2, "each pair of configurations differs in at least this many slots", low=1)
+
+    @property
+    def budgets(self) -> tuple[tuple[str, str], ...]:
+        """(resource, value as `ctprune search` takes it)."""
+        return tuple((r, v) for r in ("flops", "params") if (v := getattr(self, r)) is not None)
+
+    def check(self, where: str) -> None:
+        from ctprune.stages.search import parse_budget
+
+        for r in self.grid:
+            _keep_ratio(r, f"{where} search.grid")
+        if not self.budgets:
+            raise CtpruneError(f"{where}: [search] needs a budget: flops = 0.6 and/or params = \"10M\"")
+        for r, v in self.budgets:
+            parse_budget(r, v)
+
+
+@dataclass(frozen=True)
+class TuningSpec:
+    """[tuning]: block tuning by local distillation against the frozen origin."""
+
+    epochs: int = opt(2, "block-tuning epochs", low=0)
+    lr: float = opt(1e-4, "Adam learning rate of the variants", positive=True)
+    patience: int = opt(2, "stop tuning a variant after this many epochs without a lower val block loss "
+                           "(0: never)", low=0)
+
+
+@dataclass(frozen=True)
+class FinetuningSpec:
+    """[finetuning]: the protocol of both sides (baseline and composed)."""
+
+    epochs: int = opt(3, "the cap E: most finetuning epochs of one configuration", low=1)
+    lr: float = opt(1e-4, "Adam learning rate (constant, the prototype's)", positive=True)
+    target_bleu: str | float = opt("origin-1", "stop once val BLEU reaches this: a BLEU, \"origin-X\" (the origin "
+                                       "model's val BLEU minus X) or \"none\"")
+    budget_epochs: int = opt(1, "the equal-budget comparison: at least this many epochs, kept as epoch-K",
+                             low=1)
+
+    def check(self, where: str) -> None:
+        parse_target(self.target_bleu, f"{where} finetuning.target_bleu")
+        if self.budget_epochs > self.epochs:
+            raise CtpruneError(f"{where}: finetuning.budget_epochs must be in [1, finetuning.epochs], got "
+                               f"{self.budget_epochs} > {self.epochs}")
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    """[execution]: where the run's jobs execute."""
+
+    executor: str = opt("local", "local: one job at a time in this process; process: WORKERS processes on "
+                                 "this machine; ray: Ray tasks on a cluster (or a local one)", choices=EXECUTORS)
+    workers: int = opt(1, "parallel jobs; the machine's CPU threads are split between them", low=1)
+    address: str | None = opt(None, "Ray cluster address (ray start --head prints it); default: a local "
+                                    "Ray instance on this machine's cores")
+    device: str = opt("auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N; resolved inside "
+                              "each worker")
+
+    def check(self, where: str) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise CtpruneError(f"{where} execution.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.address is not None and self.executor != "ray":
+            raise CtpruneError(f"{where}: execution.address is for executor = \"ray\", not {self.executor!r}")
+
+
+def parse_target(text: Any, where: str) -> float | str | None:
+    """A target BLEU: a number in [0, 100], "origin-X" (normalised), or "none" / None."""
+    if text is None or text == "none":
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool) or \
+            isinstance(text, str) and re.fullmatch(r"\d+(\.\d+)?", text):
+        value = float(text)
+        if not 0 <= value <= 100:
+            raise CtpruneError(f"{where} must be a BLEU in [0, 100] or \"origin-X\", got {text!r}")
+        return value
+    if isinstance(text, str) and re.fullmatch(r"origin\s*-\s*\d+(\.\d+)?", text):
+        return text.replace(" ", "")
+    raise CtpruneError(f"{where} must be a number, \"origin-X\" or \"none\", got {text!r}")
+
+
+def resolve_target(text: Any, origin_dir: Path, where: str = "--target-bleu") -> float | None:
+    """``parse_target``, with "origin-X" resolved against the val BLEU that the origin model's
+    training recorded (``train_summary.json``)."""
+    from ctprune.fileio import read_json
+
+    t = parse_target(text, where)
+    if not isinstance(t, str):
+        return t
+    summary = Path(origin_dir) / "train_summary.json"
+    if not summary.is_file():
+        raise CtpruneError(f"{where} {text}: {origin_dir} records no val BLEU (no train_summary.json); "
+                           "give a BLEU number or none")
+    return float(read_json(summary, "training summary")["best_val_bleu"]) - float(t.split("-", 1)[1])
+
+
+def _keep_ratio(value: Any, where: str) -> None:
+    if not 0 < value <= 1:
+        raise CtpruneError(f"{where}: keep ratio must be in (0, 1], got {value!r}")
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _convert(value: Any, t: Any, where: str) -> Any:
+    """``value`` (as TOML parsed it) checked against the annotation ``t``."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if str in inner and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a budget or target given as a number
+        return _convert(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, list) or not value:
+            raise CtpruneError(f"{where} must be a non-empty list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CtpruneError(f"{where} must be a table, got {value!r}")
+        return dict(value)  # its keys and values are checked by whoever knows the model
+    ok = not isinstance(value, bool) and (isinstance(value, t) or t is float and isinstance(value, int))
+    if t is bool:
+        ok = isinstance(value, bool)
+    if not ok:
+        raise CtpruneError(f"{where} must be {_type_name(t)}, got {value!r}")
+    if t is float and not math.isfinite(value):
+        raise CtpruneError(f"{where} must be a finite number, got {value!r}")
+    return float(value) if t is float else value
+
+
+def _check_value(value: Any, meta: dict[str, Any], where: str) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if v is None:
+            continue
+        if meta.get("choices") and v not in meta["choices"]:
+            raise CtpruneError(f"{where} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
+        if meta.get("low") is not None and v < meta["low"]:
+            raise CtpruneError(f"{where} must be at least {meta['low']}, got {v!r}")
+        if meta.get("positive") and not v > 0:
+            raise CtpruneError(f"{where} must be a positive number, got {v!r}")
+
+
+def from_table(cls: type, table: Any, where: str, section: str) -> Any:
+    """An instance of the spec dataclass ``cls`` from one TOML table: unknown keys, wrong types
+    and values out of range are refused, naming ``where`` (the file), the section and the key."""
+    if not isinstance(table, dict):
+        raise CtpruneError(f"{where}: [{section}] must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise CtpruneError(f"{where}: unknown key(s) {unknown} in [{section}]; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in table.items():
+        at = f"{where}: {section}.{name}"
+        values[name] = _convert(value, hints[name], at)
+        _check_value(values[name], dict(fields[name].metadata), at)
+    spec = cls(**values)
+    if hasattr(spec, "check"):
+        spec.check(where)
+    return spec
+
+
+def spec_default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def add_option(parser: argparse.ArgumentParser, cls: type, name: str, *flags: str, **overrides: Any) -> None:
+    """``--NAME`` (or ``flags``) on ``parser`` with the type, default, choices and help of the
+    spec field ``cls.name``; ``overrides`` change what the command needs changed (e.g. ``help``)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    t = typing.get_type_hints(cls)[name]
+    base = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+    kw: dict[str, Any] = {"default": spec_default(cls, name), "help": f.metadata["help"]}
+    if typing.get_origin(base[0]) is tuple:
+        kw.update(nargs="+", type=typing.get_args(base[0])[0], default=list(kw["default"] or []) or None)
+    elif base[0] in (int, float):
+        kw["type"] = base[0]
+    if f.metadata.get("choices"):
+        kw["choices"] = f.metadata["choices"]
+    kw.update(overrides)
+    parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), dest=name, **kw)
+
+
+def check_option(cls: type, name: str, value: Any, flag: str) -> Any:
+    """A CLI value checked by the same rules as the experiment file's (``flag`` names it)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CtpruneError(f"{flag} must be a finite number, got {value!r}")
+    _check_value(tuple(value) if isinstance(value, list) else value, dict(f.metadata), flag)
+    return value

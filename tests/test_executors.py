@@ -1,0 +1,163 @@
+"""Jobs and executors: scheduling (dependencies, exclusive jobs, failures, dead workers), sharded
+tuning, and `ctprune run` giving the same numbers on every executor."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from ctprune.errors import CtpruneError
+from ctprune.executors import LocalExecutor, ProcessExecutor, make_executor
+from ctprune.jobs import FAULT_ENV, Job
+from ctprune.spec import ExecutionSpec
+from ctprune.stages.prune import prune
+from ctprune.stages.tune_blocks import merge_shards, tune_blocks
+
+from .test_run import EXPERIMENT, _numbers
+from .test_tuning import CONFS
+
+HERE = "tests.test_executors"
+
+
+def stamp(log: str, name: str, seconds: float = 0.0, meet: str | None = None, device: str = "cpu"
+          ) -> dict[str, float]:
+    """A job for the scheduling tests: appends its start and end times to ``log``; with ``meet``
+    it first waits (up to a minute) until the job of that name has started too."""
+    t0 = time.time()
+    Path(f"{log}.{name}.started").touch()
+    deadline = t0 + 60
+    while meet and not Path(f"{log}.{meet}.started").exists():
+        if time.time() > deadline:
+            raise CtpruneError(f"{name} never met {meet}")
+        time.sleep(0.05)
+    time.sleep(seconds)
+    with open(log, "a") as f:
+        f.write(json.dumps({"name": name, "start": t0, "end": time.time()}) + "\n")
+    return {"t": t0}
+
+
+def refuse(device: str = "cpu") -> None:
+    raise CtpruneError("bad input: the one-line error")
+
+
+def _job(name: str, log: Path, seconds: float = 0.0, deps: tuple[str, ...] = (), exclusive: bool = False,
+         meet: str | None = None) -> Job:
+    return Job(name, f"{HERE}:stamp", {"log": str(log), "name": name, "seconds": seconds, "meet": meet},
+               deps=deps, exclusive=exclusive)
+
+
+def _spans(log: Path) -> dict[str, tuple[float, float]]:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return {r["name"]: (r["start"], r["end"]) for r in rows}
+
+
+@pytest.mark.parametrize("executor", ["local", "process"])
+def test_dependencies_exclusive_jobs_and_records(executor: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    two = executor == "process"  # two workers: a and b run at once (each waits for the other)
+    jobs = [_job("a", log, 0.3, meet="b" if two else None), _job("b", log, 0.3, meet="a" if two else None),
+            _job("alone", log, 0.1, exclusive=True),
+            _job("c", log, 0.1, deps=("a", "b")), _job("d", log, 0.1, deps=("outside the graph",))]
+    with make_executor(ExecutionSpec(executor=executor, workers=2), tmp_path) as ex:
+        results = ex.run(jobs)
+    spans = _spans(log)
+    assert set(results) == set(spans) == {"a", "b", "alone", "c", "d"}
+    assert spans["c"][0] >= max(spans["a"][1], spans["b"][1])  # after both dependencies
+    for name, (start, end) in spans.items():  # nothing ran beside the exclusive job
+        if name != "alone":
+            assert end <= spans["alone"][0] or start >= spans["alone"][1], name
+    # every job left a record: a second run starts none and returns the same results
+    log.unlink()
+    for f in tmp_path.glob("log.*.started"):
+        f.unlink()
+    with make_executor(ExecutionSpec(executor=executor, workers=2), tmp_path) as ex:
+        assert ex.run(jobs) == results
+    assert not log.exists()
+
+
+@pytest.mark.parametrize("executor", ["local", "process"])
+def test_a_failing_job_stops_the_run_with_its_own_error(executor: str, tmp_path: Path) -> None:
+    jobs = [Job("bad", f"{HERE}:refuse", {}), _job("after", tmp_path / "log", deps=("bad",))]
+    with make_executor(ExecutionSpec(executor=executor, workers=2), tmp_path) as ex:
+        with pytest.raises(CtpruneError, match="^bad input: the one-line error$"):
+            ex.run(jobs)
+    assert not (tmp_path / "log").exists() and not (tmp_path / "jobs").exists()
+
+
+def test_a_job_whose_worker_dies_is_retried_then_given_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "log"
+    monkeypatch.setenv(FAULT_ENV, f"slow:0.2:{tmp_path / 'killed'}")
+    with ProcessExecutor(ExecutionSpec(executor="process", workers=2), tmp_path) as ex:
+        results = ex.run([_job("slow", log, 1.0), _job("other", log, 0.1)])
+    assert (tmp_path / "killed").read_text() == "slow" and set(results) == {"slow", "other"}
+    assert set(_spans(log)) >= {"slow", "other"}  # "slow" ran to its end on the second attempt
+    # a worker that dies on every attempt: the run stops after MAX_ATTEMPTS with a one-line error
+    monkeypatch.setenv(FAULT_ENV, "doomed:0.1:always")
+    with ProcessExecutor(ExecutionSpec(executor="process", workers=1), tmp_path) as ex:
+        with pytest.raises(CtpruneError, match="worker died 3 times"):
+            ex.run([_job("doomed", log, 1.0)])
+
+
+def test_local_executor_keeps_one_worker(tmp_path: Path) -> None:
+    ex = LocalExecutor(ExecutionSpec(workers=4), tmp_path)
+    assert ex.workers == 1
+
+
+def test_sharded_tuning_merged_equals_one_shard(trained: Path, tmp_path: Path) -> None:
+    from ctprune.stages.configs import write_plan
+
+    (tmp_path / "conf.json").write_text(json.dumps(CONFS))
+    write_plan(tmp_path / "conf.json", trained, tmp_path / "plan.json")
+    prune(trained, tmp_path / "pruned", plan_path=tmp_path / "plan.json")
+    keys = sorted(json.loads((tmp_path / "pruned" / "index.json").read_text())["variants"])
+    kw = dict(epochs=1, corpus="synthetic", lr=2e-3, max_tokens=1024, device="cpu", seed=3)
+    tune_blocks(trained, tmp_path / "pruned", tmp_path / "whole", only=keys, **kw)  # type: ignore[arg-type]
+    shards = [(tmp_path / f"shard-{i}", keys[i::2]) for i in range(2)]
+    for shard, part in shards:
+        tune_blocks(trained, tmp_path / "pruned", shard, only=part, **kw)  # type: ignore[arg-type]
+    merge_shards(shards, tmp_path / "merged")
+    whole = json.loads((tmp_path / "whole" / "index.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "index.json").read_text())
+    assert sorted(merged["variants"]) == keys and not any(s.exists() for s, _ in shards)
+    for k in keys:
+        f = whole["variants"][k]["file"]
+        assert (tmp_path / "merged" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), k
+        assert merged["variants"][k]["checksum"] == whole["variants"][k]["checksum"]
+    # the cost adds up over the shards (each pays its own teacher pass)
+    t = merged["tuning"]
+    assert t["sessions"] == 2 and t["variants"] == len(keys)
+    assert t["train_flops"] > whole["tuning"]["train_flops"] and t["teacher_flops"] == 2 * whole["tuning"][
+        "teacher_flops"]
+    assert t["variant_flops"] == whole["tuning"]["variant_flops"]
+
+
+@pytest.mark.slow
+def test_run_gives_the_same_numbers_on_every_executor(trained: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The same experiment with local, process (2 workers; one killed inside a finetuning job)
+    and Ray (a local cluster of 2 CPUs): identical BLEU, parameters, FLOPs and epochs to target."""
+    import ctprune.stages.run as run_stage
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(EXPERIMENT.format(model=trained).replace("seeds = [0, 1]", "seeds = [0]"))
+    run_stage.run_experiment(exp, tmp_path / "local", execution={"device": "cpu"})
+    expected = _numbers(tmp_path / "local")
+    monkeypatch.setenv(FAULT_ENV, f"finetune composed 1:1.5:{tmp_path / 'killed'}")
+    run_stage.run_experiment(exp, tmp_path / "process", execution={"executor": "process", "workers": 2})
+    assert (tmp_path / "killed").read_text() == "finetune composed 1 (seed 0)"
+    assert "finetune composed 1 (seed 0): its worker died; retrying" in capsys.readouterr().out
+    # Two workers tune two shards, each with its own teacher pass: the same tuned variants (so the
+    # same BLEU everywhere), at the price of a second teacher pass in the bank's FLOPs.
+    got = _numbers(tmp_path / "process")
+    assert {k: v for k, v in got.items() if k != "flops-0"} == {k: v for k, v in expected.items() if k != "flops-0"}
+    local, sharded = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("local", "process"))
+    assert sharded["execution"]["executor"] == "process" and sharded["execution"]["workers"] == 2
+    assert sharded["runs"][0]["tuning"]["sessions"] == 2 and local["runs"][0]["tuning"]["sessions"] == 1
+    assert sharded["runs"][0]["tuning"]["teacher_flops"] == 2 * local["runs"][0]["tuning"]["teacher_flops"]
+    monkeypatch.delenv(FAULT_ENV)
+    run_stage.run_experiment(exp, tmp_path / "ray", execution={"executor": "ray", "workers": 2, "device": "auto"})
+    assert _numbers(tmp_path / "ray") == got
