@@ -430,3 +430,13 @@ def test_marian_grid_bank_scores_and_search(marian_folder: Path, tmp_path: Path)
     conf = load_configurations(tmp_path / "conf.json", prunable_modules(origin))[0]
     model = compose(origin, tmp_path / "grid", conf, load_index(tmp_path / "grid"))
     assert arch_of(model).forward_flops(model, 12, 12) <= 0.9 * arch_of(origin).forward_flops(origin, 12, 12)
+
+
+def test_early_t5_checkpoints_name_the_same_class(t5_folder: Path, tmp_path: Path) -> None:
+    from ctprune.stages.configs import inspect_model
+
+    old = tmp_path / "t5-old"
+    shutil.copytree(t5_folder, old)
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "architectures": ["T5WithLMHeadModel"]}))
+    assert "decoder.block.1.layer.1.EncDecAttention" in "\n".join(inspect_model(old))

@@ -89,6 +89,7 @@ class HFArchitecture(Architecture):
     model_type: str  # config.json's
     cross_attention: str  # attribute name of a decoder layer's attention over the encoder output
     ffn_types: tuple[type, ...]  # the classes of the family's FFN blocks
+    aliases: tuple[str, ...] = ()  # older names of model_class in checkpoints' config.json
 
     def model_cls(self) -> type:
         """The Hugging Face class (``model_class`` names it in ``transformers``)."""
@@ -121,7 +122,8 @@ class HFArchitecture(Architecture):
     # ---- folders --------------------------------------------------------------------------
     def claims(self, folder: Path, config: dict[str, Any]) -> bool:
         archs = config.get("architectures")
-        return config.get("model_type") == self.model_type and (not archs or self.model_class in archs)
+        return config.get("model_type") == self.model_type and (
+            not archs or any(a in (self.model_class, *self.aliases) for a in archs))
 
     def load(self, folder: Path, device: str | torch.device = "cpu", tokenizer: bool = True
              ) -> tuple[nn.Module, Any, dict[str, Any]]:

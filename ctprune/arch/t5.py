@@ -72,6 +72,7 @@ class T5Architecture(HFArchitecture):
     model_type = "t5"
     cross_attention = "EncDecAttention"
     ffn_types = FFN_TYPES
+    aliases = ("T5WithLMHeadModel",)  # what early T5 checkpoints (t5-small once) name the same class
 
     # ---- units ----------------------------------------------------------------------------
     def units(self, model: nn.Module) -> dict[str, Prunable]:
