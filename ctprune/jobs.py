@@ -117,29 +117,37 @@ def train_origin_job(output: str, preset: str, corpus: str, data_dir: str | None
     return {"best_val_bleu": res.best_bleu, "epochs_done": res.epochs_done}
 
 
+def resolve_configurations(modules: dict[str, Any], c: dict[str, Any], where: str) -> list[dict[str, float]]:
+    """The configurations of a [configurations] section (as a dict) checked against ``modules``."""
+    from ctprune.pruning.configs import default_configurations, load_configurations, validate_configurations
+
+    if c.get("file") is not None:
+        return load_configurations(Path(c["file"]), modules)
+    if c.get("inline") is not None:
+        return validate_configurations(list(c["inline"]), modules, f"{where} [configurations].inline")
+    n = len(c["attention"] or c["linear"] or c["ffn"])
+    return default_configurations(modules, n, c["attention"], c["linear"], c["ffn"],
+                                  label=f"{where}: configurations.")
+
+
+def check_configurations_early(preset: str, c: dict[str, Any], where: str) -> None:
+    """Refuse configurations that name no module of the preset's architecture before the origin
+    model is trained (hours, at the seed size), on an untrained model of the same shape."""
+    from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
+    from ctprune.pruning.configs import prunable_modules
+
+    resolve_configurations(prunable_modules(Seq2SeqTransformer(ModelConfig.preset(preset, 64))), c, where)
+
+
 def configurations_job(origin: str, conf_out: str, plan_out: str, configurations: dict[str, Any],
                        where: str, device: str) -> dict[str, Any]:
     """The experiment's configurations ([configurations] of the spec) checked against the origin,
     written as the run's configuration file and plan."""
     from ctprune.model.checkpoint import load_model_folder
-    from ctprune.pruning.configs import (
-        default_configurations,
-        load_configurations,
-        make_plan,
-        model_fingerprint,
-        prunable_modules,
-        validate_configurations,
-    )
+    from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules
 
     modules = prunable_modules(load_model_folder(Path(origin))[0])
-    c = configurations
-    if c["file"] is not None:
-        confs = load_configurations(Path(c["file"]), modules)
-    elif c["inline"] is not None:
-        confs = validate_configurations(list(c["inline"]), modules, f"{where} [configurations].inline")
-    else:
-        n = len(c["attention"] or c["linear"] or c["ffn"])
-        confs = default_configurations(modules, n, c["attention"], c["linear"], c["ffn"])
+    confs = resolve_configurations(modules, configurations, where)
     write_json(Path(conf_out), confs)
     write_json(Path(plan_out), make_plan(confs, modules, model_fingerprint(Path(origin))))
     return {"configurations": len(confs)}

@@ -81,8 +81,12 @@ class ConfigurationsSpec:
         if sum(x is not None for x in given) != 1:
             raise CtpruneError(f"{where}: [configurations] needs exactly one of file, inline, or ratio lists "
                                "(attention / linear / ffn)")
-        for name in ("attention", "linear", "ffn"):
-            for r in getattr(self, name) or ():
+        lists = {name: getattr(self, name) for name in ("attention", "linear", "ffn") if getattr(self, name)}
+        if len({len(v) for v in lists.values()}) > 1:
+            raise CtpruneError(f"{where}: configurations." + ", ".join(lists) + " need one ratio per configuration "
+                               "each (the same length), got " + ", ".join(str(len(v)) for v in lists.values()))
+        for name, values in lists.items():
+            for r in values:
                 _keep_ratio(r, f"{where} configurations.{name}")
 
 

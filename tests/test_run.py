@@ -157,11 +157,22 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     ("[search]\nk=2", "needs a budget"),
     ("[search]\nflops='lots'", "--flops"),
     ("not toml = = 1", "not valid TOML"),
+    ("[configurations]\nattention=[0.5, 0.25]\nlinear=[0.2]", "same length"),
+    ("[configurations]\nattention=[0.5]\n[execution]\nexecutor='slurm'", "execution.executor must be one of"),
 ])
 def test_bad_experiment_files(text: str, message: str, tmp_path: Path) -> None:
     (tmp_path / "e.toml").write_text(text)
     with pytest.raises(CtpruneError, match=message):
         load_experiment(tmp_path / "e.toml")
+
+
+def test_configurations_naming_no_module_are_refused_before_the_origin_is_trained(tmp_path: Path) -> None:
+    exp = tmp_path / "e.toml"
+    exp.write_text('[data]\ncorpus = "synthetic"\n[origin]\npreset = "tiny"\nepochs = 2\n'
+                   '[configurations]\ninline = [{ "decoder.layers.7.ffn" = 0.5 }]\n')
+    with pytest.raises(CtpruneError, match="decoder.layers.7.ffn"):
+        run_stage.run_experiment(exp, tmp_path / "run")
+    assert not (tmp_path / "run" / "origin").exists() and not (tmp_path / "run" / "jobs").exists()
 
 
 def test_shipped_examples_load() -> None:

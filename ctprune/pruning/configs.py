@@ -79,14 +79,16 @@ def load_configurations(path: Path, modules: dict[str, Prunable]) -> list[Config
 
 
 def default_configurations(modules: dict[str, Prunable], n: int, attention: list[float] | None,
-                           linear: list[float] | None, ffn: list[float] | None) -> list[Configuration]:
+                           linear: list[float] | None, ffn: list[float] | None, label: str = "--"
+                           ) -> list[Configuration]:
     """The prototype's template: every attention block and every FFN Linear at a ratio per
-    configuration (0.5 unless given). With ``ffn``, FFNs are pruned structured instead."""
-    for label, values in (("--attention", attention), ("--linear", linear), ("--ffn", ffn)):
+    configuration (0.5 unless given). With ``ffn``, FFNs are pruned structured instead. Errors
+    name the options as ``label`` + attention (the CLI's --attention, an experiment file's key)."""
+    for name, values in (("attention", attention), ("linear", linear), ("ffn", ffn)):
         if values is not None and len(values) != n:
-            raise CtpruneError(f"{label} needs {n} ratios (one per configuration), got {len(values)}")
+            raise CtpruneError(f"{label}{name} needs {n} ratios (one per configuration), got {len(values)}")
         for v in values or []:
-            check_ratio(v, label)
+            check_ratio(v, f"{label}{name}")
     if n < 1:
         raise CtpruneError(f"-n must be at least 1, got {n}")
     confs: list[Configuration] = []

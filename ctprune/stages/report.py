@@ -261,7 +261,13 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     doc.h(2, "Provenance")
     doc.p("Block tuning per seed: " + "; ".join(
         f"seed {r['seed']}: {r['tuning']['variants']} variants, {r['tuning']['epochs_done']} epochs, "
-        f"{r['tuning']['wall_time_s']} s, {r['tuning']['train_tokens']:,} tokens" for r in runs) + ".")
+        f"{r['tuning']['wall_time_s']} s, {r['tuning']['train_tokens']:,} tokens"
+        f"{', ' + str(r['tuning']['sessions']) + ' shards or sessions' if r['tuning'].get('sessions', 1) > 1 else ''}"
+        for r in runs) + ".")
+    if "execution" in s:  # summaries written before executors existed have none
+        e = s["execution"]
+        doc.p(f"Executed by the {e['executor']} executor: {e['workers']} worker(s) x {e['threads_per_worker']} "
+              f"thread(s), device {e['device']}. Wall seconds are comparable only within one run.")
     doc.p(f"sacreBLEU signature `{s['bleu_signature']}`; chrF `{s['chrf_signature']}`. Corpus {s['corpus']}; "
           f"versions {s['versions']}; machine {s['machine']}.")
     return doc

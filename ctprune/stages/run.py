@@ -31,7 +31,7 @@ from ctprune.errors import CtpruneError
 from ctprune.executors import Executor, cpu_threads, make_executor
 from ctprune.experiment import Experiment, load_experiment
 from ctprune.fileio import read_json, write_json
-from ctprune.jobs import Job, missing_variants, origin_val_bleu
+from ctprune.jobs import Job, check_configurations_early, missing_variants, origin_val_bleu
 from ctprune.protocol import BankCost, Configuration, Cost, TimeToTarget, saving, saving_curve
 from ctprune.pruning.configs import fingerprint, variant_ids, variant_key
 
@@ -59,6 +59,8 @@ def _origin(exp: Experiment, run_dir: Path, ex: Executor) -> Path:
     if (out / "train_summary.json").exists():
         _say(f"origin model: done ({out})")
         return out
+    if exp.configurations is not None:  # bad configurations are refused before hours of training
+        check_configurations_early(o.preset, _configurations_table(exp), str(exp.path))
     ex.run([Job("origin model", "train_origin_job", {"output": str(out), "preset": o.preset, "corpus": d.corpus,
                                                      "data_dir": d.data_dir, "epochs": o.epochs,
                                                      "seed": exp.seeds[0]}, gpu=True)])
@@ -100,18 +102,23 @@ def _bank_jobs(exp: Experiment, origin: Path, plan_file: Path, plan: dict[str, A
     return [*jobs, *shard_jobs, merge], pruned, tuned, prune_name, merge.name
 
 
+def _configurations_table(exp: Experiment) -> dict[str, Any]:
+    """[configurations] as the jobs take it (a file path relative to the experiment file resolved)."""
+    c = dataclasses.asdict(exp.configurations) if exp.configurations else {}
+    if exp.conf_file is not None:
+        c["file"] = str(exp.conf_file)
+    return c
+
+
 def _configurations(exp: Experiment, run_dir: Path, origin: Path, ex: Executor) -> tuple[dict[str, Any], float]:
     """Write conf.json and plan.json: the experiment's configurations, or with [search] the
     configurations `ctprune search` picks from a pruned, tuned (first seed) and scored grid bank.
     Returns (the plan, scoring seconds)."""
     conf, plan_file, d = run_dir / "conf.json", run_dir / "plan.json", exp.data
     if exp.search is None:
-        c = dataclasses.asdict(exp.configurations) if exp.configurations else {}
-        if exp.conf_file is not None:
-            c["file"] = str(exp.conf_file)
         ex.run([Job("configurations", "configurations_job",
                     {"origin": str(origin), "conf_out": str(conf), "plan_out": str(plan_file),
-                     "configurations": c, "where": str(exp.path)})])
+                     "configurations": _configurations_table(exp), "where": str(exp.path)})])
         return read_json(plan_file, "plan"), 0.0
     spec = exp.search
     ex.run([Job("grid plan", "grid_plan_job", {"origin": str(origin), "plan_out": str(plan_file),

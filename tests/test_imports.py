@@ -1,0 +1,59 @@
+"""The package's module-level import graph: no cycles, and `run` built from the spec, the jobs
+and the executors (it holds no stage logic of its own)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "ctprune"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports() -> dict[str, set[str]]:
+    """ctprune module -> the ctprune modules it imports at module level (not inside functions)."""
+    modules = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctprune"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("ctprune")]
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = module_imports()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep] if dep in path else [node, dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_run_imports_the_spec_the_jobs_and_the_executors() -> None:
+    deps = module_imports()["ctprune.stages.run"]
+    assert {"ctprune.experiment", "ctprune.jobs", "ctprune.executors"} <= deps
+    stages = {d for d in deps if d.startswith("ctprune.stages") or d.startswith("ctprune.model")
+              or d.startswith("ctprune.training")}
+    assert not stages, stages  # stage logic lives in the jobs, not in run
