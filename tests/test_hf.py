@@ -440,3 +440,17 @@ def test_early_t5_checkpoints_name_the_same_class(t5_folder: Path, tmp_path: Pat
     config = json.loads((old / "config.json").read_text())
     (old / "config.json").write_text(json.dumps({**config, "architectures": ["T5WithLMHeadModel"]}))
     assert "decoder.block.1.layer.1.EncDecAttention" in "\n".join(inspect_model(old))
+
+
+@pytest.mark.parametrize("family", ["marian", "t5"])
+def test_activation_criterion_on_hf_models(family: str, marian_folder: Path, t5_folder: Path,
+                                           tmp_path: Path) -> None:
+    from ctprune.pruning.bank import load_index
+    from ctprune.stages.prune import prune
+
+    folder = marian_folder if family == "marian" else t5_folder
+    prune(folder, tmp_path / "bank", ratio=0.5, criterion="activation", corpus="synthetic", calibration_batches=2)
+    index = load_index(tmp_path / "bank")
+    blocks = [v for v in index["variants"].values() if v["kind"] != "linear"]
+    assert len(blocks) == 10 and all(len(v["scores"]) == v["of"] and v["size"] == v["of"] // 2 for v in blocks)
+    assert all(max(v["scores"]) > min(v["scores"]) >= 0 for v in blocks)

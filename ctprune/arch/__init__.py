@@ -106,10 +106,10 @@ class Architecture(ABC):
     def scores(self, block: nn.Module, criterion: str) -> Tensor:
         """One importance value per head or neuron of an attention / FFN block (higher = keep)."""
 
-    def activation_stats(self, model: nn.Module, batches: list[Any]) -> dict[str, Tensor]:
-        """Data-driven scores (the ``activation`` criterion) of every attention / FFN unit."""
-        raise CtpruneError(f"the activation criterion is not implemented for {self.model_class} yet; "
-                           "use --criterion original or l1")
+    @abstractmethod
+    def output_linear(self, model: nn.Module, name: str) -> nn.Linear:
+        """The Linear that maps attention / FFN unit ``name``'s heads or neurons back to d_model
+        (its input is what the ``activation`` criterion measures)."""
 
     def tuning_parameters(self, block: nn.Module) -> list[nn.Parameter]:
         """The parameters block tuning trains (all of them unless the family shares one)."""

@@ -90,6 +90,11 @@ class MarianArchitecture(HFArchitecture):
             return layer.fc1, layer.fc2
         return super().io_modules(model, name)
 
+    def output_linear(self, model: nn.Module, name: str) -> nn.Linear:
+        if name.endswith(".ffn"):
+            return model.get_submodule(name[:-len(".ffn")]).fc2
+        return model.get_submodule(name).out_proj
+
     def full_size(self, config: Any, unit: Prunable) -> int:
         if unit.kind == "attention":
             return config.encoder_attention_heads if unit.side == "encoder" else config.decoder_attention_heads

@@ -74,8 +74,9 @@ class NativeArchitecture(Architecture):
         assert isinstance(block, FeedForward), type(block)
         return importance.neuron_l1(block)  # the prototype had no FFN criterion; L1 serves both
 
-    def activation_stats(self, model: nn.Module, batches: list[Any]) -> dict[str, Tensor]:
-        return importance.activation_stats(model, batches)  # type: ignore[arg-type]
+    def output_linear(self, model: nn.Module, name: str) -> nn.Linear:
+        block = model.get_submodule(name)
+        return block.out_proj if isinstance(block, Attention) else block.linear2
 
     def tokenizer_from_spm(self, spm_proto: bytes) -> Any:
         return Tokenizer(spm_proto)

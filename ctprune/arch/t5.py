@@ -94,6 +94,10 @@ class T5Architecture(HFArchitecture):
                         out[f"{name}.{a}"] = Prunable(f"{name}.{a}", "linear", w.numel(), w.numel(), side, name)
         return out
 
+    def output_linear(self, model: nn.Module, name: str) -> nn.Linear:
+        block = model.get_submodule(name)
+        return block.wo if isinstance(block, FFN_TYPES) else block.o
+
     def full_size(self, config: Any, unit: Prunable) -> int:
         return config.num_heads if unit.kind == "attention" else config.d_ff
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ctprune.arch import arch_of
 from ctprune.data.batching import Batch
-from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
+from ctprune.model.transformer import Attention, FeedForward
 
 HEAD_CRITERIA = ("original", "l1", "activation")
 
@@ -62,40 +63,43 @@ def neuron_l1(ffn: FeedForward) -> Tensor:
 
 
 @torch.no_grad()
-def activation_stats(model: Seq2SeqTransformer, batches: Iterable[Batch]) -> dict[str, Tensor]:
-    """Data-driven scores for every attention block and FFN of ``model``:
+def activation_stats(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tensor]:
+    """Data-driven scores for every attention block and FFN of ``model`` (any architecture: the
+    hooks sit on each unit's output Linear, ``output_linear`` of ``ctprune.arch``):
     attention -> mean L2 norm of each head's contribution to the block output (nh,);
     ffn -> mean |activation| x L2 norm of the neuron's output column (d_ff,)."""
+    arch = arch_of(model)
     model.eval()
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
 
-    def attn_hook(name: str, attn: Attention) -> Callable[..., None]:
+    def attn_hook(name: str, out: nn.Linear, n_heads: int) -> Callable[..., None]:
         def hook(_m: object, inp: tuple[Tensor, ...]) -> None:
-            y = inp[0]  # (B, T, nh*hs), the input of out_proj
+            y = inp[0]  # (B, T, nh*hs), the input of the output projection
             b, t, _ = y.shape
-            w = attn.out_proj.weight.t().reshape(attn.n_heads, attn.head_dim, -1)  # (nh, hs, d)
-            per_head = torch.einsum("bths,hsd->bthd", y.view(b, t, attn.n_heads, -1), w)
+            w = out.weight.t().reshape(n_heads, y.shape[-1] // n_heads, -1)  # (nh, hs, d)
+            per_head = torch.einsum("bths,hsd->bthd", y.view(b, t, n_heads, -1), w)
             sums[name] = sums.get(name, 0) + per_head.norm(dim=-1).sum((0, 1))
             counts[name] = counts.get(name, 0) + b * t
         return hook
 
-    def ffn_hook(name: str, ffn: FeedForward) -> Callable[..., None]:
+    def ffn_hook(name: str, out: nn.Linear) -> Callable[..., None]:
         def hook(_m: object, inp: tuple[Tensor, ...]) -> None:
-            a = inp[0]  # (B, T, d_ff) post-ReLU activations, the input of linear2
-            sums[name] = sums.get(name, 0) + a.abs().sum((0, 1)) * ffn.linear2.weight.norm(dim=0)
+            a = inp[0]  # (B, T, d_ff) activations, the input of the FFN's output Linear
+            sums[name] = sums.get(name, 0) + a.abs().sum((0, 1)) * out.weight.norm(dim=0)
             counts[name] = counts.get(name, 0) + a.shape[0] * a.shape[1]
         return hook
 
-    for name, m in model.named_modules():
-        if isinstance(m, Attention):
-            hooks.append(m.out_proj.register_forward_pre_hook(attn_hook(name, m)))
-        elif isinstance(m, FeedForward):
-            hooks.append(m.linear2.register_forward_pre_hook(ffn_hook(name, m)))
+    for name, u in arch.units(model).items():
+        if u.kind == "linear":
+            continue
+        out = arch.output_linear(model, name)
+        hook = attn_hook(name, out, u.size) if u.kind == "attention" else ffn_hook(name, out)
+        hooks.append(out.register_forward_pre_hook(hook))
     try:
         for batch in batches:
-            model(batch.src, batch.tgt_in)
+            arch.logits(model, batch.src, batch.tgt_in)
     finally:
         for h in hooks:
             h.remove()

@@ -109,7 +109,7 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
     if criterion == "activation":
         train = load_split(corpus, default_splits(corpus)[0], data_dir)
         batches = TokenizedSplit(train, tok, arch_of(model).max_len(model)).batches(4096, shuffle_seed=0)
-        stats = arch_of(model).activation_stats(model, batches[:calibration_batches])
+        stats = importance.activation_stats(model, batches[:calibration_batches])
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
