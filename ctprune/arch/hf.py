@@ -58,15 +58,15 @@ class HFTokenizer:
     (the batcher adds the end and start tokens), the model's own pad / decoder-start / end ids,
     and source and target encodings apart (Marian has one sentencepiece model per side)."""
 
-    def __init__(self, hf: Any, pad_id: int, bos_id: int, eos_id: int, prefix: str = "") -> None:
-        self.hf, self.pad_id, self.bos_id, self.eos_id, self.prefix = hf, pad_id, bos_id, eos_id, prefix
+    def __init__(self, hf: Any, pad_id: int, bos_id: int, eos_id: int) -> None:
+        self.hf, self.pad_id, self.bos_id, self.eos_id = hf, pad_id, bos_id, eos_id
 
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.hf([self.prefix + t for t in texts], add_special_tokens=False)["input_ids"] if texts else []
+        return self.hf(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def encode_target(self, texts: list[str]) -> list[list[int]]:
         return self.hf(text_target=texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -98,7 +98,6 @@ class HFArchitecture(Architecture):
         return getattr(transformers, self.model_class)
 
     # ---- what each family defines ---------------------------------------------------------
-
     def full_size(self, config: Any, unit: Prunable) -> int:
         """Heads / FFN width of ``unit`` in an unpruned model of ``config``."""
         raise NotImplementedError
