@@ -109,7 +109,8 @@ def main() -> None:
         recs = [r for r in records(run_dir) if r["job"] != "origin model"]
         summary = json.loads((run_dir / "summary.json").read_text())
         runs[name] = {
-            "workers": workers, "threads_per_worker": recs[0]["threads"], "run_s": round(total, 1),
+            "workers": workers, "threads_per_finetune": sorted({r["threads"] for r in recs if r["job"].startswith(
+                "finetune")}), "run_s": round(total, 1),
             "finetune_phase_s": phase_seconds(recs, "finetune"), "tuning_phase_s": phase_seconds(recs, "tune-blocks"),
             "job_seconds": round(sum(r["seconds"] for r in recs), 1), "critical_path_s": critical_path(recs),
             "numbers": [[c[s]["epochs_to_target"], c[s]["val_bleu_best"], c[s]["test_bleu_best"]]
@@ -134,7 +135,7 @@ def main() -> None:
         result["bound_with_n_workers_s"] = {str(k): round(max(base["critical_path_s"], n / k), 1) for k in (1, 2, 4, 8)}
     print(json.dumps(result))
     print("executors: " + "; ".join(
-        f"{k} {r['workers']}x{r['threads_per_worker']} finetuning {r['finetune_phase_s']:.1f}s "
+        f"{k} {r['workers']} worker(s) x {r['threads_per_finetune']} thread(s) finetuning {r['finetune_phase_s']:.1f}s "
         f"({r.get('finetune_speedup_vs_local', 1):.2f}x local), tuning {r['tuning_phase_s']:.1f}s, "
         f"same numbers {r['same_numbers_as_local']}" for k, r in runs.items())
         + f"; training {preset}: {result['train_tokens_per_s']['median_1']:.0f} tok/s with 1 thread, "

@@ -191,10 +191,13 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
     if (a.n is None) == (not a.all):
         raise CtpruneError("give either -n I (one configuration) or --all")
-    recipe = _recipe(a)
+    check_option(FinetuningSpec, "epochs", a.epochs, "--epochs")
     check_option(FinetuningSpec, "budget_epochs", a.budget_epochs, "--budget-epochs")
-    kw = dict(corpus=a.corpus, data_dir=a.data_dir, target_bleu=a.target_bleu,
-              device=a.device, min_epochs=min(a.budget_epochs, a.epochs))
+    if a.budget_epochs > a.epochs:
+        raise CtpruneError(f"--budget-epochs must be at most --epochs, got {a.budget_epochs} > {a.epochs}")
+    recipe = _recipe(a)
+    kw = dict(corpus=a.corpus, data_dir=a.data_dir, target_bleu=a.target_bleu, device=a.device,
+              min_epochs=a.budget_epochs)
     if a.all:
         results = finetune_all(Path(a.model), Path(a.bank), Path(a.configurations), Path(a.output),
                                recipe, **kw)  # type: ignore[arg-type]
@@ -367,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     add_option(p, TuningSpec, "epochs", "-e", "--epochs")
     add_option(p, TuningSpec, "lr")
-    p.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="token budget per batch (default: the origin's preset: 1024 for tiny, 4096 for seed)")
     add_option(p, TuningSpec, "patience")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order)")
     _precision_option(p, "bf16 autocast or fp32; auto = the precision the origin model was trained with "

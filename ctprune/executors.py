@@ -1,9 +1,10 @@
 """Executors: run a graph of jobs (ctprune/jobs.py) in this process, in worker processes, or as
 Ray tasks. Every executor starts a job once its dependencies have records, never runs anything
-beside an ``exclusive`` job (latency is timed alone), splits the CPU threads between its workers
-(never oversubscribing the cores: two processes spinning all cores' OpenMP threads ran a tiny
-training 40-150x slower here), retries a job whose worker died, and stops the run at the first
-job that fails (a bad input's one-line error reaches the user as it is).
+beside an ``exclusive`` job (latency is timed alone), shares the CPU threads out among the jobs
+that run at once (a job alone gets them all; never more threads than cores in use: two processes
+spinning all cores' OpenMP threads ran a tiny training 40-150x slower here), retries a job whose
+worker died, and stops the run at the first job that fails (a bad input's one-line error reaches
+the user as it is).
 """
 
 from __future__ import annotations
@@ -39,18 +40,22 @@ class Executor:
 
     def __init__(self, spec: ExecutionSpec, run_dir: Path) -> None:
         self.spec, self.run_dir, self.workers = spec, Path(run_dir), spec.workers
-        self.threads = max(1, cpu_threads() // self.workers)
+        self.cores = cpu_threads()
+        self.threads: dict[Any, int] = {}  # running job handle -> its threads
+        if self.workers > self.cores and spec.executor != "local":
+            _say(f"{self.workers} workers share {self.cores} CPU thread(s): each job gets one, the cores are "
+                 "oversubscribed")
 
     def __enter__(self) -> Executor:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(abort=exc_type is not None)  # Ctrl-C or a failure: running jobs are stopped
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         pass
 
-    def _start(self, job: Job) -> Any:
+    def _start(self, job: Job, threads: int) -> Any:
         raise NotImplementedError
 
     def _wait(self, running: dict[Any, Job]) -> list[tuple[Any, Any]]:
@@ -74,18 +79,27 @@ class Executor:
         attempts: Counter[str] = Counter()
         started: dict[str, float] = {}
         while pending or running:
-            for job in self._ready(pending, running, results, names):
+            ready = self._ready(pending, running, results, names)
+            free = self.cores - sum(self.threads.get(h, 0) for h in running)
+            for job in ready:  # at least one thread each (more workers than threads share the cores)
+                threads = max(1, free // len(ready)) if len(running) + len(ready) > 1 or job.exclusive \
+                    else self.cores  # a job alone, or exclusive: every thread
                 pending.remove(job)
                 attempts[job.name] += 1
                 started[job.name] = time.perf_counter()
                 again = f" (attempt {attempts[job.name]})" if attempts[job.name] > 1 else ""
                 _say(f"{job.name}: started{again}")
-                running[self._start(job)] = job
+                handle = self._start(job, threads)
+                self.threads[handle] = threads
+                running[handle] = job
             if not running:
                 waiting = ", ".join(sorted(j.name for j in pending))
                 raise CtpruneError(f"internal error: jobs wait for jobs that never run: {waiting}")
             for handle, outcome in self._wait(running):
                 job = running.pop(handle)
+                self.threads.pop(handle, None)
+                if outcome is RETRY and (r := read_record(job, self.run_dir)) is not None:
+                    outcome = r  # it finished before its pool broke: never run it twice
                 if outcome is RETRY:
                     if attempts[job.name] >= MAX_ATTEMPTS:
                         self._abort(running)
@@ -126,11 +140,12 @@ class LocalExecutor(Executor):
 
     def __init__(self, spec: ExecutionSpec, run_dir: Path) -> None:
         super().__init__(spec, run_dir)
-        self.workers, self.threads = 1, 0  # 0: leave the thread count as it is
+        self.workers = 1
         self._done: dict[int, Any] = {}
+        self._n = 0
 
-    def _start(self, job: Job) -> Any:
-        handle = len(self._done)
+    def _start(self, job: Job, threads: int) -> Any:
+        handle = self._n = self._n + 1  # threads: this process's own, left as they are
         try:
             self._done[handle] = run_job(job, str(self.run_dir), None, self.spec.device)
         except Exception as e:  # handed to the loop, which stops the run with it
@@ -145,6 +160,12 @@ def _init_worker() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the run, which stops the pool
+    try:  # Linux: die with the run, so no orphan keeps writing a job's output beside a re-run
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class ProcessExecutor(Executor):
@@ -161,8 +182,13 @@ class ProcessExecutor(Executor):
                                                initializer=_init_worker)
         return self.pool
 
-    def _start(self, job: Job) -> Any:
-        return self._pool().submit(run_job, job, str(self.run_dir), self.threads, self.spec.device)
+    def _start(self, job: Job, threads: int) -> Any:
+        try:
+            return self._pool().submit(run_job, job, str(self.run_dir), threads, self.spec.device)
+        except cf.process.BrokenProcessPool:  # a worker died since the last wait: retry on a new pool
+            broken: cf.Future[Any] = cf.Future()
+            broken.set_exception(cf.process.BrokenProcessPool("a worker died"))
+            return broken
 
     def _wait(self, running: dict[Any, Job]) -> list[tuple[Any, Any]]:
         done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
@@ -191,8 +217,10 @@ class ProcessExecutor(Executor):
     def _abort(self, running: dict[Any, Job]) -> None:
         self._shutdown()
 
-    def close(self) -> None:
-        if self.pool is not None:
+    def close(self, abort: bool = False) -> None:
+        if abort:
+            self._shutdown()
+        elif self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
 
@@ -211,21 +239,29 @@ class RayExecutor(Executor):
             raise CtpruneError("executor ray needs Ray: pip install 'ctprune[ray]'") from None
         self.ray, self.started = ray, not ray.is_initialized()
         if self.started:
-            if spec.address:
-                ray.init(address=spec.address, log_to_driver=True)
-            else:
-                ray.init(num_cpus=self.workers * self.threads, object_store_memory=200 * 1024 ** 2,
-                         include_dashboard=False, log_to_driver=True)
-        gpus = ray.cluster_resources().get("GPU", 0) if spec.device != "cpu" else 0
+            try:
+                if spec.address:
+                    ray.init(address=spec.address, log_to_driver=True)
+                else:
+                    ray.init(num_cpus=self.cores, object_store_memory=200 * 1024 ** 2, include_dashboard=False,
+                             log_to_driver=True)
+            except (ConnectionError, ray.exceptions.RayError, RuntimeError, ValueError) as e:
+                raise CtpruneError(f"cannot start or reach Ray{' at ' + spec.address if spec.address else ''}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        resources = ray.cluster_resources()
+        self.cores = max(1, min(self.cores, int(resources.get("CPU", 1))))
+        gpus = resources.get("GPU", 0) if spec.device != "cpu" else 0
         self.gpu_share = min(1.0, gpus / self.workers) if gpus else 0.0
         self.remote = ray.remote(run_job)
 
-    def _start(self, job: Job) -> Any:
+    def _start(self, job: Job, threads: int) -> Any:
         gpu = self.gpu_share if job.gpu else 0.0
-        device = self.spec.device if gpu or self.spec.device != "auto" else "cpu"
-        return self.remote.options(num_cpus=self.threads, num_gpus=gpu, max_retries=MAX_ATTEMPTS - 1,
+        # Ray shows a task only its GPU share (as cuda:0): cuda:N means nothing inside a task
+        device = "cpu" if not gpu and self.spec.device == "auto" else \
+            "cuda" if self.spec.device.startswith("cuda") else self.spec.device
+        return self.remote.options(num_cpus=threads, num_gpus=gpu, max_retries=MAX_ATTEMPTS - 1,
                                    retry_exceptions=False, name=job.name).remote(
-            job, str(self.run_dir), self.threads, device)
+            job, str(self.run_dir), threads, device)
 
     def _wait(self, running: dict[Any, Job]) -> list[tuple[Any, Any]]:
         done, _ = self.ray.wait(list(running), num_returns=1)
@@ -236,16 +272,17 @@ class RayExecutor(Executor):
             except self.ray.exceptions.RayTaskError as e:  # the job raised: hand on its own error
                 cause = e.cause if isinstance(e.cause, BaseException) else e
                 out.append((ref, cause))
-            except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.NodeDiedError):
-                out.append((ref, CtpruneError(f"job {running[ref].name!r}: its worker died "
-                                              f"{MAX_ATTEMPTS} times")))
+            except self.ray.exceptions.RayError as e:  # worker or node died (after Ray's retries), OOM, ...
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                out.append((ref, CtpruneError(f"job {running[ref].name!r} failed in Ray ({type(e).__name__}"
+                                              f"{': ' + first[:200] if first else ''})")))
         return out
 
     def _abort(self, running: dict[Any, Job]) -> None:
         for ref in running:
             self.ray.cancel(ref, force=True)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self.started:
             self.ray.shutdown()
 

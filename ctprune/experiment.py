@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ctprune.errors import CtpruneError
+from ctprune.fileio import read_json
 from ctprune.spec import (
+    PRESETS,
     ConfigurationsSpec,
     DataSpec,
     ExecutionSpec,
@@ -65,14 +67,25 @@ class Experiment:
         return None if c is None or c.file is None else self.path.parent / c.file
 
     @property
+    def preset(self) -> str:
+        """The origin's preset: the one a given origin model was trained with (its hparams.json
+        says), else [origin] preset."""
+        hp = self.origin_model / "hparams.json" if self.origin_model is not None else None
+        if hp is not None and hp.is_file():
+            preset = read_json(hp, "origin hparams").get("preset")
+            if preset in PRESETS:
+                return str(preset)
+        return self.origin.preset
+
+    @property
     def max_tokens(self) -> int:
         """Token budget per batch of tuning and finetuning (the preset's)."""
-        return preset_max_tokens(self.origin.preset)
+        return preset_max_tokens(self.preset)
 
     @property
     def bf16(self) -> bool:
         """Training, tuning and finetuning precision (the preset's)."""
-        return preset_bf16(self.origin.preset)
+        return preset_bf16(self.preset)
 
     def target_bleu(self, origin_bleu: float) -> float | None:
         """An absolute BLEU, or "origin-X": the origin model's val BLEU minus X."""

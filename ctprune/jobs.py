@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import read_json, write_json
 from ctprune.pruning.configs import fingerprint, variant_ids, variant_key
@@ -43,10 +44,12 @@ class Job:
     deps: tuple[str, ...] = ()
     exclusive: bool = False
     gpu: bool = False  # uses the device (a GPU when there is one); CPU-only jobs reserve none
+    context: str = ""  # in the key only: what the inputs' paths hide (their content's fingerprint)
+    output: str | None = None  # a record counts only while this path exists
 
     @property
     def key(self) -> str:
-        return fingerprint([self.fn, self.kwargs])[:12]
+        return fingerprint([self.fn, self.kwargs, self.context])[:12]
 
     def record(self, run_dir: Path) -> Path:
         return Path(run_dir) / RECORDS / f"{re.sub(r'[^A-Za-z0-9]+', '-', self.name).strip('-')}-{self.key}.json"
@@ -54,26 +57,29 @@ class Job:
 
 def read_record(job: Job, run_dir: Path) -> dict[str, Any] | None:
     path = job.record(run_dir)
-    if not path.is_file():
-        return None
+    if not path.is_file() or (job.output is not None and not Path(job.output).exists()):
+        return None  # not finished, or its output was removed (to redo it)
     record = read_json(path, "job record")
     if not isinstance(record, dict) or record.get("key") != job.key or "result" not in record:
         raise CtpruneError(f"{path} is not the record of job {job.name!r}; remove it to run the job again")
     return record["result"]
 
 
-def _fault_hook(name: str) -> None:
+def _fault_hook(name: str) -> threading.Timer | None:
     """For tests only: ``$CTPRUNE_FAULT_KILL_JOB`` = NAME_PART:SECONDS:MARKER kills this worker
     process SECONDS into the first job whose name contains NAME_PART (MARKER records that it
     happened, so the retry runs through; "always" kills every attempt)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return
+        return None
     part, seconds, marker = spec.split(":", 2)
-    if part in name and (marker == "always" or not Path(marker).exists()):
-        if marker != "always":
-            Path(marker).write_text(name)
-        threading.Timer(float(seconds), lambda: os._exit(137)).start()
+    if part not in name or (marker != "always" and Path(marker).exists()):
+        return None
+    if marker != "always":
+        Path(marker).write_text(name)
+    timer = threading.Timer(float(seconds), lambda: os._exit(137))
+    timer.start()
+    return timer
 
 
 def _torch_threads() -> int:
@@ -89,11 +95,15 @@ def run_job(job: Job, run_dir: str, threads: int | None, device: str) -> dict[st
         import torch
 
         torch.set_num_threads(threads)
-    _fault_hook(job.name)
+    timer = _fault_hook(job.name)
     module, _, name = job.fn.rpartition(":")
     fn = getattr(importlib.import_module(module), name) if module else globals()[name]
     started = time.time()
-    result = fn(**job.kwargs, device=device)
+    try:
+        result = fn(**job.kwargs, device=device)
+    finally:
+        if timer is not None:
+            timer.cancel()  # a kill meant for this job never hits the next one
     write_json(job.record(Path(run_dir)), {
         "job": job.name, "key": job.key, "result": result, "deps": list(job.deps), "started": started,
         "seconds": round(time.time() - started, 3), "pid": os.getpid(),
@@ -278,12 +288,13 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
     metrics = out / "test_metrics.json"
     splits = _tests(corpus, data_dir, tests)
     if not metrics.exists() or set(read_json(metrics)["test_bleu_best"]) != set(tests):
-        model, tok, _ = load_model_folder(Path(origin))
+        dev = resolve_device(device)
+        model, tok, _ = load_model_folder(Path(origin), dev)
         conf = load_configurations(Path(conf_file), prunable_modules(model))[index]
         write_json(metrics, {"test_bleu_epoch0": test_bleu(compose(model, Path(bank), conf).eval(), tok, splits),
-                             "test_bleu_budget": test_bleu(load_model_folder(out / f"epoch-{budget_epochs}")[0],
+                             "test_bleu_budget": test_bleu(load_model_folder(out / f"epoch-{budget_epochs}", dev)[0],
                                                            tok, splits),
-                             "test_bleu_best": test_bleu(load_model_folder(out)[0], tok, splits)})
+                             "test_bleu_best": test_bleu(load_model_folder(out, dev)[0], tok, splits)})
     history = read_history(out / "history.csv")
     ttt = time_to_target(history, target, epochs)
     by_epoch = {int(r["epoch"]): float(r["val_bleu"]) for r in history}
@@ -295,54 +306,57 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
 
 
 def latencies(models: list[Any], ids: list[list[int]], steps: list[int], repeats: int = 5,
-              batch_size: int = 64) -> list[list[float]]:
+              batch_size: int = 64, pad_id: int = 0) -> list[list[float]]:
     """Seconds of batched greedy decoding with fixed step counts (the same work for every model),
     ``repeats`` rounds in which every model runs once (interleaved, so drifts hit all alike),
     after one untimed warm-up round (allocator and kernel caches)."""
     import torch
 
+    from ctprune.arch import arch_of
     from ctprune.data.batching import pad
-    from ctprune.model.decode import greedy
     from ctprune.progress import progress
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    srcs = [(pad([ids[i] for i in c]), max(steps[i] for i in c)) for c in chunks]
+    device = next(models[0].parameters()).device
+    srcs = [(pad([ids[i] for i in c], pad_id).to(device), max(steps[i] for i in c)) for c in chunks]
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for r in progress(range(repeats + 1), desc="latency", unit="round", leave=False):
             for m, model in enumerate(models):
                 t0 = time.perf_counter()
                 for src, n in srcs:
-                    greedy(model, src, steps=n)
+                    arch_of(model).generate(model, src, steps=n)
                 if r:
                     times[m].append(time.perf_counter() - t0)
     return times
 
 
-def latency_job(output: str, origin: str, bank: str, conf_file: str, flops_ratios: list[float], corpus: str,
-                data_dir: str | None, test: str, device: str) -> dict[str, Any]:
+def latency_job(output: str, origin: str, bank: str, configurations: list[dict[str, float]],
+                flops_ratios: list[float], corpus: str, data_dir: str | None, test: str, device: str) -> dict[str, Any]:
     """Decoding latency ratio to the origin per configuration: median of interleaved repeats with
     the spread (max - min over the median, both models' spreads added); a ratio below the FLOPs
     ratio or above 1 by more than that spread contradicts the FLOPs and is flagged. Runs alone."""
     import torch
 
+    from ctprune.arch import arch_of
     from ctprune.data.batching import pad
     from ctprune.data.corpus import load_split
-    from ctprune.data.tokenizer import EOS_ID
     from ctprune.model.checkpoint import load_model_folder
-    from ctprune.model.decode import greedy
     from ctprune.pruning.bank import compose
-    from ctprune.pruning.configs import load_configurations, prunable_modules
+    from ctprune.pruning.configs import prunable_modules, validate_configurations
 
-    origin_model, tok, _ = load_model_folder(Path(origin))
-    confs = load_configurations(Path(conf_file), prunable_modules(origin_model))
+    dev = resolve_device(device)
+    origin_model, tok, _ = load_model_folder(Path(origin), dev)
+    confs = validate_configurations(configurations, prunable_modules(origin_model), "latency job")
     sentences = load_split(corpus, test, data_dir).src[:LATENCY_SENTENCES]
-    ids = [s[:origin_model.cfg.max_len - 1] + [EOS_ID] for s in tok.encode(sentences)]
+    arch = arch_of(origin_model)
+    ids = [s[:arch.max_len(origin_model) - 1] + [tok.eos_id] for s in tok.encode(sentences)]
     with torch.inference_mode():
-        steps = [len(h) + 1 for k in range(0, len(ids), 128) for h in greedy(origin_model, pad(ids[k:k + 128]))]
+        steps = [len(h) + 1 for k in range(0, len(ids), 128)
+                 for h in arch.generate(origin_model, pad(ids[k:k + 128], tok.pad_id).to(dev))]
     models = [origin_model] + [compose(origin_model, Path(bank), c).eval() for c in confs]
-    times = latencies(models, ids, steps, LATENCY_REPEATS)
+    times = latencies(models, ids, steps, LATENCY_REPEATS, pad_id=tok.pad_id)
     med = [statistics.median(t) for t in times]
     spread = [(max(t) - min(t)) / m for t, m in zip(times, med)]
     rows = []
@@ -356,29 +370,31 @@ def latency_job(output: str, origin: str, bank: str, conf_file: str, flops_ratio
     return result
 
 
-def describe_job(origin: str, pruned: str, conf_file: str, corpus: str, data_dir: str | None, tests: list[str],
-                 device: str) -> dict[str, Any]:
+def describe_job(origin: str, pruned: str, configurations: list[dict[str, float]], corpus: str,
+                 data_dir: str | None, tests: list[str], device: str) -> dict[str, Any]:
     """The origin's val and test BLEU, parameters and FLOPs per token, and every configuration's
     parameters and FLOPs per token (at the first test split's mean sentence lengths)."""
+    from ctprune.arch import arch_of
     from ctprune.model.checkpoint import load_model_folder
     from ctprune.model.decode import translate
-    from ctprune.model.flops import forward_flops, parameter_counts
+    from ctprune.model.flops import parameter_counts
     from ctprune.pruning.bank import compose
-    from ctprune.pruning.configs import load_configurations, prunable_modules
+    from ctprune.pruning.configs import prunable_modules, validate_configurations
     from ctprune.scoring import score
 
-    model, tok, _ = load_model_folder(Path(origin))
-    confs = load_configurations(Path(conf_file), prunable_modules(model))
+    model, tok, _ = load_model_folder(Path(origin), resolve_device(device))
+    confs = validate_configurations(configurations, prunable_modules(model), "describe job")
     splits = _tests(corpus, data_dir, tests)
     first = splits[tests[0]]
     src_len = round(sum(map(len, tok.encode(first.src))) / len(first.src)) + 1
     tgt_len = round(sum(map(len, tok.encode(first.tgt))) / len(first.tgt)) + 1
-    origin_flops = forward_flops(model.cfg, src_len, tgt_len) / tgt_len
+    arch = arch_of(model)
+    origin_flops = arch.forward_flops(model, src_len, tgt_len) / tgt_len
     shapes = []
     for conf in confs:
         composed = compose(model, Path(pruned), conf)
         params, nonzero = parameter_counts(composed)
-        flops = forward_flops(composed.cfg, src_len, tgt_len) / tgt_len
+        flops = arch.forward_flops(composed, src_len, tgt_len) / tgt_len
         shapes.append({"configuration": conf, "fingerprint": fingerprint(conf), "params": params,
                        "nonzero_params": nonzero, "flops_per_token": round(flops),
                        "flops_ratio": round(flops / origin_flops, 3)})

@@ -45,11 +45,12 @@ class TimeToTarget:
         return self.epochs is None
 
 
-def time_to_target(history: Sequence[dict[str, Any]], target: float, cap: int) -> TimeToTarget:
-    """First epoch <= ``cap`` with val BLEU >= ``target``; censored at the cap otherwise."""
+def time_to_target(history: Sequence[dict[str, Any]], target: float | None, cap: int) -> TimeToTarget:
+    """First epoch <= ``cap`` with val BLEU >= ``target``; censored at the cap otherwise. With no
+    target (None), every run trains the cap: its cost is the cost of the cap's epochs."""
     rows = [r for r in history if int(r["epoch"]) <= cap]
     for r in rows:
-        if float(r["val_bleu"]) >= target:
+        if target is None and int(r["epoch"]) == cap or target is not None and float(r["val_bleu"]) >= target:
             return TimeToTarget(int(r["epoch"]), Cost(float(r["wall_time_s"]), float(r["train_flops"])))
     if not rows or int(rows[-1]["epoch"]) < cap:
         last = int(rows[-1]["epoch"]) if rows else None

@@ -87,7 +87,7 @@ class ConfigurationsSpec:
                                "each (the same length), got " + ", ".join(str(len(v)) for v in lists.values()))
         for name, values in lists.items():
             for r in values:
-                _keep_ratio(r, f"{where} configurations.{name}")
+                _keep_ratio(r, f"{where}: configurations.{name}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class SearchSpec:
         from ctprune.stages.search import parse_budget
 
         for r in self.grid:
-            _keep_ratio(r, f"{where} search.grid")
+            _keep_ratio(r, f"{where}: search.grid")
         if not self.budgets:
             raise CtpruneError(f"{where}: [search] needs a budget: flops = 0.6 and/or params = \"10M\"")
         for r, v in self.budgets:
@@ -140,7 +140,7 @@ class FinetuningSpec:
                              low=1)
 
     def check(self, where: str) -> None:
-        parse_target(self.target_bleu, f"{where} finetuning.target_bleu")
+        parse_target(self.target_bleu, f"{where}: finetuning.target_bleu")
         if self.budget_epochs > self.epochs:
             raise CtpruneError(f"{where}: finetuning.budget_epochs must be in [1, finetuning.epochs], got "
                                f"{self.budget_epochs} > {self.epochs}")
@@ -160,7 +160,7 @@ class ExecutionSpec:
 
     def check(self, where: str) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise CtpruneError(f"{where} execution.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise CtpruneError(f"{where}: execution.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.address is not None and self.executor != "ray":
             raise CtpruneError(f"{where}: execution.address is for executor = \"ray\", not {self.executor!r}")
 

@@ -78,7 +78,7 @@ def test_dependencies_exclusive_jobs_and_records(executor: str, tmp_path: Path) 
     assert not log.exists()
 
 
-@pytest.mark.parametrize("executor", ["local", "process"])
+@pytest.mark.parametrize("executor", ["local", "process", "ray"])
 def test_a_failing_job_stops_the_run_with_its_own_error(executor: str, tmp_path: Path) -> None:
     jobs = [Job("bad", f"{HERE}:refuse", {}), _job("after", tmp_path / "log", deps=("bad",))]
     with make_executor(ExecutionSpec(executor=executor, workers=2), tmp_path) as ex:
@@ -101,9 +101,19 @@ def test_a_job_whose_worker_dies_is_retried_then_given_up(tmp_path: Path, monkey
             ex.run([_job("doomed", log, 1.0)])
 
 
-def test_local_executor_keeps_one_worker(tmp_path: Path) -> None:
-    ex = LocalExecutor(ExecutionSpec(workers=4), tmp_path)
-    assert ex.workers == 1
+def test_threads_are_shared_out_among_the_jobs_that_run_at_once(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 cores, 2 workers: a job alone (or exclusive) gets all 4 threads; two at once get 2 each."""
+    monkeypatch.setattr("ctprune.executors.cpu_threads", lambda: 4)
+    started: dict[str, int] = {}
+    ex = LocalExecutor(ExecutionSpec(workers=2), tmp_path)
+    ex.workers = 2  # the scheduling of a 2-worker executor, run in this process
+    monkeypatch.setattr(ex, "_start", lambda job, threads: started.setdefault(job.name, threads) and job.name)
+    monkeypatch.setattr(ex, "_wait", lambda running: [(h, {}) for h in list(running)])
+    log = tmp_path / "log"
+    ex.run([_job("first", log), _job("a", log, deps=("first",)), _job("b", log, deps=("first",)),
+            _job("alone", log, deps=("a", "b"), exclusive=True)])
+    assert started == {"first": 4, "a": 2, "b": 2, "alone": 4}
 
 
 def test_sharded_tuning_merged_equals_one_shard(trained: Path, tmp_path: Path) -> None:

@@ -454,3 +454,37 @@ def test_activation_criterion_on_hf_models(family: str, marian_folder: Path, t5_
     blocks = [v for v in index["variants"].values() if v["kind"] != "linear"]
     assert len(blocks) == 10 and all(len(v["scores"]) == v["of"] and v["size"] == v["of"] // 2 for v in blocks)
     assert all(max(v["scores"]) > min(v["scores"]) >= 0 for v in blocks)
+
+
+def test_run_end_to_end_on_a_marian_origin(marian_folder: Path, tmp_path: Path) -> None:
+    """`ctprune run` with a Hugging Face origin: both sides finetuned under the protocol, the
+    describe and latency jobs through the architecture seam, a report."""
+    import json
+
+    from ctprune.stages.run import run_experiment
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f"""
+[data]
+corpus = "synthetic"
+[origin]
+preset = "tiny"
+model = "{marian_folder}"
+[configurations]
+attention = [0.5]
+[tuning]
+epochs = 1
+lr = 2e-3
+[finetuning]
+epochs = 1
+lr = 1e-3
+target_bleu = "none"
+""")
+    run_experiment(exp, tmp_path / "run")
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    c = s["configurations"][0]
+    assert 0 < c["flops_ratio"] < 1 and c["params"] < s["origin"]["params"] and c["latency"]["ratio"] > 0
+    for side in ("baseline", "composed"):  # no target: both sides train the cap of one epoch
+        r = s["runs"][0]["configurations"][0][side]
+        assert r["epochs_to_target"] == 1 and r["epochs_trained"] == 1 and set(r["test_bleu_best"]) == {"test"}
+    assert (tmp_path / "run" / "report.html").is_file()

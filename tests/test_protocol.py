@@ -24,6 +24,11 @@ def test_a_run_that_never_reaches_the_target_is_censored_at_the_cap() -> None:
     assert t.censored and t.cost == Cost(30.0, 300.0)
 
 
+def test_with_no_target_every_run_costs_the_cap() -> None:
+    t = time_to_target(hist(20, 95, 96, 97), target=None, cap=2)
+    assert (t.epochs, t.cost, t.censored) == (2, Cost(20.0, 200.0), False)
+
+
 def test_an_unfinished_history_is_refused() -> None:
     with pytest.raises(CtpruneError, match="unfinished"):
         time_to_target(hist(20, 25), target=30, cap=3)

@@ -121,6 +121,10 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     run_stage.run_experiment(exp, run_dir)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     edited = json.loads((run_dir / "summary.json").read_text())
+    assert [c["configuration"] for c in edited["configurations"]] == json.loads((run_dir / "conf.json").read_text())
+    assert edited["configurations"][1]["flops_ratio"] > summary["configurations"][1]["flops_ratio"]  # 0.75 > 0.25
+    assert edited["configurations"][0] == {**summary["configurations"][0], "latency": edited["configurations"][0][
+        "latency"]}  # described again (the latency is measured again beside the new configuration)
     old, new = summary["runs"][0]["configurations"], edited["runs"][0]["configurations"]
     assert [new[0][s]["dir"] for s in run_stage.SIDES] == [old[0][s]["dir"] for s in run_stage.SIDES]
     assert all(new[1][s]["dir"] != old[1][s]["dir"] for s in run_stage.SIDES)
@@ -173,6 +177,19 @@ def test_configurations_naming_no_module_are_refused_before_the_origin_is_traine
     with pytest.raises(CtpruneError, match="decoder.layers.7.ffn"):
         run_stage.run_experiment(exp, tmp_path / "run")
     assert not (tmp_path / "run" / "origin").exists() and not (tmp_path / "run" / "jobs").exists()
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    exp = tmp_path / "e.toml"
+    exp.write_text('[data]\ncorpus = "synthetic"\n[origin]\npreset = "tiny"\n[configurations]\nattention = [0.5]\n')
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CtpruneError, match="another `ctprune run` is using"):
+            run_stage.run_experiment(exp, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
 
 
 def test_shipped_examples_load() -> None:

@@ -149,5 +149,6 @@ def compose(origin: nn.Module, bank: Path, conf: Configuration, index: dict[str,
     for name, ratio in conf.items():
         if ratio < 1:
             key = variant_key(name, ratio)
-            arch_of(model).set_block(model, name, load_variant(bank, index, key, origin))
+            device = next(origin.parameters()).device  # variants load on the CPU; the model may not be
+            arch_of(model).set_block(model, name, load_variant(bank, index, key, origin).to(device))
     return model.train(origin.training)  # new variant modules would otherwise be in training mode

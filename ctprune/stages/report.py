@@ -266,8 +266,9 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
         for r in runs) + ".")
     if "execution" in s:  # summaries written before executors existed have none
         e = s["execution"]
-        doc.p(f"Executed by the {e['executor']} executor: {e['workers']} worker(s) x {e['threads_per_worker']} "
-              f"thread(s), device {e['device']}. Wall seconds are comparable only within one run.")
+        doc.p(f"Executed by the {e['executor']} executor: {e['workers']} worker(s) sharing {e['cores']} CPU "
+              f"thread(s) (a job alone gets them all), device {e['device']}. Wall seconds are comparable only "
+              "within one run.")
     doc.p(f"sacreBLEU signature `{s['bleu_signature']}`; chrF `{s['chrf_signature']}`. Corpus {s['corpus']}; "
           f"versions {s['versions']}; machine {s['machine']}.")
     return doc

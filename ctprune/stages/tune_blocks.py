@@ -51,7 +51,8 @@ from ctprune.pruning.bank import (
     save_variant,
 )
 from ctprune.pruning.configs import model_fingerprint
-from ctprune.training.loop import Recipe, make_optimizer, optimizer_step, read_history
+from ctprune.spec import TuningSpec
+from ctprune.training.loop import Recipe, make_optimizer, optimizer_step, preset_max_tokens, read_history
 
 HISTORY_FIELDS = ("epoch", "variant", "train_loss", "val_loss", "wall_time_s")
 
@@ -200,9 +201,10 @@ def _write_state(index: dict[str, Any], variants: dict[str, nn.Module], state: d
     atomic_write(folder / "state.pt", functools.partial(torch.save, state))
 
 
-def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corpus: str = "multi30k",
-                data_dir: str | None = None, lr: float = 1e-4, max_tokens: int = 4096,
-                patience: int = 2, resume: bool = False, device: str | None = None,
+def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = TuningSpec.epochs,
+                corpus: str = "multi30k", data_dir: str | None = None, lr: float = TuningSpec.lr,
+                max_tokens: int | None = None, patience: int = TuningSpec.patience, resume: bool = False,
+                device: str | None = None,
                 only: list[str] | None = None, seed: int = 0, bf16: bool | None = None) -> dict[str, Any]:
     """Tune every variant of ``bank`` (or those in ``only``) and write the tuned bank ``output``.
 
@@ -212,8 +214,10 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     latest weights and optimizer for ``resume``."""
     if epochs < 0:
         raise CtpruneError(f"epochs must be a non-negative integer, got {epochs}")
-    if max_tokens < 64:
+    if max_tokens is not None and max_tokens < 64:
         raise CtpruneError(f"--max-tokens must be at least 64, got {max_tokens}")
+    if patience < 0:
+        raise CtpruneError(f"--patience must be at least 0 (0: never stop early), got {patience}")
     if not (math.isfinite(lr) and lr > 0):
         raise CtpruneError(f"--lr must be a positive number, got {lr}")
     output, bank = Path(output), Path(bank)
@@ -226,7 +230,9 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = 3, corp
     origin, tok, origin_hparams = load_model_folder(model_dir, dev)
     origin.requires_grad_(False)
     if bf16 is None:
-        bf16 = bool(origin_hparams.get("recipe", {}).get("bf16", False))
+        bf16 = bool((origin_hparams.get("recipe") or {}).get("bf16", False))
+    if max_tokens is None:  # the origin preset's batches (1024 tokens for tiny, 4096 for seed)
+        max_tokens = preset_max_tokens(str(origin_hparams.get("preset", "seed")))
     recipe = Recipe.original(lr=lr, bf16=bf16, epochs=epochs, seed=seed)
     src_index = load_index(bank)
     check_bank_model(src_index, model_fingerprint(model_dir), bank)

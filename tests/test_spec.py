@@ -1,0 +1,79 @@
+"""The one typed specification: the CLI's defaults are the spec's, its lists match the code's
+registries, and a TOML table is checked by type and range with file, section and key named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ctprune.cli import build_parser
+from ctprune.errors import CtpruneError
+from ctprune.spec import (
+    EXECUTORS,
+    KINDS,
+    PRESETS,
+    DataSpec,
+    ExecutionSpec,
+    FinetuningSpec,
+    OriginSpec,
+    SearchSpec,
+    TuningSpec,
+    from_table,
+    parse_target,
+)
+
+
+def _defaults(*argv: str) -> dict:
+    return vars(build_parser().parse_args(list(argv)))
+
+
+def test_cli_defaults_are_the_specs() -> None:
+    train = _defaults("train", "-o", "x")
+    assert (train["epochs"], train["preset"], train["corpus"]) == (OriginSpec.epochs, OriginSpec.preset,
+                                                                   DataSpec.corpus)
+    tune = _defaults("tune-blocks", "m", "--bank", "b", "-o", "x")
+    assert (tune["epochs"], tune["lr"], tune["patience"]) == (TuningSpec.epochs, TuningSpec.lr, TuningSpec.patience)
+    ft = _defaults("finetune", "m", "--bank", "b", "-c", "c", "-n", "0", "-o", "x")
+    assert (ft["epochs"], ft["lr"], ft["target_bleu"], ft["budget_epochs"]) == (
+        FinetuningSpec.epochs, FinetuningSpec.lr, FinetuningSpec.target_bleu, FinetuningSpec.budget_epochs)
+    assert _defaults("evaluate", "m")["device"] == ExecutionSpec.device
+    run = _defaults("run", "e.toml")  # None: the experiment file's [execution], else the spec's
+    assert all(run[k] is None for k in ("executor", "workers", "address", "device"))
+
+
+def test_spec_lists_match_the_code() -> None:
+    from ctprune.executors import EXECUTORS as executors
+    from ctprune.model.transformer import PRESETS as presets
+    from ctprune.pruning.configs import KINDS as kinds
+
+    assert set(EXECUTORS) == set(executors) and set(PRESETS) == set(presets) and set(KINDS) == set(kinds)
+
+
+@pytest.mark.parametrize("cls, table, message", [
+    (TuningSpec, {"epochs": 1, "rate": 2}, "unknown key(s) ['rate'] in [tuning]"),
+    (TuningSpec, {"epochs": "two"}, "tuning.epochs must be int"),
+    (TuningSpec, {"epochs": True}, "tuning.epochs must be int"),
+    (TuningSpec, {"lr": -1.0}, "tuning.lr must be a positive number"),
+    (TuningSpec, {"patience": -1}, "tuning.patience must be at least 0"),
+    (FinetuningSpec, {"epochs": 2, "budget_epochs": 3}, "budget_epochs must be in [1, finetuning.epochs]"),
+    (FinetuningSpec, {"target_bleu": "best"}, "finetuning.target_bleu must be a number"),
+    (SearchSpec, {"kinds": ["attention", "mlp"], "flops": 0.5}, "search.kinds must be one of"),
+    (SearchSpec, {"grid": [1.5], "flops": 0.5}, "keep ratio must be in (0, 1]"),
+    (ExecutionSpec, {"workers": 0}, "execution.workers must be at least 1"),
+    (ExecutionSpec, {"device": "cuda:x"}, "execution.device must be auto, cpu, cuda or cuda:N"),
+    (DataSpec, {"corpus": "wmt"}, "data.corpus: unknown corpus 'wmt'"),
+])
+def test_tables_are_checked_with_file_section_and_key(cls: type, table: dict, message: str) -> None:
+    with pytest.raises(CtpruneError, match=r"^exp\.toml: .*") as e:
+        from_table(cls, table, "exp.toml", cls.__name__.removesuffix("Spec").lower())
+    assert message in str(e.value)
+
+
+def test_tables_convert_and_keep_defaults() -> None:
+    s = from_table(SearchSpec, {"grid": [0.5, 1], "flops": 0.6, "k": 4}, "e.toml", "search")
+    assert s.grid == (0.5, 1.0) and s.flops == "0.6" and s.k == 4 and s.budgets == (("flops", "0.6"),)
+    assert s.min_distance == dataclasses.replace(SearchSpec()).min_distance
+    ft = from_table(FinetuningSpec, {"target_bleu": 30}, "e.toml", "finetuning")
+    assert parse_target(ft.target_bleu, "t") == 30.0 and parse_target("origin - 1.5", "t") == "origin-1.5"
+    assert parse_target("none", "t") is None
