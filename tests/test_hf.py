@@ -105,6 +105,35 @@ def test_marian_removed_heads_equal_zeroed_heads(names: list[str]) -> None:
     assert attn.q_proj.bias.shape == (16,) and arch.units(cut)[names[0]].size == 2
 
 
+def _assert_cuts_equal_zeroed(model, keep: dict[str, list[int]], out: str) -> None:  # type: ignore[no-untyped-def]
+    """Each block of ``keep`` cut to its own heads (in one or two steps) equals the model with the
+    other heads' output columns zeroed."""
+    arch = arch_of(model)
+    src, tgt = batch()
+    zeroed, cut = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for name, heads in keep.items():
+            _zero_heads(zeroed, name, [h for h in range(4) if h not in heads], out)
+            first = arch.cut(arch.block(cut, name), torch.tensor([h for h in range(4) if h != 0 or 0 in heads]))
+            kept = arch.kept_heads(first)
+            arch.set_block(cut, name, arch.cut(first, torch.tensor([kept.index(h) for h in heads])))
+        torch.testing.assert_close(arch.logits(cut, src, tgt), arch.logits(zeroed, src, tgt), atol=1e-5, rtol=1e-5)
+        assert arch.generate(cut, src, 2) == arch.generate(zeroed, src, 2)
+
+
+def test_marian_a_cut_of_a_cut_keeps_the_head_size() -> None:
+    _assert_cuts_equal_zeroed(tiny_marian(), {"model.encoder.layers.0.self_attn": [1, 3],
+                                              "model.decoder.layers.1.encoder_attn": [2]}, "out_proj")
+
+
+@pytest.mark.parametrize("ffn", T5_FFN)
+def test_t5_layers_keeping_different_heads_each_read_their_own_bias_slices(ffn: str) -> None:
+    _assert_cuts_equal_zeroed(tiny_t5(ffn), {"encoder.block.0.layer.0.SelfAttention": [0, 2, 3],
+                                             "encoder.block.1.layer.0.SelfAttention": [1, 3],
+                                             "decoder.block.0.layer.0.SelfAttention": [3],
+                                             "decoder.block.1.layer.0.SelfAttention": [0, 1]}, "o")
+
+
 def test_marian_removed_neurons_equal_zeroed_neurons() -> None:
     model = tiny_marian()
     keep = list(range(0, 64, 3))

@@ -213,6 +213,8 @@ def detect(folder: str | Path) -> Architecture:
             return get("ctprune")
         raise CtpruneError(f"{folder} is not a ctprune model folder nor a supported Hugging Face model "
                            f"({path.name} has neither ctprune's fields nor a model_type); supported: {SUPPORTED}")
+    if not isinstance(model_type, str):
+        raise CtpruneError(f"{path}: model_type must be a string, got {model_type!r}; supported: {SUPPORTED}")
     name = {"marian": "marian", "t5": "t5"}.get(model_type)
     if name is None:
         archs = config.get("architectures") or [model_type]

@@ -121,6 +121,7 @@ class HFArchitecture(Architecture):
     # ---- folders --------------------------------------------------------------------------
     def claims(self, folder: Path, config: dict[str, Any]) -> bool:
         archs = config.get("architectures")
+        archs = [archs] if isinstance(archs, str) else archs if isinstance(archs, list) else []
         return config.get("model_type") == self.model_type and (
             not archs or any(a in (self.model_class, *self.aliases) for a in archs))
 

@@ -109,7 +109,10 @@ class MarianArchitecture(HFArchitecture):
         from transformers.models.marian.modeling_marian import MarianAttention
 
         idx = head_index(keep, block.head_dim)
-        new = MarianAttention(block.embed_dim, block.num_heads, dropout=block.dropout, is_decoder=block.is_decoder,
+        # built with the full head count so that HF derives the block's own head_dim and scaling
+        # (a block pruned before has fewer heads than embed_dim // head_dim)
+        new = MarianAttention(block.embed_dim, block.embed_dim // block.head_dim, dropout=block.dropout,
+                              is_decoder=block.is_decoder,
                               bias=block.q_proj.bias is not None, is_causal=block.is_causal, config=block.config,
                               layer_idx=block.layer_idx)
         new.q_proj, new.k_proj, new.v_proj = (keep_rows(p, idx) for p in (block.q_proj, block.k_proj, block.v_proj))
