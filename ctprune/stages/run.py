@@ -59,9 +59,12 @@ class Run:
     origin_fp: str
     data_dir: str | None
 
-    def job(self, name: str, fn: str, kwargs: dict[str, Any], **kw: Any) -> Job:
+    def job(self, name: str, fn: str, kwargs: dict[str, Any], reads_origin: bool = True, **kw: Any) -> Job:
+        """A job of this run: the origin's path among its arguments (unless it reads no model),
+        the origin's fingerprint in its key."""
         context = fingerprint([self.origin_fp, kw.pop("context", "")])
-        return Job(name, fn, {"origin": str(self.origin), **kwargs}, context=context, **kw)
+        return Job(name, fn, {"origin": str(self.origin), **kwargs} if reads_origin else kwargs, context=context,
+                   **kw)
 
 
 def _data_dir(exp: Experiment) -> str | None:
@@ -134,7 +137,7 @@ def _bank_jobs(r: Run, plan_file: Path, plan: dict[str, Any], seed: int, shards:
             deps=(prune_name,) if prune_name else (), gpu=True, output=str(shard)))
     merge = r.job(f"merge tuned bank seed {seed}", "merge_job",
                   {"shards": [[j.kwargs["output"], j.kwargs["keys"]] for j in shard_jobs], "bank": str(tuned)},
-                  deps=tuple(j.name for j in shard_jobs), output=str(tuned))
+                  reads_origin=False, deps=tuple(j.name for j in shard_jobs), output=str(tuned))
     return [*jobs, *shard_jobs, merge], pruned, tuned, prune_name, merge.name
 
 
