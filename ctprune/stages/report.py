@@ -154,7 +154,8 @@ def _plots(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, Path]]:
             hist = read_history(contained(run_dir, c[side]["dir"], "summary.json") / "history.csv")
             x = [float(r["wall_time_s"]) + (bank_s if side == "composed" else 0.0) for r in hist]
             ax.plot(x, [float(r["val_bleu"]) for r in hist], marker="o", ms=3, color=color, label=side)
-        ax.axhline(s["target_bleu"], ls="--", color="tab:red", lw=1, label="target")
+        if s["target_bleu"] is not None:
+            ax.axhline(s["target_bleu"], ls="--", color="tab:red", lw=1, label="target")
         ax.set_title(f"configuration {c['index']}", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
@@ -192,8 +193,10 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
                           repeats=p["latency_repeats"]))
     tests = ", ".join(f"{k} {v}" for k, v in o["test_bleu"].items())
     doc.p(f"Origin model: val BLEU {o['val_bleu']}, test BLEU {tests}, {o['params']:,} parameters, "
-          f"{o['flops_per_token'] / 1e6:.2f} MFLOPs per target token. Target: val BLEU >= **{s['target_bleu']}** "
-          f"({p['target']}).")
+          f"{o['flops_per_token'] / 1e6:.2f} MFLOPs per target token. " + (
+              f"Target: val BLEU >= **{s['target_bleu']}** ({p['target']})." if s["target_bleu"] is not None else
+              f"No target (`target_bleu = \"none\"`): every run trains the cap of {cap} epochs, and its cost is "
+              "the cost of those epochs."))
 
     if s.get("search"):
         q = s["search"]
