@@ -286,8 +286,8 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
                  target_bleu=target, resume=has_training_run(out), device=device, min_epochs=budget_epochs,
                  snapshot_epochs=(budget_epochs,))
     metrics = out / "test_metrics.json"
-    splits = _tests(corpus, data_dir, tests)
     if not metrics.exists() or set(read_json(metrics)["test_bleu_best"]) != set(tests):
+        splits = _tests(corpus, data_dir, tests)  # read only when the metrics are (re)computed
         dev = resolve_device(device)
         model, tok, _ = load_model_folder(Path(origin), dev)
         conf = load_configurations(Path(conf_file), prunable_modules(model))[index]
