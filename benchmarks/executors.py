@@ -93,11 +93,11 @@ def main() -> None:
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     runs: dict[str, Any] = {}
-    origin: Path | None = None
+    origin: Path | None = exp.origin_model  # given by the experiment, or trained once by the first run
     for name in a.executors:
         run_dir = work / name
         path = exp_path
-        if origin is not None:  # the same origin model for every executor (trained once, by the first)
+        if origin is not None and exp.origin_model is None:  # the first run's origin for every executor
             path = work / f"{name}.toml"
             text = exp_path.read_text().replace("[origin]\n", f"[origin]\nmodel = \"{origin.resolve()}\"\n", 1)
             path.write_text(text)

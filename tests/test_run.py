@@ -276,19 +276,20 @@ def _numbers(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_a_run_killed_inside_every_stage_resumes_to_the_same_numbers(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The run fails at a file replace in the middle of every stage (origin training, pruning,
-    tuning, each finetuning, latency, report), and its re-run ends with the numbers of an
-    uninterrupted run. One configuration keeps the nine runs short."""
+    """One run folder is killed at a file replace in the middle of every stage in turn (origin
+    training, pruning, tuning, each finetuning, latency, report): each re-run resumes the stage that
+    was cut, and the last one ends with the numbers of an uninterrupted run."""
     exp = tmp_path / "exp.toml"
     exp.write_text(KILLED_RUN)
     real, real_say = os.replace, run_stage._say
-    calls: dict = {"n": 0, "kill": 0, "stage": "start", "stages": {}}
+    calls: dict = {"stage": "start", "stages": {}, "kill": None, "seen": 0}
 
     def replace(src, dst):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        calls["stages"].setdefault(calls["stage"], []).append(calls["n"])
-        if calls["n"] == calls["kill"]:
-            raise _Killed
+        calls["stages"][calls["stage"]] = calls["stages"].get(calls["stage"], 0) + 1
+        if calls["kill"] and calls["kill"][0] == calls["stage"]:
+            calls["seen"] += 1
+            if calls["seen"] == calls["kill"][1]:
+                raise _Killed
         return real(src, dst)
 
     def say(msg: str) -> None:
@@ -304,10 +305,10 @@ def test_a_run_killed_inside_every_stage_resumes_to_the_same_numbers(tmp_path: P
     assert {"origin model", "prune", "tune-blocks seed 0 shard 1/1", "latency", "report"} <= set(stages)
     assert sum(k.startswith("finetune") for k in stages) == 2  # baseline and composed
     for stage, replaces in stages.items():
-        kill = replaces[len(replaces) // 2]
-        calls.update(n=0, kill=kill, stages={})
+        calls.update(kill=(stage, replaces // 2 + 1), seen=0)
         with pytest.raises(_Killed):
-            run_stage.run_experiment(exp, tmp_path / f"killed-{kill}")
-        calls.update(n=0, kill=0)
-        run_stage.run_experiment(exp, tmp_path / f"killed-{kill}")
-        assert _numbers(tmp_path / f"killed-{kill}") == expected, stage
+            run_stage.run_experiment(exp, tmp_path / "killed")
+        assert calls["seen"] == replaces // 2 + 1, stage
+    calls.update(kill=None)
+    run_stage.run_experiment(exp, tmp_path / "killed")
+    assert _numbers(tmp_path / "killed") == expected
