@@ -256,9 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train, "train the origin model (tokenizer + Transformer) on a corpus")
     add_option(p, OriginSpec, "preset")
-    p.add_argument("--arch", choices=("ctprune", "marian", "t5"), default="ctprune",
-                   help="ctprune: its own Transformer; marian / t5: a Hugging Face MarianMTModel / "
-                        "T5ForConditionalGeneration of the preset's sizes (needs the hf extra)")
+    add_option(p, OriginSpec, "arch")
     _data_options(p)
     p.add_argument("--vocab-size", type=int, default=None,
                    help="sentencepiece vocabulary (default 8000 for multi30k, 1000 for synthetic)")

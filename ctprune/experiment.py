@@ -3,7 +3,8 @@ validated on load.
 
     seed = 0   or   seeds = [0, 1, 2]   (tuning and finetuning randomness; one origin model)
     [data]           corpus = "synthetic" | "multi30k", data_dir = "..." (optional)
-    [origin]         preset = "tiny" | "seed", epochs = 8    (or model = "path/to/origin")
+    [origin]         preset = "tiny" | "seed", arch = "ctprune" | "marian" | "t5", epochs = 8
+                     (or model = "path/to/origin": ctprune's or a Hugging Face folder)
     [configurations] attention = [..], linear = [..], ffn = [..]   (one ratio per configuration)
                      or file = "conf.json", or inline = [{module = ratio, ...}, ...]
     [search]         (instead of [configurations]) grid = [0.25, 0.5, 0.75], kinds = ["attention", "ffn"],

@@ -115,13 +115,13 @@ def run_job(job: Job, run_dir: str, threads: int | None, device: str) -> dict[st
 
 
 def train_origin_job(output: str, preset: str, corpus: str, data_dir: str | None, epochs: int, seed: int,
-                     device: str) -> dict[str, Any]:
-    """The origin model: trained (or resumed) into ``output``."""
+                     device: str, arch: str = "ctprune") -> dict[str, Any]:
+    """The origin model (ctprune's Transformer or a Hugging Face ``arch``): trained (or resumed) into ``output``."""
     from ctprune.stages.train import TrainArgs, train_origin
     from ctprune.training.loop import has_training_run, preset_recipe
 
     out = Path(output)
-    res = train_origin(TrainArgs(output=out, preset=preset, corpus=corpus, data_dir=data_dir, device=device,
+    res = train_origin(TrainArgs(output=out, preset=preset, arch=arch, corpus=corpus, data_dir=data_dir, device=device,
                                  resume=has_training_run(out),
                                  recipe=preset_recipe(preset, epochs=epochs, seed=seed)))
     return {"best_val_bleu": res.best_bleu, "epochs_done": res.epochs_done}
@@ -140,13 +140,17 @@ def resolve_configurations(modules: dict[str, Any], c: dict[str, Any], where: st
                                   label=f"{where}: configurations.")
 
 
-def check_configurations_early(preset: str, c: dict[str, Any], where: str) -> None:
+def check_configurations_early(preset: str, arch: str, c: dict[str, Any], where: str) -> None:
     """Refuse configurations that name no module of the preset's architecture before the origin
     model is trained (hours, at the seed size), on an untrained model of the same shape."""
-    from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
+    from types import SimpleNamespace
+
+    from ctprune.arch import get
+    from ctprune.model.transformer import PRESETS
     from ctprune.pruning.configs import prunable_modules
 
-    resolve_configurations(prunable_modules(Seq2SeqTransformer(ModelConfig.preset(preset, 64))), c, where)
+    tok = SimpleNamespace(vocab_size=64, pad_id=0, bos_id=0, eos_id=3)  # the vocabulary changes no module name
+    resolve_configurations(prunable_modules(get(arch).from_scratch(PRESETS[preset], tok)), c, where)
 
 
 def configurations_job(origin: str, conf_out: str, plan_out: str, configurations: dict[str, Any],

@@ -21,6 +21,7 @@ from typing import Any
 from ctprune.errors import CtpruneError
 
 PRESETS = ("seed", "tiny")
+ARCHS = ("ctprune", "marian", "t5")  # ctprune.arch registers each
 KINDS = ("attention", "ffn", "linear")
 EXECUTORS = ("local", "process", "ray")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -60,6 +61,8 @@ class OriginSpec:
 
     preset: str = opt("seed", "seed: the original 3+3 layers, d_model 512, 8 heads, FFN 512; tiny: for tests",
                       choices=PRESETS)
+    arch: str = opt("ctprune", "ctprune: its own Transformer; marian / t5: a Hugging Face MarianMTModel / "
+                               "T5ForConditionalGeneration of the preset's sizes (needs the hf extra)", choices=ARCHS)
     epochs: int = opt(8, "origin training epochs", low=0)
     model: str | None = opt(None, "an origin model folder to use instead of training one (relative to the "
                                   "experiment file)")

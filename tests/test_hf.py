@@ -485,20 +485,21 @@ def test_activation_criterion_on_hf_models(family: str, marian_folder: Path, t5_
     assert all(max(v["scores"]) > min(v["scores"]) >= 0 for v in blocks)
 
 
-def test_run_end_to_end_on_a_marian_origin(marian_folder: Path, tmp_path: Path) -> None:
-    """`ctprune run` with a Hugging Face origin: both sides finetuned under the protocol, the
-    describe and latency jobs through the architecture seam, a report."""
-    import json
-
+@pytest.mark.parametrize("origin", ["given", "trained"])
+def test_run_end_to_end_on_a_marian_origin(origin: str, marian_folder: Path, tmp_path: Path) -> None:
+    """`ctprune run` with a Hugging Face origin, given as a folder or trained by the run
+    ([origin] arch = "marian"): both sides finetuned under the protocol, the describe and latency
+    jobs through the architecture seam, a report."""
     from ctprune.stages.run import run_experiment
 
     exp = tmp_path / "exp.toml"
+    given = f'model = "{marian_folder}"' if origin == "given" else 'arch = "marian"\nepochs = 1'
     exp.write_text(f"""
 [data]
 corpus = "synthetic"
 [origin]
 preset = "tiny"
-model = "{marian_folder}"
+{given}
 [configurations]
 attention = [0.5]
 [tuning]
@@ -511,9 +512,65 @@ target_bleu = "none"
 """)
     run_experiment(exp, tmp_path / "run")
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    if origin == "trained":
+        model, _, hp = load_model_folder(tmp_path / "run" / "origin", tokenizer=False)
+        assert type(model).__name__ == "MarianMTModel" and hp["arch"] == "marian" and hp["epoch"] == 1
     c = s["configurations"][0]
     assert 0 < c["flops_ratio"] < 1 and c["params"] < s["origin"]["params"] and c["latency"]["ratio"] > 0
     for side in ("baseline", "composed"):  # no target: both sides train the cap of one epoch
         r = s["runs"][0]["configurations"][0][side]
         assert r["epochs_to_target"] == 1 and r["epochs_trained"] == 1 and set(r["test_bleu_best"]) == {"test"}
     assert (tmp_path / "run" / "report.html").is_file()
+
+
+def test_t5_task_prefix_from_the_folder_goes_before_every_source_and_stays_with_derived_models(
+        t5_folder: Path, tmp_path: Path) -> None:
+    from ctprune.stages.compose import compose_to_folder
+
+    folder = tmp_path / "t5"
+    shutil.copytree(t5_folder, folder)
+    prefix = "translate German to English: "
+    (folder / "hparams.json").write_text(json.dumps({"source_prefix": prefix}))  # as a user writes it
+    _, tok, _ = load_model_folder(folder)
+    assert tok.encode(["ein Hund"]) == tok.hf([prefix + "ein Hund"], add_special_tokens=False)["input_ids"]
+    assert tok.encode(["ein Hund"]) != tok.hf(["ein Hund"], add_special_tokens=False)["input_ids"]
+    assert tok.encode_target(["a dog"]) == tok.hf(text_target=["a dog"], add_special_tokens=False)["input_ids"]
+    (tmp_path / "conf.json").write_text(json.dumps([{"encoder.block.0.layer.0.SelfAttention": 0.5}]))
+    out = compose_to_folder(folder, _t5_bank(folder, tmp_path), tmp_path / "conf.json", 0, tmp_path / "c0")
+    _, composed_tok, _ = load_model_folder(out)
+    assert composed_tok.source_prefix == prefix
+    (folder / "hparams.json").write_text(json.dumps({"source_prefix": 3}))
+    with pytest.raises(CtpruneError, match="source_prefix must be a string"):
+        load_model_folder(folder)
+
+
+def _t5_bank(folder: Path, tmp_path: Path) -> Path:
+    from ctprune.stages.configs import write_plan
+    from ctprune.stages.prune import prune
+
+    write_plan(tmp_path / "conf.json", folder, tmp_path / "plan.json")
+    prune(folder, tmp_path / "pruned", plan_path=tmp_path / "plan.json", criterion="l1")
+    return tmp_path / "pruned"
+
+
+@pytest.mark.parametrize("kind, value, fragment", [
+    ("attention", [0, 0], "expected distinct head indices in 0..3"),
+    ("attention", [7], "expected distinct head indices in 0..3"),
+    ("attention", [], "expected distinct head indices"),
+    ("attention", [True], "expected distinct head indices"),
+    ("ffn", 0, "expected an integer in 1..64"),
+    ("ffn", "16", "expected an integer in 1..64"),
+])
+def test_per_layer_sizes_out_of_range_are_refused_in_one_line(kind: str, value: object, fragment: str,
+                                                               tmp_path: Path) -> None:
+    model = tiny_marian()
+    _prune_unevenly(model)
+    save_model_folder(tmp_path / "m", model, None, {"stage": "test"})
+    (tmp_path / "m" / "manifest.json").unlink()  # as a hand-made folder: nothing but the sizes file to trust
+    path = tmp_path / "m" / "ctprune_layers.json"
+    layers = json.loads(path.read_text())
+    name = next(iter(layers[kind]))
+    layers[kind][name] = value
+    path.write_text(json.dumps(layers))
+    with pytest.raises(CtpruneError, match=fragment):
+        load_model_folder(tmp_path / "m", tokenizer=False)

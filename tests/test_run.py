@@ -170,11 +170,15 @@ def test_bad_experiment_files(text: str, message: str, tmp_path: Path) -> None:
         load_experiment(tmp_path / "e.toml")
 
 
-def test_configurations_naming_no_module_are_refused_before_the_origin_is_trained(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch, module", [("ctprune", "decoder.layers.7.ffn"),
+                                          ("marian", "decoder.layers.0.ffn"),  # ctprune's name, not Marian's
+                                          ("t5", "model.encoder.layers.0.self_attn")])
+def test_configurations_naming_no_module_are_refused_before_the_origin_is_trained(arch: str, module: str,
+                                                                                   tmp_path: Path) -> None:
     exp = tmp_path / "e.toml"
-    exp.write_text('[data]\ncorpus = "synthetic"\n[origin]\npreset = "tiny"\nepochs = 2\n'
-                   '[configurations]\ninline = [{ "decoder.layers.7.ffn" = 0.5 }]\n')
-    with pytest.raises(CtpruneError, match="decoder.layers.7.ffn"):
+    exp.write_text(f'[data]\ncorpus = "synthetic"\n[origin]\npreset = "tiny"\narch = "{arch}"\nepochs = 2\n'
+                   f'[configurations]\ninline = [{{ "{module}" = 0.5 }}]\n')
+    with pytest.raises(CtpruneError, match=module):
         run_stage.run_experiment(exp, tmp_path / "run")
     assert not (tmp_path / "run" / "origin").exists() and not (tmp_path / "run" / "jobs").exists()
 

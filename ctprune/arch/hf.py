@@ -56,16 +56,20 @@ def quiet_transformers() -> Iterator[None]:
 class HFTokenizer:
     """A Hugging Face tokenizer as ctprune's stages use one: plain ids without special tokens
     (the batcher adds the end and start tokens), the model's own pad / decoder-start / end ids,
-    and source and target encodings apart (Marian has one sentencepiece model per side)."""
+    and source and target encodings apart (Marian has one sentencepiece model per side).
+    ``source_prefix`` goes before every source sentence: T5's task prefix, e.g. "translate German
+    to English: " (the model folder's hparams.json ``source_prefix``; none by default)."""
 
-    def __init__(self, hf: Any, pad_id: int, bos_id: int, eos_id: int) -> None:
+    def __init__(self, hf: Any, pad_id: int, bos_id: int, eos_id: int, source_prefix: str = "") -> None:
         self.hf, self.pad_id, self.bos_id, self.eos_id = hf, pad_id, bos_id, eos_id
+        self.source_prefix = source_prefix
 
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        texts = [self.source_prefix + t for t in texts] if self.source_prefix else texts
         return self.hf(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def encode_target(self, texts: list[str]) -> list[list[int]]:
@@ -145,11 +149,17 @@ class HFArchitecture(Architecture):
                 raise
             except Exception as e:  # transformers and safetensors raise many types for a bad folder
                 raise CtpruneError(f"{folder}: cannot load the {self.model_class}: {first_line(e)}") from None
-        tok = self.load_tokenizer(folder, model, required=tokenizer)
         hp_path = folder / HPARAMS_FILE
         hparams = read_json(hp_path, "hparams") if hp_path.is_file() else {}
         if not isinstance(hparams, dict):
             raise CtpruneError(f"hparams {hp_path} must be a JSON object")
+        prefix = hparams.get("source_prefix", "")
+        if not isinstance(prefix, str):
+            raise CtpruneError(f"hparams {hp_path}: source_prefix must be a string, e.g. \"translate German to "
+                               f"English: \" (T5's task prefix)")
+        tok = self.load_tokenizer(folder, model, required=tokenizer)
+        if tok is not None:
+            tok.source_prefix = prefix
         return model.to(device).eval(), tok, hparams
 
     def load_tokenizer(self, folder: Path, model: nn.Module, required: bool = True) -> HFTokenizer | None:
@@ -175,6 +185,8 @@ class HFArchitecture(Architecture):
         folder.mkdir(parents=True, exist_ok=True)
         if tok is not None:
             tok.save(folder)
+            if tok.source_prefix:  # the model reads its sources with it: every derived folder keeps it
+                hparams = {**hparams, "source_prefix": tok.source_prefix}
         write_json(folder / HPARAMS_FILE, hparams)
         atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp)))
         write_json(folder / LAYERS_FILE, self.layers(model))
@@ -282,11 +294,18 @@ def load_pruned(arch: HFArchitecture, folder: Path) -> nn.Module:
     model = cls(config)
     units = arch.units(model)
     for name, kept in layers["attention"].items():
-        _check_unit(units, name, "attention", folder)
+        full = arch.full_size(config, _check_unit(units, name, "attention", folder))
+        if not (isinstance(kept, list) and kept and all(_is_int(h) and 0 <= h < full for h in kept)
+                and len(set(kept)) == len(kept)):
+            raise CtpruneError(f"{folder / LAYERS_FILE}: {name!r} keeps heads {kept!r}; expected distinct head "
+                               f"indices in 0..{full - 1}")
         arch.set_block(model, name, arch.cut(arch.block(model, name), torch.tensor(kept)))
     for name, width in layers["ffn"].items():
-        _check_unit(units, name, "ffn", folder)
-        arch.set_block(model, name, arch.cut(arch.block(model, name), torch.arange(int(width))))
+        full = arch.full_size(config, _check_unit(units, name, "ffn", folder))
+        if not (_is_int(width) and 1 <= width <= full):
+            raise CtpruneError(f"{folder / LAYERS_FILE}: {name!r} has width {width!r}; expected an integer in "
+                               f"1..{full}")
+        arch.set_block(model, name, arch.cut(arch.block(model, name), torch.arange(width)))
     for name in layers["sparse_linears"]:
         _check_unit(units, name, "linear", folder)
         linear = model.get_submodule(name)
@@ -303,7 +322,12 @@ def load_pruned(arch: HFArchitecture, folder: Path) -> nn.Module:
     return model
 
 
-def _check_unit(units: dict[str, Prunable], name: str, kind: str, folder: Path) -> None:
+def _check_unit(units: dict[str, Prunable], name: str, kind: str, folder: Path) -> Prunable:
     if name not in units or units[name].kind != kind:
         raise CtpruneError(f"{folder / LAYERS_FILE} names {name!r}, which is no {kind} module of this model")
+    return units[name]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 

@@ -38,7 +38,7 @@ from ctprune.fileio import read_json, write_json
 from ctprune.jobs import Job, check_configurations_early, missing_variants, origin_val_bleu
 from ctprune.protocol import BankCost, Configuration, Cost, TimeToTarget, saving, saving_curve
 from ctprune.pruning.configs import fingerprint, model_fingerprint, variant_ids, variant_key
-from ctprune.spec import TuningSpec, spec_default
+from ctprune.spec import OriginSpec, TuningSpec, spec_default
 
 SIDES = ("baseline", "composed")
 
@@ -81,19 +81,21 @@ def _origin(exp: Experiment, run_dir: Path, ex: Executor) -> Path:
         # Banks, finetunings and latencies of the run folder belong to this origin: refuse to
         # reuse it for another [origin] or [data] (the banks would be silently stale).
         hp = read_json(out / "hparams.json", "origin hparams")
-        was = (hp.get("preset"), hp.get("corpus"), (hp.get("recipe") or {}).get("epochs"))
-        if was != (o.preset, d.corpus, o.epochs):
-            raise CtpruneError(f"{run_dir} holds an origin model of preset {was[0]}, corpus {was[1]}, {was[2]} "
-                               f"epochs, but {exp.path} asks for {o.preset}, {d.corpus}, {o.epochs}; "
-                               "choose another -o for a new origin")
+        was = (hp.get("preset"), hp.get("arch", "ctprune"), hp.get("corpus"), (hp.get("recipe") or {}).get("epochs"))
+        if was != (o.preset, o.arch, d.corpus, o.epochs):
+            raise CtpruneError(f"{run_dir} holds an origin model of preset {was[0]}, architecture {was[1]}, corpus "
+                               f"{was[2]}, {was[3]} epochs, but {exp.path} asks for {o.preset}, {o.arch}, {d.corpus}, "
+                               f"{o.epochs}; choose another -o for a new origin")
     if (out / "train_summary.json").exists():
         _say(f"origin model: done ({out})")
         return out
     if exp.configurations is not None:  # bad configurations are refused before hours of training
-        check_configurations_early(o.preset, _configurations_table(exp), str(exp.path))
-    ex.run([Job("origin model", "train_origin_job", {"output": str(out), "preset": o.preset, "corpus": d.corpus,
-                                                     "data_dir": _data_dir(exp), "epochs": o.epochs,
-                                                     "seed": exp.seeds[0]}, gpu=True, output=str(out))])
+        check_configurations_early(o.preset, o.arch, _configurations_table(exp), str(exp.path))
+    kwargs = {"output": str(out), "preset": o.preset, "corpus": d.corpus, "data_dir": _data_dir(exp),
+              "epochs": o.epochs, "seed": exp.seeds[0]}
+    if o.arch != spec_default(OriginSpec, "arch"):  # the key of a ctprune origin's job stays what it was
+        kwargs["arch"] = o.arch
+    ex.run([Job("origin model", "train_origin_job", kwargs, gpu=True, output=str(out))])
     return out
 
 

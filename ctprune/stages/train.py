@@ -18,6 +18,7 @@ from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output
 from ctprune.model.checkpoint import is_model_folder, load_model_folder
 from ctprune.model.transformer import PRESETS
+from ctprune.spec import OriginSpec, spec_default
 from ctprune.training.loop import FitResult, Recipe, fit
 
 DEFAULT_VOCAB = {"multi30k": 8000, "synthetic": 1000}
@@ -27,7 +28,7 @@ DEFAULT_VOCAB = {"multi30k": 8000, "synthetic": 1000}
 class TrainArgs:
     output: Path
     preset: str = "seed"
-    arch: str = "ctprune"  # ctprune's Transformer, or a Hugging Face one of the preset's sizes (marian, t5)
+    arch: str = spec_default(OriginSpec, "arch")
     corpus: str = "multi30k"
     data_dir: str | None = None
     vocab_size: int | None = None
