@@ -13,6 +13,7 @@ import ctprune.stages.finetune as finetune_stage
 import ctprune.stages.run as run_stage
 from ctprune.errors import CtpruneError
 from ctprune.experiment import load_experiment
+from ctprune.jobs import check_configurations_early
 from ctprune.protocol import BankCost, Configuration, saving, saving_curve, time_to_target
 from ctprune.pruning.configs import variant_key
 from ctprune.training.loop import read_history
@@ -203,6 +204,10 @@ def test_shipped_examples_load() -> None:
     assert m30k.configurations is not None and len(m30k.configurations.inline or []) == 3
     assert demo.configurations is not None and len(demo.configurations.inline or []) == 8
     assert demo.finetuning.target_bleu == "origin-1" and demo.execution.executor == "local"
+    marian = load_experiment(root / "multi30k-marian.toml")  # its module names are those of a seed-size Marian
+    assert marian.origin.arch == "marian" and marian.configurations is not None
+    check_configurations_early(marian.origin.preset, marian.origin.arch, run_stage._configurations_table(marian),
+                               str(marian.path))
 
 
 def test_run_with_search_picks_configurations_from_a_scored_grid_bank(trained: Path, tmp_path: Path) -> None:
