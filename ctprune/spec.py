@@ -160,6 +160,15 @@ class ExecutionSpec:
                                     "Ray instance on this machine's cores")
     device: str = opt("auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N; resolved inside "
                               "each worker")
+    shards: int | None = opt(None, "block-tuning jobs per bank, each paying its own teacher pass (default: 1 "
+                                   "on one machine, where one job with every thread is faster; one per worker "
+                                   "on a Ray cluster, --ray-address)", low=1)
+
+    def tuning_shards(self, workers: int) -> int:
+        """How many shards block tuning is split into when ``workers`` run the jobs."""
+        if self.shards is not None:
+            return self.shards
+        return workers if self.address is not None else 1
 
     def check(self, where: str) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -10,6 +10,7 @@ import pytest
 from ctprune.cli import build_parser
 from ctprune.errors import CtpruneError
 from ctprune.spec import (
+    ARCHS,
     EXECUTORS,
     KINDS,
     PRESETS,
@@ -39,15 +40,18 @@ def test_cli_defaults_are_the_specs() -> None:
         FinetuningSpec.epochs, FinetuningSpec.lr, FinetuningSpec.target_bleu, FinetuningSpec.budget_epochs)
     assert _defaults("evaluate", "m")["device"] == ExecutionSpec.device
     run = _defaults("run", "e.toml")  # None: the experiment file's [execution], else the spec's
-    assert all(run[k] is None for k in ("executor", "workers", "address", "device"))
+    assert all(run[k] is None for k in ("executor", "workers", "address", "device", "shards"))
+    assert train["arch"] == OriginSpec.arch
 
 
 def test_spec_lists_match_the_code() -> None:
+    from ctprune.arch import _REGISTRY as archs
     from ctprune.executors import EXECUTORS as executors
     from ctprune.model.transformer import PRESETS as presets
     from ctprune.pruning.configs import KINDS as kinds
 
     assert set(EXECUTORS) == set(executors) and set(PRESETS) == set(presets) and set(KINDS) == set(kinds)
+    assert set(ARCHS) == set(archs)
 
 
 @pytest.mark.parametrize("cls, table, message", [
@@ -61,6 +65,8 @@ def test_spec_lists_match_the_code() -> None:
     (SearchSpec, {"kinds": ["attention", "mlp"], "flops": 0.5}, "search.kinds must be one of"),
     (SearchSpec, {"grid": [1.5], "flops": 0.5}, "keep ratio must be in (0, 1]"),
     (ExecutionSpec, {"workers": 0}, "execution.workers must be at least 1"),
+    (ExecutionSpec, {"shards": 0}, "execution.shards must be at least 1"),
+    (OriginSpec, {"arch": "bart"}, "origin.arch must be one of"),
     (ExecutionSpec, {"device": "cuda:x"}, "execution.device must be auto, cpu, cuda or cuda:N"),
     (DataSpec, {"corpus": "wmt"}, "data.corpus: unknown corpus 'wmt'"),
 ])
@@ -77,3 +83,9 @@ def test_tables_convert_and_keep_defaults() -> None:
     ft = from_table(FinetuningSpec, {"target_bleu": 30}, "e.toml", "finetuning")
     assert parse_target(ft.target_bleu, "t") == 30.0 and parse_target("origin - 1.5", "t") == "origin-1.5"
     assert parse_target("none", "t") is None
+
+
+def test_tuning_is_one_shard_on_one_machine_and_one_per_worker_on_a_cluster() -> None:
+    assert ExecutionSpec(executor="process", workers=2).tuning_shards(2) == 1
+    assert ExecutionSpec(executor="ray", workers=4, address="head:6379").tuning_shards(4) == 4
+    assert ExecutionSpec(executor="process", workers=2, shards=3).tuning_shards(2) == 3

@@ -168,7 +168,7 @@ def _configurations(r: Run, ex: Executor) -> tuple[dict[str, Any], float]:
     ex.run([r.job("grid plan", "grid_plan_job", {"plan_out": str(plan_file), "grid": list(spec.grid),
                                                   "kinds": list(spec.kinds)}, output=str(plan_file))])
     plan = read_json(plan_file, "plan")
-    jobs, _, tuned, _, _ = _bank_jobs(r, plan_file, plan, exp.seeds[0], ex.workers)
+    jobs, _, tuned, _, _ = _bank_jobs(r, plan_file, plan, exp.seeds[0], ex.spec.tuning_shards(ex.workers))
     ex.run(jobs)
     score = r.job("score", "score_job", {"bank": str(tuned), "corpus": d.corpus, "data_dir": r.data_dir,
                                          "bank_variants": sorted(read_json(tuned / "index.json")["variants"])},
@@ -253,7 +253,8 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Any
     jobs: list[Job] = []
     per_seed = []
     for seed in exp.seeds:
-        bank_jobs, pruned, tuned, prune_job, tuned_job = _bank_jobs(r, plan_file, plan, seed, ex.workers)
+        bank_jobs, pruned, tuned, prune_job, tuned_job = _bank_jobs(r, plan_file, plan, seed,
+                                                                    ex.spec.tuning_shards(ex.workers))
         jobs += [j for j in bank_jobs if j.name not in {x.name for x in jobs}]
         per_seed.append((seed, pruned, tuned, prune_job, tuned_job))
     if val_bleu is None:  # a given origin without the record of its training
@@ -305,7 +306,8 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Any
             **read_json(run_dir / "search.json"), "scoring_seconds": scoring_seconds},
         "protocol": {"target": f.target_bleu, "cap_epochs": f.epochs, "budget_epochs": f.budget_epochs,
                      "tuning_epochs": exp.tuning.epochs, "latency_repeats": lat["repeats"]},
-        "execution": {**dataclasses.asdict(spec), "workers": ex.workers, "cores": ex.cores},
+        "execution": {**dataclasses.asdict(spec), "workers": ex.workers, "cores": ex.cores,
+                      "tuning_shards": spec.tuning_shards(ex.workers)},
         "test_splits": tests,
         "origin": {"dir": str(origin), **described["origin"], "val_bleu": round(val_bleu, 2)},
         "bleu_signature": described["bleu_signature"], "chrf_signature": described["chrf_signature"],
