@@ -81,7 +81,8 @@ def _origin(exp: Experiment, run_dir: Path, ex: Executor) -> Path:
         # Banks, finetunings and latencies of the run folder belong to this origin: refuse to
         # reuse it for another [origin] or [data] (the banks would be silently stale).
         hp = read_json(out / "hparams.json", "origin hparams")
-        was = (hp.get("preset"), hp.get("arch", "ctprune"), hp.get("corpus"), (hp.get("recipe") or {}).get("epochs"))
+        arch = hp.get("arch", spec_default(OriginSpec, "arch"))  # origins trained before arch was recorded
+        was = (hp.get("preset"), arch, hp.get("corpus"), (hp.get("recipe") or {}).get("epochs"))
         if was != (o.preset, o.arch, d.corpus, o.epochs):
             raise CtpruneError(f"{run_dir} holds an origin model of preset {was[0]}, architecture {was[1]}, corpus "
                                f"{was[2]}, {was[3]} epochs, but {exp.path} asks for {o.preset}, {o.arch}, {d.corpus}, "
