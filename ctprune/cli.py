@@ -211,11 +211,15 @@ def cmd_finetune(a: argparse.Namespace) -> None:
               f"{r.wall_time_s:.0f}s -> {a.output}")
 
 
+# `run`'s options that override the experiment file's [execution] section: (field, flag).
+RUN_EXECUTION_FLAGS = (("executor", "--executor"), ("workers", "--workers"), ("address", "--ray-address"),
+                       ("device", "--device"), ("shards", "--tuning-shards"))
+
+
 def cmd_run(a: argparse.Namespace) -> None:
     from ctprune.stages.run import run_experiment
 
-    given = {k: getattr(a, k) for k in ("executor", "workers", "address", "device", "shards")
-             if getattr(a, k) is not None}
+    given = {k: getattr(a, k) for k, _ in RUN_EXECUTION_FLAGS if getattr(a, k) is not None}
     run_experiment(Path(a.experiment), Path(a.output) if a.output else None, execution=given)
 
 
@@ -400,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and composed finetuning -> test evaluation -> report; re-run to resume")
     p.add_argument("experiment", help="experiment file, e.g. examples/demo.toml")
     p.add_argument("-o", "--output", default=None, help="run folder (default: runs/EXPERIMENT_NAME)")
-    for name, flag in (("executor", "--executor"), ("workers", "--workers"), ("address", "--ray-address"),
-                       ("device", "--device"), ("shards", "--tuning-shards")):
+    for name, flag in RUN_EXECUTION_FLAGS:
         default = spec_default(ExecutionSpec, name)
         fallback = f", else {default}" if default is not None else ""
         add_option(p, ExecutionSpec, name, flag, default=None,  # %(default).0s: no "(default: None)"
