@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ctprune.fileio import write_json
+from ctprune.spec import SearchSpec, add_option
 from ctprune.stages.prune import prune
 from ctprune.stages.score import score_bank
 from ctprune.stages.search import SearchArgs, parse_budget, search
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--flops", default="0.6")
     ap.add_argument("-k", type=int, default=16)
     ap.add_argument("--min-distance", type=int, default=2)
+    add_option(ap, SearchSpec, "objective")
     ap.add_argument("--random", type=int, default=16)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=4096)
@@ -67,12 +69,14 @@ def main() -> None:
                    max_tokens=a.max_tokens, latency=True, latency_repeats=a.latency_repeats, **data)
     args = SearchArgs(model=model, bank=work / "tuned", output=work / "conf.json",
                       budgets=(parse_budget("flops", a.flops),), k=a.k, min_distance=a.min_distance,
+                      objective=a.objective,
                       corpus=a.corpus, data_dir=a.data_dir, batches=a.batches, max_tokens=a.max_tokens)
     problem, report = timed("search_call_s", times, search, args)
     v = timed("verify_s", times, verify, problem, report, n_random=a.random, sentences=a.verify_sentences)
     result = {
         "model": str(model), "corpus": a.corpus, "grid": a.grid, "tune_epochs": a.tune_epochs,
         "variants": len(scores["variants"]), "slots": report["slots"], "budget_flops": a.flops,
+        "objective": a.objective,
         "scoring_s": scores["wall_time_s"], "scored": scores["scored"],
         "latency_measure_s": scores.get("latency", {}).get("wall_time_s"),
         "solver_s": report["solver"]["total_s"], "found": report["solver"]["found"],
@@ -85,7 +89,8 @@ def main() -> None:
     }
     print(json.dumps(result))
     print(f"search: {result['variants']} variants scored in {result['scoring_s']:.1f}s; "
-          f"{result['found']} configurations at FLOPs <= {a.flops} in {result['solver_s']:.2f}s of solver; "
+          f"{result['found']} configurations at FLOPs <= {a.flops} ({a.objective}) in "
+          f"{result['solver_s']:.2f}s of solver; "
           f"Spearman(estimate, val loss) {result['spearman_found']} (found), {result['spearman_all']} "
           f"(found+random); val BLEU before finetuning: best found {result['best_found_val_bleu']}, "
           f"random best {result['random_best_val_bleu']} / median {result['random_median_val_bleu']} "

@@ -14,6 +14,7 @@ from ctprune.spec import (
     ExecutionSpec,
     FinetuningSpec,
     OriginSpec,
+    SearchSpec,
     TuningSpec,
     add_option,
     check_option,
@@ -341,11 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ("latency", "latency (needs `ctprune score --latency`)", "12ms")):
         p.add_argument(f"--{r}", default=None, metavar="B",
                        help=f"budget on {what}: a fraction of the origin (0.6, 60%%) or absolute ({example})")
-    p.add_argument("-k", type=int, default=16, help="number of configurations")
-    p.add_argument("--min-distance", type=int, default=2, help="each pair differs in at least this many slots")
-    p.add_argument("--objective", choices=("kl", "loss"), default="kl",
-                   help="variant score to sum: KL to the origin, or the increase of val loss")
-    p.add_argument("--time-limit", type=float, default=10.0, help="solver seconds per configuration")
+    add_option(p, SearchSpec, "k", "-k")
+    for name in ("min_distance", "objective", "time_limit"):
+        add_option(p, SearchSpec, name)
     _data_options(p)
     _subset_options(p)
     # The validation subset defaults to the one the bank was scored on (its fingerprint is checked).

@@ -251,8 +251,8 @@ def search_job(origin: str, bank: str, conf_out: str, search: dict[str, Any], co
 
     budgets = tuple(parse_budget(r, search[r]) for r in ("flops", "params") if search.get(r) is not None)
     _, found = solve(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(conf_out), budgets=budgets,
-                                k=search["k"], min_distance=search["min_distance"], corpus=corpus,
-                                data_dir=data_dir))
+                                k=search["k"], min_distance=search["min_distance"], objective=search["objective"],
+                                time_limit=search["time_limit"], corpus=corpus, data_dir=data_dir))
     return {"found": len(found["configurations"]), "solver_s": found["solver"]["total_s"]}
 
 

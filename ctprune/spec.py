@@ -93,6 +93,9 @@ class ConfigurationsSpec:
                 _keep_ratio(r, f"{where}: configurations.{name}")
 
 
+OBJECTIVES = ("kl", "loss")  # the variant scores `ctprune score` stores
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     """[search] (instead of [configurations]): a grid bank is pruned, tuned and scored, and
@@ -104,6 +107,9 @@ class SearchSpec:
     params: str | None = opt(None, "parameter budget: a fraction of the origin or absolute (10M)")
     k: int = opt(16, "number of configurations", low=1)
     min_distance: int = opt(2, "each pair of configurations differs in at least this many slots", low=1)
+    objective: str = opt("kl", "variant score the solver sums: kl (KL divergence to the origin's next-token "
+                               "distribution) or loss (the increase of val loss)", choices=OBJECTIVES)
+    time_limit: float = opt(10.0, "solver seconds per configuration", positive=True)
 
     @property
     def budgets(self) -> tuple[tuple[str, str], ...]:

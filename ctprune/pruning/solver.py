@@ -59,11 +59,13 @@ def feasible(choices: list[int] | tuple[int, ...], slot: np.ndarray, costs: np.n
 
 
 def solve(score: np.ndarray, slot: np.ndarray, costs: np.ndarray, limits: np.ndarray, k: int = 1,
-          min_distance: int = 1, time_limit: float = 10.0) -> list[Solution]:
+          min_distance: int = 1, time_limit: float = 10.0, presolve: bool = False) -> list[Solution]:
     """Up to ``k`` solutions, best first, pairwise differing in at least ``min_distance`` slots.
 
     score (n,) per choice; slot (n,) ints in [0, S); costs (R, n); limits (R,). Fewer than ``k``
-    come back when no further feasible point exists (or the time limit finds none)."""
+    come back when no further feasible point exists (or the time limit finds none). HiGHS's
+    presolve is off by default: on these small one-hot problems it only costs time
+    (benchmarks/solver_time.py)."""
     n = len(score)
     n_slots = int(slot.max()) + 1 if n else 0
     if k < 1 or not 1 <= min_distance <= max(n_slots, 1):
@@ -83,7 +85,7 @@ def solve(score: np.ndarray, slot: np.ndarray, costs: np.ndarray, limits: np.nda
         t0 = time.perf_counter()
         with _quiet_stdout():
             res = milp(score, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=rows,
-                       options={"time_limit": time_limit, "disp": False})
+                       options={"time_limit": time_limit, "disp": False, "presolve": presolve})
         seconds = time.perf_counter() - t0
         if res.x is None:
             break

@@ -32,10 +32,10 @@ from ctprune.pruning.bank import check_bank_model, load_index, load_variant
 from ctprune.pruning.configs import Configuration, model_fingerprint, prunable_modules
 from ctprune.pruning.solver import feasible, smallest_reachable, solve
 from ctprune.pruning.surgery import swapped
+from ctprune.spec import OBJECTIVES, SearchSpec, spec_default
 from ctprune.stages.score import validation_subset, variant_digest
 
 RESOURCES = ("params", "flops", "latency")
-OBJECTIVES = ("kl", "loss")
 _SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
 
 
@@ -161,10 +161,10 @@ class SearchArgs:
     bank: Path
     output: Path
     budgets: tuple[Budget, ...]
-    k: int = 16
-    min_distance: int = 2
-    objective: str = "kl"
-    time_limit: float = 10.0
+    k: int = spec_default(SearchSpec, "k")
+    min_distance: int = spec_default(SearchSpec, "min_distance")
+    objective: str = spec_default(SearchSpec, "objective")
+    time_limit: float = spec_default(SearchSpec, "time_limit")
     # The validation subset; None: the one the bank was scored on (its fingerprint is checked).
     corpus: str | None = None
     data_dir: str | None = None
