@@ -224,6 +224,7 @@ kinds = ["attention"]
 flops = 0.9
 k = 2
 min_distance = 1
+objective = "loss"
 [tuning]
 epochs = 1
 lr = 2e-3
@@ -239,6 +240,7 @@ target_bleu = "origin-20"
     found = json.loads((run_dir / "search.json").read_text())
     assert len(confs) == 2 and confs != [confs[0]] * 2
     assert all(c["flops_fraction"] <= 0.9 for c in found["configurations"])
+    assert found["objective"] == "loss"  # [search] reaches the solver
     run = summary["runs"][0]
     tuning = json.loads((run_dir / run["tuned_bank"] / "index.json").read_text())
     assert len(tuning["variants"]) == 6 and "scores" in tuning  # every attention block at 0.5, scored
