@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ctprune.fileio import write_json
 from ctprune.pruning.solver import solve
+from ctprune.spec import SearchSpec, add_option
 from ctprune.stages.search import SearchArgs, parse_budget, prepare
 
 
@@ -25,8 +26,8 @@ def main() -> None:
     ap.add_argument("--bank", type=Path, required=True, help="a scored bank (ctprune score)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--flops", default="0.6")
-    ap.add_argument("-k", type=int, default=16)
-    ap.add_argument("--min-distance", type=int, default=2)
+    add_option(ap, SearchSpec, "k", "-k")
+    add_option(ap, SearchSpec, "min_distance")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--output", type=Path, default=None, help="write the results here as JSON")
     a = ap.parse_args()

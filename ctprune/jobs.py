@@ -25,6 +25,7 @@ from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import read_json, write_json
 from ctprune.pruning.configs import fingerprint, variant_ids, variant_key
+from ctprune.spec import OriginSpec, spec_default
 
 RECORDS = "jobs"
 LATENCY_REPEATS = 5  # interleaved rounds; the median is reported with the spread
@@ -115,7 +116,7 @@ def run_job(job: Job, run_dir: str, threads: int | None, device: str) -> dict[st
 
 
 def train_origin_job(output: str, preset: str, corpus: str, data_dir: str | None, epochs: int, seed: int,
-                     device: str, arch: str = "ctprune") -> dict[str, Any]:
+                     device: str, arch: str = spec_default(OriginSpec, "arch")) -> dict[str, Any]:
     """The origin model (ctprune's Transformer or a Hugging Face ``arch``): trained (or resumed) into ``output``."""
     from ctprune.stages.train import TrainArgs, train_origin
     from ctprune.training.loop import has_training_run, preset_recipe

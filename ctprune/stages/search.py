@@ -32,7 +32,7 @@ from ctprune.pruning.bank import check_bank_model, load_index, load_variant
 from ctprune.pruning.configs import Configuration, model_fingerprint, prunable_modules
 from ctprune.pruning.solver import feasible, smallest_reachable, solve
 from ctprune.pruning.surgery import swapped
-from ctprune.spec import OBJECTIVES, SearchSpec, spec_default
+from ctprune.spec import SearchSpec, check_option, spec_default
 from ctprune.stages.score import validation_subset, variant_digest
 
 RESOURCES = ("params", "flops", "latency")
@@ -176,14 +176,9 @@ class SearchArgs:
             raise CtpruneError("give at least one budget: --flops F, --params P or --latency L")
         if len({b.resource for b in self.budgets}) != len(self.budgets):
             raise CtpruneError("give each of --flops, --params, --latency at most once")
-        if self.k < 1:
-            raise CtpruneError(f"-k must be at least 1, got {self.k}")
-        if self.min_distance < 1:
-            raise CtpruneError(f"--min-distance must be at least 1, got {self.min_distance}")
-        if self.objective not in OBJECTIVES:
-            raise CtpruneError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if not self.time_limit > 0:
-            raise CtpruneError(f"--time-limit must be positive, got {self.time_limit}")
+        for name, flag in (("k", "-k"), ("min_distance", "--min-distance"), ("objective", "--objective"),
+                           ("time_limit", "--time-limit")):
+            check_option(SearchSpec, name, getattr(self, name), flag)
 
 
 @dataclass
