@@ -294,7 +294,8 @@ def add_option(parser: argparse.ArgumentParser, cls: type, name: str, *flags: st
     spec field ``cls.name``; ``overrides`` change what the command needs changed (e.g. ``help``)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     t = typing.get_type_hints(cls)[name]
-    base = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+    union = typing.get_origin(t) in (typing.Union, types.UnionType)
+    base = [a for a in typing.get_args(t) if a is not type(None)] if union else [t]
     kw: dict[str, Any] = {"default": spec_default(cls, name), "help": f.metadata["help"]}
     if typing.get_origin(base[0]) is tuple:
         kw.update(nargs="+", type=typing.get_args(base[0])[0], default=list(kw["default"] or []) or None)

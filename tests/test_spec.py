@@ -89,3 +89,21 @@ def test_tuning_is_one_shard_on_one_machine_and_one_per_worker_on_a_cluster() ->
     assert ExecutionSpec(executor="process", workers=2).tuning_shards(2) == 1
     assert ExecutionSpec(executor="ray", workers=4, address="head:6379").tuning_shards(4) == 4
     assert ExecutionSpec(executor="process", workers=2, shards=3).tuning_shards(2) == 3
+
+
+def test_add_option_takes_a_tuple_field_as_several_values_and_an_optional_as_its_type() -> None:
+    import argparse
+
+    from ctprune.spec import add_option
+
+    ap = argparse.ArgumentParser()
+    add_option(ap, SearchSpec, "grid")
+    add_option(ap, SearchSpec, "kinds")
+    add_option(ap, SearchSpec, "k", "-k")
+    add_option(ap, ExecutionSpec, "shards")
+    a = ap.parse_args(["--grid", "0.5", "0.25", "--kinds", "ffn", "-k", "3", "--shards", "2"])
+    assert (a.grid, a.kinds, a.k, a.shards) == ([0.5, 0.25], ["ffn"], 3, 2)
+    d = ap.parse_args([])
+    assert (tuple(d.grid), tuple(d.kinds), d.k, d.shards) == (SearchSpec.grid, SearchSpec.kinds, SearchSpec.k, None)
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--kinds", "mlp"])
