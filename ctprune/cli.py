@@ -311,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of a plan: every prunable module at this keep ratio")
     p.add_argument("--grid", type=float, nargs="+", default=None, metavar="R",
                    help="instead of a plan: a grid bank, every prunable module of --kinds at every ratio")
-    p.add_argument("--kinds", nargs="+", choices=("attention", "ffn", "linear"), default=["attention", "ffn"],
-                   help="module kinds of a --grid bank (attention and FFN blocks bring real speed)")
+    add_option(p, SearchSpec, "kinds", help="module kinds of a --grid bank (attention and FFN blocks bring real speed)")
     p.add_argument("--criterion", choices=("original", "l1", "activation"), default="original",
                    help="head/neuron importance: original = |sum of q,k,v weights| (FFN: L1), "
                         "l1 = weight L1 norm, activation = output magnitude on training batches")

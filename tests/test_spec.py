@@ -35,6 +35,8 @@ def test_cli_defaults_are_the_specs() -> None:
                                                                    DataSpec.corpus)
     tune = _defaults("tune-blocks", "m", "--bank", "b", "-o", "x")
     assert (tune["epochs"], tune["lr"], tune["patience"]) == (TuningSpec.epochs, TuningSpec.lr, TuningSpec.patience)
+    assert tuple(_defaults("prune", "m", "--grid", "0.5", "-o", "x")["kinds"]) == SearchSpec.kinds
+    assert _defaults("prune", "m", "--grid", "0.5", "--kinds", "ffn", "linear", "-o", "x")["kinds"] == ["ffn", "linear"]
     ft = _defaults("finetune", "m", "--bank", "b", "-c", "c", "-n", "0", "-o", "x")
     assert (ft["epochs"], ft["lr"], ft["target_bleu"], ft["budget_epochs"]) == (
         FinetuningSpec.epochs, FinetuningSpec.lr, FinetuningSpec.target_bleu, FinetuningSpec.budget_epochs)
