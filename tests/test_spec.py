@@ -3,6 +3,7 @@ registries, and a TOML table is checked by type and range with file, section and
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -20,6 +21,7 @@ from ctprune.spec import (
     OriginSpec,
     SearchSpec,
     TuningSpec,
+    add_option,
     from_table,
     parse_target,
 )
@@ -94,10 +96,6 @@ def test_tuning_is_one_shard_on_one_machine_and_one_per_worker_on_a_cluster() ->
 
 
 def test_add_option_takes_a_tuple_field_as_several_values_and_an_optional_as_its_type() -> None:
-    import argparse
-
-    from ctprune.spec import add_option
-
     ap = argparse.ArgumentParser()
     add_option(ap, SearchSpec, "grid")
     add_option(ap, SearchSpec, "kinds")
