@@ -1,7 +1,8 @@
 """The search's solver time on a scored bank: ``-k`` diverse configurations under a FLOPs budget,
-solved ``--repeats`` times with HiGHS's presolve off (ctprune's default) and on, interleaved, so
-that both see the same machine. The problem is built once (``ctprune search``'s own preparation);
-only ``solve`` is timed. Usage (the bank of benchmarks/search.py):
+solved ``--repeats`` times with ctprune's HiGHS settings (presolve on, the feasibility-jump, RINS
+and RENS heuristics off), with presolve off, with the heuristics back on (HiGHS's defaults), and
+with both changed, interleaved, so that all see the same machine. The problem is built once
+(``ctprune search``'s own preparation); only ``solve`` is timed. Usage (the bank of benchmarks/search.py):
     python benchmarks/solver_time.py runs/multi30k/origin --bank runs/search-m30k/tuned \
         --data-dir DIR --output benchmarks/results/multi30k/solver-time.json
 """
@@ -34,24 +35,25 @@ def main() -> None:
     p = prepare(SearchArgs(model=a.model, bank=a.bank, output=Path("unused.json"),
                            budgets=(parse_budget("flops", a.flops),), data_dir=a.data_dir))
     score, slot, costs = p.arrays()
-    seconds: dict[str, list[float]] = {"presolve off": [], "presolve on": []}
-    objectives: dict[str, list[float]] = {}
+    settings = {"ctprune": {}, "presolve off": {"presolve": False}, "HiGHS defaults": {"heuristics": True},
+                "presolve off, heuristics on": {"presolve": False, "heuristics": True}}
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    solutions: dict[str, list[tuple[int, ...]]] = {}
     for _ in range(a.repeats):
-        for name in seconds:
+        for name, kwargs in settings.items():
             t0 = time.perf_counter()
-            sols = solve(score, slot, costs, p.limits, k=a.k, min_distance=a.min_distance,
-                         presolve=name == "presolve on")
+            sols = solve(score, slot, costs, p.limits, k=a.k, min_distance=a.min_distance, **kwargs)
             seconds[name].append(time.perf_counter() - t0)
-            objectives[name] = [round(s.objective, 6) for s in sols]
+            solutions[name] = [s.choices for s in sols]
     result = {"model": str(a.model), "bank": str(a.bank), "flops": a.flops, "k": a.k, "min_distance": a.min_distance,
               "slots": len(p.choices.slots), "choices": len(score), "repeats": a.repeats,
-              "same_solutions": objectives["presolve off"] == objectives["presolve on"],
-              **{name: {"median_s": round(statistics.median(t), 3), "min_s": round(min(t), 3),
-                        "max_s": round(max(t), 3)} for name, t in seconds.items()}}
+              "same_solutions": all(s == solutions["ctprune"] for s in solutions.values()),
+              "seconds": {name: {"median": round(statistics.median(t), 3), "min": round(min(t), 3),
+                                 "max": round(max(t), 3)} for name, t in seconds.items()}}
     print(json.dumps(result))
     print(f"solver: {a.k} configurations over {result['slots']} slots, median of {a.repeats}: "
-          + ", ".join(f"{name} {r['median_s']:.2f}s ({r['min_s']:.2f}-{r['max_s']:.2f})"
-                      for name, r in result.items() if name.startswith("presolve"))
+          + ", ".join(f"{name} {r['median']:.2f}s ({r['min']:.2f}-{r['max']:.2f})"
+                      for name, r in result["seconds"].items())
           + f"; same solutions {result['same_solutions']}")
     if a.output:
         write_json(a.output, result)

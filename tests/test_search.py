@@ -78,6 +78,15 @@ def test_solver_optimum_equals_brute_force(seed: int, resources: int) -> None:
         assert sum(x != y for x, y in zip(a.choices, b.choices)) >= 2
 
 
+@pytest.mark.filterwarnings("error")  # the HiGHS options solve passes raise no warning either
+@pytest.mark.parametrize("presolve,heuristics", [(True, True), (False, False), (False, True)])
+def test_solver_optimum_is_the_same_whatever_highs_settings(presolve: bool, heuristics: bool) -> None:
+    score, slot, costs, limits = random_instance(7, n_slots=6, resources=2)
+    expected = brute_force(score, slot, costs, limits, k=4, d=2)
+    found = solve(score, slot, costs, limits, k=4, min_distance=2, presolve=presolve, heuristics=heuristics)
+    assert [round(s.objective, 9) for s in found] == [round(v, 9) for v in expected]
+    assert [s.choices for s in found] == [s.choices for s in solve(score, slot, costs, limits, k=4, min_distance=2)]
+
 def test_solver_returns_nothing_when_no_point_is_feasible() -> None:
     score, slot, costs, _ = random_instance(5, n_slots=4, resources=1)
     least = np.array([sum(costs[0][slot == s].min() for s in range(4))])
