@@ -3,8 +3,9 @@ Ray tasks. Every executor starts a job once its dependencies have records, never
 beside an ``exclusive`` job (latency is timed alone), shares the CPU threads out among the jobs
 that run at once (a job alone gets them all; never more threads than cores in use: two processes
 spinning all cores' OpenMP threads ran a tiny training 40-150x slower here), retries a job whose
-worker died, and stops the run at the first job that fails (a bad input's one-line error reaches
-the user as it is).
+worker died (a dead worker breaks its whole pool, so the jobs that shared it rerun one at a time
+and a death is charged only to the job that ran alone), and stops the run at the first job that
+fails (a bad input's one-line error reaches the user as it is).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ctprune.errors import CtpruneError
 from ctprune.jobs import Job, read_record, run_job
 from ctprune.spec import ExecutionSpec
 
-MAX_ATTEMPTS = 3  # a job whose worker dies is run at most this many times
+MAX_ATTEMPTS = 3  # a job whose worker dies (while it runs alone) is run at most this many times
 RETRY = object()  # outcome of a job whose worker died
 
 
@@ -42,6 +43,7 @@ class Executor:
         self.spec, self.run_dir, self.workers = spec, Path(run_dir), spec.workers
         self.cores = cpu_threads()
         self.threads: dict[Any, int] = {}  # running job handle -> its threads
+        self.alone: set[str] = set()  # jobs that shared a broken pool: they rerun one at a time
         if self.workers > self.cores and spec.executor != "local":
             _say(f"{self.workers} workers share {self.cores} CPU thread(s): each job gets one, the cores are "
                  "oversubscribed")
@@ -77,12 +79,14 @@ class Executor:
         pending = [j for j in jobs if j.name not in results]
         running: dict[Any, Job] = {}
         attempts: Counter[str] = Counter()
+        deaths: Counter[str] = Counter()  # the times a job's worker died and no other job's did
         started: dict[str, float] = {}
+        self.alone.clear()
         while pending or running:
             ready = self._ready(pending, running, results, names)
             free = self.cores - sum(self.threads.get(h, 0) for h in running)
             for job in ready:  # at least one thread each (more workers than threads share the cores)
-                threads = max(1, free // len(ready)) if len(running) + len(ready) > 1 or job.exclusive \
+                threads = max(1, free // len(ready)) if len(running) + len(ready) > 1 or self._solo(job) \
                     else self.cores  # a job alone, or exclusive: every thread
                 pending.remove(job)
                 attempts[job.name] += 1
@@ -95,17 +99,26 @@ class Executor:
             if not running:
                 waiting = ", ".join(sorted(j.name for j in pending))
                 raise CtpruneError(f"internal error: jobs wait for jobs that never run: {waiting}")
+            outcomes = []
             for handle, outcome in self._wait(running):
                 job = running.pop(handle)
                 self.threads.pop(handle, None)
                 if outcome is RETRY and (r := read_record(job, self.run_dir)) is not None:
                     outcome = r  # it finished before its pool broke: never run it twice
+                outcomes.append((job, outcome))
+            shared = sum(o is RETRY for _, o in outcomes) > 1  # no telling whose worker died
+            for job, outcome in outcomes:
                 if outcome is RETRY:
-                    if attempts[job.name] >= MAX_ATTEMPTS:
-                        self._abort(running)
-                        raise CtpruneError(f"job {job.name!r}: its worker died {MAX_ATTEMPTS} times")
-                    _say(f"{job.name}: its worker died; retrying")
-                    pending.insert(0, job)
+                    if shared:
+                        self.alone.add(job.name)
+                        _say(f"{job.name}: a worker of its pool died; rerunning it alone")
+                    else:
+                        deaths[job.name] += 1
+                        if deaths[job.name] >= MAX_ATTEMPTS:
+                            self._abort(running)
+                            raise CtpruneError(f"job {job.name!r}: its worker died {MAX_ATTEMPTS} times")
+                        _say(f"{job.name}: its worker died; retrying")
+                    pending.append(job)  # the other pending jobs first
                 elif isinstance(outcome, BaseException):
                     self._abort(running)
                     raise outcome
@@ -114,11 +127,14 @@ class Executor:
                     _say(f"{job.name}: done ({time.perf_counter() - started[job.name]:.0f} s)")
         return results
 
+    def _solo(self, job: Job) -> bool:
+        return job.exclusive or job.name in self.alone
+
     def _ready(self, pending: list[Job], running: dict[Any, Job], results: dict[str, Any],
                names: set[str]) -> list[Job]:
         """The jobs to start now: dependencies done (a dependency outside this graph counts as
-        done), free workers, and nothing beside an exclusive job."""
-        if any(j.exclusive for j in running.values()):
+        done), free workers, and nothing beside an exclusive job or one that reruns alone."""
+        if any(self._solo(j) for j in running.values()):
             return []
         free, out = self.workers - len(running), []
         for job in pending:
@@ -126,7 +142,7 @@ class Executor:
                 break
             if any(d in names and d not in results for d in job.deps):
                 continue
-            if job.exclusive:
+            if self._solo(job):
                 if not running and not out:
                     return [job]
                 continue
