@@ -194,6 +194,9 @@ def test_search_and_verify_from_the_command_line(grid: dict[str, Path], model_fo
     v = report["verify"]
     assert [r["kind"] for r in v["rows"]].count("found") == 3 and v["random"] == 3
     assert all(r["flops_on_model"] <= report["budgets"]["flops"]["limit"] for r in v["rows"])
+    losses = [r["val_loss"] for r in v["rows"][:3]]  # the found ones come first, in the solver's order
+    assert losses[v["lowest_loss_found"]] == min(losses)
+    assert f"lowest measured val loss of the found: configuration {v['lowest_loss_found']} " in printed
 
 
 @pytest.fixture(scope="module")
