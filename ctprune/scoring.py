@@ -1,4 +1,5 @@
-"""sacreBLEU scores on detokenized, cased text (default 13a tokenization), and chrF."""
+"""sacreBLEU scores on detokenized, cased text (default 13a tokenization), chrF, and the rank
+correlation that checks the search's estimate against such measurements."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ from sacrebleu.metrics.base import Score
 # Multi30k's references are tokenized around punctuation ("a dog ."); sacreBLEU's warning that
 # the text looks tokenized is expected here, and the standard 13a tokenization is still applied.
 logging.getLogger("sacrebleu").setLevel(logging.ERROR)
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation, rounded; None for fewer than 3 points or a constant side."""
+    from scipy.stats import spearmanr  # scipy.stats takes a while to import: only here
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return round(float(spearmanr(x, y).statistic), 4)
 
 
 def bleu_score(hyps: list[str], refs: list[str]) -> Score:

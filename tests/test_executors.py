@@ -108,7 +108,8 @@ class _PoolThatBreaksOnBad(Executor):
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__(ExecutionSpec(workers=2), run_dir)
-        self.workers, self.finished, self.n = 2, [], 0
+        self.finished: list[str] = []
+        self.n = 0
 
     def _start(self, job: Job, threads: int) -> int:
         self.n += 1

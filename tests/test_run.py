@@ -16,6 +16,7 @@ from ctprune.experiment import load_experiment
 from ctprune.jobs import check_configurations_early
 from ctprune.protocol import BankCost, Configuration, saving, saving_curve, time_to_target
 from ctprune.pruning.configs import variant_key
+from ctprune.scoring import spearman
 from ctprune.training.loop import read_history
 
 from .conftest import run_cli
@@ -222,7 +223,7 @@ model = "{trained}"
 grid = [0.5]
 kinds = ["attention"]
 flops = 0.9
-k = 2
+k = 3
 min_distance = 1
 objective = "loss"
 [tuning]
@@ -238,7 +239,7 @@ target_bleu = "origin-20"
     summary = json.loads((run_dir / "summary.json").read_text())
     confs = json.loads((run_dir / "conf.json").read_text())
     found = json.loads((run_dir / "search.json").read_text())
-    assert len(confs) == 2 and confs != [confs[0]] * 2
+    assert len(confs) == 3 and len({json.dumps(c, sort_keys=True) for c in confs}) == 3
     assert all(c["flops_fraction"] <= 0.9 for c in found["configurations"])
     assert found["objective"] == "loss"  # [search] reaches the solver
     run = summary["runs"][0]
@@ -247,7 +248,14 @@ target_bleu = "origin-20"
     # the whole grid bank is charged for every k, however few variants the first configurations use
     assert {c["bank_flops"] for c in run["curve"]} == {tuning["tuning"]["train_flops"]}
     assert summary["search"]["scoring_seconds"] > 0
-    assert "Configurations found by `ctprune search`" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "Configurations found by `ctprune search`" in report
+    # the estimate beside each configuration, and its rank correlation with the composed start
+    estimates = [c["estimate"] for c in found["configurations"]]
+    start = [c["composed"]["val_bleu_epoch0"] for c in run["configurations"]]
+    assert "search estimate" in report and f"| {estimates[2]:.4f} |" in report
+    rho = spearman(estimates, start)
+    assert f"val BLEU at epoch 0 (mean over seeds) **{'n/a' if rho is None else rho}" in report
 
 
 KILLED_RUN = """

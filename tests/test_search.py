@@ -87,6 +87,7 @@ def test_solver_optimum_is_the_same_whatever_highs_settings(presolve: bool, heur
     assert [round(s.objective, 9) for s in found] == [round(v, 9) for v in expected]
     assert [s.choices for s in found] == [s.choices for s in solve(score, slot, costs, limits, k=4, min_distance=2)]
 
+
 def test_solver_returns_nothing_when_no_point_is_feasible() -> None:
     score, slot, costs, _ = random_instance(5, n_slots=4, resources=1)
     least = np.array([sum(costs[0][slot == s].min() for s in range(4))])

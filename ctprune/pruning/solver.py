@@ -25,7 +25,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 _STATUS = {0: "optimal", 1: "time limit", 2: "infeasible", 3: "unbounded", 4: "other"}
 # HiGHS's primal heuristics that ``heuristics=False`` switches off. milp passes options it does not
 # know to HiGHS verbatim (with a RuntimeWarning that says so).
-_HEURISTICS = ("mip_heuristic_run_feasibility_jump", "mip_heuristic_run_rins", "mip_heuristic_run_rens")
+_HEURISTIC_OPTIONS = ("mip_heuristic_run_feasibility_jump", "mip_heuristic_run_rins", "mip_heuristic_run_rens")
+PRESOLVE, HEURISTICS = True, False  # solve's defaults (benchmarks/solver_time.py); recorded in search.json
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ def feasible(choices: list[int] | tuple[int, ...], slot: np.ndarray, costs: np.n
 
 
 def solve(score: np.ndarray, slot: np.ndarray, costs: np.ndarray, limits: np.ndarray, k: int = 1,
-          min_distance: int = 1, time_limit: float = 10.0, presolve: bool = True,
-          heuristics: bool = False) -> list[Solution]:
+          min_distance: int = 1, time_limit: float = 10.0, presolve: bool = PRESOLVE,
+          heuristics: bool = HEURISTICS) -> list[Solution]:
     """Up to ``k`` solutions, best first, pairwise differing in at least ``min_distance`` slots.
 
     score (n,) per choice; slot (n,) ints in [0, S); costs (R, n); limits (R,). Fewer than ``k``
@@ -85,7 +86,7 @@ def solve(score: np.ndarray, slot: np.ndarray, costs: np.ndarray, limits: np.nda
         scale = max(float(np.abs(costs[r]).max()), abs(float(limits[r])), 1e-12)
         rows.append(LinearConstraint(costs[r] / scale, -np.inf, limits[r] / scale))
     options = {"time_limit": time_limit, "disp": False, "presolve": presolve,
-               **{name: heuristics for name in _HEURISTICS}}
+               **{name: heuristics for name in _HEURISTIC_OPTIONS}}
     found: list[Solution] = []
     attempts = 0
     while len(found) < k and attempts < k + 20:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ctprune.errors import CtpruneError
 from ctprune.fileio import atomic_write, contained, read_json, write_text
+from ctprune.scoring import spearman
 from ctprune.training.loop import read_history
 
 SIDES = ("baseline", "composed")
@@ -233,11 +234,14 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     doc.h(2, "Configurations")
     doc.p("Architecture of each configuration (the same for both sides and all seeds). Latency: median "
           "ratio to the origin ± spread.")
-    doc.table(["#", "params", "non-zero", "FLOPs/token", "latency vs origin", "modules pruned"],
+    estimates = [c["estimate"] for c in s["search"]["configurations"]] if s.get("search") else None
+    doc.table(["#", "params", "non-zero", "FLOPs/token", "latency vs origin", "modules pruned"]
+              + (["search estimate"] if estimates else []),
               [[i, f"{c['params']:,}", f"{c['nonzero_params']:,}", f"{c['flops_ratio']:.2f}x",
                 "flagged: contradicts FLOPs" if c["latency"]["flagged"]
                 else f"{c['latency']['ratio']:.2f}x ± {c['latency']['spread']:.2f}",
                 sum(1 for r in c["configuration"].values() if r < 1)]
+               + ([f"{estimates[i]:.4f}"] if estimates else [])
                for i, c in enumerate(s["configurations"])])
     doc.p(f"Finetuning results, mean over seeds; epochs to target per seed. Test BLEU after "
           f"{p['budget_epochs']} epoch(s) is the equal-budget comparison.")
@@ -257,6 +261,14 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
         row += [both(lambda x, sp=sp: x["test_bleu_best"][sp]) for sp in splits]
         rows.append(row)
     doc.table(header, rows)
+    if estimates:
+        start = [statistics.mean(r["configurations"][i]["composed"]["val_bleu_epoch0"] for r in runs)
+                 for i in range(len(estimates))]
+        rho = spearman(estimates, start)
+        doc.p("The search's estimate against the composed models before finetuning: Spearman between estimate "
+              f"and val BLEU at epoch 0 (mean over seeds) **{'n/a (fewer than 3, or constant)' if rho is None else rho}"
+              "** over these configurations (near -1: the estimate ranks them; near-optimal configurations lie "
+              "close together, so expect less there than over random ones: `ctprune search --verify`).")
 
     doc.h(2, "Plots")
     for title, path in _plots(run_dir, s):

@@ -30,7 +30,7 @@ from ctprune.model.flops import parameter_counts
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import check_bank_model, load_index, load_variant
 from ctprune.pruning.configs import Configuration, model_fingerprint, prunable_modules
-from ctprune.pruning.solver import feasible, smallest_reachable, solve
+from ctprune.pruning.solver import HEURISTICS, PRESOLVE, feasible, smallest_reachable, solve
 from ctprune.pruning.surgery import swapped
 from ctprune.spec import SearchSpec, check_option, spec_default
 from ctprune.stages.score import validation_subset, variant_digest
@@ -282,6 +282,7 @@ def search(a: SearchArgs) -> tuple[Problem, dict[str, Any]]:
         "params_counted": "non-zero parameters",
         "slots": len(p.choices.slots), "choices": len(p.choices.slot),
         "solver": {"name": "scipy.optimize.milp (HiGHS)", "time_limit_s": a.time_limit,
+                   "highs_presolve": PRESOLVE, "highs_heuristics": HEURISTICS,
                    "total_s": round(solver_s, 4), "found": len(solutions)},
         "configurations": [{**p.describe(s.choices), "status": s.status, "solver_s": round(s.seconds, 4),
                             "configuration": c} for s, c in zip(solutions, confs)],

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from ctprune.arch import arch_of
 from ctprune.data.batching import Batch, TokenizedSplit
@@ -25,7 +24,7 @@ from ctprune.model.decode import translate
 from ctprune.model.flops import parameter_counts
 from ctprune.pruning.bank import compose
 from ctprune.pruning.solver import feasible
-from ctprune.scoring import bleu_score
+from ctprune.scoring import bleu_score, spearman
 from ctprune.stages.search import Problem, search_json_path
 
 
@@ -55,12 +54,6 @@ def val_loss(model: torch.nn.Module, batches: list[Batch]) -> float:
         total += float(torch.nn.functional.cross_entropy(logits, b.tgt_out[real], reduction="sum"))
         tokens += int(real.sum())
     return total / max(tokens, 1)
-
-
-def _spearman(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
-        return None
-    return round(float(spearmanr(x, y).statistic), 4)
 
 
 def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
@@ -94,8 +87,8 @@ def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
     result: dict[str, Any] = {
         "corpus": a.corpus, "split": default_splits(a.corpus)[1], "bleu_sentences": len(src),
         "origin": origin_row, "rows": rows, "wall_time_s": round(time.perf_counter() - t0, 2),
-        "spearman_found": _spearman([r["estimate"] for r in mine], [r["val_loss"] for r in mine]),
-        "spearman_all": _spearman([r["estimate"] for r in rows], [r["val_loss"] for r in rows]),
+        "spearman_found": spearman([r["estimate"] for r in mine], [r["val_loss"] for r in mine]),
+        "spearman_all": spearman([r["estimate"] for r in rows], [r["val_loss"] for r in rows]),
         "best_found_bleu": mine[0]["val_bleu"], "best_found_loss": mine[0]["val_loss"],
         # The estimate does not rank near-optimal configurations (README): the measured best of them.
         "lowest_loss_found": min(range(len(mine)), key=lambda i: mine[i]["val_loss"]),
