@@ -84,6 +84,7 @@ def main() -> None:
         "latency_measure_s": scores.get("latency", {}).get("wall_time_s"),
         "solver_s": report["solver"]["total_s"], "found": report["solver"]["found"],
         "spearman_found": v["spearman_found"], "spearman_all": v["spearman_all"],
+        "spearman_found_by": v["spearman_found_by"],
         "origin_val_bleu": v["origin"]["val_bleu"], "best_found_val_bleu": v["best_found_bleu"],
         "random_best_val_bleu": v["random_best_bleu"], "random_median_val_bleu": v["random_median_bleu"],
         "best_found_val_loss": v["best_found_loss"], "random_best_val_loss": v["random_best_loss"],
@@ -96,7 +97,9 @@ def main() -> None:
           f"{result['found']} configurations at FLOPs <= {a.flops} ({a.objective}) in "
           f"{result['solver_s']:.2f}s of solver; "
           f"Spearman(estimate, val loss) {result['spearman_found']} (found), {result['spearman_all']} "
-          f"(found+random); val BLEU before finetuning: best found {result['best_found_val_bleu']}, "
+          f"(found+random); within the found by each objective's estimate "
+          + ", ".join(f"{o} {rho}" for o, rho in result["spearman_found_by"].items())
+          + f"; val BLEU before finetuning: best found {result['best_found_val_bleu']}, "
           f"random best {result['random_best_val_bleu']} / median {result['random_median_val_bleu']} "
           f"(origin {result['origin_val_bleu']})")
     if a.output:

@@ -156,7 +156,8 @@ def cmd_search(a: argparse.Namespace) -> None:
     for i, c in enumerate(report["configurations"]):
         costs = "  ".join(f"{r} {c[f'{r}_fraction']:.3f}" for r in ("params", "flops", "latency")
                           if f"{r}_fraction" in c)
-        print(f"{i:>3}  estimate {c['estimate']:.4f}  {costs}  pruned slots {c['pruned_slots']}  "
+        others = "  ".join(f"{o} {e:.4f}" for o, e in c["estimates"].items() if o != a.objective)
+        print(f"{i:>3}  estimate {c['estimate']:.4f} ({others})  {costs}  pruned slots {c['pruned_slots']}  "
               f"{c['status']} {c['solver_s']:.3f}s")
     sv = report["solver"]
     print(f"{sv['found']} configurations (of {a.k} asked) over {report['slots']} slots / "

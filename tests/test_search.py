@@ -195,6 +195,16 @@ def test_search_and_verify_from_the_command_line(grid: dict[str, Path], model_fo
     v = report["verify"]
     assert [r["kind"] for r in v["rows"]].count("found") == 3 and v["random"] == 3
     assert all(r["flops_on_model"] <= report["budgets"]["flops"]["limit"] for r in v["rows"])
+    # both objectives' estimates: each the sum of its variants' scores in the bank
+    index = load_index(grid["bank"])
+    scores, variants = index["scores"], index["variants"]
+    for c in report["configurations"]:
+        taken = [k for k, e in variants.items() if c["configuration"].get(e["module"]) == e["ratio"]]
+        assert c["estimates"]["kl"] == c["estimate"] == pytest.approx(sum(scores["variants"][k]["kl"] for k in taken),
+                                                                      abs=1e-5)
+        assert c["estimates"]["loss"] == pytest.approx(
+            sum(scores["variants"][k]["loss"] - scores["origin"]["loss"] for k in taken), abs=1e-5)
+    assert set(v["spearman_found_by"]) == {"kl", "loss"}
     losses = [r["val_loss"] for r in v["rows"][:3]]  # the found ones come first, in the solver's order
     assert losses[v["lowest_loss_found"]] == min(losses)
     assert f"lowest measured val loss of the found: configuration {v['lowest_loss_found']} " in printed

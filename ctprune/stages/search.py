@@ -32,7 +32,7 @@ from ctprune.pruning.bank import check_bank_model, load_index, load_variant
 from ctprune.pruning.configs import Configuration, model_fingerprint, prunable_modules
 from ctprune.pruning.solver import HEURISTICS, PRESOLVE, feasible, smallest_reachable, solve
 from ctprune.pruning.surgery import swapped
-from ctprune.spec import SearchSpec, check_option, spec_default
+from ctprune.spec import OBJECTIVES, SearchSpec, check_option, spec_default
 from ctprune.stages.score import validation_subset, variant_digest
 
 RESOURCES = ("params", "flops", "latency")
@@ -75,15 +75,22 @@ class Choices:
     """Flat arrays over every (slot, choice): what the solver sees, plus what each choice means."""
 
     slots: list[str]
+    objective: str
     slot: list[int] = field(default_factory=list)
     parts: list[Configuration] = field(default_factory=list)  # {} = untouched
-    score: list[float] = field(default_factory=list)
+    # Per objective (kl, loss) the estimated damage of each choice; the solver sums the objective's.
+    damage: dict[str, list[float]] = field(default_factory=lambda: {o: [] for o in OBJECTIVES})
     costs: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in RESOURCES})
 
-    def add(self, slot: int, part: Configuration, score: float, costs: dict[str, float]) -> None:
+    @property
+    def score(self) -> list[float]:
+        return self.damage[self.objective]
+
+    def add(self, slot: int, part: Configuration, damage: dict[str, float], costs: dict[str, float]) -> None:
         self.slot.append(slot)
         self.parts.append(part)
-        self.score.append(score)
+        for o in OBJECTIVES:
+            self.damage[o].append(damage.get(o, 0.0))
         for r in RESOURCES:
             self.costs[r].append(costs.get(r, 0.0))
 
@@ -98,7 +105,7 @@ def build_choices(origin: Seq2SeqTransformer, bank: Path, index: dict[str, Any],
     base = {"params": float(origin_nonzero), "flops": float(origin_flops),
             "latency": float(lat["origin_ms"]) if lat else math.nan}
     modules = prunable_modules(origin)
-    per_variant: dict[str, tuple[str, float, float, dict[str, float]]] = {}
+    per_variant: dict[str, tuple[str, float, dict[str, float], dict[str, float]]] = {}
     for key, e in index["variants"].items():
         variant = load_variant(bank, index, key, origin)
         with swapped(origin, e["module"], variant):
@@ -107,15 +114,15 @@ def build_choices(origin: Seq2SeqTransformer, bank: Path, index: dict[str, Any],
         if lat:
             cost["latency"] = float(lat["variants"][key]["delta_ms"])
         s = scores["variants"][key]
-        damage = s["kl"] if objective == "kl" else s["loss"] - scores["origin"]["loss"]
+        damage = {"kl": s["kl"], "loss": s["loss"] - scores["origin"]["loss"]}
         parent = e["module"].rpartition(".")[0]
         slot = parent if modules[e["module"]].kind == "linear" and parent in modules else e["module"]
         per_variant[key] = (slot, e["ratio"], damage, cost)
     slots = list(dict.fromkeys(v[0] for v in per_variant.values()))
     slots.sort(key=list(modules).index)
-    ch = Choices(slots)
+    ch = Choices(slots, objective)
     for i, name in enumerate(slots):
-        ch.add(i, {}, 0.0, {})
+        ch.add(i, {}, {}, {})
         mine = {k: v for k, v in per_variant.items() if v[0] == name}
         for key, (_, ratio, damage, cost) in mine.items():
             ch.add(i, {index["variants"][key]["module"]: ratio}, damage, cost)
@@ -125,7 +132,7 @@ def build_choices(origin: Seq2SeqTransformer, bank: Path, index: dict[str, Any],
             group = [k for k in linears if mine[k][1] == ratio]
             if len(group) > 1:
                 ch.add(i, {index["variants"][k]["module"]: ratio for k in group},
-                       sum(mine[k][2] for k in group),
+                       {o: sum(mine[k][2][o] for k in group) for o in OBJECTIVES},
                        {r: sum(mine[k][3].get(r, 0.0) for k in group) for r in RESOURCES})
     return ch, base
 
@@ -207,7 +214,10 @@ class Problem:
 
     def describe(self, taken: tuple[int, ...] | list[int]) -> dict[str, Any]:
         ch = self.choices
-        out: dict[str, Any] = {"estimate": round(float(sum(ch.score[j] for j in taken)), 6)}
+        out: dict[str, Any] = {"estimate": round(float(sum(ch.score[j] for j in taken)), 6),
+                               # both objectives' sums: the other one ranks a found set better (README)
+                               "estimates": {o: round(float(sum(ch.damage[o][j] for j in taken)), 6)
+                                             for o in OBJECTIVES}}
         for r in RESOURCES:
             if not math.isnan(self.base[r]):
                 value = self.base[r] + sum(ch.costs[r][j] for j in taken)
