@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ctprune.data.batching import pad
+from ctprune.data.batching import Batch, pad
 from ctprune.model.flops import forward_flops
 from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
 from ctprune.training.loop import Recipe, make_optimizer, train_step
@@ -29,12 +29,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-class _Batch:
-    def __init__(self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor) -> None:
-        self.src, self.tgt_in, self.tgt_out = src, tgt_in, tgt_out
-
-
-def multi30k_like_batches(max_tokens: int, n: int, vocab: int, seed: int = 0) -> list[tuple[_Batch, int]]:
+def multi30k_like_batches(max_tokens: int, n: int, vocab: int, seed: int = 0) -> list[tuple[Batch, int]]:
     """Batches with Multi30k's token lengths (sentencepiece 8k: source ~16, target ~15 tokens,
     sd ~5), length-bucketed like the trainer's; returns (batch, forward FLOPs)."""
     rng = random.Random(seed)
@@ -46,7 +41,7 @@ def multi30k_like_batches(max_tokens: int, n: int, vocab: int, seed: int = 0) ->
         b = max(1, max_tokens // (s_len + t_len + 1))
         src = pad([[rng.randrange(4, vocab) for _ in range(s_len)] for _ in range(b)])
         tgt = pad([[2] + [rng.randrange(4, vocab) for _ in range(t_len)] for _ in range(b)])
-        out.append((_Batch(src, tgt[:, :-1], tgt[:, 1:]), b * forward_flops(cfg, s_len, t_len)))
+        out.append((Batch(src, tgt[:, :-1], tgt[:, 1:], torch.arange(b)), b * forward_flops(cfg, s_len, t_len)))
     return out
 
 
