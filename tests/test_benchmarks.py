@@ -1,0 +1,72 @@
+"""The benchmarks that run in seconds at their smallest, run here so that they cannot rot unseen
+(their committed results come from full-size runs; these check only that they run and report)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ctprune.data.corpus import load_split
+from ctprune.stages.prune import prune
+from ctprune.stages.score import score_bank
+
+from .conftest import REPO
+
+
+def run_benchmark(script: str, *args: str) -> list[dict[str, Any]]:
+    """Run benchmarks/SCRIPT; its JSON lines, parsed."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_train_throughput_reports_every_precision_against_its_peak() -> None:
+    lines = run_benchmark("train_throughput.py", "--steps", "1", "--max-tokens", "128")
+    steps = [r for r in lines if "precision" in r]
+    assert [r["precision"] for r in steps] == ["fp32", "bf16"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["fraction_of_peak"] < 2 for r in steps)
+    assert lines[-1]["fastest"] in ("fp32", "bf16")
+
+
+def test_solver_time_compares_the_highs_settings_on_a_scored_bank(tmp_path: Path, model_folder: Path) -> None:
+    prune(model_folder, tmp_path / "bank", grid=[0.25, 0.5])
+    score_bank(model_folder, tmp_path / "bank", corpus="synthetic", batches=1, max_tokens=1024)
+    out = tmp_path / "solver-time.json"
+    lines = run_benchmark("solver_time.py", str(model_folder), "--bank", str(tmp_path / "bank"), "--flops", "0.9",
+                          "-k", "3", "--min-distance", "1", "--repeats", "1", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert lines == [result] and result["same_solutions"] and result["k"] == 3
+    assert set(result["seconds"]) == {"ctprune", "presolve off", "HiGHS defaults", "presolve off, heuristics on"}
+
+
+def multi30k_shaped(folder: Path, sentences: int = 64) -> Path:
+    """A Multi30k-named folder (train, test_2016_flickr) filled with synthetic sentence pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, name in (("train", "train"), ("test", "test_2016_flickr")):
+        data = load_split("synthetic", split)
+        (folder / f"{name}.de").write_text("\n".join(data.src[:sentences]) + "\n")
+        (folder / f"{name}.en").write_text("\n".join(data.tgt[:sentences]) + "\n")
+    return folder
+
+
+def test_pruned_speed_measures_every_composed_model_against_the_origin(tmp_path: Path, model_folder: Path) -> None:
+    data = multi30k_shaped(tmp_path / "data")
+    out = tmp_path / "pruned_speed.json"
+    lines = run_benchmark("pruned_speed.py", str(model_folder), "--data-dir", str(data), "--sentences", "8",
+                          "--single", "2", "--repeats", "1", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert lines == [result] and result["results"][0]["model"] == "origin"
+    smaller = [r for r in result["results"] if r["model"].startswith("heads+ffn")]
+    assert len(smaller) == 3 and all(r["flops_ratio"] < 1 and r["batched_s"] > 0 for r in smaller)
+
+
+def test_tuning_cost_times_joint_and_one_at_a_time_tuning(tmp_path: Path, model_folder: Path) -> None:
+    data = multi30k_shaped(tmp_path / "data")
+    lines = run_benchmark("tuning_cost.py", str(model_folder), "--data-dir", str(data), "--batches", "1",
+                          "--max-tokens", "256", "--experiment", str(REPO / "examples" / "demo.toml"))
+    result = lines[-1]
+    assert result["variants"] == 28 and result["joint_s_per_batch"] > 0 and result["one_at_a_time_s_per_batch"] > 0
