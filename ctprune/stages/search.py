@@ -215,7 +215,7 @@ class Problem:
     def describe(self, taken: tuple[int, ...] | list[int]) -> dict[str, Any]:
         ch = self.choices
         out: dict[str, Any] = {"estimate": round(float(sum(ch.score[j] for j in taken)), 6),
-                               # both objectives' sums: the other one ranks a found set better (README)
+                               # both objectives' sums: the one not minimised may rank a found set (README)
                                "estimates": {o: round(float(sum(ch.damage[o][j] for j in taken)), 6)
                                              for o in OBJECTIVES}}
         for r in RESOURCES:
