@@ -214,10 +214,9 @@ class Problem:
 
     def describe(self, taken: tuple[int, ...] | list[int]) -> dict[str, Any]:
         ch = self.choices
-        out: dict[str, Any] = {"estimate": round(float(sum(ch.score[j] for j in taken)), 6),
-                               # both objectives' sums: the one not minimised may rank a found set (README)
-                               "estimates": {o: round(float(sum(ch.damage[o][j] for j in taken)), 6)
-                                             for o in OBJECTIVES}}
+        # Both objectives' sums: the one not minimised may rank a found set (README).
+        estimates = {o: round(float(sum(ch.damage[o][j] for j in taken)), 6) for o in OBJECTIVES}
+        out: dict[str, Any] = {"estimate": estimates[ch.objective], "estimates": estimates}
         for r in RESOURCES:
             if not math.isnan(self.base[r]):
                 value = self.base[r] + sum(ch.costs[r][j] for j in taken)
