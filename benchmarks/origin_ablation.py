@@ -34,6 +34,19 @@ from ctprune.model.transformer import PRESETS
 from ctprune.training.loop import Recipe, evaluate_loss, make_optimizer, train_step, val_bleu
 
 
+def xavier_init(model: nn.Module, pad_id: int) -> None:
+    """The native model's initialisation before issue 22: Xavier-uniform for every matrix, zero
+    biases, tied embeddings normal(0, d_model^-0.5), the padding row zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+        nn.init.normal_(model.src_embed.weight, std=model.cfg.d_model ** -0.5)
+        model.src_embed.weight[pad_id].zero_()
+
+
 def hf_init(model: nn.Module, pad_id: int, std: float = 0.02) -> None:
     """Hugging Face's Marian initialisation: normal(0, 0.02) for every Linear and Embedding,
     zero biases, the padding row zero."""
@@ -67,9 +80,12 @@ def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
         setattr(obj, name, old)
 
 
-# name -> (architecture, what it changes in the native model or its training path)
+# name -> (architecture, what it changes). Every native variant but "native" starts from the
+# model as it was before issue 22 ("xavier-init") and changes one thing; "hf-init" is the fix,
+# which is what "native" now is.
 VARIANTS: dict[str, tuple[str, str]] = {
-    "native": ("ctprune", "ctprune's Transformer as it is"),
+    "native": ("ctprune", "ctprune's Transformer as it is now (normal(0, 0.02) init)"),
+    "xavier-init": ("ctprune", "the native model before issue 22: Xavier-uniform init, embeddings std d^-0.5"),
     "marian": ("marian", "MarianMTModel of the same sizes (the reference)"),
     "hf-init": ("ctprune", "Hugging Face's init: normal(0, 0.02) for every Linear and Embedding"),
     "no-final-norm": ("ctprune", "no final LayerNorm on encoder and decoder (Marian has none)"),
@@ -93,6 +109,8 @@ def build(variant: str, tok: Any, seed: int) -> tuple[nn.Module, contextlib.Exit
     model = get_arch(arch).from_scratch(PRESETS["seed"], tok)
     parts = {"hf-init", "no-final-norm", "no-act-dropout", "no-gen-bias"}
     chosen = parts if variant == "all" else {variant}
+    if arch == "ctprune" and variant != "native":
+        xavier_init(model, tok.pad_id)
     if "hf-init" in chosen:
         hf_init(model, tok.pad_id)
     if "no-final-norm" in chosen:
