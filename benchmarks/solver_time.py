@@ -42,7 +42,7 @@ def main() -> None:
     for _ in range(a.repeats):
         for name, kwargs in settings.items():
             t0 = time.perf_counter()
-            sols = solve(score, slot, costs, p.limits, k=a.k, min_distance=a.min_distance, **kwargs)
+            sols = solve(score, slot, costs, p.limits[0], k=a.k, min_distance=a.min_distance, **kwargs)
             seconds[name].append(time.perf_counter() - t0)
             solutions[name] = [s.choices for s in sols]
     result = {"model": str(a.model), "bank": str(a.bank), "flops": a.flops, "k": a.k, "min_distance": a.min_distance,

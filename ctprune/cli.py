@@ -72,7 +72,8 @@ def _recipe(a: argparse.Namespace) -> object:
     from ctprune.training.loop import preset_recipe
 
     return preset_recipe(getattr(a, "preset", "seed"), a.recipe, a.precision, epochs=a.epochs, seed=a.seed,
-                         lr=a.lr, max_tokens=a.max_tokens)
+                         lr=a.lr, max_tokens=a.max_tokens, eval_every=getattr(a, "eval_every", None),
+                         select=getattr(a, "select", None))
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -88,6 +89,12 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from ctprune.stages.evaluate import evaluate
 
+    if a.engine == "onnxruntime":
+        from ctprune.serve.ort import evaluate_onnx
+
+        evaluate_onnx(Path(a.model), corpus=a.corpus, split=a.split, data_dir=a.data_dir, beam=a.beam,
+                      output=Path(a.output) if a.output else None)
+        return
     evaluate(Path(a.model), corpus=a.corpus, split=a.split, data_dir=a.data_dir, beam=a.beam,
              device=a.device, output=Path(a.output) if a.output else None)
 
@@ -95,7 +102,18 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 def cmd_translate(a: argparse.Namespace) -> None:
     from ctprune.stages.evaluate import translate_stream
 
+    if a.engine == "onnxruntime":
+        from ctprune.serve.ort import translate_stream_onnx
+
+        translate_stream_onnx(Path(a.model), sys.stdin, sys.stdout, beam=a.beam)
+        return
     translate_stream(Path(a.model), sys.stdin, sys.stdout, beam=a.beam, device=a.device)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from ctprune.serve.export import ExportArgs, export
+
+    export(ExportArgs(model=Path(a.model), output=Path(a.output), format=a.format, quantize=a.quantize))
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
@@ -145,22 +163,28 @@ def cmd_score(a: argparse.Namespace) -> None:
 
 
 def cmd_search(a: argparse.Namespace) -> None:
-    from ctprune.stages.search import SearchArgs, parse_budget, search
+    from ctprune.stages.search import SearchArgs, budget_sweep, describe_table, search
 
-    budgets = tuple(parse_budget(r, getattr(a, r)) for r in ("params", "flops", "latency")
-                    if getattr(a, r) is not None)
+    budgets = budget_sweep({r: getattr(a, r) for r in ("params", "flops", "latency")})
     args = SearchArgs(model=Path(a.model), bank=Path(a.bank), output=Path(a.output), budgets=budgets,
                       k=a.k, min_distance=a.min_distance, objective=a.objective, time_limit=a.time_limit,
                       corpus=a.corpus, data_dir=a.data_dir, batches=a.batches, max_tokens=a.max_tokens)
     problem, report = search(args)
+    for note in report["notes"]:  # fewer than k somewhere: said first
+        print(f"note: {note}")
     for i, c in enumerate(report["configurations"]):
         costs = "  ".join(f"{r} {c[f'{r}_fraction']:.3f}" for r in ("params", "flops", "latency")
                           if f"{r}_fraction" in c)
         others = "  ".join(f"{o} {e:.4f}" for o, e in c["estimates"].items() if o != a.objective)
-        print(f"{i:>3}  estimate {c['estimate']:.4f} ({others})  {costs}  pruned slots {c['pruned_slots']}  "
-              f"{c['status']} {c['solver_s']:.3f}s")
+        print(f"{i:>3}  budget {c['budget']}  estimate {c['estimate']:.4f} ({others})  {costs}  "
+              f"pruned slots {c['pruned_slots']}  {c['status']} {c['solver_s']:.3f}s")
+    for i, s in enumerate(report["sweep"]):
+        u = s["uniform"]
+        print(f"budget {i}: {describe_table(s['budgets'])}: {s['found']} configurations; uniform "
+              + ("out of reach" if u is None else f"at {' / '.join(f'{r:g}' for r in u['ratios'])}, estimate "
+                 f"{u['estimate']:.4f}, flops {u['flops_fraction']:.3f}, params {u['params_fraction']:.3f}"))
     sv = report["solver"]
-    print(f"{sv['found']} configurations (of {a.k} asked) over {report['slots']} slots / "
+    print(f"{sv['found']} configurations (of {a.k} asked per budget) over {report['slots']} slots / "
           f"{report['choices']} choices, solver {sv['total_s']:.3f}s -> {a.output} and "
           f"{Path(a.output).parent / 'search.json'}")
     if a.verify:
@@ -278,11 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
     p.add_argument("-o", "--output", default=None,
                    help="folder for the hypotheses and the JSON report (default: MODEL/eval)")
+    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch: a model folder in PyTorch; onnxruntime: a folder from `ctprune export` (CPU)")
 
     p = add("translate", cmd_translate, "translate German lines from stdin to English on stdout")
     p.add_argument("model", help="model folder")
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     _device_option(p)
+    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch: a model folder in PyTorch; onnxruntime: a folder from `ctprune export` (CPU)")
+
+    p = add("export", cmd_export, "write a model for a serving engine: ONNX encoder + decoder-step graphs "
+                                  "with per-layer key/value sizes, tokenizer, manifest")
+    p.add_argument("model", help="model folder (ctprune's own Transformer)")
+    p.add_argument("--format", default="onnx", help="onnx")
+    p.add_argument("--quantize", default="none", help="none or int8 (ONNX Runtime dynamic, per channel)")
+    p.add_argument("-o", "--output", required=True, help="serving folder to write")
 
     p = add("inspect", cmd_inspect, "list the prunable modules: name, kind, parameters, heads or width")
     p.add_argument("model", help="model folder")
@@ -340,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", required=True, help="bank scored by `ctprune score`")
     for r, what, example in (("params", "non-zero parameters", "10M"), ("flops", "FLOPs per sentence pair", "1.5G"),
                              ("latency", "latency (needs `ctprune score --latency`)", "12ms")):
-        p.add_argument(f"--{r}", default=None, metavar="B",
-                       help=f"budget on {what}: a fraction of the origin (0.6, 60%%) or absolute ({example})")
+        p.add_argument(f"--{r}", default=None, metavar="B", nargs="+",
+                       help=f"budget(s) on {what}: a fraction of the origin (0.6, 60%%) or absolute ({example}); "
+                            "several sweep budgets, k configurations each")
     add_option(p, SearchSpec, "k", "-k")
     for name in ("min_distance", "objective", "time_limit"):
         add_option(p, SearchSpec, name)
@@ -395,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(recipe="finetune", lr=spec_default(FinetuningSpec, "lr"))
     add_option(p, FinetuningSpec, "target_bleu")
     add_option(p, FinetuningSpec, "budget_epochs")
+    add_option(p, FinetuningSpec, "eval_every")
+    add_option(p, FinetuningSpec, "select")
     _device_option(p)
     p.add_argument("-o", "--output", required=True, help="model folder (with --all: a folder of config-I)")
 

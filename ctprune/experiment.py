@@ -2,7 +2,7 @@
 validated on load.
 
     seed = 0   or   seeds = [0, 1, 2]   (tuning and finetuning randomness; one origin model)
-    [data]           corpus = "synthetic" | "multi30k", data_dir = "..." (optional)
+    [data]           corpus = "synthetic" | "multi30k", data_dir = "..." (optional; relative to this file)
     [origin]         preset = "tiny" | "seed", arch = "ctprune" | "marian" | "t5", epochs = 8
                      (or model = "path/to/origin": ctprune's or a Hugging Face folder)
     [configurations] attention = [..], linear = [..], ffn = [..]   (one ratio per configuration)
@@ -20,13 +20,12 @@ section and key named. Every default is the spec's.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ctprune.errors import CtpruneError
-from ctprune.fileio import read_json
+from ctprune.fileio import read_json, read_toml
 from ctprune.spec import (
     PRESETS,
     ConfigurationsSpec,
@@ -61,6 +60,13 @@ class Experiment:
     @property
     def origin_model(self) -> Path | None:
         return None if self.origin.model is None else self.path.parent / self.origin.model
+
+    @property
+    def data_dir(self) -> Path | None:
+        """[data] data_dir, relative to the experiment file like every path it names (None: the
+        environment's or the download cache's folder)."""
+        d = self.data.data_dir
+        return None if d is None else self.path.parent / Path(d).expanduser()
 
     @property
     def conf_file(self) -> Path | None:
@@ -98,14 +104,7 @@ class Experiment:
 
 def load_experiment(path: Path) -> Experiment:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CtpruneError(f"experiment file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise CtpruneError(f"{path} is not valid TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise CtpruneError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    raw = read_toml(path, "experiment file")  # bounded in size and depth
     allowed = {"seed", "seeds", *SECTIONS}
     unknown = sorted(set(raw) - allowed)
     if unknown:

@@ -1,18 +1,31 @@
 """Files, safely: atomic writes (a file has its full new content or its old one, never half),
 crash-consistent multi-file commits (``commit_dir``), JSON that refuses duplicate keys, size +
 SHA-256 records checked on read, paths from files kept inside their folder (``contained``),
-and outputs that never touch an input (``check_output``, ``check_existing``)."""
+outputs that never touch an input (``check_output``, ``check_existing``) nor go through a
+symlink, and one writer per output (``locked``). Every metadata read (JSON, TOML, text) is bounded
+in size (``MAX_METADATA_BYTES``) and nesting (``MAX_NESTING``) before it is parsed or walked."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+# Metadata (indexes, configs, plans, records, histories, experiment files) is small: the largest a
+# Multi30k run writes is a grid bank's index.json at well under 1 MB. A file past this is refused
+# before it is read (a sparse 1 GB index.json once cost 2.3 GB of memory).
+MAX_METADATA_BYTES = 16 * 2**20
+# Metadata nests a few levels (index -> variants -> entry -> provenance); deeper is refused before
+# any code walks it (100k levels ended in RecursionError tracebacks).
+MAX_NESTING = 32
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -41,9 +54,39 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path, what: str = "file") -> Any:
-    """Read JSON; a missing, unreadable or malformed file (also: a key given twice in one object)
-    is a CtpruneError naming the path."""
+    """Read JSON; a missing, unreadable, oversized, too deeply nested or malformed file (also: a
+    key given twice in one object) is a CtpruneError naming the path."""
     return parse_json(read_text(path, what), f"{what} {path}")
+
+
+def read_toml(path: Path, what: str = "file") -> dict[str, Any]:
+    """Read TOML with the same bounds and one-line errors as ``read_json``."""
+    from ctprune.errors import CtpruneError
+
+    source = f"{what} {path}"
+    try:
+        obj = tomllib.loads(read_text(path, what))
+    except tomllib.TOMLDecodeError as e:
+        raise CtpruneError(f"{source} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise CtpruneError(f"{source} nests deeper than {MAX_NESTING} levels") from None
+    check_nesting(obj, source)
+    return obj
+
+
+def check_nesting(obj: Any, source: str) -> None:
+    """Refuse an object nested deeper than ``MAX_NESTING`` lists/tables (walked without recursion)."""
+    from ctprune.errors import CtpruneError
+
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_NESTING:
+                    raise CtpruneError(f"{source} nests deeper than {MAX_NESTING} levels")
+                stack.append((child, depth + 1))
 
 class _DuplicateKey(ValueError):
     pass
@@ -63,19 +106,36 @@ def parse_json(text: str, source: str) -> Any:
     from ctprune.errors import CtpruneError
 
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as e:
-        raise CtpruneError(f"{source}: key {e.args[0]!r} appears twice in one object") from None
-    except (json.JSONDecodeError, RecursionError) as e:
+        raise CtpruneError(f"{source}: key {_short(e.args[0])} appears twice in one object") from None
+    except json.JSONDecodeError as e:
         raise CtpruneError(f"{source} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CtpruneError(f"{source} nests deeper than {MAX_NESTING} levels") from None
+    check_nesting(obj, source)
+    return obj
 
 
-def read_text(path: Path, what: str = "file") -> str:
-    """A UTF-8 text file; missing, unreadable or not UTF-8 is a CtpruneError naming the path."""
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for a message that must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_text(path: Path, what: str = "file", limit: int = MAX_METADATA_BYTES) -> str:
+    """A UTF-8 text file of at most ``limit`` bytes; missing, unreadable, larger or not UTF-8 is a
+    CtpruneError naming the path. The size is checked before reading."""
     from ctprune.errors import CtpruneError
 
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(limit + 1) if size <= limit else b""
+        if size > limit or len(data) > limit:
+            raise CtpruneError(f"{what} {path} is larger than {limit / 2**20:g} MB, the most ctprune reads "
+                               "of a metadata file")
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise CtpruneError(f"{what} not found: {path}") from None
     except IsADirectoryError:
@@ -168,7 +228,47 @@ def check_output(output: Path, inputs: dict[str, Any], may_be_inside: tuple[str,
             continue
         raise CtpruneError(f"output {output} {rel} the {name} {path}; an input is never overwritten, "
                            "choose another -o")
+    if output.is_symlink():
+        raise CtpruneError(f"output {output} is a symlink; ctprune never writes through one, choose another -o")
     return output
+
+
+def refuse_symlinks(folder: Path, what: str, own_links: tuple[str, ...] = ()) -> None:
+    """Refuse a folder that holds a symlink anywhere inside (a copy would follow it: a link to /
+    would copy the filesystem; a write into a linked subfolder would land outside). ``own_links``:
+    names of top-level links the command itself made (``commit_dir``'s)."""
+    from ctprune.errors import CtpruneError
+
+    for root, dirs, files in os.walk(folder):  # never descends into linked folders
+        for name in dirs + files:
+            own = Path(root) == Path(folder) and name.startswith(own_links) if own_links else False
+            if (Path(root) / name).is_symlink() and not own:
+                raise CtpruneError(f"{what} {folder} holds a symlink {Path(root, name).relative_to(folder)}; "
+                                   "it may hold only plain files and folders")
+
+
+@contextlib.contextmanager
+def locked(output: Path, command: str) -> Iterator[None]:
+    """One writer per output: an exclusive lock on the file ``.NAME.lock`` beside ``output`` (beside,
+    so that the output itself can still be renamed into place whole), held for the block. A second
+    ``command`` on the same output is refused at once."""
+    from ctprune.errors import CtpruneError
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock = output.parent / f".{output.name}.lock"
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise CtpruneError(f"cannot take the lock {lock} ({e.strerror}); it must be a plain file") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CtpruneError(f"another `ctprune {command}` is writing {output}; wait for it or stop it") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_existing(output: Path, is_own: Callable[[Path], bool], kind: str) -> None:

@@ -1,16 +1,21 @@
 """Jobs: every unit of work of `ctprune run` as a function of input paths and options that writes
 one output (a folder, or a file of the run folder), resumable, and returns a small JSON result.
 
-A ``Job`` names one such function call. Its fingerprint (``key``) covers the function and its
-arguments; when the job ends, ``run_job`` writes ``RUN_DIR/jobs/NAME-KEY.json`` with the result,
-last, so a job with a record is complete and is skipped, and a job without one is (re)run, its
-function resuming whatever part of its output was committed. The executors (ctprune/executors.py)
+A ``Job`` names one such function call. Its fingerprint (``key``) covers the function, its
+arguments and the content of what its paths hold (``context``: the origin's and the data files'
+fingerprints); when the job ends, ``run_job`` writes ``RUN_DIR/jobs/NAME-KEY.json`` with the
+result and a SHA-256 of the record, last, so a job with a valid record is complete and is skipped,
+and a job without one (or with an edited or malformed one) is (re)run, its function resuming
+whatever part of its output was committed. The executors (ctprune/executors.py)
 run a graph of jobs in this process, in worker processes, or as Ray tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import math
 import os
 import re
 import shutil
@@ -23,9 +28,9 @@ from typing import Any
 
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
-from ctprune.fileio import read_json, write_json
+from ctprune.fileio import read_json, write_json, write_text
 from ctprune.pruning.configs import fingerprint, variant_ids, variant_key
-from ctprune.spec import OriginSpec, spec_default
+from ctprune.spec import FinetuningSpec, OriginSpec, spec_default
 
 RECORDS = "jobs"
 LATENCY_REPEATS = 5  # interleaved rounds; the median is reported with the spread
@@ -56,13 +61,68 @@ class Job:
         return Path(run_dir) / RECORDS / f"{re.sub(r'[^A-Za-z0-9]+', '-', self.name).strip('-')}-{self.key}.json"
 
 
+def _non_finite(obj: Any, at: str = "") -> str | None:
+    """Where in ``obj`` a float is NaN or infinite (JSON has no such number), else None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return at or "the value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        if (where := _non_finite(v, f"{at}.{k}" if at else str(k))) is not None:
+            return where
+    return None
+
+
+def write_json_strict(path: Path, obj: Any, what: str) -> None:
+    """``write_json`` that refuses NaN and infinities (``json`` writes them as ``NaN`` /
+    ``-Infinity``, which no JSON reader accepts): nothing is written then."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        raise CtpruneError(f"{what} {path}: {_non_finite(obj)} is not a finite number; nothing written") from None
+    write_text(Path(path), text + "\n")
+
+
+def _digest(record: dict[str, Any]) -> str:
+    """SHA-256 of a record without its own ``sha256`` field (canonical JSON)."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def _record_problem(record: Any, job: Job) -> str | None:
+    """Why ``record`` is not a valid record of ``job`` (None: it is)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [k for k in ("key", "result", "sha256") if k not in record]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if record["key"] != job.key:
+        return f"key {str(record['key'])[:16]!r}, not {job.key!r}"
+    if not isinstance(record["result"], dict):
+        return "its result is not a JSON object"
+    try:
+        digest = _digest(record)
+    except ValueError:  # NaN or Infinity, which Python's json reads but no record holds
+        return "a number that is not finite"
+    return None if record["sha256"] == digest else "its content does not match its SHA-256 (edited or damaged)"
+
+
 def read_record(job: Job, run_dir: Path) -> dict[str, Any] | None:
+    """The result of ``job`` when it finished: its record exists, is valid (key, result, SHA-256)
+    and its output exists. A missing or invalid record means the job runs (again): an edited
+    record's numbers never reach the report."""
     path = job.record(run_dir)
     if not path.is_file() or (job.output is not None and not Path(job.output).exists()):
         return None  # not finished, or its output was removed (to redo it)
-    record = read_json(path, "job record")
-    if not isinstance(record, dict) or record.get("key") != job.key or "result" not in record:
-        raise CtpruneError(f"{path} is not the record of job {job.name!r}; remove it to run the job again")
+    try:
+        record = read_json(path, "job record")
+    except CtpruneError as e:
+        problem: str | None = str(e)
+    else:
+        problem = _record_problem(record, job)
+    if problem is not None:
+        print(f"[ctprune run] {job.name}: its record {path.name} is not valid ({problem[:200]}); "
+              "running the job again", flush=True)
+        return None
     return record["result"]
 
 
@@ -105,10 +165,9 @@ def run_job(job: Job, run_dir: str, threads: int | None, device: str) -> dict[st
     finally:
         if timer is not None:
             timer.cancel()  # a kill meant for this job never hits the next one
-    write_json(job.record(Path(run_dir)), {
-        "job": job.name, "key": job.key, "result": result, "deps": list(job.deps), "started": started,
-        "seconds": round(time.time() - started, 3), "pid": os.getpid(),
-        "threads": threads or _torch_threads()})
+    record = {"job": job.name, "key": job.key, "result": result, "deps": list(job.deps), "started": started,
+              "seconds": round(time.time() - started, 3), "pid": os.getpid(), "threads": threads or _torch_threads()}
+    write_json_strict(job.record(Path(run_dir)), {**record, "sha256": _digest(record)}, f"record of job {job.name!r}")
     return result
 
 
@@ -234,12 +293,13 @@ def merge_job(shards: list[list[Any]], bank: str, device: str) -> dict[str, Any]
 
 
 def score_job(origin: str, bank: str, corpus: str, data_dir: str | None, bank_variants: list[str],
-              device: str) -> dict[str, Any]:
+              device: str, latency: bool = False) -> dict[str, Any]:
     """Replace-one-block scores of every variant of ``bank`` (stored in its index; the job's key
-    follows ``bank_variants``, so a grown bank is scored again, reusing the scores it has)."""
+    follows ``bank_variants``, so a grown bank is scored again, reusing the scores it has), with
+    each variant's measured latency when ``latency`` (a latency budget needs it)."""
     from ctprune.stages.score import score_bank
 
-    s = score_bank(Path(origin), Path(bank), corpus=corpus, data_dir=data_dir, device=device)
+    s = score_bank(Path(origin), Path(bank), corpus=corpus, data_dir=data_dir, latency=latency, device=device)
     return {"total_wall_time_s": float(s["total_wall_time_s"]), "subset": s["subset"],
             "digests": {k: v["digest"] for k, v in s["variants"].items()}}
 
@@ -247,10 +307,10 @@ def score_job(origin: str, bank: str, corpus: str, data_dir: str | None, bank_va
 def search_job(origin: str, bank: str, conf_out: str, search: dict[str, Any], corpus: str, data_dir: str | None,
                device: str) -> dict[str, Any]:
     """`ctprune search` on the scored bank: the configuration file and search.json beside it."""
-    from ctprune.stages.search import SearchArgs, parse_budget
+    from ctprune.stages.search import RESOURCES, SearchArgs, budget_sweep
     from ctprune.stages.search import search as solve
 
-    budgets = tuple(parse_budget(r, search[r]) for r in ("flops", "params") if search.get(r) is not None)
+    budgets = budget_sweep({r: search.get(r) for r in RESOURCES})
     _, found = solve(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(conf_out), budgets=budgets,
                                 k=search["k"], min_distance=search["min_distance"], objective=search["objective"],
                                 time_limit=search["time_limit"], corpus=corpus, data_dir=data_dir))
@@ -273,19 +333,23 @@ def _tests(corpus: str, data_dir: str | None, names: list[str]) -> dict[str, Any
 
 def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str, seed: int, target: float | None,
                  epochs: int, budget_epochs: int, lr: float, max_tokens: int, bf16: bool, corpus: str,
-                 data_dir: str | None, tests: list[str], device: str) -> dict[str, Any]:
+                 data_dir: str | None, tests: list[str], device: str,
+                 eval_every: float = spec_default(FinetuningSpec, "eval_every"),
+                 select: str = spec_default(FinetuningSpec, "select")) -> dict[str, Any]:
     """One side of one configuration under the protocol: finetune until the target or the cap of
-    ``epochs`` (at least ``budget_epochs``, kept as epoch-K), then test BLEU before finetuning,
-    at the budget, and of the best model; the time-to-target cost from its history."""
+    ``epochs`` (at least ``budget_epochs``, kept as epoch-K; val BLEU measured every ``eval_every``
+    of an epoch), then test BLEU before finetuning, at the budget, and of the kept model (chosen by
+    ``select``); the time-to-target cost from its history."""
     from ctprune.model.checkpoint import load_model_folder
-    from ctprune.protocol import time_to_target
+    from ctprune.protocol import epoch_of, time_to_target
     from ctprune.pruning.bank import compose
     from ctprune.pruning.configs import load_configurations, prunable_modules
     from ctprune.stages.finetune import finetune
     from ctprune.training.loop import Recipe, has_training_run, read_history
 
     out = Path(output)
-    recipe = Recipe.finetune(epochs=epochs, lr=lr, seed=seed, bf16=bf16, max_tokens=max_tokens)
+    recipe = Recipe.finetune(epochs=epochs, lr=lr, seed=seed, bf16=bf16, max_tokens=max_tokens,
+                             eval_every=eval_every, select=select)
     if not (out / "train_summary.json").exists():
         finetune(Path(origin), Path(bank), Path(conf_file), index, out, recipe, corpus=corpus, data_dir=data_dir,
                  target_bleu=target, resume=has_training_run(out), device=device, min_epochs=budget_epochs,
@@ -296,18 +360,21 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
         dev = resolve_device(device)
         model, tok, _ = load_model_folder(Path(origin), dev)
         conf = load_configurations(Path(conf_file), prunable_modules(model))[index]
-        write_json(metrics, {"test_bleu_epoch0": test_bleu(compose(model, Path(bank), conf).eval(), tok, splits),
-                             "test_bleu_budget": test_bleu(load_model_folder(out / f"epoch-{budget_epochs}", dev)[0],
-                                                           tok, splits),
-                             "test_bleu_best": test_bleu(load_model_folder(out, dev)[0], tok, splits)})
+        write_json_strict(metrics, {
+            "test_bleu_epoch0": test_bleu(compose(model, Path(bank), conf).eval(), tok, splits),
+            "test_bleu_budget": test_bleu(load_model_folder(out / f"epoch-{budget_epochs}", dev)[0], tok, splits),
+            "test_bleu_best": test_bleu(load_model_folder(out, dev)[0], tok, splits)}, "test metrics")
     history = read_history(out / "history.csv")
     ttt = time_to_target(history, target, epochs)
-    by_epoch = {int(r["epoch"]): float(r["val_bleu"]) for r in history}
+    by_epoch = {epoch_of(r): float(r["val_bleu"]) for r in history}
     last = history[-1]
+    kept = read_json(out / "train_summary.json").get("kept")  # None in summaries older than `select`
     return {**read_json(metrics), "epochs_to_target": ttt.epochs, "cost_seconds": ttt.cost.seconds,
             "cost_flops": ttt.cost.flops, "val_bleu_epoch0": by_epoch[0], "val_bleu_budget": by_epoch[budget_epochs],
-            "val_bleu_best": max(by_epoch.values()), "epochs_trained": max(by_epoch),
-            "train_flops": float(last["train_flops"]), "train_seconds": float(last["wall_time_s"])}
+            "val_bleu_best": kept["val_bleu"] if kept else max(by_epoch.values()),  # the kept model's
+            "epochs_trained": max(by_epoch),
+            "train_flops": float(last["train_flops"]), "train_seconds": float(last["wall_time_s"]),
+            **({"kept": kept} if kept is not None else {})}
 
 
 def latencies(models: list[Any], ids: list[list[int]], steps: list[int], repeats: int = 5,
@@ -371,7 +438,7 @@ def latency_job(output: str, origin: str, bank: str, configurations: list[dict[s
                      "flagged": ratio < f - tol or ratio > 1 + tol})
     result = {"configurations": [fingerprint(c) for c in confs], "origin_median_s": round(med[0], 4),
               "repeats": LATENCY_REPEATS, "sentences": len(ids), "rows": rows}
-    write_json(Path(output), result)
+    write_json_strict(Path(output), result, "latency")
     return result
 
 
@@ -412,18 +479,13 @@ def describe_job(origin: str, pruned: str, configurations: list[dict[str, float]
 
 
 def val_bleu_job(origin: str, corpus: str, data_dir: str | None, device: str) -> dict[str, Any]:
-    """The val BLEU (greedy) of a model folder that holds no record of its training."""
+    """The val BLEU (greedy) of the origin on the experiment's own val split (a given origin's
+    ``train_summary.json`` speaks of the corpus it was trained on, which need not be this one)."""
     from ctprune.data.corpus import default_splits, load_split
     from ctprune.model.checkpoint import load_model_folder
     from ctprune.model.decode import translate
     from ctprune.scoring import score
 
-    model, tok, _ = load_model_folder(Path(origin))
+    model, tok, _ = load_model_folder(Path(origin), resolve_device(device))
     val = load_split(corpus, default_splits(corpus)[1], data_dir)
     return {"val_bleu": score(translate(model, tok, val.src), val.tgt).bleu}
-
-
-def origin_val_bleu(origin: Path) -> float | None:
-    """The val BLEU the origin's training recorded (None for a model without that record)."""
-    summary = Path(origin) / "train_summary.json"
-    return float(read_json(summary)["best_val_bleu"]) if summary.exists() else None

@@ -16,6 +16,12 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
+def bars_on() -> bool:
+    """Whether progress bars may draw: stderr is open and a terminal. Libraries' own bars (Hugging
+    Face's "Loading weights") follow the same rule (``ctprune.arch.hf.quiet_transformers``)."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
 def progress(iterable: Iterable[T], disable: bool = False, **kwargs: Any) -> tqdm:
     """``tqdm(iterable, ...)``, disabled unless stderr is a terminal."""
-    return tqdm(iterable, disable=disable or not sys.stderr.isatty(), **kwargs)
+    return tqdm(iterable, disable=disable or not bars_on(), **kwargs)

@@ -3,8 +3,11 @@
 Pure functions of finetuning histories (rows of ``history.csv``) and bank costs, so that every
 number of a report can be recomputed and tested by hand:
 
-- *Time to target*: the first epoch (0 = before finetuning) whose val BLEU reaches the target,
-  within the cap of E epochs. A run that never reaches it costs its E epochs and is *censored*.
+- *Time to target*: the first evaluation (epoch 0 = before finetuning; fractional epochs where
+  val BLEU is measured within epochs, ``eval_every``) whose val BLEU reaches the target, within the
+  cap of E epochs. A run that never reaches it costs its E epochs and is *censored*.
+- *Time to equal quality*: when both sides of a configuration are censored, the time the composed
+  side took to reach the baseline's best val BLEU within the cap (stated as such, not as a saving).
 - *Cost* is counted in wall seconds and in analytic training FLOPs. The composed side pays the
   shared bank (pruning + block tuning) once; each baseline pays the pruning of its own modules.
 - *Saving* = sum of baseline costs / (bank cost + sum of composed costs). A censored baseline
@@ -37,26 +40,63 @@ ZERO = Cost(0.0, 0.0)
 
 @dataclass(frozen=True)
 class TimeToTarget:
-    epochs: int | None  # None: censored, the target was not reached within the cap
-    cost: Cost  # finetuning cost up to the target epoch, or of the whole capped run
+    epochs: float | None  # None: censored, the target was not reached within the cap; whole epochs as int
+    cost: Cost  # finetuning cost up to the target evaluation, or of the whole capped run
 
     @property
     def censored(self) -> bool:
         return self.epochs is None
 
 
-def time_to_target(history: Sequence[dict[str, Any]], target: float | None, cap: int) -> TimeToTarget:
-    """First epoch <= ``cap`` with val BLEU >= ``target``; censored at the cap otherwise. With no
-    target (None), every run trains the cap: its cost is the cost of the cap's epochs."""
-    rows = [r for r in history if int(r["epoch"]) <= cap]
-    for r in rows:
-        if target is None and int(r["epoch"]) == cap or target is not None and float(r["val_bleu"]) >= target:
-            return TimeToTarget(int(r["epoch"]), Cost(float(r["wall_time_s"]), float(r["train_flops"])))
-    if not rows or int(rows[-1]["epoch"]) < cap:
-        last = int(rows[-1]["epoch"]) if rows else None
+def epoch_of(row: dict[str, Any]) -> float:
+    """A history row's epoch: an int at whole epochs, else the fraction of epochs trained (1.25)."""
+    e = float(row["epoch"])
+    return int(e) if e.is_integer() else e
+
+
+def _at(row: dict[str, Any]) -> TimeToTarget:
+    return TimeToTarget(epoch_of(row), Cost(float(row["wall_time_s"]), float(row["train_flops"])))
+
+
+def _within(history: Sequence[dict[str, Any]], cap: int) -> list[dict[str, Any]]:
+    """The rows within the cap, refused when the history ends before it (an unfinished run)."""
+    rows = [r for r in history if epoch_of(r) <= cap]
+    if not rows or epoch_of(rows[-1]) < cap:
+        last = epoch_of(rows[-1]) if rows else None
         raise CtpruneError(f"a history ends at epoch {last} without reaching the target, before the cap of "
                            f"{cap} epochs: the run is unfinished")
-    return TimeToTarget(None, Cost(float(rows[-1]["wall_time_s"]), float(rows[-1]["train_flops"])))
+    return rows
+
+
+def time_to_target(history: Sequence[dict[str, Any]], target: float | None, cap: int) -> TimeToTarget:
+    """First evaluation at epoch <= ``cap`` with val BLEU >= ``target``; censored at the cap
+    otherwise. With no target (None), every run trains the cap: its cost is the cost of the cap's
+    epochs."""
+    for r in (r for r in history if epoch_of(r) <= cap):
+        if target is None and epoch_of(r) == cap or target is not None and float(r["val_bleu"]) >= target:
+            return _at(r)
+    return TimeToTarget(None, _at(_within(history, cap)[-1]).cost)
+
+
+@dataclass(frozen=True)
+class EqualQuality:
+    """Time to equal quality: the baseline's best val BLEU within the cap, and when the composed
+    side first reached it (censored: it never did within the cap)."""
+
+    target: float
+    composed: TimeToTarget
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "epochs": self.composed.epochs, "cost_seconds": self.composed.cost.seconds,
+                "cost_flops": self.composed.cost.flops}
+
+
+def time_to_equal_quality(baseline: Sequence[dict[str, Any]], composed: Sequence[dict[str, Any]],
+                          cap: int) -> EqualQuality:
+    """When both sides miss the target: the first evaluation within ``cap`` at which the composed
+    side's val BLEU reaches the baseline's best val BLEU within ``cap``."""
+    target = max(float(r["val_bleu"]) for r in _within(baseline, cap))
+    return EqualQuality(target, time_to_target(composed, target, cap))
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,14 @@ ARCHS = ("ctprune", "marian", "t5")  # ctprune.arch registers each
 KINDS = ("attention", "ffn", "linear")
 EXECUTORS = ("local", "process", "ray")
 PRECISIONS = ("auto", "bf16", "fp32")
+MAX_WORKERS = 1024  # parallel jobs or tuning shards of one run (also bounds what a typo can ask of a pool)
 
 
 def opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
-        positive: bool = False) -> Any:
-    """A spec field: its default, help text, and allowed values (``choices``, ``low`` <= value,
-    ``positive``: > 0 and finite)."""
-    meta = {"help": help, "choices": choices, "low": low, "positive": positive}
+        high: float | None = None, positive: bool = False) -> Any:
+    """A spec field: its default, help text, and allowed values (``choices``, ``low`` <= value
+    <= ``high``, ``positive``: > 0 and finite)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,7 +64,7 @@ class OriginSpec:
                       choices=PRESETS)
     arch: str = opt("ctprune", "ctprune: its own Transformer; marian / t5: a Hugging Face MarianMTModel / "
                                "T5ForConditionalGeneration of the preset's sizes (needs the hf extra)", choices=ARCHS)
-    epochs: int = opt(8, "origin training epochs", low=0)
+    epochs: int = opt(8, "origin training epochs (an origin of 0 epochs is an untrained model)", low=1)
     model: str | None = opt(None, "an origin model folder to use instead of training one (relative to the "
                                   "experiment file)")
 
@@ -93,6 +94,7 @@ class ConfigurationsSpec:
                 _keep_ratio(r, f"{where}: configurations.{name}")
 
 
+SELECTS = ("val_bleu", "val_loss")  # the rule that picks a training run's kept checkpoint
 OBJECTIVES = ("kl", "loss")  # the variant scores `ctprune score` stores
 
 
@@ -103,28 +105,40 @@ class SearchSpec:
 
     grid: tuple[float, ...] = opt((0.25, 0.5, 0.75), "keep ratios of the grid bank")
     kinds: tuple[str, ...] = opt(("attention", "ffn"), "module kinds of the grid bank", choices=KINDS)
-    flops: str | None = opt(None, "FLOPs budget: a fraction of the origin (0.6, 60%) or absolute (1.5G)")
-    params: str | None = opt(None, "parameter budget: a fraction of the origin or absolute (10M)")
-    k: int = opt(16, "number of configurations", low=1)
+    # A budget is one value or a list of them (a budget sweep: one grid bank serves every budget;
+    # lists of several resources are paired by position, a single value applies to every budget).
+    # List items are kept as text, as `ctprune search` takes them (numbers are converted).
+    flops: str | tuple[str | float, ...] | None = opt(
+        None, "FLOPs budget(s): a fraction of the origin (0.6, 60%) or absolute (1.5G); a list sweeps budgets")
+    params: str | tuple[str | float, ...] | None = opt(
+        None, "parameter budget(s): a fraction of the origin or absolute (10M); a list sweeps budgets")
+    latency: str | tuple[str | float, ...] | None = opt(
+        None, "latency budget(s): a fraction of the origin or absolute (12ms); needs latency scores")
+    k: int = opt(16, "number of configurations per budget", low=1)
     min_distance: int = opt(2, "each pair of configurations differs in at least this many slots", low=1)
     objective: str = opt("kl", "variant score the solver sums: kl (KL divergence to the origin's next-token "
                                "distribution) or loss (the increase of val loss)", choices=OBJECTIVES)
     time_limit: float = opt(10.0, "solver seconds per configuration", positive=True)
 
     @property
-    def budgets(self) -> tuple[tuple[str, str], ...]:
-        """(resource, value as `ctprune search` takes it)."""
-        return tuple((r, v) for r in ("flops", "params") if (v := getattr(self, r)) is not None)
+    def budgets(self) -> tuple[tuple[str, str | tuple[str, ...]], ...]:
+        """(resource, value or values as `ctprune search` takes them)."""
+        return tuple((r, v) for r in ("flops", "params", "latency")
+                     if (v := getattr(self, r)) is not None)  # type: ignore[misc]
 
     def check(self, where: str) -> None:
-        from ctprune.stages.search import parse_budget
+        from ctprune.stages.search import budget_sweep
 
         for r in self.grid:
-            _keep_ratio(r, f"{where}: search.grid")
+            if r != 0:  # keep 0: the block removed altogether (its residual branch skipped)
+                _keep_ratio(r, f"{where}: search.grid")
         if not self.budgets:
-            raise CtpruneError(f"{where}: [search] needs a budget: flops = 0.6 and/or params = \"10M\"")
-        for r, v in self.budgets:
-            parse_budget(r, v)
+            raise CtpruneError(f"{where}: [search] needs a budget: flops = 0.6 (or a list, flops = [0.75, 0.5]) "
+                               "and/or params = \"10M\"")
+        try:
+            budget_sweep(dict(self.budgets))
+        except CtpruneError as e:
+            raise CtpruneError(f"{where}: [search]: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,11 @@ class FinetuningSpec:
                                        "model's val BLEU minus X) or \"none\"")
     budget_epochs: int = opt(1, "the equal-budget comparison: at least this many epochs, kept as epoch-K",
                              low=1)
+    eval_every: float = opt(1.0, "val BLEU and loss measured every this fraction of an epoch (0.25: four times "
+                                 "per epoch), so time to target is not counted in whole epochs", positive=True,
+                            high=1.0)
+    select: str = opt("val_bleu", "which evaluation's weights are kept as the finetuned model: val_bleu (the "
+                                  "highest val BLEU) or val_loss (the lowest val loss; less noisy)", choices=SELECTS)
 
     def check(self, where: str) -> None:
         parse_target(self.target_bleu, f"{where}: finetuning.target_bleu")
@@ -161,14 +180,14 @@ class ExecutionSpec:
 
     executor: str = opt("local", "local: one job at a time in this process; process: WORKERS processes on "
                                  "this machine; ray: Ray tasks on a cluster (or a local one)", choices=EXECUTORS)
-    workers: int = opt(1, "parallel jobs; the machine's CPU threads are split between them", low=1)
+    workers: int = opt(1, "parallel jobs; the machine's CPU threads are split between them", low=1, high=MAX_WORKERS)
     address: str | None = opt(None, "Ray cluster address (ray start --head prints it); default: a local "
                                     "Ray instance on this machine's cores")
     device: str = opt("auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N; resolved inside "
                               "each worker")
     shards: int | None = opt(None, "block-tuning jobs per bank, each paying its own teacher pass (default: 1 "
                                    "on one machine, where one job with every thread is faster; one per worker "
-                                   "on a Ray cluster, --ray-address)", low=1)
+                                   "on a Ray cluster, --ray-address)", low=1, high=MAX_WORKERS)
 
     def tuning_shards(self, workers: int) -> int:
         """How many shards block tuning is split into when ``workers`` run the jobs."""
@@ -229,6 +248,8 @@ def _convert(value: Any, t: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, list):  # where one value or a list is allowed, a list is the list
+            inner = [a for a in inner if typing.get_origin(a) is tuple] or inner
         if str in inner and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # a budget or target given as a number
         return _convert(value, inner[0], where)
@@ -257,8 +278,12 @@ def _check_value(value: Any, meta: dict[str, Any], where: str) -> None:
             continue
         if meta.get("choices") and v not in meta["choices"]:
             raise CtpruneError(f"{where} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
-        if meta.get("low") is not None and v < meta["low"]:
-            raise CtpruneError(f"{where} must be at least {meta['low']}, got {v!r}")
+        low, high = meta.get("low"), meta.get("high")
+        if low is not None and v < low:
+            raise CtpruneError(f"{where} must be at least {low}, got {v!r}")
+        if high is not None and v > high:
+            raise CtpruneError(f"{where} must be " + (f"in [{low}, {high}]" if low is not None else f"at most {high}")
+                               + f", got {v!r}")
         if meta.get("positive") and not v > 0:
             raise CtpruneError(f"{where} must be a positive number, got {v!r}")
 

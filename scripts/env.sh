@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create (once) and update the local virtual environment .venv; sourced by demo.sh and test.sh
-# with the extras they need ("" for the demo: ctprune alone; "test,ray,hf" for the tests).
+# with the extras they need ("" for the demo: ctprune alone; "test,ray,hf,serve,docs" for the tests).
 # torch==2.13.0 is installed first so that nothing later pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-extras=${1-test,ray,hf}
+extras=${1-test,ray,hf,serve,docs}
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -79,6 +79,48 @@ def test_dependencies_exclusive_jobs_and_records(executor: str, tmp_path: Path) 
     assert not log.exists()
 
 
+@pytest.mark.parametrize("edit", ["number", "missing result", "missing key", "result null", "not json",
+                                  "no checksum"])
+def test_an_edited_or_incomplete_job_record_is_run_again_never_read(edit: str, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A record carries the SHA-256 of its content: an edited one (its numbers would flow into the
+    report) or one missing a field is not trusted; the job runs again, with one line saying why."""
+    log = tmp_path / "log"
+    job = _job("a", log)
+    with LocalExecutor(ExecutionSpec(), tmp_path) as ex:
+        first = ex.run([job])["a"]
+    path = job.record(tmp_path)
+    record = json.loads(path.read_text())
+    assert len(record["sha256"]) == 64
+    if edit == "number":
+        record["result"]["t"] = 12345.0
+    elif edit == "result null":
+        record["result"] = None
+    elif edit == "no checksum":
+        del record["sha256"]
+    else:
+        record.pop("result" if edit == "missing result" else "key", None)
+    path.write_text("{ not json" if edit == "not json" else json.dumps(record))
+    log.unlink()
+    capsys.readouterr()
+    with LocalExecutor(ExecutionSpec(), tmp_path) as ex:
+        again = ex.run([job])["a"]
+    assert again != {"t": 12345.0} and again["t"] > first["t"] and log.is_file()  # the job ran again
+    out = capsys.readouterr().out
+    assert "a: its record" in out and "running the job again" in out and "Traceback" not in out
+    assert json.loads(path.read_text())["result"] == again  # a valid record again
+
+
+def test_no_json_file_gets_nan_or_infinity(tmp_path: Path) -> None:
+    from ctprune.jobs import write_json_strict
+
+    with pytest.raises(CtpruneError, match=r"summary .*: origin.val_bleu is not a finite number; nothing written"):
+        write_json_strict(tmp_path / "s.json", {"origin": {"val_bleu": float("-inf")}}, "summary")
+    with pytest.raises(CtpruneError, match=r"runs.1 is not a finite number"):
+        write_json_strict(tmp_path / "s.json", {"runs": [1.0, float("nan")]}, "summary")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("executor", ["local", "process", "ray"])
 def test_a_failing_job_stops_the_run_with_its_own_error(executor: str, tmp_path: Path) -> None:
     jobs = [Job("bad", f"{HERE}:refuse", {}), _job("after", tmp_path / "log", deps=("bad",))]

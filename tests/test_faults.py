@@ -368,17 +368,21 @@ CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
      write("origin/hparams.json", "{oops", drop_manifest=True), "not valid JSON"),
     ("hparams-list-nomanifest", ["inspect", "origin"],
      write("origin/hparams.json", "[1, 2]", drop_manifest=True), "must be a JSON object"),
-    ("config-string-number", ["inspect", "origin"], edit_json("origin/config.json", _set("d_model", "32")),
+    ("config-string-number", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("d_model", "32"), drop_manifest=True),
      "d_model must be a positive integer"),
-    ("config-dropout-string", ["inspect", "origin"], edit_json("origin/config.json", _set("dropout", "x")),
+    ("config-dropout-string", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("dropout", "x"), drop_manifest=True),
      "config.json"),
     ("config-heads-list-wrong", ["inspect", "origin"],
-     edit_json("origin/config.json", _set("encoder_heads", ["4", 4])), "encoder_heads"),
-    ("config-unknown-field", ["inspect", "origin"], edit_json("origin/config.json", _set("colour", 1)),
+     edit_json("origin/config.json", _set("encoder_heads", ["4", 4]), drop_manifest=True), "encoder_heads"),
+    ("config-unknown-field", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("colour", 1), drop_manifest=True),
      "unknown field"),
     ("config-list", ["inspect", "origin"], write("origin/config.json", "[]"), "must be a JSON object"),
     ("config-not-json", ["inspect", "origin"], write("origin/config.json", "{"), "not valid JSON"),
-    ("config-shape-mismatch", ["inspect", "origin"], edit_json("origin/config.json", _set("vocab_size", 50)),
+    ("config-shape-mismatch", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("vocab_size", 50), drop_manifest=True),
      "do not fit its config"),
     ("config-missing", ["inspect", "origin"], lambda w: (w / "origin/config.json").unlink(), "missing config.json"),
     ("manifest-malformed", ["inspect", "origin"], write("origin/manifest.json", "{}"), "malformed"),
@@ -652,3 +656,328 @@ def test_a_real_kill_inside_a_checkpoint_write_resumes_to_the_same_numbers(
         assert r.returncode == 137, r.stderr
         _fit(out, model_folder, resume=True)
         assert _numbers(out) == reference, f"killed at replace {n} of {total}"
+
+
+# ------------------------------------------------------------------------------------------------
+# `ctprune run` (issue 25, run level): `-o` takes only a new or empty folder or a run folder, limits
+# are stated as ranges, refusals name the experiment file's keys and come before any work; nothing
+# is written, in the run folder or anywhere else.
+
+RUN_TOML = """[data]
+corpus = "folder:de-en"
+data_dir = "data"
+[origin]
+model = "origin"
+{section}
+[finetuning]
+target_bleu = {target}
+"""
+
+
+def run_toml(section: str = "[configurations]\nattention = [0.5]", target: str = '"none"',
+             extra: str = "") -> Callable[[Path], None]:
+    return write("exp.toml", RUN_TOML.format(section=section, target=target) + extra)
+
+
+def run_toml_in_sub(w: Path) -> None:
+    (w / "sub").mkdir()
+    (w / "sub/exp.toml").write_text(RUN_TOML.format(section="[configurations]\nattention = [0.5]",
+                                                    target='"none"').replace('"origin"', '"../origin"'))
+
+
+RUN_CASES = [
+    ("run-o-userdir", ["run", "exp.toml", "-o", "userdir"], run_toml(), "is not a run folder"),
+    ("run-o-dot", ["run", "exp.toml", "-o", "."], run_toml(), "contains the origin model folder"),
+    ("run-o-origin", ["run", "exp.toml", "-o", "origin"], run_toml(), "is the origin model folder"),
+    ("run-o-data", ["run", "exp.toml", "-o", "data"], run_toml(), "is the data folder"),
+    ("run-workers-overflow", ["run", "exp.toml", "-o", "r", "--workers", "9223372036854775807"], run_toml(),
+     "--workers must be in [1, 1024], got 9223372036854775807"),
+    ("run-toml-workers-overflow", ["run", "exp.toml", "-o", "r"],
+     run_toml(extra="[execution]\nworkers = 9223372036854775807\n"),
+     "exp.toml: execution.workers must be in [1, 1024]"),
+    ("run-origin-epochs-0", ["run", "exp.toml", "-o", "r"],
+     write("exp.toml", '[data]\ncorpus = "synthetic"\n[origin]\nepochs = 0\n[configurations]\nattention = [0.5]\n'),
+     "origin.epochs must be at least 1"),
+    ("run-no-module", ["run", "exp.toml", "-o", "r"], run_toml('[configurations]\ninline = [{ "x.y" = 0.5 }]'),
+     "x.y"),
+    ("run-min-distance", ["run", "exp.toml", "-o", "r"],
+     run_toml('[search]\ngrid = [0.5]\nkinds = ["attention"]\nflops = 0.9\nmin_distance = 99'),
+     "exp.toml: search.min_distance must be in [1, "),
+    ("run-target-below-0", ["run", "exp.toml", "-o", "r"], run_toml(target='"origin-1000"'),
+     "exp.toml: finetuning.target_bleu = 'origin-1000' is "),
+    # data_dir is relative to the experiment file (as model and file are), not to the working directory
+    ("run-data-dir-relative", ["run", "sub/exp.toml", "-o", "r"], run_toml_in_sub, "data folder {w}/sub/data does not"),
+]
+
+
+@pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_run_fault_is_refused_in_one_line_leaving_nothing(workspace: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                         corrupt: Callable[[Path], None], fragment: str) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    corrupt(w)
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(w)
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    fragment = fragment.format(w=w.resolve())
+    assert len(err) == 1 and err[0].startswith("ctprune run: error: ") and fragment in err[0], err
+    assert snapshot(tmp_path) == before  # no .lock, experiment.toml, conf.json, jobs/ or banks/ anywhere
+
+
+@pytest.mark.parametrize("case", ["run-o-userdir", "run-workers-overflow"])
+def test_run_fault_through_a_subprocess_has_no_traceback(workspace: Path, tmp_path: Path, case: str) -> None:
+    _, args, corrupt, fragment = next(c for c in RUN_CASES if c[0] == case)
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    corrupt(w)
+    before = snapshot(tmp_path)
+    r = run_cli(*args, cwd=w)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before
+
+
+# ================================================================================================
+# Issue 25, file-level faults: bounded reads, absurd sizes, symlinks, user files never overwritten
+# or deleted, one writer per output, --resume with changed options, closed streams, progress bars.
+
+
+def sparse(rel: str, size: int) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        os.truncate(w / rel, size)  # a sparse file: reading it whole would cost `size` bytes of memory
+    return corrupt
+
+
+def nested(rel: str, depth: int, drop_manifest: bool = False) -> Callable[[Path], None]:
+    return write(rel, "[" * depth + "]" * depth, drop_manifest)
+
+
+def mark_with_user_file(rel: str) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        from ctprune.stages.tune_blocks import TUNING_MARK
+
+        shutil.copytree(w / "bank", w / rel)
+        (w / rel / TUNING_MARK).write_text("{}")
+        (w / rel / "thesis.tex").write_text("a user's file\n")
+    return corrupt
+
+
+def tuning_output_with_linked_variants(rel: str) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        from ctprune.stages.tune_blocks import TUNING_MARK
+
+        shutil.copytree(w / "bank", w / rel)
+        (w / rel / TUNING_MARK).write_text("{}")
+        shutil.rmtree(w / rel / "variants")
+        (w / rel / "variants").symlink_to(w / "userdir")  # writes into it would land in userdir
+    return corrupt
+
+
+def state_without_checkpoint(rel: str) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        (w / rel / ".state").mkdir(parents=True)
+        (w / rel / "thesis.tex").write_text("a user's file\n")
+    return corrupt
+
+
+EVALUATE = ["evaluate", "origin", "--corpus", "synthetic", "--split", "val"]
+
+FILE_CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
+    # --- every metadata read is bounded in size and nesting (#10)
+    ("index-sparse-1gb", COMPOSE + ["out"], sparse("bank/index.json", 1 << 30), "larger than 16 MB"),
+    ("index-nested-100k", COMPOSE + ["out"], nested("bank/index.json", 100_000), "nests deeper than 32"),
+    ("index-nested-40", COMPOSE + ["out"], nested("bank/index.json", 40), "nests deeper than 32"),
+    ("plan-nested-100k", PRUNE + ["b2"], nested("plan.json", 100_000), "nests deeper than 32"),
+    ("conf-nested-100k", PLAN + ["p2.json"], nested("conf.json", 100_000), "nests deeper than 32"),
+    ("config-nested-100k", ["inspect", "origin"], nested("origin/config.json", 100_000, drop_manifest=True),
+     "nests deeper than 32"),
+    ("config-sparse-1gb", ["inspect", "origin"], sparse("origin/config.json", 1 << 30), "larger than 16 MB"),
+    # --- absurd sizes in config.json are refused before anything is allocated (#10)
+    ("config-layers-100k", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("n_encoder_layers", 100_000), drop_manifest=True),
+     "describes a model of at least"),
+    ("config-layers-1e12", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("n_decoder_layers", 10**12), drop_manifest=True),
+     "describes a model of at least"),
+    ("config-d-model-huge", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("d_model", 2**20), drop_manifest=True), "describes a model of at least"),
+    ("config-d-ff-huge", ["inspect", "origin"],
+     edit_json("origin/config.json", lambda c: {**c, "d_ff": 2**30, "encoder_ffn": [2**30] * 2},  # type: ignore[dict-item]
+               drop_manifest=True), "describes a model of at least"),
+    ("config-max-len-huge", ["inspect", "origin"],
+     edit_json("origin/config.json", _set("max_len", 10**9), drop_manifest=True), "max_len must be at most"),
+    # --- config.json is in the manifest: an edit is detected (#6)
+    ("config-edited-eos", ["inspect", "origin"], edit_json("origin/config.json", _set("eos_id", 5)),
+     "altered or swapped"),
+    # --- bounded options (#10)
+    ("translate-beam-1e9", ["translate", "origin", "--beam", "1000000000"], nothing,
+     "--beam must be an integer in 1..64"),
+    ("evaluate-beam-1e9", EVALUATE + ["--beam", "1000000000"], nothing, "--beam must be an integer in 1..64"),
+    ("evaluate-beam-zero", EVALUATE + ["--beam", "0"], nothing, "--beam must be an integer in 1..64"),
+    # --- writes never follow symlinks (#9)
+    ("evaluate-eval-symlink", EVALUATE, link("origin/eval", "userdir"), "is a symlink"),
+    ("evaluate-o-symlink", EVALUATE + ["-o", "alias"], link("alias", "userdir"), "is a symlink"),
+    ("tune-bank-holds-symlink", TUNE + ["tuned"], link("bank/variants/extra", "userdir"), "holds a symlink"),
+    ("tune-bank-holds-file-symlink", TUNE + ["tuned"], link("bank/notes.txt", "notes.txt"), "holds a symlink"),
+    ("tune-resume-output-linked-variants", TUNE + ["mine", "--resume"], tuning_output_with_linked_variants("mine"),
+     "tune-blocks output mine holds a symlink variants"),
+    # --- user files are never overwritten or deleted (#3)
+    ("evaluate-o-user-folder", EVALUATE + ["-o", "userdir"], nothing, "is not empty or an `evaluate` folder"),
+    ("tune-resume-state-without-checkpoint", TUNE + ["mine", "--resume"], state_without_checkpoint("mine"),
+     "is not a (partial) `tune-blocks`"),
+    ("tune-resume-marked-with-user-file", TUNE + ["mine", "--resume"], mark_with_user_file("mine"),
+     "holds files tune-blocks did not write (thesis.tex)"),
+]
+
+
+@pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])
+def test_file_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                           corrupt: Callable[[Path], None], fragment: str) -> None:
+    test_fault_is_refused_in_one_line(workspace, tmp_path, capsys, monkeypatch, args, corrupt, fragment)
+
+
+@pytest.mark.parametrize("case", ["index-nested-100k", "config-layers-100k", "translate-beam-1e9",
+                                  "tune-bank-holds-symlink"])
+def test_file_fault_through_a_subprocess_has_no_traceback(workspace: Path, tmp_path: Path, case: str) -> None:
+    _, args, corrupt, fragment = next(c for c in FILE_CASES if c[0] == case)
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    corrupt(w)
+    before = snapshot(tmp_path)
+    r = run_cli(*args, cwd=w, stdin="")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_toml_nested_deep_is_one_line(tmp_path: Path) -> None:
+    from ctprune.fileio import read_toml
+
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(CtpruneError, match="nests deeper than 32"):
+        read_toml(tmp_path / "deep.toml", "experiment")
+    from ctprune.experiment import load_experiment
+
+    with pytest.raises(CtpruneError, match="nests deeper than 32"):  # what `ctprune run` reads
+        load_experiment(tmp_path / "deep.toml")
+    (tmp_path / "big.toml").write_text("")
+    os.truncate(tmp_path / "big.toml", 1 << 30)
+    with pytest.raises(CtpruneError, match="larger than 16 MB"):
+        read_toml(tmp_path / "big.toml", "experiment")
+
+
+@pytest.mark.parametrize("redirect, fragment", [("<&-", "standard input is closed"),
+                                                ("</dev/null >&-", "standard output is closed")])
+def test_translate_with_a_closed_stream_is_one_line(workspace: Path, redirect: str, fragment: str) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(f"{sys.executable} -m ctprune translate origin {redirect}", shell=True, cwd=workspace,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr
+
+
+def test_evaluate_adds_to_its_own_folder_and_writes_nothing_through_links(workspace: Path, tmp_path: Path) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    args = ["evaluate", str(w / "origin"), "--corpus", "synthetic", "--split", "val", "-o", str(w / "ev")]
+    assert main(args) == 0
+    assert main([*args, "--beam", "2"]) == 0  # its own folder: accepted again
+    assert sorted(p.name for p in (w / "ev").iterdir()) == ["val.beam2.en", "val.beam2.json",
+                                                            "val.greedy.en", "val.greedy.json"]
+    (w / "ev" / "notes.txt").write_text("mine\n")
+    assert main(args) == 2 and (w / "ev" / "notes.txt").read_text() == "mine\n"
+
+
+@pytest.fixture(scope="module")
+def tuned_workspace(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workspace with ``tuned``: one epoch of block tuning (its state kept for --resume)."""
+    w = tmp_path_factory.mktemp("tuned") / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    assert main(_tune_args(w)) == 0
+    return w
+
+
+def _tune_args(w: Path) -> list[str]:
+    return ["tune-blocks", str(w / "origin"), "--bank", str(w / "bank"), "--corpus", "synthetic",
+            "--max-tokens", "256", "-e", "1", "-o", str(w / "tuned")]
+
+
+@pytest.mark.parametrize("change, named", [(["--lr", "0.5"], "lr 0.0001 -> 0.5"), (["--seed", "3"], "seed 0 -> 3"),
+                                           (["--patience", "7"], "patience 2 -> 7"),
+                                           (["--max-tokens", "512"], "max_tokens 256 -> 512")])
+def test_tune_blocks_resume_refuses_changed_options(tuned_workspace: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str], change: list[str],
+                                                    named: str) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(tuned_workspace, w, symlinks=True)
+    before = snapshot(w)
+    capsys.readouterr()
+    assert main([*_tune_args(w), "--resume", *change]) == 2  # the last -e / --lr / ... given wins
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed options" in err[0] and named in err[0], err
+    assert snapshot(w) == before
+
+
+def test_a_tuned_bank_is_an_input_of_tune_blocks(tuned_workspace: Path, tmp_path: Path) -> None:
+    """A tuned bank keeps its own ``.state`` link (the resume checkpoint): tuning it further is
+    allowed, and the link is not copied into the new bank."""
+    w = tmp_path / "w"
+    shutil.copytree(tuned_workspace, w, symlinks=True)
+    assert (w / "tuned" / ".state").is_symlink()
+    args = [*_tune_args(w)[:-1], str(w / "tuned2")]
+    args[args.index("--bank") + 1] = str(w / "tuned")
+    assert main(args) == 0
+    assert (w / "tuned2" / "index.json").is_file()
+
+
+def test_tune_blocks_takes_one_writer_lock(tuned_workspace: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from ctprune.fileio import locked
+
+    w = tmp_path / "w"
+    shutil.copytree(tuned_workspace, w, symlinks=True)
+    with locked(w / "tuned", "tune-blocks"):  # as a second process would hold it
+        capsys.readouterr()
+        assert main([*_tune_args(w), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another `ctprune tune-blocks` is writing" in err[0], err
+    assert main([*_tune_args(w), "--resume"]) == 0  # released, same options: resumes (nothing left to do)
+
+
+def test_train_resume_refuses_a_changed_recipe(model_folder: Path, tmp_path: Path) -> None:
+    from ctprune.data.corpus import Parallel, load_split
+    from ctprune.data.tokenizer import Tokenizer
+    from ctprune.model.transformer import Seq2SeqTransformer
+    from ctprune.training.loop import Recipe, fit
+
+    train, val = load_split("synthetic", "train"), load_split("synthetic", "val")
+    train, val = Parallel(train.src[:32], train.tgt[:32]), Parallel(val.src[:4], val.tgt[:4])
+    tok = Tokenizer.load(model_folder)
+
+    def run(**recipe: object) -> None:
+        torch.manual_seed(0)
+        model = Seq2SeqTransformer(tiny_config(vocab_size=tok.vocab_size))
+        fit(model, tok, train, val, Recipe(**{"epochs": 1, "lr": 3e-3, "max_tokens": 256, **recipe}),  # type: ignore[arg-type]
+            tmp_path / "t", {"stage": "test"}, resume=True)
+
+    run()
+    with pytest.raises(CtpruneError, match=r"changed recipe \(epochs 1 -> 2; lr 0.003 -> 0.01; seed 0 -> 4\)") as e:
+        run(lr=1e-2, seed=4, epochs=2)  # the fast recipe's cosine schedule spans the epochs: they count too
+    assert "\n" not in str(e.value)
+    run()  # the same recipe resumes
+
+
+def test_every_progress_bar_goes_through_the_one_helper() -> None:
+    from .conftest import REPO
+
+    direct = [str(p) for p in (REPO / "ctprune").rglob("*.py") if p.name != "progress.py" and "tqdm(" in p.read_text()]
+    assert direct == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -574,3 +575,92 @@ def test_per_layer_sizes_out_of_range_are_refused_in_one_line(kind: str, value: 
     path.write_text(json.dumps(layers))
     with pytest.raises(CtpruneError, match=fragment):
         load_model_folder(tmp_path / "m", tokenizer=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 25: weights that do not fit their config, edited configs, absurd sizes, out-of-range ids.
+
+
+def _hf_copy(folder: Path, tmp_path: Path, edit=None, name: str = "m") -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path / name
+    shutil.copytree(folder, out)
+    if edit is not None:
+        edit(out)
+    return out
+
+
+def _drop_tensors(fragment: str):  # type: ignore[no-untyped-def]
+    def edit(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        save_file({k: v for k, v in tensors.items() if fragment not in k}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+    return edit
+
+
+def _add_tensor(name: str):  # type: ignore[no-untyped-def]
+    def edit(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        save_file({**tensors, name: torch.zeros(2, 2)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return edit
+
+
+def _set_json(file: str, **values: object):  # type: ignore[no-untyped-def]
+    def edit(folder: Path) -> None:
+        path = folder / file
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    return edit
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_drop_tensors("encoder.layers.0."), "describes a MarianMTModel of at least"),  # fewer stored than it needs
+    (_drop_tensors("encoder.layers.0.fc1.bias"),
+     "do not fit its config.json (MarianMTModel): tensors 1 missing (e.g. model.encoder.layers.0.fc1.bias)"),
+    (_add_tensor("model.encoder.layers.9.fc1.weight"),
+     "do not fit its config.json (MarianMTModel): tensors 1 unexpected (e.g. model.encoder.layers.9.fc1.weight)"),
+    (_set_json("config.json", encoder_layers=100_000), "describes a MarianMTModel of at least"),
+    (_set_json("config.json", d_model=2**20, encoder_attention_heads=4), "describes a MarianMTModel of at least"),
+    (_set_json("config.json", max_position_embeddings=10**9), "a position table of 1000000000 entries"),
+    (_set_json("generation_config.json", eos_token_id=10**6), "eos_token_id 1000000 is not a token id"),
+    (_set_json("generation_config.json", bad_words_ids=[[1]], decoder_start_token_id=-3),
+     "decoder_start_token_id -3 is not a token id"),
+    (_set_json("config.json", pad_token_id=10**6), "pad_token_id 1000000 is not a token id"),
+    (lambda f: (f / "generation_config.json").write_text("[" * 100_000 + "]" * 100_000), "nests deeper than 32"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "marian", "model_type": "t5"}'), "appears twice"),
+])
+def test_hf_folder_that_does_not_fit_is_refused_in_one_line(marian_folder: Path, tmp_path: Path, edit,  # type: ignore[no-untyped-def]
+                                                            fragment: str) -> None:
+    folder = _hf_copy(marian_folder, tmp_path, edit)
+    _one_line_error(lambda: load_model_folder(folder), re.escape(fragment))
+
+
+def test_t5_config_over_marian_weights_is_refused(marian_folder: Path, t5_folder: Path, tmp_path: Path) -> None:
+    folder = _hf_copy(marian_folder, tmp_path, lambda f: shutil.copy(t5_folder / "config.json", f / "config.json"))
+    _one_line_error(lambda: load_model_folder(folder), r"do not fit its config.json \(T5ForConditionalGeneration\)")
+    r = run_cli("evaluate", str(folder), "--corpus", "synthetic", "--split", "val")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("file, values", [("config.json", {"eos_token_id": 5}),
+                                          ("generation_config.json", {"eos_token_id": 5})])
+def test_an_edited_config_of_a_saved_hf_folder_is_detected(marian_folder: Path, tmp_path: Path, file: str,
+                                                           values: dict[str, object]) -> None:
+    model, tok, hparams = load_model_folder(marian_folder)
+    save_model_folder(tmp_path / "saved", model, tok, hparams)
+    load_model_folder(tmp_path / "saved")  # as written: accepted
+    _set_json(file, **values)(tmp_path / "saved")
+    _one_line_error(lambda: load_model_folder(tmp_path / "saved"), f"{file} .*altered or swapped")
+
+
+def test_transformers_bars_are_off_when_stderr_is_not_a_terminal() -> None:
+    from transformers.utils import logging
+
+    from ctprune.arch.hf import quiet_transformers
+
+    assert logging.is_progress_bar_enabled()
+    with quiet_transformers():  # pytest captures stderr: not a terminal
+        assert not logging.is_progress_bar_enabled()
+    assert logging.is_progress_bar_enabled()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from ctprune.errors import CtpruneError
-from ctprune.protocol import BankCost, Configuration, Cost, saving, saving_curve, time_to_target
+from ctprune.protocol import (
+    BankCost,
+    Configuration,
+    Cost,
+    saving,
+    saving_curve,
+    time_to_equal_quality,
+    time_to_target,
+)
 
 
 def hist(*bleus: float, epoch_s: float = 10.0, epoch_flops: float = 100.0) -> list[dict[str, str]]:
@@ -68,3 +76,37 @@ def test_saving_counts_the_shared_bank_once_and_censored_baselines_as_the_cap() 
     assert [c.bank.flops for c in curve] == [400.0, 600.0, 600.0]
     assert curve[0].seconds == pytest.approx((2 + 30) / (2 + 60 * 400 / 600))
     assert curve[-1] == s
+
+
+def rows(*points: tuple[float, float], epoch_s: float = 10.0, epoch_flops: float = 100.0) -> list[dict[str, str]]:
+    """History rows at (epoch, val BLEU) points; time and FLOPs proportional to the epochs trained."""
+    return [{"epoch": f"{e:g}", "val_bleu": str(b), "wall_time_s": str(e * epoch_s),
+             "train_flops": str(e * epoch_flops)} for e, b in points]
+
+
+def test_time_to_target_within_an_epoch_is_not_rounded_up_to_the_epoch() -> None:
+    h = rows((0, 20), (0.25, 26), (0.5, 29), (0.75, 30.5), (1, 30.2), (1.25, 31), (1.5, 31), (1.75, 32), (2, 33))
+    t = time_to_target(h, target=30, cap=2)
+    assert (t.epochs, t.cost, t.censored) == (0.75, Cost(7.5, 75.0), False)
+    assert time_to_target(h, target=31.5, cap=2).epochs == 1.75
+    assert isinstance(time_to_target(h, target=33, cap=2).epochs, int)  # a whole epoch stays an int (2, not 2.0)
+    censored = time_to_target(h, target=40, cap=2)
+    assert censored.censored and censored.cost == Cost(20.0, 200.0)
+    assert time_to_target(h, target=None, cap=1).cost == Cost(10.0, 100.0)
+
+
+def test_a_sub_epoch_history_that_stops_before_the_cap_is_unfinished() -> None:
+    with pytest.raises(CtpruneError, match="ends at epoch 1.5 .* cap of 2 epochs"):
+        time_to_target(rows((0, 20), (0.5, 25), (1, 26), (1.5, 27)), target=30, cap=2)
+
+
+def test_time_to_equal_quality_when_both_sides_miss_the_target() -> None:
+    baseline = rows((0, 10), (0.5, 22), (1, 24.5), (1.5, 24), (2, 23), (2.5, 29))  # 2.5 is past the cap
+    composed = rows((0, 20), (0.5, 23), (1, 24), (1.5, 24.6), (2, 25))
+    assert time_to_target(baseline, 30, 2).censored and time_to_target(composed, 30, 2).censored
+    q = time_to_equal_quality(baseline, composed, cap=2)
+    assert q.target == 24.5  # the baseline's best within the cap, not 29 at epoch 2.5
+    assert (q.composed.epochs, q.composed.cost) == (1.5, Cost(15.0, 150.0))
+    assert q.to_dict() == {"target": 24.5, "epochs": 1.5, "cost_seconds": 15.0, "cost_flops": 150.0}
+    never = time_to_equal_quality(composed, baseline, cap=2)  # the other way round: 25 is never reached
+    assert never.target == 25 and never.composed.censored and never.to_dict()["epochs"] is None

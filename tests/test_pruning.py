@@ -164,8 +164,8 @@ def test_default_configurations_follow_the_template(model_folder: Path, tmp_path
 
 @pytest.mark.parametrize("conf, message", [
     ([{"encoder.layers.0.self_atn": 0.5}], "did you mean 'encoder.layers.0.self_attn'"),
-    ([{"encoder.layers.0.self_attn": 1.5}], "keep ratio must be in (0, 1], got 1.5"),
-    ([{"encoder.layers.0.self_attn": 0}], "keep ratio must be in (0, 1], got 0"),
+    ([{"encoder.layers.0.self_attn": 1.5}], "keep ratio must be in [0, 1] (0: the block removed), got 1.5"),
+    ([{"encoder.layers.0.ffn.linear1": 0}], "keep ratio of a Linear must be in (0, 1]"),
     ([{"encoder.layers.0.self_attn": "half"}], "must be a number"),
     ([], "non-empty JSON list"),
     ([{}], "non-empty object"),
@@ -213,3 +213,62 @@ def test_prune_cli_ratio_and_criteria(model_folder: Path, tmp_path: Path) -> Non
     assert r.returncode == 2 and "already exists" in r.stderr
     r = run_cli("inspect", str(model_folder))
     assert r.returncode == 0 and "decoder.layers.1.cross_attn" in r.stdout and "4 heads" in r.stdout
+
+
+# --- keep 0: the block removed altogether ------------------------------------------------------
+
+class _Zero(torch.nn.Module):
+    """A block whose output is zero, whatever it is given: what a removed block must equal."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+@torch.no_grad()
+def test_a_removed_block_round_trips_and_equals_a_zero_block(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from ctprune.data.tokenizer import Tokenizer
+    from ctprune.model.decode import greedy
+    from ctprune.model.flops import forward_flops, module_flops, parameter_counts
+
+    src, tgt = random_batch()
+    removed = ("encoder.layers.0.self_attn", "decoder.layers.1.cross_attn", "decoder.layers.0.ffn")
+    pruned = type(tiny_model)(tiny_model.cfg).eval()
+    pruned.load_state_dict(tiny_model.state_dict())
+    zero = type(tiny_model)(tiny_model.cfg).eval()
+    zero.load_state_dict(tiny_model.state_dict())
+    none = torch.zeros(0, dtype=torch.long)
+    for name in removed:
+        block = pruned.get_submodule(name)
+        replace_module(pruned, name, cut_neurons(block, none) if name.endswith("ffn") else cut_heads(block, none))
+        parent, _, attr = name.rpartition(".")
+        setattr(zero.get_submodule(parent), attr, _Zero())
+    cfg = pruned.cfg
+    assert (cfg.encoder_heads, cfg.decoder_cross_heads, cfg.decoder_ffn) == ([0, 4], [4, 0], [0, 48])
+    torch.testing.assert_close(pruned(src, tgt), zero(src, tgt))
+    # FLOPs and parameters of a removed block are 0
+    for name in removed:
+        assert module_flops(name, pruned.get_submodule(name), 7, 5) == 0
+    assert forward_flops(cfg, 7, 5) == forward_flops(tiny_model.cfg, 7, 5) - sum(
+        module_flops(n, tiny_model.get_submodule(n), 7, 5) for n in removed)
+    assert parameter_counts(pruned)[1] == parameter_counts(tiny_model)[1] - sum(
+        sum(int((p != 0).sum()) for p in tiny_model.get_submodule(n).parameters()) for n in removed)
+    # config.json + safetensors rebuild it; decoding with the cache runs through it
+    words = "der die das mann frau hund katze sieht".split()
+    tok = Tokenizer.train([" ".join(words[(i + j) % 8] for j in range(5)) for i in range(100)], 40)
+    save_model_folder(tmp_path / "m", pruned, tok, {"stage": "test"})
+    loaded, _, _ = load_model_folder(tmp_path / "m")
+    assert loaded.cfg.encoder_heads == [0, 4] and loaded.cfg.decoder_ffn == [0, 48]
+    torch.testing.assert_close(loaded.eval()(src, tgt), pruned(src, tgt))
+    assert greedy(loaded, src, 4) == greedy(zero, src, 4)
+
+
+def test_keep_0_is_for_blocks_only(model_folder: Path, tmp_path: Path) -> None:
+    assert n_keep(0, 4) == 0 and n_keep(0.125, 4) == 1
+    with pytest.raises(CtpruneError, match="--ratio: keep ratio of a Linear must be in"):
+        prune(model_folder, tmp_path / "b", ratio=0)
+    index = prune(model_folder, tmp_path / "g", grid=[0, 0.125], kinds=("ffn", "linear"))
+    assert "encoder.layers.0.ffn@0" in index["variants"] and "encoder.layers.0.ffn.linear1@0" not in index["variants"]
+    assert index["variants"]["encoder.layers.0.ffn@0"]["kept"] == []
+    origin, _, _ = load_model_folder(model_folder)
+    model = compose(origin, tmp_path / "g", {"encoder.layers.0.ffn": 0.0})
+    assert model.cfg.encoder_ffn == [0, 48]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import ctprune.executors as executors
 import ctprune.stages.finetune as finetune_stage
@@ -165,6 +166,11 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     ("not toml = = 1", "not valid TOML"),
     ("[configurations]\nattention=[0.5, 0.25]\nlinear=[0.2]", "same length"),
     ("[configurations]\nattention=[0.5]\n[execution]\nexecutor='slurm'", "execution.executor must be one of"),
+    # issue 25: an origin of 0 epochs (its val BLEU was -Infinity in summary.json), absurd workers
+    ("[origin]\nepochs=0\n[configurations]\nattention=[0.5]", "origin.epochs must be at least 1"),
+    ("[configurations]\nattention=[0.5]\n[execution]\nworkers=9223372036854775807",
+     r"e.toml: execution.workers must be in \[1, 1024\], got 9223372036854775807"),
+    ("[configurations]\nattention=[0.5]\n[execution]\nshards=5000", r"execution.shards must be in \[1, 1024\]"),
 ])
 def test_bad_experiment_files(text: str, message: str, tmp_path: Path) -> None:
     (tmp_path / "e.toml").write_text(text)
@@ -191,11 +197,12 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path: Path) -> None:
     exp = tmp_path / "e.toml"
     exp.write_text('[data]\ncorpus = "synthetic"\n[origin]\npreset = "tiny"\n[configurations]\nattention = [0.5]\n')
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / run_stage.MARKER).write_text("")
     with open(tmp_path / "run" / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(CtpruneError, match="another `ctprune run` is using"):
             run_stage.run_experiment(exp, tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [run_stage.MARKER, ".lock"]
 
 
 def test_shipped_examples_load() -> None:
@@ -205,6 +212,9 @@ def test_shipped_examples_load() -> None:
     assert m30k.configurations is not None and len(m30k.configurations.inline or []) == 3
     assert demo.configurations is not None and len(demo.configurations.inline or []) == 8
     assert demo.finetuning.target_bleu == "origin-1" and demo.execution.executor == "local"
+    frontier = load_experiment(root / "multi30k-frontier.toml")  # a budget sweep, the finer protocol
+    assert frontier.search is not None and frontier.search.flops == ("0.75", "0.5", "0.35")
+    assert (frontier.finetuning.eval_every, frontier.finetuning.select) == (0.25, "val_loss")
     marian = load_experiment(root / "multi30k-marian.toml")  # its module names are those of a seed-size Marian
     assert marian.origin.arch == "marian" and marian.configurations is not None
     check_configurations_early(marian.origin.preset, marian.origin.arch, run_stage._configurations_table(marian),
@@ -256,6 +266,70 @@ target_bleu = "origin-20"
     assert "search estimate" in report and f"| {estimates[2]:.4f} |" in report
     rho = spearman(estimates, start)
     assert f"val BLEU at epoch 0 (mean over seeds) **{'n/a' if rho is None else rho}" in report
+
+
+def test_run_with_a_budget_sweep_searches_once_and_finetunes_uniform_per_budget(trained: Path,
+                                                                                tmp_path: Path) -> None:
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f"""
+seeds = [0]
+[data]
+corpus = "synthetic"
+[origin]
+model = "{trained}"
+[search]
+grid = [0.5]
+kinds = ["attention"]
+flops = [0.95, 0.9]
+k = 2
+min_distance = 1
+[tuning]
+epochs = 1
+lr = 2e-3
+[finetuning]
+epochs = 1
+lr = 1e-3
+target_bleu = "origin-20"
+eval_every = 0.5
+select = "val_loss"
+""")
+    run_dir = tmp_path / "run"
+    run_stage.run_experiment(exp, run_dir)
+    records = [json.loads(p.read_text())["job"] for p in (run_dir / "jobs").glob("*.json")]
+    # one grid bank, tuned, scored and searched once for both budgets
+    assert records.count("score") == 1
+    assert records.count("search") == 1 and sum(n.startswith("merge tuned bank") for n in records) == 1
+    found = json.loads((run_dir / "search.json").read_text())
+    assert "budgets" not in found and [p["budgets"]["flops"]["value"] for p in found["sweep"]] == [0.95, 0.9]
+    assert [c["budget"] for c in found["configurations"]] == [0, 0, 1, 1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [c["budget"] for c in summary["configurations"]] == [0, 0, 1, 1]
+    run = summary["runs"][0]
+    whole = json.loads((run_dir / run["tuned_bank"] / "index.json").read_text())["tuning"]["train_flops"]
+    # the bank is charged once over all configurations, and whole to each budget alone
+    assert run["saving"]["bank_flops"] == whole
+    assert [b["budget"] for b in run["budgets"]] == [0, 1]
+    assert all(b["saving"]["bank_flops"] == whole for b in run["budgets"])
+    # the uniform competitor of each budget, finetuned from both banks under the same protocol
+    comps = summary["competitors"]
+    assert [(c["method"], c["budget"]) for c in comps] == [("uniform", 0), ("uniform", 1)]
+    for c, point in zip(comps, found["sweep"]):
+        assert c["configuration"] == point["uniform"]["configuration"]
+        assert point["uniform"]["flops_fraction"] <= point["budgets"]["flops"]["value"]
+    assert json.loads((run_dir / "competitors.json").read_text()) == [c["configuration"] for c in comps]
+    for row in run["competitors"]:
+        for side in run_stage.SIDES:
+            assert {"epochs_to_target", "cost_flops", "test_bleu_budget"} <= set(row[side])
+            assert (run_dir / row[side]["dir"] / "history.csv").is_file()
+    assert run["competitors"][0]["baseline"]["dir"].startswith("finetune/baseline/")
+    # the finer protocol reaches every finetuning: an evaluation within the epoch, the kept one by val loss
+    assert summary["protocol"]["eval_every"] == 0.5 and summary["protocol"]["select"] == "val_loss"
+    row = run["configurations"][0]["composed"]
+    assert [r["epoch"] for r in read_history(run_dir / row["dir"] / "history.csv")][::2] == ["0", "1"]
+    assert row["kept"]["epoch"] in {r["epoch"] for r in read_history(run_dir / row["dir"] / "history.csv")}
+    report = (run_dir / "report.md").read_text()
+    assert "Per budget and method" in report and "| 1 | uniform |" in report
+    assert "budget 1: flops <= 0.9 of the origin" in report and "every 0.5 of an epoch" in report
 
 
 KILLED_RUN = """
@@ -331,3 +405,154 @@ def test_a_run_killed_inside_every_stage_resumes_to_the_same_numbers(tmp_path: P
     calls.update(kill=None)
     run_stage.run_experiment(exp, tmp_path / "killed")
     assert _numbers(tmp_path / "killed") == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 25: results keyed by the content of their inputs; `run -o` takes only its own folders;
+# refusals come before any work and leave nothing behind.
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def _write_corpus(folder: Path, val_lines: int | None = None) -> None:
+    """The synthetic corpus as a folder of SPLIT.de / SPLIT.en files (``val_lines``: a shorter val)."""
+    from ctprune.data.synthetic import SPLITS, synthetic_corpus
+
+    folder.mkdir()
+    for split in SPLITS:
+        pairs = synthetic_corpus(split)[:val_lines if split == "val" else None]
+        for i, lang in enumerate(("de", "en")):
+            (folder / f"{split}.{lang}").write_text("".join(p[i] + "\n" for p in pairs), encoding="utf-8")
+
+
+FILE_CORPUS = """
+[data]
+corpus = "folder:de-en"
+data_dir = "{data}"
+[origin]
+model = "{model}"
+[configurations]
+{configurations}
+[tuning]
+epochs = 1
+lr = 2e-3
+[finetuning]
+epochs = 1
+lr = 1e-3
+target_bleu = {target}
+"""
+
+
+def _outputs(summary: dict) -> set[str]:
+    run = summary["runs"][0]
+    dirs = {c[side]["dir"] for c in run["configurations"] for side in run_stage.SIDES}
+    return {run["pruned_bank"], run["tuned_bank"], *dirs}
+
+
+@pytest.mark.slow
+def test_a_changed_data_folder_or_origin_redoes_every_job_that_reads_it(trained: Path, tmp_path: Path) -> None:
+    """Jobs are keyed by the content of what they read: a re-run after [data] data_dir changed, or
+    after the origin was retrained in place, reuses no bank, finetuning or number of the old inputs
+    (it once reused them all, mixing the new origin BLEU with old results). The origin's val BLEU
+    is measured on the experiment's own val split, not read from the origin's training record; a
+    relative data_dir is relative to the experiment file."""
+    from shutil import copytree
+
+    from ctprune.jobs import val_bleu_job
+    from ctprune.model.checkpoint import load_model_folder, save_model_folder
+
+    origin = tmp_path / "origin"
+    copytree(trained, origin)
+    _write_corpus(tmp_path / "data1")
+    _write_corpus(tmp_path / "data2", val_lines=60)
+    exp, run_dir = tmp_path / "exp.toml", tmp_path / "run"
+    text = FILE_CORPUS.format(data="data1", model=origin, configurations="attention = [0.5]", target='"none"')
+    exp.write_text(text)
+    run_stage.run_experiment(exp, run_dir)  # relative data_dir: from the experiment file, not the cwd
+    first = json.loads((run_dir / "summary.json").read_text())
+    kept = {p: p.stat().st_mtime_ns for p in sorted(run_dir.glob("finetune/*/config-*/model.safetensors"))}
+
+    exp.write_text(text.replace('"data1"', '"data2"'))
+    run_stage.run_experiment(exp, run_dir)
+    second = json.loads((run_dir / "summary.json").read_text())
+    assert _outputs(second).isdisjoint(_outputs(first))  # every bank and finetuning made again
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # the old results stay as they were
+    val2 = val_bleu_job(str(origin), "folder:de-en", str(tmp_path / "data2"), "cpu")["val_bleu"]
+    summary_bleu = json.loads((origin / "train_summary.json").read_text())["best_val_bleu"]
+    assert second["origin"]["val_bleu"] == round(val2, 2) != round(summary_bleu, 2)
+    assert second["inputs"]["data_fingerprint"] != first["inputs"]["data_fingerprint"]
+
+    model, tok, hparams = load_model_folder(origin)  # the origin "retrained" in place
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_model_folder(origin, model, tok, hparams)
+    run_stage.run_experiment(exp, run_dir)
+    third = json.loads((run_dir / "summary.json").read_text())
+    assert _outputs(third).isdisjoint(_outputs(second))
+    assert third["inputs"]["origin_fingerprint"] != second["inputs"]["origin_fingerprint"]
+
+
+@pytest.mark.parametrize("case", ["userdir", "workdir", "origin", "inside origin", "data", "old run"])
+def test_run_dash_o_takes_only_a_new_or_empty_folder_or_its_own(case: str, model_folder: Path,
+                                                                 tmp_path: Path) -> None:
+    """`run -o` never writes into a user's folder, the working directory, the origin or the data
+    folder, nor into a run folder of an older ctprune: refused in one line before writing anything."""
+    from shutil import copytree
+
+    origin = tmp_path / "origin"
+    copytree(model_folder, origin)
+    _write_corpus(tmp_path / "data", val_lines=20)
+    (tmp_path / "userdir").mkdir()
+    (tmp_path / "userdir" / "keep.txt").write_text("keep me\n")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "experiment.toml").write_text("")
+    (tmp_path / "old" / "jobs").mkdir()
+    exp = tmp_path / "exp.toml"
+    exp.write_text(FILE_CORPUS.format(data="data", model="origin", configurations="attention = [0.5]",
+                                      target='"none"'))
+    (tmp_path / "conf.json").write_text("[]")
+    out, message = {"userdir": (tmp_path / "userdir", "not a run folder"), "workdir": (tmp_path, "contains the origin"),
+                    "origin": (origin, "is the origin model folder"),
+                    "inside origin": (origin / "run", "is inside the origin model folder"),
+                    "data": (tmp_path / "data", "is the data folder"),
+                    "old run": (tmp_path / "old", "older ctprune")}[case]
+    before = _tree(tmp_path)
+    with pytest.raises(CtpruneError, match=message):
+        run_stage.run_experiment(exp, out)
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["no module", "no data folder", "no origin", "min_distance", "target below 0",
+                                  "--workers"])
+@pytest.mark.parametrize("folder", ["new", "empty"])
+def test_a_refused_run_leaves_nothing_behind_and_refuses_before_any_work(case: str, folder: str,
+                                                                          model_folder: Path, tmp_path: Path) -> None:
+    """Every refusal of `run` comes before anything is pruned, tuned or finetuned, names the
+    experiment file's key (or the flag that was given), and leaves a new or empty -o as it was:
+    no .lock, no experiment.toml, no jobs."""
+    _write_corpus(tmp_path / "data", val_lines=20)
+    confs = {"no module": 'inline = [{ "decoder.layers.7.ffn" = 0.5 }]'}.get(case, "attention = [0.5]")
+    text = FILE_CORPUS.format(data="nowhere" if case == "no data folder" else "data",
+                              model="missing" if case == "no origin" else model_folder, configurations=confs,
+                              target='"origin-1000"' if case == "target below 0" else '"none"')
+    if case == "min_distance":
+        text = text.replace("[configurations]\nattention = [0.5]",
+                            "[search]\ngrid = [0.5]\nkinds = [\"attention\"]\nflops = 0.9\nk = 2\nmin_distance = 7")
+    exp = tmp_path / "exp.toml"
+    exp.write_text(text)
+    message = {"no module": "decoder.layers.7.ffn", "no data folder": "data folder .*nowhere does not exist",
+               "no origin": "origin.model .*missing is not a folder",
+               "min_distance": r"exp.toml: search.min_distance must be in \[1, 6\] .*got 7",
+               "target below 0": "exp.toml: finetuning.target_bleu = 'origin-1000' is -1000.00 BLEU, below 0",
+               "--workers": r"--workers must be in \[1, 1024\], got 100000"}[case]
+    out = tmp_path / "runs" / "run"
+    if folder == "empty":
+        out.mkdir(parents=True)
+    with pytest.raises(CtpruneError, match=message):
+        run_stage.run_experiment(exp, out, execution={"workers": 100000} if case == "--workers" else None)
+    if folder == "empty":
+        assert list(out.iterdir()) == []
+    else:
+        assert not (tmp_path / "runs").exists()

@@ -12,16 +12,26 @@ import pytest
 import torch
 
 from ctprune.cli import main
+from ctprune.errors import CtpruneError
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
 from ctprune.model.flops import forward_flops, parameter_counts
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import compose, load_index, load_variant, save_variant
 from ctprune.pruning.configs import load_configurations, prunable_modules
-from ctprune.pruning.solver import solve
+from ctprune.pruning.solver import feasible, smallest_reachable, solve
+from ctprune.spec import SearchSpec, from_table
 from ctprune.stages.configs import write_plan
 from ctprune.stages.prune import prune
 from ctprune.stages.score import _origin_pass, _rerun_from, score_bank, validation_subset
-from ctprune.stages.search import SearchArgs, parse_budget, search
+from ctprune.stages.search import (
+    SearchArgs,
+    budget_points,
+    budget_sweep,
+    parse_budget,
+    prepare,
+    search,
+    uniform_choices,
+)
 from ctprune.stages.tune_blocks import tune_blocks
 
 from .conftest import run_cli, tiny_config
@@ -308,3 +318,120 @@ def test_a_block_and_its_linears_are_alternatives_of_one_slot(grid: dict[str, Pa
     assert any(m.endswith(("proj", "linear1", "linear2")) for c in confs for m in c)
     for conf, row in zip(confs, report["configurations"]):
         assert parameter_counts(compose(origin, bank, conf))[1] == row["params"] <= report["budgets"]["params"]["limit"]
+
+
+# --- budget sweeps, the fewer-than-k note, the uniform competitor ----------------------------
+
+def test_budget_sweep_pairs_lists_and_repeats_single_values() -> None:
+    points = budget_sweep({"flops": ["0.75", 0.5, "35%"], "params": "10M", "latency": None})
+    assert [[(b.resource, round(b.value, 9), b.relative) for b in p] for p in points] == [
+        [("flops", 0.75, True), ("params", 1e7, False)], [("flops", 0.5, True), ("params", 1e7, False)],
+        [("flops", 0.35, True), ("params", 1e7, False)]]
+    with pytest.raises(CtpruneError, match="one length"):
+        budget_sweep({"flops": ["0.75", "0.5"], "params": ["0.9", "0.8", "0.7"]})
+    # [search] takes a list or, as older experiment files have it, one value
+    assert from_table(SearchSpec, {"flops": [0.75, 0.5], "k": 4}, "e.toml", "search").flops == ("0.75", "0.5")
+    assert from_table(SearchSpec, {"flops": 0.6, "params": "10M"}, "e.toml", "search").budgets == (
+        ("flops", "0.6"), ("params", "10M"))
+    with pytest.raises(CtpruneError, match="e.toml: .*--flops 'lots'"):
+        from_table(SearchSpec, {"flops": [0.5, "lots"]}, "e.toml", "search")
+
+
+def test_a_budget_sweep_gives_k_configurations_per_budget_each_within_it(grid: dict[str, Path],
+                                                                         model_folder: Path) -> None:
+    out = grid["dir"] / "sweep" / "conf.json"
+    args = SearchArgs(model=model_folder, bank=grid["bank"], output=out, k=3, min_distance=2,
+                      budgets=budget_sweep({"flops": ["0.8", "0.6", "0.5"], "params": "0.9"}), **SUBSET)  # type: ignore[arg-type]
+    _, report = search(args)
+    origin, _, _ = load_model_folder(model_folder)
+    confs = load_configurations(out, prunable_modules(origin))
+    assert "budgets" not in report and len(report["sweep"]) == 3 and report["notes"] == []
+    assert [r["budget"] for r in report["configurations"]] == [0] * 3 + [1] * 3 + [2] * 3
+    assert len(confs) == 9 and [s["found"] for s in report["sweep"]] == [3, 3, 3]
+    tables = budget_points(json.loads((out.parent / "search.json").read_text()))
+    assert [t["flops"]["value"] for t in tables] == [0.8, 0.6, 0.5] and all(t["params"]["value"] == 0.9 for t in tables)
+    sl, tl = report["flops_at"]["src_len"], report["flops_at"]["tgt_len"]
+    for conf, row in zip(confs, report["configurations"]):
+        model = compose(origin, grid["bank"], conf)
+        limit = tables[row["budget"]]
+        assert forward_flops(model.cfg, sl, tl) == row["flops"] <= limit["flops"]["limit"]
+        assert parameter_counts(model)[1] == row["params"] <= limit["params"]["limit"]
+    # a tighter budget never finds a better estimate than a looser one
+    best = [min(r["estimate"] for r in report["configurations"] if r["budget"] == i) for i in range(3)]
+    assert best == sorted(best)
+
+
+def test_fewer_than_k_is_said_on_the_first_line(grid: dict[str, Path], model_folder: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """At the smallest reachable FLOPs only one configuration exists (every block at 0.25); -k 4
+    says so first, and --verify says it drew no random configuration."""
+    p = prepare(SearchArgs(model=model_folder, bank=grid["bank"], output=grid["dir"] / "unused.json",
+                           budgets=(parse_budget("flops", "0.9"),), **SUBSET))  # type: ignore[arg-type]
+    _, slot, costs = p.arrays()
+    least = int(p.base["flops"] + smallest_reachable(slot, costs[0]))
+    out = grid["dir"] / "short" / "conf.json"
+    rc = main(["search", str(model_folder), "--bank", str(grid["bank"]), "--flops", str(least), "-k", "4",
+               "--verify", "--random", "2", "--verify-sentences", "4", *SUBSET_CLI, "-o", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and lines[0].startswith("note: only 1 configuration (of k = 4) found under flops <= ")
+    assert any(line.startswith("note: budget 0: no random configuration meets it") for line in lines)
+    report = json.loads((out.parent / "search.json").read_text())
+    assert report["sweep"][0]["found"] == 1 and report["verify"]["random"] == 0
+    assert set(report["configurations"][0]["configuration"].values()) == {0.25}
+
+
+@pytest.mark.parametrize("flops", ["0.95", "0.8", "0.65", "0.5"])
+def test_uniform_meets_its_budget_and_is_the_largest_such(grid: dict[str, Path], model_folder: Path,
+                                                          flops: str) -> None:
+    p = prepare(SearchArgs(model=model_folder, bank=grid["bank"], output=grid["dir"] / "unused.json",
+                           budgets=budget_sweep({"flops": flops, "params": "0.95"}), **SUBSET))  # type: ignore[arg-type]
+    _, slot, costs = p.arrays()
+    taken, ratios = uniform_choices(p, ("attention", "ffn"), 0)  # type: ignore[misc]
+    conf = {m: r for m, r in p.configuration(taken).items() if r < 1}
+    every = {m: conf.get(m, 1.0) for m in p.choices.slots}  # every attention block and FFN (10)
+    assert set(every.values()) == set(ratios) and 1 <= len(ratios) <= 2  # one ratio, or the nearest pair
+    sl, tl = p.subset["src_len"], p.subset["tgt_len"]
+    origin, _, _ = load_model_folder(model_folder)
+    model = compose(origin, grid["bank"], conf)
+    assert forward_flops(model.cfg, sl, tl) <= p.args.budgets[0][0].limit(p.base["flops"])
+    assert parameter_counts(model)[1] <= p.args.budgets[0][1].limit(p.base["params"])
+    # the largest such: every block at the next ratio up misses the budget, and so does raising
+    # any one more block to the higher ratio of the pair
+    ladder = [0.25, 0.5, 0.75, 1.0]
+    higher = ladder[ladder.index(min(ratios)) + 1] if min(ratios) < 1 else None
+    choice = {(m, r): j for j, part in enumerate(p.choices.parts) for m, r in part.items()}
+    untouched = {p.choices.slot[j]: j for j, part in enumerate(p.choices.parts) if not part}
+
+    def at(r: float, s: int) -> int:
+        return untouched[s] if r == 1 else choice[p.choices.slots[s], r]
+
+    if higher is not None:
+        assert not feasible([at(higher, s) for s in range(10)], slot, costs, p.limits[0], 10)
+        for s in range(10):
+            if every[p.choices.slots[s]] != higher:
+                raised = [at(higher, s) if i == s else j for i, j in enumerate(taken)]
+                assert not feasible(raised, slot, costs, p.limits[0], 10)
+
+
+def test_removed_blocks_reach_budgets_the_grid_could_not(grid: dict[str, Path], model_folder: Path) -> None:
+    """keep 0 (the block removed) and 0.125 in the grid: 0.35 of the FLOPs is reachable; block
+    tuning, scoring and search run over the removed blocks; uniform can pick 0."""
+    bank = grid["dir"] / "with-zero"
+    prune(model_folder, bank, grid=[0, 0.125, 0.5])
+    tuned = grid["dir"] / "with-zero-tuned"
+    tune_blocks(model_folder, bank, tuned, epochs=1, corpus="synthetic", lr=2e-3, max_tokens=4096, device="cpu",
+                patience=0)
+    score_bank(model_folder, tuned, **{**SUBSET, "batches": 1})  # type: ignore[arg-type]
+    out = grid["dir"] / "zero" / "conf.json"
+    _, report = search(SearchArgs(model=model_folder, bank=tuned, output=out, k=2,
+                                  budgets=budget_sweep({"flops": ["0.35", "0.2"]}),
+                                  **{**SUBSET, "batches": 1}))  # type: ignore[arg-type]
+    origin, _, _ = load_model_folder(model_folder)
+    sl, tl = report["flops_at"]["src_len"], report["flops_at"]["tgt_len"]
+    assert [s["found"] for s in report["sweep"]] == [2, 2]
+    assert any(0.0 in c["configuration"].values() for c in report["configurations"])
+    for row in report["configurations"]:
+        limit = report["sweep"][row["budget"]]["budgets"]["flops"]["limit"]
+        assert forward_flops(compose(origin, tuned, row["configuration"]).cfg, sl, tl) == row["flops"] <= limit
+    for s in report["sweep"]:
+        assert s["uniform"]["flops"] <= s["budgets"]["flops"]["limit"]

@@ -110,3 +110,42 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path: Pat
     ha = read_history(tmp_path / "straight/history.csv")
     hb = read_history(tmp_path / "resumed/history.csv")
     assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
+
+
+def test_evaluation_within_epochs_and_the_checkpoint_kept_by_val_loss(model_folder: Path, tmp_path: Path) -> None:
+    from ctprune.data.corpus import Parallel
+    from ctprune.fileio import read_json
+    from ctprune.training.loop import fit
+
+    model, tok, _ = load_model_folder(model_folder)
+    train, val = load_split("synthetic", "train"), load_split("synthetic", "val")
+    train, val = Parallel(train.src[:64], train.tgt[:64]), Parallel(val.src[:4], val.tgt[:4])
+    out = tmp_path / "ft"
+    fit(model, tok, train, val, Recipe(epochs=2, lr=3e-3, warmup_steps=2, max_tokens=256, eval_every=0.5,
+                                       select="val_loss"), out, {"stage": "test"}, eval_before=True)
+    rows = read_history(out / "history.csv")
+    epochs = [float(r["epoch"]) for r in rows]
+    assert [r["epoch"] for r in rows][::2] == ["0", "1", "2"] and 0 < epochs[1] < 1 < epochs[3] < 2
+    for col in ("wall_time_s", "train_flops", "train_tokens"):  # counted up to each evaluation
+        assert all(float(a[col]) < float(b[col]) for a, b in zip(rows[1:], rows[2:])), col
+    summary = read_json(out / "train_summary.json")
+    kept = min(rows, key=lambda r: float(r["val_loss"]))
+    assert summary["select"] == "val_loss" and summary["epochs_done"] == 2
+    assert summary["kept"] == {"epoch": kept["epoch"], "val_bleu": float(kept["val_bleu"]),
+                               "val_loss": float(kept["val_loss"])}
+    assert summary["best_val_bleu"] == pytest.approx(max(float(r["val_bleu"]) for r in rows), abs=0.01)
+    assert float(read_json(out / "hparams.json")["epoch"]) == float(kept["epoch"])
+
+
+@pytest.mark.parametrize(("epochs", "message"), [
+    (["0", "0.5", "1", "2.25"], "epoch 2.25 after epoch 1"),  # epoch 2 skipped
+    (["0", "0.5", "0.5"], "epoch 0.5 after epoch 0.5"),
+    (["0", "1e-1"], "is not a whole number or a fraction"),
+])
+def test_a_history_with_fractional_epochs_is_validated(epochs: list[str], message: str, tmp_path: Path) -> None:
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,val_bleu\n" + "".join(f"{e},1.0\n" for e in epochs))
+    with pytest.raises(CtpruneError, match=message):
+        read_history(path)
+    path.write_text("epoch,val_bleu\n0,1\n0.25,2\n1,3\n1.5,4\n2,5\n")  # and one that is fine
+    assert [r["epoch"] for r in read_history(path)] == ["0", "0.25", "1", "1.5", "2"]

@@ -15,7 +15,6 @@ Face model.
 from __future__ import annotations
 
 import importlib
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ctprune.errors import CtpruneError
+from ctprune.fileio import read_json
 from ctprune.model.flops import BACKWARD_FACTOR
 
 KINDS = ("attention", "ffn", "linear")
@@ -201,10 +201,7 @@ def detect(folder: str | Path) -> Architecture:
             return get("ctprune")  # a damaged ctprune folder: its own loader says what is missing
         raise CtpruneError(f"{folder} is not a ctprune model folder nor a supported Hugging Face model "
                            f"(no config.json); supported: {SUPPORTED}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CtpruneError(f"{path} is not valid JSON ({e})") from None
+    config = read_json(path, "model config")  # bounded in size and depth, duplicate keys refused
     if not isinstance(config, dict):
         raise CtpruneError(f"model config {path} must be a JSON object")
     model_type = config.get("model_type")

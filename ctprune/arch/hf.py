@@ -27,30 +27,50 @@ from torch import Tensor, nn
 from ctprune.arch import Architecture, Prunable
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import atomic_write, read_json, write_json, write_text
-from ctprune.model.checkpoint import check_manifest, write_manifest
+from ctprune.model.checkpoint import MAX_POSITIONS, check_manifest, check_weights_hold, write_manifest
 from ctprune.model.flops import attention_flops, ffn_flops
+from ctprune.progress import bars_on
 
 CONFIG_FILE, WEIGHTS_FILE, LAYERS_FILE = "config.json", "model.safetensors", "ctprune_layers.json"
 HPARAMS_FILE, GENERATION_FILE = "hparams.json", "generation_config.json"
 LAYERS_FORMAT, MANIFEST_FORMAT = "ctprune-hf-layers/1", "ctprune-hf-model/1"
 # Files that mark a folder as holding a tokenizer (one of them is enough for AutoTokenizer).
 TOKENIZER_MARKS = ("tokenizer.json", "tokenizer_config.json", "source.spm", "spiece.model")
+# The files a manifest covers (config.json and generation_config.json: an edited eos_token_id
+# changes every translation).
+MANIFEST_FILES = (WEIGHTS_FILE, LAYERS_FILE, HPARAMS_FILE, GENERATION_FILE, CONFIG_FILE)
+# Token ids that config.json and generation_config.json may set; each must be an id of the vocabulary.
+TOKEN_ID_FIELDS = ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id",
+                   "forced_bos_token_id", "forced_eos_token_id")
+
+
+def config_int(config: dict[str, Any], key: str, path: Path, default: Any = None) -> int:
+    """A positive integer field of a Hugging Face ``config.json`` (``default`` when absent)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CtpruneError(f"{path}: {key} must be a positive integer, got {str(value)[:40]}")
+    return value
 
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """transformers' info and warnings (load reports, generation flags, Marian's advice to install
-    sacremoses, which ctprune does not use) off inside the block."""
+    sacremoses, which ctprune does not use) off inside the block; its progress bars ("Loading
+    weights") too unless stderr is a terminal, as ctprune's own (``ctprune.progress``)."""
     from transformers.utils import logging
 
-    level = logging.get_verbosity()
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    if not bars_on():
+        logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
             yield
     finally:
         logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 class HFTokenizer:
@@ -118,6 +138,11 @@ class HFArchitecture(Architecture):
         """(d_model, width, number of d_model x width matrices) of an FFN block."""
         raise NotImplementedError
 
+    def config_params(self, config: dict[str, Any], path: Path, pruned: bool) -> tuple[int, int]:
+        """(a lower bound of the parameters of a model of ``config``, its position table length).
+        ``pruned``: units may keep as little as one head / one neuron, so count that."""
+        raise NotImplementedError
+
     def is_cross(self, name: str) -> bool:
         """Whether attention unit ``name`` attends to the encoder's output."""
         return name.endswith("." + self.cross_attention)
@@ -139,12 +164,12 @@ class HFArchitecture(Architecture):
             if (folder / f"{WEIGHTS_FILE}.index.json").is_file():
                 raise CtpruneError(f"{folder} holds sharded weights; ctprune reads one {WEIGHTS_FILE}")
             raise CtpruneError(f"{folder} has no {WEIGHTS_FILE}")
-        check_manifest(folder, MANIFEST_FORMAT, (WEIGHTS_FILE, LAYERS_FILE, HPARAMS_FILE))
+        check_manifest(folder, MANIFEST_FORMAT, MANIFEST_FILES)
         layers = self._read_layers(folder)
+        self._check_config(folder, pruned=layers is not None)
         with quiet_transformers():
             try:
-                model = load_pruned(self, folder) if layers is not None else self.model_cls().from_pretrained(
-                    str(folder), dtype=torch.float32, local_files_only=True)
+                model = load_pruned(self, folder) if layers is not None else self._load_whole(folder)
             except CtpruneError:
                 raise
             except Exception as e:  # transformers and safetensors raise many types for a bad folder
@@ -161,6 +186,39 @@ class HFArchitecture(Architecture):
         if tok is not None:
             tok.source_prefix = prefix
         return model.to(device).eval(), tok, hparams
+
+    def _check_config(self, folder: Path, pruned: bool) -> None:
+        """config.json's sizes, before anything is built: positions bounded, and a model the
+        weights file can hold (``encoder_layers: 100000`` would otherwise build for minutes)."""
+        path = folder / CONFIG_FILE
+        config = read_json(path, "model config")
+        if not isinstance(config, dict):
+            raise CtpruneError(f"model config {path} must be a JSON object")
+        defaults = self.model_cls().config_class().to_dict()  # what transformers fills in for absent keys
+        params, positions = self.config_params({**defaults, **config}, path, pruned)
+        if positions > MAX_POSITIONS:
+            raise CtpruneError(f"{path}: a position table of {positions} entries; at most {MAX_POSITIONS}")
+        check_weights_hold(folder, params, f"a {self.model_class}")
+        vocab = config_int({**defaults, **config}, "vocab_size", path)
+        check_token_ids(path, config, vocab)
+        if (folder / GENERATION_FILE).is_file():  # bounded read before transformers parses it
+            check_token_ids(folder / GENERATION_FILE, read_json(folder / GENERATION_FILE, "generation config"), vocab)
+
+    def _load_whole(self, folder: Path) -> nn.Module:
+        """An unpruned folder through ``from_pretrained``, strictly: every tensor of the config
+        present in the weights with its shape, and none besides (transformers would fill missing
+        ones with random values and skip foreign ones, silently)."""
+        model, info = self.model_cls().from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
+                                                       output_loading_info=True)
+        problems = {"missing": sorted(info.get("missing_keys") or []),
+                    "unexpected": sorted(info.get("unexpected_keys") or []),
+                    "of another shape": sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                               for k in info.get("mismatched_keys") or [])}
+        found = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in problems.items() if keys]
+        if found:
+            raise CtpruneError(f"weights in {folder / WEIGHTS_FILE} do not fit its {CONFIG_FILE} "
+                               f"({self.model_class}): tensors {'; '.join(found)}")
+        return model
 
     def load_tokenizer(self, folder: Path, model: nn.Module, required: bool = True) -> HFTokenizer | None:
         if not any((folder / f).is_file() for f in TOKENIZER_MARKS):
@@ -193,8 +251,12 @@ class HFArchitecture(Architecture):
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             write_text(folder / GENERATION_FILE, gen.to_json_string())
-        write_manifest(folder, MANIFEST_FORMAT, (WEIGHTS_FILE, LAYERS_FILE, HPARAMS_FILE))
-        write_text(folder / CONFIG_FILE, model.config.to_json_string(use_diff=True))  # type: ignore[union-attr]
+        else:
+            (folder / GENERATION_FILE).unlink(missing_ok=True)  # a stale one would fail the manifest
+        files = (WEIGHTS_FILE, LAYERS_FILE, HPARAMS_FILE) + ((GENERATION_FILE,) if gen is not None else ())
+        config = model.config.to_json_string(use_diff=True)  # type: ignore[union-attr]
+        write_manifest(folder, MANIFEST_FORMAT, files, {CONFIG_FILE: config})
+        write_text(folder / CONFIG_FILE, config)
 
     def fingerprint(self, folder: Path) -> str:
         h = hashlib.sha256()
@@ -320,6 +382,19 @@ def load_pruned(arch: HFArchitecture, folder: Path) -> nn.Module:
 
         model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     return model
+
+
+def check_token_ids(path: Path, config: Any, vocab: int) -> None:
+    """Refuse special token ids of a config.json or generation_config.json outside the vocabulary
+    (``vocab`` ids): building, generating or stopping would fail on them, or wait for a token
+    that never comes."""
+    if not isinstance(config, dict):
+        raise CtpruneError(f"{path} must be a JSON object")
+    for field in TOKEN_ID_FIELDS:
+        value = config.get(field)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(_is_int(i) and 0 <= i < vocab for i in ids):
+            raise CtpruneError(f"{path}: {field} {str(value)[:40]} is not a token id of this model (0..{vocab - 1})")
 
 
 def _check_unit(units: dict[str, Prunable], name: str, kind: str, folder: Path) -> Prunable:

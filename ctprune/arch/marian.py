@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ctprune.arch import Prunable
-from ctprune.arch.hf import HFArchitecture, HFTokenizer, quiet_transformers
+from ctprune.arch.hf import HFArchitecture, HFTokenizer, config_int, quiet_transformers
 from ctprune.data.tokenizer import EOS_ID, PAD_ID
 from ctprune.pruning.importance import head_scores, neuron_scores
 from ctprune.pruning.surgery import head_index, keep_cols, keep_rows
@@ -94,6 +94,17 @@ class MarianArchitecture(HFArchitecture):
         if name.endswith(".ffn"):
             return model.get_submodule(name[:-len(".ffn")]).fc2
         return model.get_submodule(name).out_proj
+
+    def config_params(self, config: dict[str, Any], path: Path, pruned: bool) -> tuple[int, int]:
+        d, vocab = config_int(config, "d_model", path), config_int(config, "vocab_size", path)
+        total = vocab * d  # one embedding shared by encoder, decoder and output
+        for side, attentions in (("encoder", 1), ("decoder", 2)):
+            layers = config_int(config, f"{side}_layers", path)
+            heads = config_int(config, f"{side}_attention_heads", path)
+            width = 1 if pruned else config_int(config, f"{side}_ffn_dim", path)
+            inner = max(1, d // heads) if pruned else d  # kept heads x head size
+            total += layers * (4 * attentions * d * inner + 2 * d * width)
+        return total, config_int(config, "max_position_embeddings", path)
 
     def full_size(self, config: Any, unit: Prunable) -> int:
         if unit.kind == "attention":

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers.models.t5.modeling_t5 import T5Attention, T5DenseActDense, T5DenseGatedActDense
 
 from ctprune.arch import Prunable
-from ctprune.arch.hf import HFArchitecture, HFTokenizer
+from ctprune.arch.hf import HFArchitecture, HFTokenizer, config_int
 from ctprune.data.tokenizer import EOS_ID, PAD_ID
 from ctprune.pruning.importance import head_scores, neuron_scores
 from ctprune.pruning.surgery import head_index, keep_cols, keep_rows
@@ -97,6 +97,18 @@ class T5Architecture(HFArchitecture):
     def output_linear(self, model: nn.Module, name: str) -> nn.Linear:
         block = model.get_submodule(name)
         return block.wo if isinstance(block, FFN_TYPES) else block.o
+
+    def config_params(self, config: dict[str, Any], path: Path, pruned: bool) -> tuple[int, int]:
+        d, vocab = config_int(config, "d_model", path), config_int(config, "vocab_size", path)
+        kv, heads = config_int(config, "d_kv", path), config_int(config, "num_heads", path)
+        encoder = config_int(config, "num_layers", path)
+        decoder = config_int({**config, "num_decoder_layers": config.get("num_decoder_layers") or encoder},
+                             "num_decoder_layers", path)
+        inner = kv if pruned else heads * kv  # kept heads x head size
+        ffn = 2 * d * (1 if pruned else config_int(config, "d_ff", path))
+        embeddings = vocab * d * (1 if config.get("tie_word_embeddings", True) else 2)
+        total = embeddings + encoder * (4 * d * inner + ffn) + decoder * (8 * d * inner + ffn)
+        return total, config_int(config, "relative_attention_num_buckets", path)
 
     def full_size(self, config: Any, unit: Prunable) -> int:
         return config.num_heads if unit.kind == "attention" else config.d_ff

@@ -8,20 +8,63 @@ longer matches it (altered, truncated, swapped, half-written) is refused on load
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from ctprune.arch import arch_of, detect
 from ctprune.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ctprune.errors import CtpruneError, first_line
-from ctprune.fileio import atomic_write, file_record, read_json, verify_file, write_json
+from ctprune.fileio import atomic_write, file_record, read_json, verify_file, write_json, write_text
 from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
 
 CONFIG_FILE, WEIGHTS_FILE, HPARAMS_FILE = "config.json", "model.safetensors", "hparams.json"
 MANIFEST_FILE, MODEL_FORMAT = "manifest.json", "ctprune-model/1"
+# Position tables are built whole (positions x d_model) and are not in the weights file, so their
+# length is bounded on its own; translation models use 256 to 2048.
+MAX_POSITIONS = 1 << 16
+
+
+def check_weights_hold(folder: Path, params: int, what: str) -> None:
+    """Refuse a config whose model has at least ``params`` parameters when the weights file stores
+    fewer (``encoder_layers: 100000``, a huge d_model): checked on the file's header, before the
+    model is built. An unreadable header is refused as such."""
+    weights = Path(folder) / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise CtpruneError(f"weights in {weights} are unreadable: {first_line(e)}") from None
+    if params > stored:
+        raise CtpruneError(f"{Path(folder) / CONFIG_FILE} describes {what} of at least {params:,} parameters, but "
+                           f"{weights} stores {stored:,}; its sizes do not match the weights")
+
+
+def _native_params(cfg: ModelConfig) -> int:
+    """Parameters of the matrices of a model of ``cfg`` (biases and norms left out: a lower bound)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    encoder = sum(4 * d * h * hd + 2 * d * f for h, f in zip(cfg.encoder_heads, cfg.encoder_ffn))
+    decoder = sum(4 * d * (hs + hc) * hd + 2 * d * f
+                  for hs, hc, f in zip(cfg.decoder_self_heads, cfg.decoder_cross_heads, cfg.decoder_ffn))
+    return cfg.vocab_size * d * (1 if cfg.tie_embeddings else 3) + encoder + decoder
+
+
+def _check_raw_sizes(folder: Path, raw: dict[str, Any]) -> None:
+    """Before ``ModelConfig`` builds its per-layer lists: every layer holds at least a LayerNorm
+    (2 d_model parameters) and the embedding vocab_size x d_model."""
+    ints = {k: raw.get(k) for k in ("vocab_size", "d_model", "n_encoder_layers", "n_decoder_layers", "max_len")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints.values()):
+        return  # missing or mistyped: ModelConfig names the field
+    if ints["max_len"] > MAX_POSITIONS:
+        raise CtpruneError(f"{folder / CONFIG_FILE}: max_len must be at most {MAX_POSITIONS}, got {ints['max_len']}")
+    layers = ints["n_encoder_layers"] + ints["n_decoder_layers"]
+    check_weights_hold(folder, ints["d_model"] * (ints["vocab_size"] + 2 * layers), "a model")
 
 
 def save_model_folder(folder: Path, model: torch.nn.Module, tok: Any, hparams: dict[str, Any]) -> None:
@@ -55,8 +98,9 @@ def save_native_folder(folder: Path, model: Seq2SeqTransformer, tok: Tokenizer,
     tok.save(folder)
     write_json(folder / HPARAMS_FILE, hparams)
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp)))
-    write_manifest(folder, MODEL_FORMAT, (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE))
-    write_json(folder / CONFIG_FILE, model.cfg.to_dict())
+    config = json.dumps(model.cfg.to_dict(), indent=2) + "\n"
+    write_manifest(folder, MODEL_FORMAT, (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE), {CONFIG_FILE: config})
+    write_text(folder / CONFIG_FILE, config)
 
 
 def load_native_folder(folder: str | Path, device: str | torch.device = "cpu"
@@ -72,10 +116,17 @@ def load_native_folder(folder: str | Path, device: str | torch.device = "cpu"
     raw = read_json(folder / CONFIG_FILE, "model config")
     if not isinstance(raw, dict):
         raise CtpruneError(f"model config {folder / CONFIG_FILE} must be a JSON object")
+    _check_raw_sizes(folder, raw)
     try:
-        model = Seq2SeqTransformer(ModelConfig.from_dict(raw))
+        cfg = ModelConfig.from_dict(raw)
+        params = _native_params(cfg)
     except CtpruneError as e:
         raise CtpruneError(f"{folder / CONFIG_FILE}: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise CtpruneError(f"{folder / CONFIG_FILE}: a field has the wrong type ({e})") from None
+    check_weights_hold(folder, params, "a model")
+    try:
+        model = Seq2SeqTransformer(cfg)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
         raise CtpruneError(f"{folder / CONFIG_FILE}: a field has the wrong type ({e})") from None
     try:
@@ -90,13 +141,19 @@ def load_native_folder(folder: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), Tokenizer.load(folder), hparams
 
 
-def write_manifest(folder: Path, fmt: str, files: tuple[str, ...]) -> None:
-    """Record the size and SHA-256 of ``files`` of a model folder in its manifest."""
-    write_json(folder / MANIFEST_FILE, {"format": fmt, "files": {f: file_record(folder / f) for f in files}})
+def write_manifest(folder: Path, fmt: str, files: tuple[str, ...], pending: dict[str, str] | None = None) -> None:
+    """Record the size and SHA-256 of ``files`` of a model folder in its manifest, and of the
+    ``pending`` texts (``{name: text}``) that are written after it (config.json, last: the mark of
+    a complete folder)."""
+    records = {f: file_record(folder / f) for f in files}
+    for name, text in (pending or {}).items():
+        data = text.encode("utf-8")
+        records[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_json(folder / MANIFEST_FILE, {"format": fmt, "files": records})
 
 
 def check_manifest(folder: Path, fmt: str = MODEL_FORMAT,
-                   files: tuple[str, ...] = (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE)) -> None:
+                   files: tuple[str, ...] = (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE, CONFIG_FILE)) -> None:
     """Check the recorded files of a model folder; folders written before manifests (or by
     another tool) have none."""
     path = folder / MANIFEST_FILE

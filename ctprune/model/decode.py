@@ -8,7 +8,19 @@ from torch import Tensor
 from ctprune.arch import arch_of
 from ctprune.data.batching import pad
 from ctprune.data.tokenizer import EOS_ID, Tokenizer
+from ctprune.errors import CtpruneError
 from ctprune.model.transformer import Seq2SeqTransformer
+from ctprune.progress import progress as progress_bar
+
+# Beam widths past a few dozen stop improving translation and multiply the decoding memory
+# (batch x beam cached sequences); a width of 10^9 once ended in an allocation traceback.
+MAX_BEAM = 64
+
+
+def check_beam(beam: int) -> None:
+    """Refuse a beam width outside 1..MAX_BEAM (before any model is loaded)."""
+    if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= MAX_BEAM:
+        raise CtpruneError(f"--beam must be an integer in 1..{MAX_BEAM}, got {beam!r}")
 
 
 def _max_steps(model: Seq2SeqTransformer, src: Tensor) -> int:
@@ -87,8 +99,7 @@ def translate(model: torch.nn.Module, tok: Tokenizer, sentences: list[str], beam
     """Translate raw source sentences into detokenized target sentences, batched by source
     length; any architecture's model (``generate`` of ``ctprune.arch``: ctprune's greedy / beam
     search above, or a Hugging Face model's own)."""
-    from tqdm import tqdm
-
+    check_beam(beam)
     arch = arch_of(model)
     model.eval()
     dev = next(model.parameters()).device
@@ -96,7 +107,7 @@ def translate(model: torch.nn.Module, tok: Tokenizer, sentences: list[str], beam
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[list[int]] = [[] for _ in ids]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for chunk in tqdm(chunks, desc="translate", unit="batch", disable=not progress, leave=False):
+    for chunk in progress_bar(chunks, disable=not progress, desc="translate", unit="batch", leave=False):
         src = pad([ids[i] for i in chunk], tok.pad_id).to(dev)
         for i, h in zip(chunk, arch.generate(model, src, beam)):
             out[i] = h

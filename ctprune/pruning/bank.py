@@ -77,14 +77,14 @@ def check_index(index: Any, bank: Path) -> dict[str, Any]:
             raise CtpruneError(f"{where}: \"module\" must be a dotted module name, got {e.get('module')!r}")
         if e.get("kind") not in KINDS:
             raise CtpruneError(f"{where}: \"kind\" must be one of {', '.join(KINDS)}, got {e.get('kind')!r}")
-        ratio = check_ratio(e.get("ratio"), where)
+        ratio = check_ratio(e.get("ratio"), where, e["kind"] != "linear")
         if key != variant_key(e["module"], ratio):
             raise CtpruneError(f"{where}: the key does not match its module and ratio "
                                f"({variant_key(e['module'], ratio)!r})")
-        if e["kind"] != "linear" and (not isinstance(e.get("kept"), list) or not e["kept"]
+        if e["kind"] != "linear" and (not isinstance(e.get("kept"), list) or not e["kept"] and ratio > 0
                                       or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                  for i in e["kept"])):
-            raise CtpruneError(f"{where}: \"kept\" must be a non-empty list of head/neuron indices")
+            raise CtpruneError(f"{where}: \"kept\" must be a list of head/neuron indices, empty only at ratio 0")
         if not isinstance(e.get("provenance"), dict):
             raise CtpruneError(f"{where}: \"provenance\" is missing or not an object")
         contained(bank, e.get("file"), where)
@@ -110,9 +110,9 @@ def build_variant(origin: nn.Module, entry: dict[str, Any]) -> nn.Module:
     block = arch.block(origin, name)
     if kind == "linear":
         return mask_linear(block, torch.ones_like(block.weight))
-    if max(entry["kept"]) >= unit.size:
+    if max(entry["kept"], default=-1) >= unit.size:  # a keep-0 variant keeps none
         raise CtpruneError(f"variant of {name!r} keeps index {max(entry['kept'])}, beyond the module")
-    return arch.cut(block, torch.tensor(entry["kept"]))
+    return arch.cut(block, torch.tensor(entry["kept"], dtype=torch.long))
 
 
 def load_variant(bank: Path, index: dict[str, Any], key: str, origin: nn.Module) -> nn.Module:

@@ -37,11 +37,16 @@ def _parent(name: str, modules: dict[str, Prunable]) -> str | None:
     return modules[name].parent
 
 
-def check_ratio(value: Any, where: str) -> float:
+def check_ratio(value: Any, where: str, zero: bool = True) -> float:
+    """A keep ratio in [0, 1]; 0 removes a block altogether (its residual branch skipped), so
+    ``zero=False`` for a Linear (unstructured), which keeps at least one weight."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CtpruneError(f"{where}: keep ratio must be a number in (0, 1], got {value!r}")
-    if not 0 < value <= 1:
-        raise CtpruneError(f"{where}: keep ratio must be in (0, 1], got {value!r}")
+        raise CtpruneError(f"{where}: keep ratio must be a number in [0, 1], got {value!r}")
+    if not 0 <= value <= 1:
+        raise CtpruneError(f"{where}: keep ratio must be in [0, 1] (0: the block removed), got {value!r}")
+    if value == 0 and not zero:
+        raise CtpruneError(f"{where}: keep ratio of a Linear must be in (0, 1] (keep 0 removes attention "
+                           f"and FFN blocks only), got {value!r}")
     return float(value)
 
 
@@ -63,7 +68,7 @@ def validate_configurations(raw: Any, modules: dict[str, Prunable], source: str)
         where = f"{source}: configuration {i}"
         if not isinstance(conf, dict) or not conf:
             raise CtpruneError(f"{where} must be a non-empty object {{module name: keep ratio}}")
-        clean = {check_module(k, modules, where): check_ratio(v, f"{where}, {k}")
+        clean = {check_module(k, modules, where): check_ratio(v, f"{where}, {k}", modules[k].kind != "linear")
                  for k, v in conf.items()}
         for name, ratio in clean.items():
             parent = _parent(name, modules)
@@ -88,7 +93,7 @@ def default_configurations(modules: dict[str, Prunable], n: int, attention: list
         if values is not None and len(values) != n:
             raise CtpruneError(f"{label}{name} needs {n} ratios (one per configuration), got {len(values)}")
         for v in values or []:
-            check_ratio(v, f"{label}{name}")
+            check_ratio(v, f"{label}{name}", name != "linear")
     if n < 1:
         raise CtpruneError(f"-n must be at least 1, got {n}")
     confs: list[Configuration] = []
@@ -151,7 +156,7 @@ def check_plan(plan: Any, modules: dict[str, Prunable], source: str) -> dict[str
         if entry.get("kind") != modules[name].kind:
             raise CtpruneError(f"{source}, {name}: kind {entry.get('kind')!r} contradicts the module, "
                                f"which is {modules[name].kind!r}")
-        rs = [check_ratio(r, f"{source}, {name}") for r in entry["ratios"]]
+        rs = [check_ratio(r, f"{source}, {name}", modules[name].kind != "linear") for r in entry["ratios"]]
         if any(r >= 1 for r in rs) or len(set(rs)) != len(rs):
             raise CtpruneError(f"{source}, {name}: ratios must be distinct and below 1, got {rs}")
     if "modules_fingerprint" in plan and plan["modules_fingerprint"] != fingerprint(plan["modules"]):

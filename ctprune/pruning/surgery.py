@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,13 +19,28 @@ from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
 
 
 def n_keep(ratio: float, n: int) -> int:
-    """round(ratio x n), halves rounded up, at least 1."""
+    """round(ratio x n), halves rounded up, at least 1; 0 for ratio 0 (the block removed)."""
+    if ratio == 0:
+        return 0
     return max(1, min(n, math.floor(ratio * n + 0.5)))
+
+
+@contextmanager
+def _quiet_empty_init() -> Iterator[None]:
+    """Building a removed block's empty Linears: torch warns that their init is a no-op."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        yield
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    with _quiet_empty_init():
+        return nn.Linear(in_features, out_features, bias=bias)
 
 
 def keep_rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
     """A new Linear with only output rows ``idx`` (weights and bias)."""
-    new = nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None)
+    new = _linear(linear.in_features, len(idx), bias=linear.bias is not None)
     with torch.no_grad():
         new.weight.copy_(linear.weight[idx])
         if linear.bias is not None:
@@ -34,7 +50,7 @@ def keep_rows(linear: nn.Linear, idx: Tensor) -> nn.Linear:
 
 def keep_cols(linear: nn.Linear, idx: Tensor) -> nn.Linear:
     """A new Linear with only input columns ``idx`` (the bias is kept whole)."""
-    new = nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None)
+    new = _linear(len(idx), linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():
         new.weight.copy_(linear.weight[:, idx])
         if linear.bias is not None:
@@ -53,18 +69,30 @@ def cut_heads(attn: Attention, keep: Tensor) -> Attention:
     keep = keep.sort().values
     hd = attn.head_dim
     idx = head_index(keep, hd)
-    new = Attention(attn.q_proj.in_features, len(keep), hd, attn.dropout)
+    with _quiet_empty_init():
+        new = Attention(attn.q_proj.in_features, len(keep), hd, attn.dropout)
     new.q_proj, new.k_proj, new.v_proj = (keep_rows(p, idx) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     new.out_proj = keep_cols(attn.out_proj, idx)
+    _clear_if_empty(new.out_proj)
     return new.train(attn.training)
 
 
 def cut_neurons(ffn: FeedForward, keep: Tensor) -> FeedForward:
     """A new FeedForward keeping hidden neurons ``keep``: rows of linear1, columns of linear2."""
     keep = keep.sort().values
-    new = FeedForward(ffn.linear1.in_features, len(keep), ffn.dropout.p)
+    with _quiet_empty_init():
+        new = FeedForward(ffn.linear1.in_features, len(keep), ffn.dropout.p)
     new.linear1, new.linear2 = keep_rows(ffn.linear1, keep), keep_cols(ffn.linear2, keep)
+    _clear_if_empty(new.linear2)
     return new.train(ffn.training)
+
+
+def _clear_if_empty(out: nn.Linear) -> None:
+    """Zero the output bias of a block that keeps no head or neuron: such a block returns zeros
+    (its forward skips the bias), so the bias is no parameter of it (non-zero count 0)."""
+    if out.in_features == 0 and out.bias is not None:
+        with torch.no_grad():
+            out.bias.zero_()
 
 
 def l1_mask(weight: Tensor, ratio: float) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -11,10 +12,19 @@ import torch
 from ctprune.data.corpus import load_split, split_lines
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
-from ctprune.fileio import check_output, write_json, write_text
+from ctprune.fileio import check_existing, check_output, write_json, write_text
 from ctprune.model.checkpoint import load_model_folder
-from ctprune.model.decode import translate
+from ctprune.model.decode import check_beam, translate
 from ctprune.scoring import score
+
+# What `evaluate` writes into its folder: SPLIT.DECODER.en / .json (and its atomic writes' temp files).
+OWN_FILE = re.compile(r"\.?[^/]+\.(greedy|beam\d+)\.(en|json)(\.[^/]*\.tmp)?")
+
+
+def _is_eval_folder(path: Path) -> bool:
+    """An existing folder that only `evaluate` wrote into (or an empty one): safe to add to."""
+    return path.is_dir() and not path.is_symlink() and all(
+        p.is_file() and not p.is_symlink() and OWN_FILE.fullmatch(p.name) for p in path.iterdir())
 
 
 def evaluate(model_dir: Path, corpus: str = "multi30k", split: str = "test_2016_flickr",
@@ -22,12 +32,12 @@ def evaluate(model_dir: Path, corpus: str = "multi30k", split: str = "test_2016_
              output: Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Translate ``split``, score it, write ``SPLIT.DECODER.en`` and ``SPLIT.DECODER.json``
     into ``output`` (default MODEL/eval), print a summary, and return the report."""
-    if beam < 1:
-        raise CtpruneError(f"--beam must be at least 1, got {beam}")
+    check_beam(beam)
     out = Path(output) if output else Path(model_dir) / "eval"
     check_output(out, {"model folder": model_dir, "data folder": data_dir}, may_be_inside=("model folder",))
     if out.exists() and not out.is_dir():
         raise CtpruneError(f"output {out} exists and is not a folder; -o names the folder for the hypotheses")
+    check_existing(out, _is_eval_folder, "empty or an `evaluate` folder (it holds files `evaluate` does not write)")
     dev = resolve_device(device)
     data = load_split(corpus, split, data_dir)
     model, tok, _ = load_model_folder(model_dir, dev)
@@ -52,17 +62,25 @@ def evaluate(model_dir: Path, corpus: str = "multi30k", split: str = "test_2016_
     return report
 
 
-def translate_stream(model_dir: Path, inp: TextIO, out: TextIO, beam: int = 1,
-                     device: str | None = None) -> None:
-    """Read German lines from ``inp``, write one English line per input line to ``out``."""
-    if beam < 1:
-        raise CtpruneError(f"--beam must be at least 1, got {beam}")
-    model, tok, _ = load_model_folder(model_dir, resolve_device(device))
+def read_source_lines(inp: TextIO | None, out: TextIO | None) -> tuple[list[str], TextIO]:
+    """The German lines of ``inp`` and the open ``out`` (checked: both streams open, UTF-8)."""
+    if inp is None or inp.closed:  # `ctprune translate <&-`: Python gives sys.stdin = None
+        raise CtpruneError("standard input is closed; give one German sentence per line on it")
+    if out is None or out.closed:
+        raise CtpruneError("standard output is closed; the translations are written to it")
     data = inp.buffer.read() if hasattr(inp, "buffer") else inp.read().encode("utf-8")
     try:
-        lines = split_lines(data.decode("utf-8"))
+        return split_lines(data.decode("utf-8")), out
     except UnicodeDecodeError as e:
         raise CtpruneError(f"standard input is not UTF-8 text (byte {e.start}); give one German sentence "
                            "per line") from None
+
+
+def translate_stream(model_dir: Path, inp: TextIO | None, out: TextIO | None, beam: int = 1,
+                     device: str | None = None) -> None:
+    """Read German lines from ``inp``, write one English line per input line to ``out``."""
+    check_beam(beam)
+    model, tok, _ = load_model_folder(model_dir, resolve_device(device))
+    lines, out = read_source_lines(inp, out)
     for hyp in translate(model, tok, lines, beam=beam) if lines else []:
         out.write(hyp + "\n")

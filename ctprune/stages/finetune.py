@@ -82,7 +82,7 @@ def plot_history(csv_path: Path, png: Path, title: str) -> None:
     if not rows:
         raise CtpruneError(f"{csv_path} has no rows")
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ep = [int(r["epoch"]) for r in rows]
+    ep = [float(r["epoch"]) for r in rows]  # fractional where evaluated within epochs (eval_every)
     ax[0].plot(ep, [float(r["val_bleu"]) for r in rows], marker="o")
     ax[0].set(xlabel="epoch", ylabel="val BLEU (greedy)", title=title)
     ax[1].plot([float(r["wall_time_s"]) for r in rows], [float(r["val_loss"]) for r in rows], marker="o")

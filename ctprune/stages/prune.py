@@ -68,7 +68,9 @@ def grid_plan(modules: dict[str, Prunable], grid: list[float], kinds: tuple[str,
         raise CtpruneError(f"--kinds: choose from {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
     if not ratios:
         raise CtpruneError("--grid needs at least one keep ratio below 1")
-    plan = {"modules": {n: {"kind": m.kind, "ratios": ratios} for n, m in modules.items() if m.kind in kinds}}
+    # keep 0 removes attention / FFN blocks; a Linear keeps at least one weight
+    plan = {"modules": {n: {"kind": m.kind, "ratios": [r for r in ratios if r > 0 or m.kind != "linear"]}
+                        for n, m in modules.items() if m.kind in kinds}}
     return plan, f"grid-{'-'.join(f'{r:g}' for r in ratios)}-{'-'.join(sorted(kinds))}"
 
 
@@ -99,12 +101,15 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
     elif grid is not None:
         plan, plan_fp = grid_plan(modules, grid, kinds)
     else:
-        r = check_ratio(ratio, "--ratio")
+        r = check_ratio(ratio, "--ratio", zero=False)
         if r == 1:
             raise CtpruneError("--ratio 1 keeps every module whole, so the bank would be empty")
         plan = {"modules": {n: {"kind": m.kind, "ratios": [r] if r < 1 else []}
                             for n, m in modules.items()}}
         plan_fp = f"ratio-{r:g}"
+    if arch_of(model).name != "ctprune" and any(0 in e["ratios"] for e in plan["modules"].values()):
+        raise CtpruneError(f"keep ratio 0 (the block removed) is supported for ctprune's own Transformer, "
+                           f"not yet for {arch_of(model).model_class}; use ratios in (0, 1]")
     stats: dict[str, torch.Tensor] = {}
     if criterion == "activation":
         train = load_split(corpus, default_splits(corpus)[0], data_dir)

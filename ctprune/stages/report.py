@@ -18,6 +18,7 @@ from typing import Any
 from ctprune.errors import CtpruneError
 from ctprune.fileio import atomic_write, contained, read_json, write_text
 from ctprune.scoring import spearman
+from ctprune.stages.search import budget_points, describe_table
 from ctprune.training.loop import read_history
 
 SIDES = ("baseline", "composed")
@@ -185,6 +186,66 @@ def _plots(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, Path]]:
     return figs
 
 
+def _latency(c: dict[str, Any]) -> str:
+    lat = c["latency"]
+    return "flagged" if lat["flagged"] else f"{lat['ratio']:.2f}x ± {lat['spread']:.2f}"
+
+
+def _equal_quality(doc: Doc, s: dict[str, Any]) -> None:
+    """The configurations (and competitors) whose both sides missed the target: the time to equal quality."""
+    lines = []
+    for r in s["runs"]:
+        named = [(f"configuration {c['index']}", c) for c in r["configurations"]]
+        named += [(f"{c['method']} at budget {c['budget']}", c) for c in r.get("competitors", [])]
+        for name, c in named:
+            if "equal_quality" in c:
+                q = c["equal_quality"]
+                took = ("not reached within the cap" if q["epochs"] is None else
+                        f"reached after {q['epochs']} epoch(s), {q['cost_seconds']:.1f} s, "
+                        f"{_tflop(q['cost_flops'])} TFLOP of finetuning")
+                lines.append(f"{name}, seed {r['seed']}: the baseline's best val BLEU {q['target']:.2f}: {took}")
+    if lines:
+        doc.p("Both sides censored, **time to equal quality** (the composed side to the baseline's best val BLEU "
+              "within the cap, its finetuning only): " + "; ".join(lines) + ".")
+
+
+def _budgets(doc: Doc, s: dict[str, Any]) -> None:
+    """Per budget point and method (searched, and each competitor): shape, latency and the protocol's
+    numbers side by side (mean over seeds), and the saving of the budget's searched configurations."""
+    if "competitors" not in s and "budgets" not in s["runs"][0]:
+        return
+    runs, p, first = s["runs"], s["protocol"], s["test_splits"][0]
+    tables = budget_points(s["search"]) if s.get("search") else []
+    doc.h(3, "Per budget and method")
+    doc.p(f"Each model finetuned from plain pruning (base) and from the tuned bank (comp) under the same protocol; "
+          f"test BLEU on {first}; the search's configurations by index, `uniform`: every module of the grid's "
+          "kinds at one keep ratio (or the nearest pair of grid ratios) that meets the budget.")
+    entries = [(c.get("budget", 0), "search", f"#{i}", c, [r["configurations"][i] for r in runs])
+               for i, c in enumerate(s["configurations"])]
+    entries += [(c["budget"], c["method"], "/".join(f"{x:g}" for x in c["ratios"]), c,
+                 [r["competitors"][j] for r in runs]) for j, c in enumerate(s.get("competitors", []))]
+    rows = []
+    for b, method, name, c, per in sorted(entries, key=lambda e: (e[0], e[1] != "search")):
+        def both(f: Any, per: list[dict[str, Any]] = per) -> str:
+            return " / ".join(_mean([f(x[side]) for x in per]) for side in SIDES)
+
+        rows.append([b, method, name, f"{c['flops_ratio']:.2f}x", f"{c['params']:,}", _latency(c),
+                     both(lambda x: x["val_bleu_epoch0"]),
+                     " / ".join(", ".join(_epochs(x[side], p["cap_epochs"]) for x in per) for side in SIDES),
+                     both(lambda x: x["test_bleu_budget"][first]), both(lambda x: x["test_bleu_best"][first])])
+    doc.table(["budget", "method", "configuration", "FLOPs/token", "params", "latency", "val BLEU ep. 0 base / comp",
+               "epochs to target base / comp", f"test BLEU after {p['budget_epochs']} ep.", "test BLEU best"], rows)
+    if "budgets" in runs[0]:
+        def one(k: int, b: int) -> str:
+            named = f" ({describe_table(tables[b])})" if b < len(tables) else ""
+            return (f"budget {b}{named}: {_mean([r['budgets'][k]['saving']['ratio_seconds'] for r in runs])}x / "
+                    f"{_mean([r['budgets'][k]['saving']['ratio_flops'] for r in runs])}x")
+
+        doc.p("Saving of each budget's searched configurations (the whole grid bank charged to each budget alone; "
+              "mean over seeds, time / FLOPs): "
+              + "; ".join(one(k, x["budget"]) for k, x in enumerate(runs[0]["budgets"])) + ".")
+
+
 def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     doc = Doc([])
     p, o, runs = s["protocol"], s["origin"], s["runs"]
@@ -192,6 +253,14 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     doc.h(1, f"ctprune experiment report: {s['experiment']}")
     doc.p(PROTOCOL.format(cap=cap, budget=p["budget_epochs"], seeds=", ".join(map(str, s["seeds"])),
                           repeats=p["latency_repeats"]))
+    every = p.get("eval_every", 1.0)  # summaries before eval_every: whole epochs, kept by val BLEU
+    doc.p(f"Val BLEU and loss were measured {'after every epoch' if every == 1 else f'every {every:g} of an epoch'} "
+          f"(time to target in {'whole' if every == 1 else 'fractional'} epochs, its cost up to that evaluation); "
+          f"the kept (\"best\") model of each finetuning is the evaluation with the "
+          f"{'lowest val loss' if p.get('select') == 'val_loss' else 'highest val BLEU'} (`select = "
+          f"\"{p.get('select', 'val_bleu')}\"`). *Time to equal quality*: where both sides of a configuration miss "
+          "the target within the cap, the time the composed side took to reach the baseline's best val BLEU "
+          "within the cap; it is no time to target and enters no saving.")
     tests = ", ".join(f"{k} {v}" for k, v in o["test_bleu"].items())
     doc.p(f"Origin model: val BLEU {o['val_bleu']}, test BLEU {tests}, {o['params']:,} parameters, "
           f"{o['flops_per_token'] / 1e6:.2f} MFLOPs per target token. " + (
@@ -201,12 +270,14 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
 
     if s.get("search"):
         q = s["search"]
-        budgets = ", ".join(f"{r} <= {b['value']}{' of the origin' if b['relative'] else ''}"
-                            for r, b in q["budgets"].items())
-        doc.p(f"Configurations found by `ctprune search` ({budgets}; k = {q['k']}, at least {q['min_distance']} "
-              f"slots apart) among {q['choices']} choices in {q['slots']} slots of a grid bank that was tuned and "
-              f"scored whole: scoring {q['scoring_seconds']:.1f} s, solver {q['solver']['total_s']:.2f} s. The "
-              "bank's whole cost (every grid variant, and the scoring) is charged to the composed side for every k.")
+        budgets = "; ".join(f"budget {i}: {describe_table(t)}" for i, t in enumerate(budget_points(q)))
+        doc.p(f"Configurations found by `ctprune search` ({budgets}; k = {q['k']} per budget, at least "
+              f"{q['min_distance']} slots apart) among {q['choices']} choices in {q['slots']} slots of a grid bank "
+              f"that was tuned and scored whole, once for every budget: scoring {q['scoring_seconds']:.1f} s, solver "
+              f"{q['solver']['total_s']:.2f} s. The bank's whole cost (every grid variant, and the scoring) is "
+              "charged to the composed side for every k, and to each budget alone in the per-budget savings.")
+        for note in q.get("notes", []):
+            doc.p(f"**Note:** {note}.")
     doc.h(2, "What composability saved")
     sec = [r["saving"]["ratio_seconds"] for r in runs]
     flo = [r["saving"]["ratio_flops"] for r in runs]
@@ -235,14 +306,18 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     doc.p("Architecture of each configuration (the same for both sides and all seeds). Latency: median "
           "ratio to the origin ± spread.")
     estimates = [c["estimate"] for c in s["search"]["configurations"]] if s.get("search") else None
-    doc.table(["#", "params", "non-zero", "FLOPs/token", "latency vs origin", "modules pruned"]
+    sweep = any("budget" in c for c in s["configurations"])
+    doc.table(["#"] + (["budget"] if sweep else []) + ["params", "non-zero", "FLOPs/token", "latency vs origin",
+                                                       "modules pruned"]
               + (["search estimate"] if estimates else []),
-              [[i, f"{c['params']:,}", f"{c['nonzero_params']:,}", f"{c['flops_ratio']:.2f}x",
+              [[i] + ([c.get("budget", "")] if sweep else []) + [f"{c['params']:,}", f"{c['nonzero_params']:,}",
+                                                                 f"{c['flops_ratio']:.2f}x",
                 "flagged: contradicts FLOPs" if c["latency"]["flagged"]
                 else f"{c['latency']['ratio']:.2f}x ± {c['latency']['spread']:.2f}",
                 sum(1 for r in c["configuration"].values() if r < 1)]
                + ([f"{estimates[i]:.4f}"] if estimates else [])
                for i, c in enumerate(s["configurations"])])
+    _budgets(doc, s)
     doc.p(f"Finetuning results, mean over seeds; epochs to target per seed. Test BLEU after "
           f"{p['budget_epochs']} epoch(s) is the equal-budget comparison.")
     header = ["#", "val BLEU epoch 0 base / comp", "epochs to target base / comp"]
@@ -261,6 +336,7 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
         row += [both(lambda x, sp=sp: x["test_bleu_best"][sp]) for sp in splits]
         rows.append(row)
     doc.table(header, rows)
+    _equal_quality(doc, s)
     if estimates:
         start = [statistics.mean(r["configurations"][i]["composed"]["val_bleu_epoch0"] for r in runs)
                  for i in range(len(estimates))]

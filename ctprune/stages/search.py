@@ -70,6 +70,36 @@ def parse_budget(resource: str, text: str) -> Budget:
     return Budget(resource, value, value <= 1)
 
 
+Point = tuple[Budget, ...]  # the budgets one configuration must meet together, one per resource
+
+
+def budget_sweep(values: dict[str, Any]) -> tuple[Point, ...]:
+    """Budget points from per-resource values (``{"flops": ["0.75", "0.5"], "params": "10M"}``): a
+    resource with several values sweeps them; lists of several resources pair up by position (so
+    they must be of one length); a single value applies to every point."""
+    given = {r: [v] if isinstance(v, (str, int, float)) else list(v)
+             for r, v in values.items() if v is not None}
+    for r, vs in given.items():
+        if r not in RESOURCES or not vs:
+            raise CtpruneError(f"--{r} {vs!r}: give budgets on {', '.join(RESOURCES)}, one value or several")
+    lengths = {len(vs) for vs in given.values() if len(vs) > 1}
+    if len(lengths) > 1:
+        raise CtpruneError("budget lists of several resources pair up by position, so they need one length; got "
+                           + ", ".join(f"--{r} with {len(vs)}" for r, vs in given.items()))
+    n = lengths.pop() if lengths else 1
+    parsed = {r: [parse_budget(r, str(v)) for v in vs] for r, vs in given.items()}
+    return tuple(tuple(bs[i if len(bs) > 1 else 0] for bs in parsed.values()) for i in range(n))
+
+
+def describe_point(point: Point) -> str:
+    """``flops <= 0.5 of the origin, params <= 10,000,000``."""
+    def one(b: Budget) -> str:
+        unit = " ms" if b.resource == "latency" else ""
+        return f"{b.resource} <= " + (f"{b.value:g} of the origin" if b.relative else f"{b.value:,.6g}{unit}")
+
+    return ", ".join(one(b) for b in point)
+
+
 @dataclass
 class Choices:
     """Flat arrays over every (slot, choice): what the solver sees, plus what each choice means."""
@@ -167,7 +197,8 @@ class SearchArgs:
     model: Path
     bank: Path
     output: Path
-    budgets: tuple[Budget, ...]
+    # Budget points (``budget_sweep``), k configurations each; a flat tuple of Budgets is one point.
+    budgets: tuple[Point, ...]
     k: int = spec_default(SearchSpec, "k")
     min_distance: int = spec_default(SearchSpec, "min_distance")
     objective: str = spec_default(SearchSpec, "objective")
@@ -179,10 +210,15 @@ class SearchArgs:
     max_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.budgets:
+        if self.budgets and all(isinstance(b, Budget) for b in self.budgets):
+            object.__setattr__(self, "budgets", (tuple(self.budgets),))
+        if not self.budgets or not all(self.budgets):
             raise CtpruneError("give at least one budget: --flops F, --params P or --latency L")
-        if len({b.resource for b in self.budgets}) != len(self.budgets):
-            raise CtpruneError("give each of --flops, --params, --latency at most once")
+        for point in self.budgets:
+            if len({b.resource for b in point}) != len(point):
+                raise CtpruneError("give each of --flops, --params, --latency at most once per budget")
+        if len({tuple(b.resource for b in point) for point in self.budgets}) != 1:
+            raise CtpruneError("every budget of a sweep must limit the same resources")
         for name, flag in (("k", "-k"), ("min_distance", "--min-distance"), ("objective", "--objective"),
                            ("time_limit", "--time-limit")):
             check_option(SearchSpec, name, getattr(self, name), flag)
@@ -190,7 +226,7 @@ class SearchArgs:
 
 @dataclass
 class Problem:
-    """A search ready to solve: the origin, the choices as arrays, the limits."""
+    """A search ready to solve: the origin, the choices as arrays, the limits of each budget point."""
 
     origin: Seq2SeqTransformer
     tok: Any
@@ -198,7 +234,7 @@ class Problem:
     choices: Choices
     base: dict[str, float]
     resources: list[str]
-    limits: np.ndarray
+    limits: np.ndarray  # (P, R): per budget point and resource, the limit on the summed changes
     subset: dict[str, Any]
     args: SearchArgs  # with the subset options resolved
 
@@ -225,6 +261,12 @@ class Problem:
         out["pruned_slots"] = sum(1 for j in taken if ch.parts[j])
         return out
 
+    def budget_table(self, point: int) -> dict[str, Any]:
+        """``{resource: {value, relative, limit}}`` of budget point ``point`` (search.json's form)."""
+        return {b.resource: {"value": b.value, "relative": b.relative,
+                             "limit": round(float(b.limit(self.base[b.resource])), 4)}
+                for b in self.args.budgets[point]}
+
 
 def prepare(a: SearchArgs) -> Problem:
     """Load and check everything; refuse bad input before anything is solved or written."""
@@ -238,7 +280,7 @@ def prepare(a: SearchArgs) -> Problem:
                                   if getattr(a, f) is None})
     subset = validation_subset(tok, arch_of(origin).max_len(origin), a.corpus, a.data_dir, a.batches, a.max_tokens)
     check_scores(index, a.bank, model_fp, subset.meta)
-    if any(b.resource == "latency" for b in a.budgets) and not index["scores"].get("latency"):
+    if any(b.resource == "latency" for b in a.budgets[0]) and not index["scores"].get("latency"):
         raise CtpruneError(f"bank {a.bank} has no latency measurements; make them with "
                            f"`ctprune score MODEL --bank {a.bank} --latency`")
     choices, base = build_choices(origin, a.bank, index, a.objective, subset.meta["src_len"],
@@ -246,15 +288,17 @@ def prepare(a: SearchArgs) -> Problem:
     if a.min_distance > len(choices.slots):
         raise CtpruneError(f"--min-distance {a.min_distance} is larger than the number of module slots "
                            f"({len(choices.slots)})")
-    resources = [b.resource for b in a.budgets]
-    limits = np.array([b.limit(base[b.resource]) for b in a.budgets])
+    resources = [b.resource for b in a.budgets[0]]
+    limits = np.array([[b.limit(base[b.resource]) for b in point] for point in a.budgets])  # (P, R)
     slot = np.array(choices.slot)
-    for b, limit in zip(a.budgets, limits):
-        least = base[b.resource] + smallest_reachable(slot, np.array(choices.costs[b.resource]))
-        if least > limit:
-            raise CtpruneError(
-                f"no configuration meets --{b.resource} {_show(b.resource, limit, base)}: the smallest "
-                f"reachable value with this bank is {_show(b.resource, least, base)}")
+    for r, resource in enumerate(resources):
+        least = base[resource] + smallest_reachable(slot, np.array(choices.costs[resource]))
+        for point, limit in zip(a.budgets, limits[:, r]):
+            if least > limit:
+                raise CtpruneError(
+                    f"no configuration meets --{resource} {_show(resource, limit, base)}"
+                    f"{f' ({describe_point(point)})' if len(a.budgets) > 1 else ''}: the smallest reachable "
+                    f"value with this bank is {_show(resource, least, base)}")
     limits = limits - np.array([base[r] for r in resources])  # limits on the summed changes
     return Problem(origin, tok, index, choices, base, resources, limits, subset.meta, a)
 
@@ -264,41 +308,120 @@ def _show(resource: str, value: float, base: dict[str, float]) -> str:
     return f"{value:,.4g}{unit} ({value / base[resource]:.3f} of the origin)"
 
 
+def uniform_choices(p: Problem, kinds: tuple[str, ...], point: int) -> tuple[list[int], list[float]] | None:
+    """The uniform competitor at budget point ``point``: every module of ``kinds`` at one keep
+    ratio of the bank's grid, the largest whose model meets the budgets; when the next larger
+    ratio does not, modules are raised to it one at a time in model order (skipping one that
+    would break a budget), so the result mixes the nearest pair of ratios and no further module
+    fits the higher one. Modules of other kinds stay untouched; with ``linear`` among ``kinds``
+    a block of another kind has all its Linears at the ratio. Untouched (1) tops the ratios.
+
+    Returns (one choice index per slot, the ratios used: [r] or [r, higher r]), or None when
+    even every module at the smallest ratio misses the budgets."""
+    ch, units = p.choices, prunable_modules(p.origin)
+    _, slot, costs = p.arrays()
+    limits = p.limits[point]
+    at: list[dict[float, int]] = []  # per slot: keep ratio -> its uniform choice
+    for i, name in enumerate(ch.slots):
+        mine = [j for j in range(len(ch.slot)) if ch.slot[j] == i]
+        linears = {m for j in mine for m in ch.parts[j]} - {name}
+        wanted = {name} if units[name].kind in kinds else linears if "linear" in kinds else set()
+        ratios = {j: set(ch.parts[j].values()) for j in mine}
+        at.append({next(iter(ratios[j])): j for j in mine
+                   if ch.parts[j] and set(ch.parts[j]) == wanted and len(ratios[j]) == 1})
+        at[-1][1.0] = next(j for j in mine if not ch.parts[j])
+    uniform = [i for i, a in enumerate(at) if len(a) > 1]
+    if not uniform:
+        return None
+    ladder = sorted(set.intersection(*(set(at[i]) for i in uniform)))
+
+    def meets(taken: list[int]) -> bool:
+        return feasible(taken, slot, costs, limits, len(ch.slots))
+
+    fits = [r for r in ladder if meets([a.get(r, a[1.0]) for a in at])]
+    if not fits:
+        return None
+    low = fits[-1]
+    taken = [a.get(low, a[1.0]) for a in at]
+    if low == 1.0:
+        return taken, [low]
+    high = ladder[ladder.index(low) + 1]
+    for i in uniform:
+        trial = [*taken[:i], at[i][high], *taken[i + 1:]]
+        if meets(trial):
+            taken = trial
+    return taken, [low, high] if any(taken[i] == at[i][high] for i in uniform) else [low]
+
+
+def grid_kinds(index: dict[str, Any]) -> tuple[str, ...]:
+    """The module kinds of a bank's variants (a grid bank's ``kinds``)."""
+    return tuple(sorted({e["kind"] for e in index["variants"].values()}))
+
+
 def search(a: SearchArgs) -> tuple[Problem, dict[str, Any]]:
-    """Solve, write the configuration file ``a.output`` and ``search.json`` beside it; return the
+    """Solve every budget point (k configurations each), write the configuration file ``a.output``
+    (every point's configurations, point by point) and ``search.json`` beside it; return the
     problem (for ``--verify``) and the report."""
     p = prepare(a)
     score, slot, costs = p.arrays()
+    kinds = grid_kinds(p.index)
     t0 = time.perf_counter()
-    solutions = solve(score, slot, costs, p.limits, k=a.k, min_distance=a.min_distance,
-                      time_limit=a.time_limit)
+    rows: list[dict[str, Any]] = []
+    sweep: list[dict[str, Any]] = []
+    for point, limits in enumerate(p.limits):
+        solutions = solve(score, slot, costs, limits, k=a.k, min_distance=a.min_distance,
+                          time_limit=a.time_limit)
+        if not solutions:
+            raise CtpruneError(f"no configuration meets all budgets together ({describe_point(a.budgets[point])})")
+        for s in solutions:  # the solver re-checked them; this guards the conversion to configurations
+            if not feasible(s.choices, slot, costs, limits, len(p.choices.slots)):
+                raise CtpruneError("internal error: the solver returned an infeasible configuration")
+        rows += [{**p.describe(s.choices), "budget": point, "status": s.status, "solver_s": round(s.seconds, 4),
+                  "configuration": p.configuration(s.choices)} for s in solutions]
+        uni = uniform_choices(p, kinds, point)
+        sweep.append({"budgets": p.budget_table(point), "k": a.k, "found": len(solutions),
+                      "uniform": None if uni is None else {**p.describe(uni[0]), "ratios": uni[1], "kinds": list(kinds),
+                                                           "configuration": p.configuration(uni[0])}})
     solver_s = time.perf_counter() - t0
-    if not solutions:
-        shown = ", ".join(f"--{b.resource} {_show(b.resource, b.limit(p.base[b.resource]), p.base)}"
-                          for b in a.budgets)
-        raise CtpruneError(f"no configuration meets all budgets together ({shown})")
-    for s in solutions:  # the solver re-checked them; this guards the conversion to configurations
-        if not feasible(s.choices, slot, costs, p.limits, len(p.choices.slots)):
-            raise CtpruneError("internal error: the solver returned an infeasible configuration")
-    confs = [p.configuration(s.choices) for s in solutions]
     report: dict[str, Any] = {
         "model": str(a.model), "bank": str(a.bank), "configurations_file": str(a.output),
         "objective": a.objective, "k": a.k, "min_distance": a.min_distance,
-        "budgets": {b.resource: {"value": b.value, "relative": b.relative,
-                                 "limit": round(float(b.limit(p.base[b.resource])), 4)} for b in a.budgets},
+        # One budget point: its table, as single-budget search.json files have it.
+        **({"budgets": p.budget_table(0)} if len(a.budgets) == 1 else {}),
+        "sweep": sweep,
+        "notes": shortfalls(sweep, a.min_distance),
         "origin": {r: round(v, 4) if r == "latency" else int(v) for r, v in p.base.items() if not math.isnan(v)},
         "flops_at": {"src_len": p.subset["src_len"], "tgt_len": p.subset["tgt_len"]},
         "params_counted": "non-zero parameters",
         "slots": len(p.choices.slots), "choices": len(p.choices.slot),
         "solver": {"name": "scipy.optimize.milp (HiGHS)", "time_limit_s": a.time_limit,
                    "highs_presolve": PRESOLVE, "highs_heuristics": HEURISTICS,
-                   "total_s": round(solver_s, 4), "found": len(solutions)},
-        "configurations": [{**p.describe(s.choices), "status": s.status, "solver_s": round(s.seconds, 4),
-                            "configuration": c} for s, c in zip(solutions, confs)],
+                   "total_s": round(solver_s, 4), "found": len(rows)},
+        "configurations": rows,
     }
-    write_json(a.output, confs)
+    write_json(a.output, [r["configuration"] for r in rows])
     write_json(search_json_path(a.output), report)
     return p, report
+
+
+def budget_points(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per budget point of a search.json (this one's or an older single-budget one's), its
+    ``{resource: {value, relative, limit}}`` table."""
+    if "sweep" in report:
+        return [s["budgets"] for s in report["sweep"]]
+    return [report["budgets"]]
+
+
+def describe_table(table: dict[str, Any]) -> str:
+    """A search.json budget table in words: ``flops <= 0.5 of the origin``."""
+    return describe_point(tuple(Budget(r, b["value"], b["relative"]) for r, b in table.items()))
+
+
+def shortfalls(sweep: list[dict[str, Any]], min_distance: int) -> list[str]:
+    """One line per budget point under which fewer than k configurations were found."""
+    return [f"only {s['found']} configuration{'s' * (s['found'] != 1)} (of k = {s['k']}) found under "
+            f"{describe_table(s['budgets'])}: no other meets it at least {min_distance} slot(s) apart from "
+            "those (or the solver's time limit ran out)" for s in sweep if s["found"] < s["k"]]
 
 
 def search_json_path(conf_path: Path) -> Path:

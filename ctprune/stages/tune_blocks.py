@@ -34,7 +34,9 @@ from ctprune.fileio import (
     check_existing,
     check_output,
     commit_dir,
+    locked,
     read_json,
+    refuse_symlinks,
     sweep_commits,
     write_json,
     write_text,
@@ -170,8 +172,42 @@ def _validate(origin: nn.Module, variants: dict[str, nn.Module], modules: dict[s
 TUNING_MARK = ".tune-blocks"  # in a bank that tune-blocks made: its own work, safe to resume or redo
 
 
+# What tune-blocks writes into its output beside the copied bank's own entries.
+OWN_ENTRIES = (TUNING_MARK, ".state", INDEX_FILE, "history.csv", "block_loss.png")
+
+
 def _is_tuning_output(path: Path) -> bool:
-    return path.is_dir() and ((path / TUNING_MARK).is_file() or (path / ".state").exists())
+    """A folder tune-blocks made: its mark (written before the copy is renamed into place), or a
+    tuning state from before marks existed."""
+    return path.is_dir() and not path.is_symlink() and (
+        (path / TUNING_MARK).is_file() or (path / ".state" / "state.pt").is_file())
+
+
+def _foreign_entries(output: Path, bank: Path) -> list[str]:
+    """Entries of ``output`` that neither tune-blocks nor the copy of ``bank`` put there."""
+    mine = set(OWN_ENTRIES) | {p.name for p in bank.iterdir()}
+    return sorted(p.name for p in output.iterdir() if p.name not in mine
+                  and not p.name.startswith(("..state.link", "..state-", f".{INDEX_FILE}.", ".history.csv.",
+                                             ".block_loss.png.")))
+
+
+def tuning_options(**options: Any) -> dict[str, Any]:
+    """What a resumed tuning must share with the run it continues (a state records them). Epochs
+    are not among them: the lr is constant, so resuming with more epochs continues the same run."""
+    return {k: (sorted(v) if isinstance(v, list) else v) for k, v in options.items()}
+
+
+def check_same_options(recorded: Any, now: dict[str, Any], state: Path) -> None:
+    """Refuse ``--resume`` with options other than those the interrupted run recorded in ``state``;
+    the message names every changed option with both values."""
+    if recorded is None:
+        return  # a state from before options were recorded: nothing to compare
+    if not isinstance(recorded, dict):
+        raise CtpruneError(f"--resume: {state} records no readable options")
+    changed = [f"{k} {recorded[k]!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
+    if changed:
+        raise CtpruneError(f"--resume with changed options ({'; '.join(changed)}); resume with the options "
+                           "of the interrupted run or choose another -o")
 
 
 def _copy_bank(bank: Path, output: Path) -> None:
@@ -241,109 +277,126 @@ def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = TuningS
     if unknown:
         raise CtpruneError(f"bank {bank} has no variant {unknown[0]}")
     modules = {k: src_index["variants"][k]["module"] for k in keys}
-    sweep_commits(state_dir)  # what a kill inside a state commit left
-    resuming = resume and (state_dir / "state.pt").is_file()
-    if not resuming:
-        if output.exists():
-            shutil.rmtree(output)  # our own interrupted output (checked above), not yet tuned
-        _copy_bank(bank, output)  # untouched variants stay as they were
-    index = check_index(read_json(state_dir / "output_index.json", "tuning state"), output) if resuming \
-        else load_index(output)
-    variants = {k: load_variant(state_dir if resuming else bank, load_index(state_dir)
-                                if resuming else src_index, k, origin).to(dev)
-                for k in keys}
-    arch = arch_of(origin)
-    trained = [p for v in variants.values() for p in arch.tuning_parameters(v)]
-    for v in variants.values():
-        v.eval()  # the teacher runs without dropout; so do its students
-        v.requires_grad_(False)  # variants are copies of the frozen origin's modules
-    for p in trained:
-        p.requires_grad_(True)
-    opt = make_optimizer(trained, recipe)
-    train_name, val_name, _ = default_splits(corpus)
-    max_len = arch.max_len(origin)
-    train = TokenizedSplit(load_split(corpus, train_name, data_dir), tok, max_len)
-    val_batches = [b.to(dev) for b in
-                   TokenizedSplit(load_split(corpus, val_name, data_dir), tok, max_len).batches(8192)]
-    rec = Recorder(origin, sorted(set(modules.values())))
-    history: list[dict[str, Any]] = []
-    start, wall, tokens = 1, 0.0, 0
-    best: dict[str, float] = {}
-    stale = dict.fromkeys(keys, 0)
-    flops: dict[str, Any] = {"teacher": 0, "variants": dict.fromkeys(keys, 0)}  # 0 epochs: nothing spent
-    if resuming:
+    refuse_symlinks(bank, "bank", own_links=(".state", "..state.link"))  # the copy would follow them
+    if output.is_dir():  # its writes would follow them
+        refuse_symlinks(output, "tune-blocks output", own_links=(".state", "..state.link"))
+    options = tuning_options(lr=lr, seed=seed, max_tokens=max_tokens, patience=patience, bf16=bf16, corpus=corpus,
+                             data_dir=data_dir and str(Path(data_dir).resolve()), variants=keys)
+    foreign = _foreign_entries(output, bank) if output.is_dir() else []
+    if foreign and not (state_dir / "state.pt").is_file():  # it would be deleted and made again below
+        raise CtpruneError(f"{output} holds files tune-blocks did not write ({', '.join(foreign[:3])}"
+                           f"{', ...' if len(foreign) > 3 else ''}); it is never deleted: move them out or "
+                           "choose another -o")
+    with locked(output, "tune-blocks"):  # one writer; held until the tuned bank is written
+        sweep_commits(state_dir)  # what a kill inside a state commit left
+        resuming = resume and (state_dir / "state.pt").is_file()
+        if not resuming:
+            if output.exists():
+                shutil.rmtree(output)  # our own interrupted output (checked above), not yet tuned
+            _copy_bank(bank, output)  # untouched variants stay as they were
+        index = check_index(read_json(state_dir / "output_index.json", "tuning state"), output) if resuming \
+            else load_index(output)
+        variants = {k: load_variant(state_dir if resuming else bank, load_index(state_dir)
+                                    if resuming else src_index, k, origin).to(dev)
+                    for k in keys}
+        arch = arch_of(origin)
+        trained = [p for v in variants.values() for p in arch.tuning_parameters(v)]
+        for v in variants.values():
+            v.eval()  # the teacher runs without dropout; so do its students
+            v.requires_grad_(False)  # variants are copies of the frozen origin's modules
+        for p in trained:
+            p.requires_grad_(True)
+        opt = make_optimizer(trained, recipe)
+        train_name, val_name, _ = default_splits(corpus)
+        max_len = arch.max_len(origin)
+        train = TokenizedSplit(load_split(corpus, train_name, data_dir), tok, max_len)
+        val_batches = [b.to(dev) for b in
+                       TokenizedSplit(load_split(corpus, val_name, data_dir), tok, max_len).batches(8192)]
+        rec = Recorder(origin, sorted(set(modules.values())))
+        history: list[dict[str, Any]] = []
+        start, wall, tokens = 1, 0.0, 0
+        best: dict[str, float] = {}
+        stale = dict.fromkeys(keys, 0)
+        flops: dict[str, Any] = {"teacher": 0, "variants": dict.fromkeys(keys, 0)}  # 0 epochs: nothing spent
+        if resuming:
+            try:
+                state = torch.load(state_dir / "state.pt", weights_only=True)
+            except Exception as e:  # a corrupt or foreign state file fails in many ways
+                raise CtpruneError(f"--resume: {state_dir / 'state.pt'} is not a readable tuning state "
+                                   f"({type(e).__name__})") from None
+            check_same_options(state.get("options") if isinstance(state, dict) else None, options,
+                               state_dir / "state.pt")
+            try:
+                opt.load_state_dict(state["optimizer"])
+                start, wall, tokens = int(state["epoch"]) + 1, float(state["wall"]), int(state["tokens"])
+                best, stale = dict(state["best"]), dict(state["stale"])
+                flops = {"teacher": int(state["flops"]["teacher"]), "variants": dict(state["flops"]["variants"])}
+            except Exception as e:  # a corrupt or foreign state file fails in many ways
+                raise CtpruneError(f"--resume: {state_dir / 'state.pt'} is not a readable tuning state "
+                                   f"({type(e).__name__})") from None
+            history = read_history(state_dir / "history.csv")
+            tqdm.write(f"resuming block tuning in {output} after epoch {start - 1}")
+        else:
+            before = _validate(origin, variants, modules, rec, val_batches, bf16)
+            for k, loss in before.items():
+                best[k] = loss
+                history.append(dict(epoch=0, variant=k, train_loss="", val_loss=f"{loss:.6g}", wall_time_s=0))
+                index["variants"][k]["provenance"].update(block_loss_pruned=round(loss, 6))
         try:
-            state = torch.load(state_dir / "state.pt", weights_only=True)
-            opt.load_state_dict(state["optimizer"])
-            start, wall, tokens = int(state["epoch"]) + 1, float(state["wall"]), int(state["tokens"])
-            best, stale = dict(state["best"]), dict(state["stale"])
-            flops = {"teacher": int(state["flops"]["teacher"]), "variants": dict(state["flops"]["variants"])}
-        except Exception as e:  # a corrupt or foreign state file fails in many ways
-            raise CtpruneError(f"--resume: {state_dir / 'state.pt'} is not a readable tuning state "
-                               f"({type(e).__name__})") from None
-        history = read_history(state_dir / "history.csv")
-        tqdm.write(f"resuming block tuning in {output} after epoch {start - 1}")
-    else:
-        before = _validate(origin, variants, modules, rec, val_batches, bf16)
-        for k, loss in before.items():
-            best[k] = loss
-            history.append(dict(epoch=0, variant=k, train_loss="", val_loss=f"{loss:.6g}", wall_time_s=0))
-            index["variants"][k]["provenance"].update(block_loss_pruned=round(loss, 6))
-    try:
-        for epoch in range(start, epochs + 1):
-            active = [k for k in keys if not patience or stale[k] < patience]
-            if not active:
-                break
-            t0 = time.perf_counter()
-            students = {k: variants[k] for k in active}
-            masked = [v for v in students.values() if hasattr(v, "weight_mask")]
-            sums = torch.zeros(len(active))
-            batches = train.batches(max_tokens, shuffle_seed=seed * 1000 + epoch)
-            for batch in progress(batches, desc=f"tune-blocks {epoch}/{epochs}", unit="batch", leave=False):
-                batch = batch.to(dev)
-                losses: list[Tensor] = []
-                optimizer_step(opt, functools.partial(_summed_loss, losses, origin, students, modules, rec, batch),
-                               recipe, lr, dev)
-                with torch.no_grad():
-                    for v in masked:
-                        v.weight.mul_(v.weight_mask)
-                    sums += torch.stack(losses).detach().cpu()
-                teacher, per_variant = tuning_step_flops(origin, students, modules, batch)
-                flops["teacher"] += teacher
-                for k, f in per_variant.items():
-                    flops["variants"][k] = flops["variants"].get(k, 0) + f
-                tokens += batch.n_src_tokens + batch.n_tgt_tokens
-            wall += time.perf_counter() - t0
-            val = _validate(origin, students, modules, rec, val_batches, bf16)
-            for k, train_loss in zip(active, (sums / len(batches)).tolist()):
-                history.append(dict(epoch=epoch, variant=k, train_loss=f"{train_loss:.6g}",
-                                    val_loss=f"{val[k]:.6g}", wall_time_s=f"{wall:.1f}"))
-                if val[k] < best[k]:
-                    best[k], stale[k] = val[k], 0
-                    prov = index["variants"][k]["provenance"]
-                    prov.update(stage="tuned", epochs=epoch, block_loss=round(val[k], 6))
-                    save_variant(output, index, k, variants[k], index["variants"][k], write_index=False)
-                else:
-                    stale[k] += 1
-            state = {"optimizer": opt.state_dict(), "epoch": epoch, "wall": wall, "tokens": tokens,
-                     "best": best, "stale": stale, "flops": flops}
-            commit_dir(state_dir, functools.partial(_write_state, index, variants, state, history))
-            write_json(output / INDEX_FILE, index)  # once per epoch, not once per saved variant
-            write_block_history(output / "history.csv", history)
-            tqdm.write(f"tune-blocks epoch {epoch}: mean val block loss "
-                       f"{sum(val.values()) / len(val):.4g} over {len(active)} variants ({wall:.0f}s)")
-    finally:
-        rec.remove()
-    index["tuned_from"] = str(bank)
-    total = flops["teacher"] + sum(flops["variants"].values())
-    index["tuning"] = {"epochs_done": max(int(r["epoch"]) for r in history), "wall_time_s": round(wall, 2),
-                       "train_tokens": tokens, "lr": lr, "variants": len(keys), "corpus": corpus, "bf16": bf16,
-                       "train_flops": total, "teacher_flops": flops["teacher"], "variant_flops": flops["variants"],
-                       "achieved_gflops": round(total / max(wall, 1e-9) / 1e9, 2)}
-    write_json(output / INDEX_FILE, index)
-    write_block_history(output / "history.csv", history)
-    plot_block_losses(history, output / "block_loss.png")
-    return index
+            for epoch in range(start, epochs + 1):
+                active = [k for k in keys if not patience or stale[k] < patience]
+                if not active:
+                    break
+                t0 = time.perf_counter()
+                students = {k: variants[k] for k in active}
+                masked = [v for v in students.values() if hasattr(v, "weight_mask")]
+                sums = torch.zeros(len(active))
+                batches = train.batches(max_tokens, shuffle_seed=seed * 1000 + epoch)
+                for batch in progress(batches, desc=f"tune-blocks {epoch}/{epochs}", unit="batch", leave=False):
+                    batch = batch.to(dev)
+                    losses: list[Tensor] = []
+                    optimizer_step(opt, functools.partial(_summed_loss, losses, origin, students, modules, rec, batch),
+                                   recipe, lr, dev)
+                    with torch.no_grad():
+                        for v in masked:
+                            v.weight.mul_(v.weight_mask)
+                        sums += torch.stack(losses).detach().cpu()
+                    teacher, per_variant = tuning_step_flops(origin, students, modules, batch)
+                    flops["teacher"] += teacher
+                    for k, f in per_variant.items():
+                        flops["variants"][k] = flops["variants"].get(k, 0) + f
+                    tokens += batch.n_src_tokens + batch.n_tgt_tokens
+                wall += time.perf_counter() - t0
+                val = _validate(origin, students, modules, rec, val_batches, bf16)
+                for k, train_loss in zip(active, (sums / len(batches)).tolist()):
+                    history.append(dict(epoch=epoch, variant=k, train_loss=f"{train_loss:.6g}",
+                                        val_loss=f"{val[k]:.6g}", wall_time_s=f"{wall:.1f}"))
+                    if val[k] < best[k]:
+                        best[k], stale[k] = val[k], 0
+                        prov = index["variants"][k]["provenance"]
+                        prov.update(stage="tuned", epochs=epoch, block_loss=round(val[k], 6))
+                        save_variant(output, index, k, variants[k], index["variants"][k], write_index=False)
+                    else:
+                        stale[k] += 1
+                state = {"optimizer": opt.state_dict(), "epoch": epoch, "wall": wall, "tokens": tokens,
+                         "best": best, "stale": stale, "flops": flops, "options": options}
+                commit_dir(state_dir, functools.partial(_write_state, index, variants, state, history))
+                write_json(output / INDEX_FILE, index)  # once per epoch, not once per saved variant
+                write_block_history(output / "history.csv", history)
+                tqdm.write(f"tune-blocks epoch {epoch}: mean val block loss "
+                           f"{sum(val.values()) / len(val):.4g} over {len(active)} variants ({wall:.0f}s)")
+        finally:
+            rec.remove()
+        index["tuned_from"] = str(bank)
+        total = flops["teacher"] + sum(flops["variants"].values())
+        index["tuning"] = {"epochs_done": max(int(r["epoch"]) for r in history), "wall_time_s": round(wall, 2),
+                           "train_tokens": tokens, "lr": lr, "variants": len(keys), "corpus": corpus, "bf16": bf16,
+                           "train_flops": total, "teacher_flops": flops["teacher"], "variant_flops": flops["variants"],
+                           "achieved_gflops": round(total / max(wall, 1e-9) / 1e9, 2)}
+        write_json(output / INDEX_FILE, index)
+        write_block_history(output / "history.csv", history)
+        plot_block_losses(history, output / "block_loss.png")
+        return index
 
 
 

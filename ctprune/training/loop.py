@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 import math
 import random
 import time
@@ -45,7 +46,7 @@ from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.progress import progress
 from ctprune.scoring import bleu_score
-from ctprune.spec import OriginSpec, spec_default
+from ctprune.spec import SELECTS, FinetuningSpec, OriginSpec, spec_default
 
 RECIPES = ("fast", "original")  # and "finetune": the original optimizer on token-budget batches
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_time_s",
@@ -102,6 +103,8 @@ class Recipe:
     bf16: bool = False
     seed: int = 0
     patience: int = 0  # >0: stop after this many epochs without a better val BLEU
+    eval_every: float = spec_default(FinetuningSpec, "eval_every")  # <1: also evaluate within epochs
+    select: str = spec_default(FinetuningSpec, "select")  # the evaluation whose weights are kept
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -112,6 +115,10 @@ class Recipe:
             raise CtpruneError(f"lr must be positive, got {self.lr!r}")
         if self.max_tokens < 64:
             raise CtpruneError(f"max_tokens must be at least 64, got {self.max_tokens!r}")
+        if not 0 < self.eval_every <= 1:
+            raise CtpruneError(f"eval_every must be a fraction of an epoch in (0, 1], got {self.eval_every!r}")
+        if self.select not in SELECTS:
+            raise CtpruneError(f"select must be one of {', '.join(SELECTS)}, got {self.select!r}")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
     @classmethod
@@ -213,7 +220,8 @@ def _batches(split: TokenizedSplit, recipe: Recipe, epoch: int) -> list[Any]:
 def read_history(path: Path) -> list[dict[str, str]]:
     """Rows of a history CSV (training or block tuning), validated before any number is derived
     from them: complete rows, numeric columns that parse, epochs in order (a training history:
-    consecutive). A history beside a ``train_summary.json`` must match the size and SHA-256 it
+    increasing, no whole epoch skipped, fractional where evaluated within an epoch, ``eval_every``;
+    block tuning: whole epochs). A history beside a ``train_summary.json`` must match the size and SHA-256 it
     records, so a truncated or edited finished history is refused. A missing file: no rows."""
     path = Path(path)
     if not path.is_file():
@@ -238,14 +246,26 @@ def read_history(path: Path) -> list[dict[str, str]]:
                 float(value)
             except ValueError:
                 raise CtpruneError(f"history {path}, line {i}: {col} {value!r} is not a number") from None
-        if not row["epoch"].isdigit():
-            raise CtpruneError(f"history {path}, line {i}: epoch {row['epoch']!r} is not a whole number")
-        epoch = int(row["epoch"])
-        consecutive = "variant" not in row
-        if prev is not None and (epoch != prev + 1 if consecutive else epoch < prev):
-            raise CtpruneError(f"history {path}, line {i}: epoch {epoch} after epoch {prev}")
+        training = "variant" not in row
+        if not row["epoch"].isdigit() and not (training and _is_fraction(row["epoch"])):
+            raise CtpruneError(f"history {path}, line {i}: epoch {row['epoch']!r} is not a whole number"
+                               + (" or a fraction of epochs (1.25)" if training else ""))
+        epoch = float(row["epoch"])
+        if prev is not None and (not prev < epoch <= math.floor(prev) + 1 if training else epoch < prev):
+            raise CtpruneError(f"history {path}, line {i}: epoch {row['epoch']} after epoch {prev:g}")
         prev = epoch
     return rows
+
+
+def _is_fraction(text: str) -> bool:
+    """``1.25``: digits, a point, digits (a sub-epoch evaluation's epoch)."""
+    whole, point, frac = text.partition(".")
+    return whole.isdigit() and point == "." and frac.isdigit()
+
+
+def _epoch_text(epoch: float) -> str:
+    """A history's epoch: ``2`` at the end of an epoch, ``1.25`` within one."""
+    return str(int(epoch)) if float(epoch).is_integer() else f"{epoch:.6f}".rstrip("0")
 
 
 # What ``fit`` (and `ctprune run` beside it) writes into its output folder.
@@ -279,6 +299,33 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
+def _reached(history: list[dict[str, Any]], target: float | None, min_epochs: int) -> bool:
+    """Whether the last epoch of ``history`` (any of its evaluations) reached ``target``, at or
+    after ``min_epochs``: training stops there."""
+    if target is None or not history or float(history[-1]["epoch"]) < min_epochs:
+        return False
+    last = float(history[-1]["epoch"])
+    return any(float(r["val_bleu"]) >= target for r in history if float(r["epoch"]) > last - 1)
+
+
+def _check_same_recipe(recorded: Any, now: dict[str, Any], last: Path) -> None:
+    """Refuse ``--resume`` with a recipe (lr, seed, batches, ...) other than the one the interrupted
+    run recorded in ``last``'s hparams; the message names each changed field. More epochs are a
+    continuation of the same run where the lr is constant (min_lr_ratio 1: the original and
+    finetune recipes); under a decaying schedule they would change every remaining step's lr."""
+    if recorded is None:
+        return  # a checkpoint from before recipes were recorded: nothing to compare
+    now = json.loads(json.dumps(now))  # tuples as the recorded JSON holds them (lists)
+    if not isinstance(recorded, dict):
+        raise CtpruneError(f"--resume: {last} records no readable recipe")
+    same_schedule = recorded.get("min_lr_ratio") == 1.0 == now.get("min_lr_ratio")
+    changed = [f"{k} {recorded[k]!r} -> {v!r}" for k, v in now.items()
+               if k in recorded and recorded[k] != v and not (k == "epochs" and same_schedule)]
+    if changed:
+        raise CtpruneError(f"--resume with a changed recipe ({'; '.join(changed)}); resume with the options "
+                           "of the interrupted run or choose another output folder")
+
+
 def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parallel,
         recipe: Recipe, out: Path, hparams: dict[str, Any], resume: bool = False,
         device: str = "cpu", eval_before: bool = False, target_bleu: float | None = None,
@@ -291,7 +338,10 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     ``target_bleu`` stops training, but not before ``min_epochs``. After each epoch K in
     ``snapshot_epochs`` the model is also saved as ``out/epoch-K`` (equal-budget comparisons).
     Every history row carries the analytic training FLOPs so far (forward + backward of the
-    padded batches).
+    padded batches). With ``recipe.eval_every`` < 1 val BLEU and loss are also measured within
+    epochs (rows at fractional epochs, their time and FLOPs up to that step; a target reached
+    there stops training at the end of that epoch). The output folder keeps the weights of the
+    evaluation that ``recipe.select`` prefers: the highest val BLEU or the lowest val loss.
     """
     out = Path(out)
     last = out / "last"
@@ -312,10 +362,13 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     hparams = {**hparams, "recipe": asdict(recipe)}
     history: list[dict[str, Any]] = []
     start_epoch, step, wall, tokens, flops = 1, 0, 0.0, 0, 0
-    best = float("-inf")
+    best = float("-inf")  # best val BLEU so far
+    kept = float("-inf")  # the kept evaluation's score under recipe.select (higher is better)
+    kept_row: dict[str, Any] | None = None
     since_best = 0
     if resume and state_path.exists():
-        last_model, _, _ = load_model_folder(last, device)
+        last_model, _, last_hparams = load_model_folder(last, device)
+        _check_same_recipe(last_hparams.get("recipe"), hparams["recipe"], last)
         try:
             model.load_state_dict(last_model.state_dict())
         except RuntimeError:
@@ -326,6 +379,8 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
             opt.load_state_dict(state["optimizer"])
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             wall, tokens, best = float(state["wall"]), int(state["tokens"]), float(state["best"])
+            kept = float(state.get("kept", best if recipe.select == "val_bleu" else kept))
+            kept_row = state.get("kept_row")
             flops = int(state.get("flops", 0))
             since_best = int(state.get("since_best", 0))
             torch.set_rng_state(state["torch_rng"])
@@ -338,12 +393,14 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     elif resume and (out / "history.csv").exists():
         history = read_history(out / "history.csv")  # only epoch 0 was recorded (older runs)
         best = max((float(r["val_bleu"]) for r in history), default=best)
+        kept = best if recipe.select == "val_bleu" else max((-float(r["val_loss"]) for r in history), default=kept)
 
     def commit(epoch: int) -> None:
         """Checkpoint ``last/`` (weights, optimizer, step, RNG, history) as one unit, then the
         history beside the best model."""
         state = {"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "wall": wall,
-                 "tokens": tokens, "flops": flops, "best": best, "since_best": since_best,
+                 "tokens": tokens, "flops": flops, "best": best, "since_best": since_best, "kept": kept,
+                 "kept_row": kept_row,
                  "torch_rng": torch.get_rng_state()}
 
         def write(folder: Path) -> None:
@@ -354,27 +411,29 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         commit_dir(last, write)
         _write_history(out / "history.csv", history)
 
-    def record(epoch: int, train_loss: float, epoch_time: float, lr: float) -> float:
-        nonlocal best
+    def record(epoch: float, train_loss: float, epoch_time: float, lr: float, wall_s: float) -> float:
+        """Evaluate, append the history row (``wall_s``: training seconds so far) and keep the
+        weights when ``recipe.select`` prefers them; returns the val BLEU."""
+        nonlocal best, kept, kept_row
         bleu = val_bleu(model, tok, val)
         vloss = evaluate_loss(model, val_split, device)
-        history.append(dict(epoch=epoch, train_loss=f"{train_loss:.4f}", val_loss=f"{vloss:.4f}",
+        history.append(dict(epoch=_epoch_text(epoch), train_loss=f"{train_loss:.4f}", val_loss=f"{vloss:.4f}",
                             val_bleu=f"{bleu:.2f}", lr=f"{lr:.3g}", epoch_time_s=f"{epoch_time:.1f}",
-                            wall_time_s=f"{wall:.1f}", train_tokens=tokens, train_flops=flops))
-        if bleu > best:
-            best = bleu
+                            wall_time_s=f"{wall_s:.1f}", train_tokens=tokens, train_flops=flops))
+        best = max(best, bleu)
+        score = bleu if recipe.select == "val_bleu" else -vloss
+        if score > kept:
+            kept, kept_row = score, {"epoch": _epoch_text(epoch), "val_bleu": round(bleu, 2),
+                                     "val_loss": round(vloss, 4)}
             save_model_folder(out, model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
-        head = "epoch 0 (before training)" if epoch == 0 else f"epoch {epoch}: train loss {train_loss:.3f}"
+        head = "epoch 0 (before training)" if epoch == 0 else f"epoch {_epoch_text(epoch)}: train loss {train_loss:.3f}"
         tqdm.write(f"{head}  val loss {vloss:.3f}  val BLEU {bleu:.2f}  ({epoch_time:.0f}s)")
         return bleu
 
     if eval_before and not history:
-        record(0, float("nan"), 0.0, 0.0)
+        record(0, float("nan"), 0.0, 0.0, wall)
         commit(0)
-    stopped_early = False
-    if (target_bleu is not None and history and float(history[-1]["val_bleu"]) >= target_bleu
-            and int(history[-1]["epoch"]) >= min_epochs):
-        stopped_early = True
+    stopped_early = _reached(history, target_bleu, min_epochs)
     if start_epoch <= recipe.epochs and not stopped_early:
         (out / "train_summary.json").unlink(missing_ok=True)  # the run is not finished any more
     for epoch in range(start_epoch, recipe.epochs + 1):
@@ -383,9 +442,12 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         model.train()
         t0 = time.perf_counter()
         batches = _batches(train_split, recipe, epoch)
-        loss_sum, loss_tokens = 0.0, 0
+        # steps after which val BLEU is also measured within the epoch (eval_every < 1)
+        within = {round(k * recipe.eval_every * len(batches)) for k in range(1, math.ceil(1 / recipe.eval_every))}
+        loss_sum, loss_tokens, eval_s = 0.0, 0, 0.0
+        best_before = best
         bar = progress(batches, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", leave=False)
-        for batch in bar:
+        for i, batch in enumerate(bar, start=1):
             batch = batch.to(device)
             lr = recipe.lr_at(step, total_steps)
             loss = train_step(model, opt, batch, recipe, lr)
@@ -398,16 +460,22 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
             loss_sum += float(loss) * n
             loss_tokens += n
             bar.set_postfix(loss=f"{loss_sum / loss_tokens:.3f}", lr=f"{lr:.2e}")
-        epoch_time = time.perf_counter() - t0
+            if i in within and i < len(batches):  # evaluation time is not training time
+                e0 = time.perf_counter()
+                so_far = e0 - t0 - eval_s
+                record(epoch - 1 + i / len(batches), loss_sum / max(1, loss_tokens), so_far, lr, wall + so_far)
+                model.train()
+                eval_s += time.perf_counter() - e0
+        epoch_time = time.perf_counter() - t0 - eval_s
         wall += epoch_time
-        bleu = record(epoch, loss_sum / max(1, loss_tokens), epoch_time, lr)
-        since_best = 0 if bleu >= best else since_best + 1
+        bleu = record(epoch, loss_sum / max(1, loss_tokens), epoch_time, lr, wall)
+        since_best = 0 if best > best_before or bleu >= best else since_best + 1
         if epoch in snapshot_epochs:  # before the commit: a kill in between redoes the epoch
             save_model_folder(out / f"epoch-{epoch}", model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
         commit(epoch)
         if epoch < min_epochs:
             continue
-        if target_bleu is not None and bleu >= target_bleu:
+        if _reached(history, target_bleu, min_epochs):
             stopped_early = True
         elif recipe.patience and since_best >= recipe.patience:
             stopped_early = True
@@ -415,8 +483,9 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         save_model_folder(out, model, tok, {**hparams, "epoch": 0})
     _write_history(out / "history.csv", history)  # a kill may have come between commit and copy
     write_json(out / "train_summary.json", {
-        "best_val_bleu": best, "epochs_done": int(history[-1]["epoch"]) if history else 0,
+        "best_val_bleu": best, "epochs_done": int(float(history[-1]["epoch"])) if history else 0,
         "wall_time_s": round(wall, 2), "train_tokens": tokens, "stopped_early": stopped_early,
+        "select": recipe.select, "kept": kept_row,
         "history": file_record(out / "history.csv")})
     summary = read_json(out / "train_summary.json")
     return FitResult(summary["best_val_bleu"], summary["epochs_done"], wall, tokens, stopped_early)

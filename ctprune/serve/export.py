@@ -1,0 +1,230 @@
+"""Stage `export`: a model folder -> a serving folder for ONNX Runtime.
+
+The serving folder holds ``encoder.onnx`` and ``decoder_step.onnx`` (see ``graphs.py``: each
+layer's key/value tensors carry that layer's own head count), the model's ``tokenizer.model``
+and ``config.json``, ``graphs.json`` (every graph's inputs and outputs with dtypes and shapes,
+the special token ids, the precision, versions and the source model's fingerprint) and
+``manifest.json`` (size and SHA-256 of every other file). The folder is written beside the
+output under a temporary name and renamed into place, so it is whole or absent.
+
+Graphs come from ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript; the
+TorchScript exporter is deprecated since torch 2.9). ``quantize="int8"``: ONNX Runtime's
+dynamic quantization, int8 weights per output channel, activations quantized at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctprune.errors import CtpruneError, first_line
+from ctprune.fileio import check_existing, check_output, read_json, write_json
+
+FORMATS = ("onnx",)
+QUANTIZE = ("none", "int8")
+EXPORT_FORMAT = "ctprune-onnx/1"
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
+GRAPHS_FILE, MANIFEST_FILE, CONFIG_FILE, TOKENIZER_FILE = (
+    "graphs.json", "manifest.json", "config.json", "tokenizer.model")
+FILES = (ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE, CONFIG_FILE, GRAPHS_FILE)
+OPSET = 20  # what torch 2.13's exporter emits by default; ONNX Runtime >= 1.17 runs it
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    """model: a ctprune model folder; output: the serving folder to write."""
+
+    model: Path
+    output: Path
+    format: str = "onnx"
+    quantize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.format == "ctranslate2":
+            raise CtpruneError("--format ctranslate2 is not supported yet; use --format onnx")
+        if self.format not in FORMATS:
+            raise CtpruneError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.quantize not in QUANTIZE:
+            raise CtpruneError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a serving folder written by ``export`` (so it may be replaced)."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        return False
+    try:
+        manifest = read_json(path, "export manifest")
+    except CtpruneError:
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == EXPORT_FORMAT
+
+
+def layer_names(prefix: str, n_layers: int) -> list[str]:
+    """``[prefix.0.key, prefix.0.value, prefix.1.key, ...]``: the flat order graphs use."""
+    return [f"{prefix}.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter reports progress with print(), warnings and log records; a CLI command
+    should print only its own summary."""
+    loggers = [logging.getLogger("torch.onnx"), logging.getLogger()]  # quantize_dynamic logs to root
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, \
+                contextlib.redirect_stdout(devnull):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_graphs(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    """Write ``encoder.onnx`` and ``decoder_step.onnx`` of a ctprune ``Seq2SeqTransformer``
+    into ``folder``; return their description (names, dtypes, shapes) for ``graphs.json``."""
+    from torch.export import Dim
+
+    from ctprune.serve.graphs import DecoderStepGraph, EncoderGraph
+
+    cfg = model.cfg
+    n_dec, hd = cfg.n_decoder_layers, cfg.head_dim
+    model = model.float().eval()
+    # Example sizes >= 2 so that no axis is specialised to 0 or 1; the graphs run any size.
+    b, s, p = 2, 5, 3
+    batch = Dim("batch")
+    src_len = Dim("src_len", max=cfg.max_len)
+    past_len = Dim("past_len", max=cfg.max_len - 1)
+    src = torch.full((b, s), 4, dtype=torch.long)
+    cross_names, past_names = layer_names("cross", n_dec), layer_names("past", n_dec)
+    present_names = layer_names("present", n_dec)
+    ids = torch.full((b, 1), cfg.bos_id, dtype=torch.long)
+    mask = torch.ones(b, s, dtype=torch.bool)
+    past = [torch.zeros(b, h, p, hd) for h in cfg.decoder_self_heads for _ in range(2)]
+    cross = [torch.zeros(b, h, s, hd) for h in cfg.decoder_cross_heads for _ in range(2)]
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            torch.onnx.export(
+                EncoderGraph(model), (src,), str(folder / ENCODER_FILE), dynamo=True,
+                external_data=False, opset_version=OPSET, verbose=False,
+                input_names=["src"], output_names=["src_mask", *cross_names],
+                dynamic_shapes=({0: batch, 1: src_len},))
+            torch.onnx.export(
+                DecoderStepGraph(model), (ids, mask, past, cross), str(folder / DECODER_FILE),
+                dynamo=True, external_data=False, opset_version=OPSET, verbose=False,
+                input_names=["input_ids", "src_mask", *past_names, *cross_names],
+                output_names=["logits", *present_names],
+                dynamic_shapes=({0: batch}, {0: batch, 1: src_len},
+                                [{0: batch, 2: past_len}] * len(past), [{0: batch, 2: src_len}] * len(cross)))
+    except Exception as e:  # the exporter raises many types; the user needs the first line
+        raise CtpruneError(f"ONNX export failed: {first_line(e)}") from None
+    return {"encoder": describe(folder / ENCODER_FILE), "decoder_step": describe(folder / DECODER_FILE)}
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Inputs and outputs of an ONNX graph: name, element type, shape (ints or axis names)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def values(vs: Any) -> list[dict[str, Any]]:
+        out = []
+        for v in vs:
+            t = v.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": shape})
+        return out
+
+    return {"file": path.name, "inputs": values(graph.input), "outputs": values(graph.output)}
+
+
+def quantize_int8(folder: Path) -> None:
+    """Replace both graphs of ``folder`` by their dynamically quantized int8 versions."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for name in (ENCODER_FILE, DECODER_FILE):
+        fp32 = folder / f"fp32.{name}"
+        os.replace(folder / name, fp32)
+        try:
+            with _quiet_exporter():
+                quantize_dynamic(fp32, folder / name, per_channel=True, weight_type=QuantType.QInt8)
+        except Exception as e:
+            raise CtpruneError(f"int8 quantization of {name} failed: {first_line(e)}") from None
+        fp32.unlink()
+
+
+def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
+    """Export ``args.model`` into the serving folder ``args.output``; return ``graphs.json``."""
+    import onnx
+    import onnxruntime
+
+    from ctprune.arch import detect
+    from ctprune.model.checkpoint import load_model_folder, write_manifest
+
+    model_dir, out = Path(args.model), Path(args.output)
+    check_output(out, {"model folder": model_dir})
+    check_existing(out, is_export_folder, "an ONNX export folder")
+    if not model_dir.is_dir():
+        raise CtpruneError(f"model folder not found: {model_dir}")
+    arch = detect(model_dir)
+    if arch.name != "ctprune":
+        raise CtpruneError(f"{model_dir} is a {arch.model_class} folder; export supports ctprune's own "
+                           "Transformer so far")
+    model, tok, _ = load_model_folder(model_dir, "cpu")
+    cfg = model.cfg
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # mkdtemp would make it 0700
+    tmp.mkdir()
+    try:
+        graphs = export_graphs(model, tmp)
+        if args.quantize == "int8":
+            quantize_int8(tmp)
+            graphs = {k: describe(tmp / v["file"]) for k, v in graphs.items()}
+        tok.save(tmp)
+        write_json(tmp / CONFIG_FILE, cfg.to_dict())
+        info = {"format": EXPORT_FORMAT, "architecture": arch.name, "precision": args.quantize
+                if args.quantize != "none" else "fp32",
+                "source": {"model": str(model_dir), "fingerprint": arch.fingerprint(model_dir)},
+                "vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "pad_id": cfg.pad_id,
+                "bos_id": cfg.bos_id, "eos_id": cfg.eos_id, "n_decoder_layers": cfg.n_decoder_layers,
+                "decoder_self_heads": cfg.decoder_self_heads, "decoder_cross_heads": cfg.decoder_cross_heads,
+                "head_dim": cfg.head_dim, "opset": OPSET,
+                "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                             "onnxruntime": onnxruntime.__version__},
+                "graphs": graphs}
+        write_json(tmp / GRAPHS_FILE, info)
+        write_manifest(tmp, EXPORT_FORMAT, FILES)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not quiet:
+        sizes = ", ".join(f"{f} {(out / f).stat().st_size / 1e6:.1f} MB" for f in (ENCODER_FILE, DECODER_FILE))
+        print(f"exported {model_dir} -> {out} (onnx, {info['precision']}; {sizes})")
+    return info
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put the finished folder ``new`` at ``out``; an old export there is removed after the swap."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / "old"
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)

@@ -1,0 +1,233 @@
+"""Translate through ONNX Runtime: ctprune's own greedy and beam loops over the two graphs of a
+serving folder written by ``export`` (not optimum's ``ORTModelForSeq2SeqLM``, which sizes its
+key/value buffers from one head count per stack).
+
+The loops follow ``ctprune.model.decode`` step for step (same step limit, same tie-breaking
+argmax / topk in torch, same GNMT length penalty), so an fp32 export emits the same token ids
+as the PyTorch model it came from.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ctprune.errors import CtpruneError, first_line
+from ctprune.fileio import check_existing, check_output, read_json, write_json, write_text
+from ctprune.model.decode import check_beam
+from ctprune.serve.export import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    EXPORT_FORMAT,
+    FILES,
+    GRAPHS_FILE,
+    MANIFEST_FILE,
+    layer_names,
+)
+
+
+def _trim(seq: list[int], eos_id: int) -> list[int]:
+    return seq[:seq.index(eos_id)] if eos_id in seq else seq
+
+
+class OrtSeq2Seq:
+    """The two sessions of a serving folder, with the ids and per-layer sizes of ``graphs.json``."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        """Load and check a serving folder: its manifest must list every file with the size and
+        SHA-256 it has. ``threads``: ONNX Runtime's intra-op threads (default: torch's count)."""
+        import onnxruntime as ort
+
+        from ctprune.data.tokenizer import Tokenizer
+        from ctprune.model.checkpoint import check_manifest
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CtpruneError(f"serving folder not found: {folder}")
+        if not (folder / MANIFEST_FILE).is_file() or not (folder / GRAPHS_FILE).is_file():
+            raise CtpruneError(f"{folder} is not an ONNX serving folder (no {MANIFEST_FILE} / {GRAPHS_FILE}); "
+                               "write one with: ctprune export MODEL --format onnx -o DIR")
+        manifest = read_json(folder / MANIFEST_FILE, "export manifest")
+        listed = set(manifest.get("files", {})) if isinstance(manifest, dict) else set()
+        if listed != set(FILES):
+            raise CtpruneError(f"export manifest {folder / MANIFEST_FILE} must list {', '.join(FILES)}; "
+                               f"it lists {', '.join(sorted(listed)) or 'nothing'}")
+        check_manifest(folder, EXPORT_FORMAT, FILES)
+        self.info: dict[str, Any] = read_json(folder / GRAPHS_FILE, "graphs description")
+        self.folder = folder
+        try:
+            self.n_layers = int(self.info["n_decoder_layers"])
+            self.self_heads = [int(h) for h in self.info["decoder_self_heads"]]
+            self.head_dim = int(self.info["head_dim"])
+            self.max_len, self.pad_id = int(self.info["max_len"]), int(self.info["pad_id"])
+            self.bos_id, self.eos_id = int(self.info["bos_id"]), int(self.info["eos_id"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CtpruneError(f"{folder / GRAPHS_FILE} lacks or mistypes a field ({e})") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        try:
+            self.encoder = ort.InferenceSession(str(folder / ENCODER_FILE), opts,
+                                                providers=["CPUExecutionProvider"])
+            self.decoder = ort.InferenceSession(str(folder / DECODER_FILE), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own error types
+            raise CtpruneError(f"ONNX Runtime cannot load {folder}: {first_line(e)}") from None
+        self.tokenizer = Tokenizer.load(folder)
+        self.cross_names = layer_names("cross", self.n_layers)
+        self.past_names = layer_names("past", self.n_layers)
+
+    @property
+    def precision(self) -> str:
+        return str(self.info.get("precision", "fp32"))
+
+    def encode(self, src: Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+        """src (B, S) ids -> src_mask (B, S) bool, cross keys/values [(B, Hc_i, S, hd)] * 2L."""
+        out = self.encoder.run(None, {"src": src.numpy().astype(np.int64)})
+        return out[0], out[1:]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, h, 0, self.head_dim), np.float32) for h in self.self_heads for _ in range(2)]
+
+    def step(self, ids: Tensor, mask: np.ndarray, past: list[np.ndarray], cross: list[np.ndarray]
+             ) -> tuple[Tensor, list[np.ndarray]]:
+        """ids (B, 1) -> logits (B, V) as a tensor, present keys/values [(B, Hs_i, P+1, hd)] * 2L."""
+        feeds = {"input_ids": ids.numpy().astype(np.int64), "src_mask": mask,
+                 **dict(zip(self.past_names, past)), **dict(zip(self.cross_names, cross))}
+        out = self.decoder.run(None, feeds)
+        return torch.from_numpy(out[0]), out[1:]
+
+    def max_steps(self, src: Tensor) -> int:
+        return min(self.max_len - 1, int(src.shape[1] * 1.5) + 10)
+
+    def greedy(self, src: Tensor, steps: int | None = None) -> list[list[int]]:
+        """src (B, S) -> B token-id lists (without BOS/EOS), as ``decode.greedy``."""
+        b = src.shape[0]
+        mask, cross = self.encode(src)
+        past = self.empty_past(b)
+        tok = torch.full((b, 1), self.bos_id, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        emitted: list[Tensor] = []
+        for _ in range(steps or self.max_steps(src)):
+            logits, past = self.step(tok, mask, past, cross)
+            nxt = logits.argmax(-1).masked_fill(done, self.pad_id)  # (B,)
+            emitted.append(nxt)
+            done |= nxt == self.eos_id
+            if steps is None and bool(done.all()):
+                break
+            tok = nxt[:, None]
+        return [_trim(row, self.eos_id) for row in torch.stack(emitted, 1).tolist()]
+
+    def beam_search(self, src: Tensor, beam: int, alpha: float = 0.6) -> list[list[int]]:
+        """src (B, S) -> B token-id lists, as ``decode.beam_search`` (GNMT length penalty)."""
+        b, k = src.shape[0], beam
+        mask, cross = self.encode(src)
+        mask = np.repeat(mask, k, 0)  # (B*K, S)
+        cross = [np.repeat(c, k, 0) for c in cross]
+        past = self.empty_past(b * k)
+        scores = torch.full((b, k), float("-inf"))
+        scores[:, 0] = 0.0
+        seqs = torch.full((b * k, 1), self.bos_id, dtype=torch.long)
+        finished = torch.zeros(b * k, dtype=torch.bool)
+        lengths = torch.zeros(b * k)
+        base = (torch.arange(b) * k)[:, None]  # (B, 1)
+        for _ in range(self.max_steps(src)):
+            logits, past = self.step(seqs[:, -1:], mask, past, cross)
+            logp = torch.log_softmax(logits.float(), -1)  # (B*K, V)
+            logp[finished] = float("-inf")
+            logp[finished, self.pad_id] = 0.0
+            v = logp.shape[-1]
+            cand = (scores.view(b * k, 1) + logp).view(b, k * v)
+            scores, flat = cand.topk(k, dim=-1)  # (B, K)
+            src_beam = (base + flat // v).view(-1)  # (B*K,)
+            token = (flat % v).view(-1)
+            seqs = torch.cat([seqs[src_beam], token[:, None]], 1)
+            finished = finished[src_beam] | (token == self.eos_id)
+            lengths = lengths[src_beam] + (token != self.pad_id).float()
+            order = src_beam.numpy()
+            past = [p[order] for p in past]
+            if bool(finished.all()):
+                break
+        penalty = ((5.0 + lengths) / 6.0) ** alpha
+        best = (scores.view(-1) / penalty).view(b, k).argmax(-1) + base.view(-1)
+        return [_trim(row[1:], self.eos_id) for row in seqs[best].tolist()]
+
+    def generate(self, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
+        return self.greedy(src, steps) if beam <= 1 else self.beam_search(src, beam)
+
+
+def translate_onnx(engine: OrtSeq2Seq | str | Path, sentences: list[str], beam: int = 1,
+                   batch_size: int = 128) -> list[str]:
+    """Raw source sentences -> detokenized translations through ONNX Runtime, batched by source
+    length as ``decode.translate`` batches them."""
+    from ctprune.data.batching import pad
+
+    check_beam(beam)
+    eng = engine if isinstance(engine, OrtSeq2Seq) else OrtSeq2Seq(engine)
+    tok = eng.tokenizer
+    ids = [s[:eng.max_len - 1] + [eng.eos_id] for s in tok.encode(sentences)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[list[int]] = [[] for _ in ids]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        src = pad([ids[i] for i in chunk], eng.pad_id)
+        for i, h in zip(chunk, eng.generate(src, beam)):
+            out[i] = h
+    return tok.decode(out)
+
+
+def translate_stream_onnx(folder: Path, inp: TextIO | None, out: TextIO | None, beam: int = 1) -> None:
+    """``ctprune translate --engine onnxruntime``: German lines on ``inp`` -> English on ``out``."""
+    from ctprune.stages.evaluate import read_source_lines
+
+    check_beam(beam)
+    eng = OrtSeq2Seq(folder)
+    lines, out = read_source_lines(inp, out)
+    for hyp in translate_onnx(eng, lines, beam=beam) if lines else []:
+        out.write(hyp + "\n")
+
+
+def evaluate_onnx(folder: Path, corpus: str = "multi30k", split: str = "test_2016_flickr",
+                  data_dir: str | None = None, beam: int = 1, output: Path | None = None,
+                  quiet: bool = False) -> dict[str, Any]:
+    """``ctprune evaluate --engine onnxruntime``: the report of ``stages.evaluate.evaluate``,
+    written as ``SPLIT.onnxruntime-PRECISION.DECODER.{en,json}`` into ``output`` (default
+    FOLDER/eval)."""
+    from ctprune.data.corpus import load_split
+    from ctprune.scoring import score
+    from ctprune.stages.evaluate import _is_eval_folder
+
+    check_beam(beam)
+    out = Path(output) if output else Path(folder) / "eval"
+    check_output(out, {"serving folder": folder, "data folder": data_dir}, may_be_inside=("serving folder",))
+    if out.exists() and not out.is_dir():
+        raise CtpruneError(f"output {out} exists and is not a folder; -o names the folder for the hypotheses")
+    check_existing(out, _is_eval_folder, "empty or an `evaluate` folder (it holds files `evaluate` does not write)")
+    data = load_split(corpus, split, data_dir)
+    eng = OrtSeq2Seq(folder)
+    t0 = time.perf_counter()
+    hyps = translate_onnx(eng, data.src, beam=beam)
+    seconds = time.perf_counter() - t0
+    s = score(hyps, data.tgt)
+    decoder = "greedy" if beam == 1 else f"beam{beam}"
+    engine = f"onnxruntime-{eng.precision}"
+    report = {"model": str(folder), "engine": engine, "corpus": corpus, "split": split, "decoder": decoder,
+              "sentences": len(hyps), "bleu": round(s.bleu, 2), "chrf": round(s.chrf, 2),
+              "bleu_detail": s.bleu_text, "bleu_signature": s.bleu_signature,
+              "chrf_signature": s.chrf_signature, "translate_seconds": round(seconds, 2),
+              "device": "cpu", "threads": eng.decoder.get_session_options().intra_op_num_threads}
+    stem = f"{split}.{engine}.{decoder}"
+    write_text(out / f"{stem}.en", "\n".join(hyps) + "\n")
+    write_json(out / f"{stem}.json", report)
+    if not quiet:
+        print(f"{corpus} {split} ({engine}, {decoder}, {len(hyps)} sentences, {seconds:.1f}s)")
+        print(f"  {s.bleu_text}")
+        print(f"  signature: {s.bleu_signature}")
+        print(f"  {s.chrf_text}  ({s.chrf_signature})")
+        print(f"  hypotheses: {out / f'{stem}.en'}")
+    return report
