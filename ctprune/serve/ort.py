@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ctprune.errors import CtpruneError, first_line
-from ctprune.fileio import check_existing, check_output, read_json, write_json, write_text
+from ctprune.fileio import read_json
 from ctprune.model.decode import check_beam
 from ctprune.serve.export import (
     DECODER_FILE,
@@ -199,35 +199,14 @@ def evaluate_onnx(folder: Path, corpus: str = "multi30k", split: str = "test_201
     written as ``SPLIT.onnxruntime-PRECISION.DECODER.{en,json}`` into ``output`` (default
     FOLDER/eval)."""
     from ctprune.data.corpus import load_split
-    from ctprune.scoring import score
-    from ctprune.stages.evaluate import _is_eval_folder
+    from ctprune.stages.evaluate import eval_output, write_report
 
     check_beam(beam)
-    out = Path(output) if output else Path(folder) / "eval"
-    check_output(out, {"serving folder": folder, "data folder": data_dir}, may_be_inside=("serving folder",))
-    if out.exists() and not out.is_dir():
-        raise CtpruneError(f"output {out} exists and is not a folder; -o names the folder for the hypotheses")
-    check_existing(out, _is_eval_folder, "empty or an `evaluate` folder (it holds files `evaluate` does not write)")
+    out = eval_output(folder, output, data_dir, "serving folder")
     data = load_split(corpus, split, data_dir)
     eng = OrtSeq2Seq(folder)
     t0 = time.perf_counter()
     hyps = translate_onnx(eng, data.src, beam=beam)
-    seconds = time.perf_counter() - t0
-    s = score(hyps, data.tgt)
-    decoder = "greedy" if beam == 1 else f"beam{beam}"
-    engine = f"onnxruntime-{eng.precision}"
-    report = {"model": str(folder), "engine": engine, "corpus": corpus, "split": split, "decoder": decoder,
-              "sentences": len(hyps), "bleu": round(s.bleu, 2), "chrf": round(s.chrf, 2),
-              "bleu_detail": s.bleu_text, "bleu_signature": s.bleu_signature,
-              "chrf_signature": s.chrf_signature, "translate_seconds": round(seconds, 2),
-              "device": "cpu", "threads": eng.decoder.get_session_options().intra_op_num_threads}
-    stem = f"{split}.{engine}.{decoder}"
-    write_text(out / f"{stem}.en", "\n".join(hyps) + "\n")
-    write_json(out / f"{stem}.json", report)
-    if not quiet:
-        print(f"{corpus} {split} ({engine}, {decoder}, {len(hyps)} sentences, {seconds:.1f}s)")
-        print(f"  {s.bleu_text}")
-        print(f"  signature: {s.bleu_signature}")
-        print(f"  {s.chrf_text}  ({s.chrf_signature})")
-        print(f"  hypotheses: {out / f'{stem}.en'}")
-    return report
+    where = {"device": "cpu", "threads": eng.decoder.get_session_options().intra_op_num_threads}
+    return write_report(out, {"model": str(folder), "corpus": corpus, "split": split}, hyps, data.tgt, beam,
+                        time.perf_counter() - t0, where, engine=f"onnxruntime-{eng.precision}", quiet=quiet)

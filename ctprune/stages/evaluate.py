@@ -33,32 +33,47 @@ def evaluate(model_dir: Path, corpus: str = "multi30k", split: str = "test_2016_
     """Translate ``split``, score it, write ``SPLIT.DECODER.en`` and ``SPLIT.DECODER.json``
     into ``output`` (default MODEL/eval), print a summary, and return the report."""
     check_beam(beam)
-    out = Path(output) if output else Path(model_dir) / "eval"
-    check_output(out, {"model folder": model_dir, "data folder": data_dir}, may_be_inside=("model folder",))
-    if out.exists() and not out.is_dir():
-        raise CtpruneError(f"output {out} exists and is not a folder; -o names the folder for the hypotheses")
-    check_existing(out, _is_eval_folder, "empty or an `evaluate` folder (it holds files `evaluate` does not write)")
+    out = eval_output(model_dir, output, data_dir, "model folder")
     dev = resolve_device(device)
     data = load_split(corpus, split, data_dir)
     model, tok, _ = load_model_folder(model_dir, dev)
     t0 = time.perf_counter()
     hyps = translate(model, tok, data.src, beam=beam, progress=not quiet)
-    seconds = time.perf_counter() - t0
-    s = score(hyps, data.tgt)
+    return write_report(out, {"model": str(model_dir), "corpus": corpus, "split": split}, hyps, data.tgt, beam,
+                        time.perf_counter() - t0, {"device": dev, "threads": torch.get_num_threads()}, quiet=quiet)
+
+
+def eval_output(model_dir: Path, output: Path | None, data_dir: str | None, what: str) -> Path:
+    """The folder ``evaluate`` writes into (default MODEL/eval), checked before any work: not an
+    input, not a file, empty or holding only ``evaluate``'s own files."""
+    out = Path(output) if output else Path(model_dir) / "eval"
+    check_output(out, {what: model_dir, "data folder": data_dir}, may_be_inside=(what,))
+    if out.exists() and not out.is_dir():
+        raise CtpruneError(f"output {out} exists and is not a folder; -o names the folder for the hypotheses")
+    check_existing(out, _is_eval_folder, "empty or an `evaluate` folder (it holds files `evaluate` does not write)")
+    return out
+
+
+def write_report(out: Path, head: dict[str, Any], hyps: list[str], refs: list[str], beam: int, seconds: float,
+                 where: dict[str, Any], engine: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Score ``hyps``, write ``SPLIT[.ENGINE].DECODER.en`` / ``.json`` into ``out``, print the
+    summary unless ``quiet``, and return the report (``head`` first, ``where`` last)."""
+    s = score(hyps, refs)
     decoder = "greedy" if beam == 1 else f"beam{beam}"
-    report = {"model": str(model_dir), "corpus": corpus, "split": split, "decoder": decoder,
+    report = {**head, **({"engine": engine} if engine else {}), "decoder": decoder,
               "sentences": len(hyps), "bleu": round(s.bleu, 2), "chrf": round(s.chrf, 2),
               "bleu_detail": s.bleu_text, "bleu_signature": s.bleu_signature,
-              "chrf_signature": s.chrf_signature, "translate_seconds": round(seconds, 2),
-              "device": dev, "threads": torch.get_num_threads()}
-    write_text(out / f"{split}.{decoder}.en", "\n".join(hyps) + "\n")
-    write_json(out / f"{split}.{decoder}.json", report)
+              "chrf_signature": s.chrf_signature, "translate_seconds": round(seconds, 2), **where}
+    stem = ".".join(x for x in (head["split"], engine, decoder) if x)
+    write_text(out / f"{stem}.en", "\n".join(hyps) + "\n")
+    write_json(out / f"{stem}.json", report)
     if not quiet:
-        print(f"{corpus} {split} ({decoder}, {len(hyps)} sentences, {seconds:.1f}s)")
+        label = ", ".join(x for x in (engine, decoder) if x)
+        print(f"{head['corpus']} {head['split']} ({label}, {len(hyps)} sentences, {seconds:.1f}s)")
         print(f"  {s.bleu_text}")
         print(f"  signature: {s.bleu_signature}")
         print(f"  {s.chrf_text}  ({s.chrf_signature})")
-        print(f"  hypotheses: {out / f'{split}.{decoder}.en'}")
+        print(f"  hypotheses: {out / f'{stem}.en'}")
     return report
 
 
