@@ -26,6 +26,7 @@ KINDS = ("attention", "ffn", "linear")
 EXECUTORS = ("local", "process", "ray")
 PRECISIONS = ("auto", "bf16", "fp32")
 MAX_WORKERS = 1024  # parallel jobs or tuning shards of one run (also bounds what a typo can ask of a pool)
+MAX_K = 256  # configurations per budget: each is a MIP solve with one more diversity cut, then a finetuning
 
 
 def opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
@@ -114,7 +115,7 @@ class SearchSpec:
         None, "parameter budget(s): a fraction of the origin or absolute (10M); a list sweeps budgets")
     latency: str | tuple[str | float, ...] | None = opt(
         None, "latency budget(s): a fraction of the origin or absolute (12ms); needs latency scores")
-    k: int = opt(16, "number of configurations per budget", low=1)
+    k: int = opt(16, "number of configurations per budget", low=1, high=MAX_K)
     min_distance: int = opt(2, "each pair of configurations differs in at least this many slots", low=1)
     objective: str = opt("kl", "variant score the solver sums: kl (KL divergence to the origin's next-token "
                                "distribution) or loss (the increase of val loss)", choices=OBJECTIVES)

@@ -171,6 +171,7 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
     ("[configurations]\nattention=[0.5]\n[execution]\nworkers=9223372036854775807",
      r"e.toml: execution.workers must be in \[1, 1024\], got 9223372036854775807"),
     ("[configurations]\nattention=[0.5]\n[execution]\nshards=5000", r"execution.shards must be in \[1, 1024\]"),
+    ("[search]\nflops=0.5\nk=1000000", r"e.toml: search.k must be in \[1, 256\], got 1000000"),
 ])
 def test_bad_experiment_files(text: str, message: str, tmp_path: Path) -> None:
     (tmp_path / "e.toml").write_text(text)
