@@ -347,7 +347,8 @@ CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
      write("exp.toml", "[configurations]\nattention = [0.5]\n[execution]\nworkers = 'two'\n"),
      "execution.workers must be int"),
     ("run-workers-zero", ["run", "exp.toml", "-o", "runout", "--workers", "0"],
-     write("exp.toml", "[configurations]\nattention = [0.5]\n"), "execution.workers must be at least 1"),
+     # given on the command line: the message names the flag (a TOML value names its key)
+     write("exp.toml", "[configurations]\nattention = [0.5]\n"), "--workers must be at least 1, got 0"),
     ("run-device-unknown", ["run", "exp.toml", "-o", "runout", "--device", "tpu"],
      write("exp.toml", "[configurations]\nattention = [0.5]\n"), "execution.device must be auto, cpu, cuda"),
     ("run-address-without-ray", ["run", "exp.toml", "-o", "runout", "--ray-address", "10.0.0.1:6379"],
