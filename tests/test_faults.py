@@ -975,6 +975,12 @@ def test_train_resume_refuses_a_changed_recipe(model_folder: Path, tmp_path: Pat
         run(lr=1e-2, seed=4, epochs=2)  # the fast recipe's cosine schedule spans the epochs: they count too
     assert "\n" not in str(e.value)
     run()  # the same recipe resumes
+    from ctprune.fileio import locked
+
+    with locked(tmp_path / "t", "train"):  # as a second `train --resume` would hold it
+        with pytest.raises(CtpruneError, match="another `ctprune train/finetune` is writing"):
+            run()
+    run()  # released: resumes
 
 
 def test_every_progress_bar_goes_through_the_one_helper() -> None:

@@ -34,6 +34,7 @@ from ctprune.fileio import (
     check_existing,
     commit_dir,
     file_record,
+    locked,
     read_json,
     read_text,
     sweep_commits,
@@ -344,9 +345,22 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     evaluation that ``recipe.select`` prefers: the highest val BLEU or the lowest val loss.
     """
     out = Path(out)
+    check_existing(out, is_fit_output, "a training run's folder")
+    if not resume and has_training_run(out):
+        raise CtpruneError(f"{out} already holds a training run; pass --resume to continue it "
+                           "or choose another output folder")
+    with locked(out, "train/finetune"):  # one writer per output: a second resume is refused
+        return _fit(model, tok, train, val, recipe, out, hparams, resume, device, eval_before, target_bleu,
+                    after_step, min_epochs, snapshot_epochs)
+
+
+def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parallel, recipe: Recipe, out: Path,
+         hparams: dict[str, Any], resume: bool, device: str, eval_before: bool, target_bleu: float | None,
+         after_step: Callable[[Seq2SeqTransformer], None] | None, min_epochs: int,
+         snapshot_epochs: tuple[int, ...]) -> FitResult:
+    """``fit``'s work, under its lock."""
     last = out / "last"
     state_path = last / "trainer_state.pt"
-    check_existing(out, is_fit_output, "a training run's folder")
     sweep_commits(last)  # what a kill inside a checkpoint commit left
     if not resume and has_training_run(out):
         raise CtpruneError(f"{out} already holds a training run; pass --resume to continue it "
