@@ -70,3 +70,20 @@ def test_tuning_cost_times_joint_and_one_at_a_time_tuning(tmp_path: Path, model_
                           "--max-tokens", "256", "--experiment", str(REPO / "examples" / "demo.toml"))
     result = lines[-1]
     assert result["variants"] == 28 and result["joint_s_per_batch"] > 0 and result["one_at_a_time_s_per_batch"] > 0
+
+
+def test_serving_times_and_scores_every_model_on_every_engine(tmp_path: Path, model_folder: Path) -> None:
+    data = multi30k_shaped(tmp_path / "data")
+    out = tmp_path / "serving.json"
+    lines = run_benchmark("serving.py", str(model_folder), "--data-dir", str(data), "--ratios", "0.5", "--runs", "2",
+                          "--sentences", "8", "--threads", "1", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert lines == [result] and result["sentences"] == 8 and result["threads"] == 1
+    cells = {(r["model"], r["engine"]): r for r in result["results"]}
+    assert set(cells) == {(m, e) for m in ("origin", "heads+ffn 0.5") for e in ("torch", "ort-fp32", "ort-int8")}
+    assert all(r[w]["median_ms"] > 0 and r[w]["p90_ms"] >= r[w]["median_ms"] for r in cells.values()
+               for w in ("single", "batch"))
+    assert cells["origin", "torch"]["single"]["speedup_vs_torch_origin"] == 1.0
+    # fp32 ONNX Runtime emits PyTorch's tokens, so its translations and BLEU are the same
+    assert cells["origin", "ort-fp32"]["same_as_torch"] == 1.0
+    assert cells["origin", "ort-fp32"]["bleu"] == cells["origin", "torch"]["bleu"]

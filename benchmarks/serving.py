@@ -1,0 +1,139 @@
+"""Serving latency and BLEU on CPU: PyTorch eager vs ONNX Runtime fp32 / int8, origin vs pruned.
+
+Models: the origin and every attention head + FFN neuron kept at each of --ratios (built by
+``pruned_speed.composed_models``; its unstructured case is left out). Engines: PyTorch eager
+(``ctprune.model.decode.greedy``), ONNX Runtime fp32 and int8 (each model saved and exported with
+``ctprune.serve.export`` into a temp folder). Workloads: ``single``, one sentence at batch 1 (the
+first of median source length), and ``batch``, the first 32 sentences padded into one batch;
+greedy with exactly the origin's step count on those inputs (its output length + EOS), so every
+cell does the same work. Timing: one warm-up round, then --runs rounds, each running every
+(model, engine, workload) once in a shuffled order; median and p90 in ms. Threads pinned: torch
+and ONNX Runtime intra-op both --threads (inter-op 1). BLEU: greedy on the first --sentences
+sentences of test_2016_flickr (``decode.translate`` / ``translate_onnx``), with the fraction of
+translations identical to the same model's PyTorch ones. Not measured: CTranslate2, GPU, and a
+per-component breakdown. Usage:
+    python benchmarks/serving.py MODEL [--data-dir DIR] [--ratios 0.75 0.5 0.25] [--runs 30]
+        [--sentences 1000] [--threads 2] [--output serving.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pruned_speed import RATIOS, composed_models  # benchmarks/ is this script's sys.path[0]
+
+from ctprune.data.batching import pad
+from ctprune.data.corpus import load_split
+from ctprune.fileio import write_json
+from ctprune.model.checkpoint import load_model_folder, save_model_folder
+from ctprune.model.decode import greedy, translate
+from ctprune.scoring import bleu_score
+from ctprune.serve.export import ExportArgs, export
+from ctprune.serve.ort import OrtSeq2Seq, translate_onnx
+
+ENGINES = ("torch", "ort-fp32", "ort-int8")
+BATCH = 32
+
+
+def p90(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=10, method="inclusive")[-1]
+
+
+def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: int
+            ) -> dict[tuple[str, str], tuple[Callable[[torch.Tensor, int], Any], Callable[[list[str]], list[str]]]]:
+    """(model, engine) -> (greedy(src (B, S), steps), translate(sentences)), exporting each model twice."""
+    out: dict[tuple[str, str], Any] = {}
+    for i, (name, model) in enumerate(models.items()):
+        folder = tmp / f"model-{i}"
+        save_model_folder(folder, model, tok, {"stage": "serving benchmark", "model": name})
+        out[name, "torch"] = (lambda src, n, m=model: greedy(m, src, steps=n),
+                              lambda s, m=model: translate(m, tok, s))
+        for q in ("fp32", "int8"):
+            export(ExportArgs(model=folder, output=tmp / f"onnx-{i}-{q}", quantize="none" if q == "fp32" else q),
+                   quiet=True)
+            eng = OrtSeq2Seq(tmp / f"onnx-{i}-{q}", threads=threads)
+            out[name, f"ort-{q}"] = (lambda src, n, e=eng: e.greedy(src, steps=n),
+                                     lambda s, e=eng: translate_onnx(e, s))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--split", default="test_2016_flickr")
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), choices=RATIOS)
+    ap.add_argument("--runs", type=int, default=30, help="timed rounds after one warm-up round")
+    ap.add_argument("--sentences", type=int, default=None, help="first sentences of the split (default: all)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads = ONNX Runtime intra-op threads")
+    ap.add_argument("--seed", type=int, default=0, help="of the per-round order")
+    ap.add_argument("--output", type=Path, default=None, help="write the results here as JSON")
+    a = ap.parse_args()
+    t_start = time.perf_counter()
+    torch.set_num_threads(a.threads)
+    origin, tok, _ = load_model_folder(a.model)
+    data = load_split("multi30k", a.split, a.data_dir)
+    src_text, refs = data.src[:a.sentences], data.tgt[:a.sentences]
+    ids = [s[:origin.cfg.max_len - 1] + [tok.eos_id] for s in tok.encode(src_text)]
+    median_len = sorted(map(len, ids))[len(ids) // 2]
+    single = pad([next(s for s in ids if len(s) == median_len)], tok.pad_id)  # (1, S)
+    batch = pad(ids[:BATCH], tok.pad_id)  # (B, S)
+    with torch.inference_mode():  # the origin's output lengths fix every cell's step count
+        work = {w: (src, max(map(len, greedy(origin, src))) + 1) for w, src in (("single", single), ("batch", batch))}
+    with tempfile.TemporaryDirectory() as tmp:
+        built = composed_models(a.model, Path(tmp))
+        models = {"origin": origin, **{f"heads+ffn {r}": built[f"heads+ffn {r}"] for r in a.ratios}}
+        cells = runners(models, tok, Path(tmp), a.threads)
+        rng = random.Random(a.seed)
+        jobs = [(c, w) for c in cells for w in work]
+        times: dict[tuple[Any, str], list[float]] = {j: [] for j in jobs}
+        with torch.inference_mode():
+            for r in range(a.runs + 1):
+                rng.shuffle(jobs)
+                for cell, w in jobs:
+                    src, n = work[w]
+                    t0 = time.perf_counter()
+                    cells[cell][0](src, n)
+                    if r:
+                        times[cell, w].append(1e3 * (time.perf_counter() - t0))
+            hyps = {cell: fns[1](src_text) for cell, fns in cells.items()}
+    results = []
+    for (model, engine) in cells:
+        r: dict[str, Any] = {"model": model, "engine": engine,
+                             "bleu": round(bleu_score(hyps[model, engine], refs).score, 2),
+                             "same_as_torch": round(sum(x == y for x, y in zip(hyps[model, engine],
+                                                                                 hyps[model, "torch"])) / len(refs), 4)}
+        for w in work:
+            ms = times[(model, engine), w]
+            med = statistics.median(ms)
+            r[w] = {"median_ms": round(med, 2), "p90_ms": round(p90(ms), 2),
+                    "speedup_vs_engine_origin": round(statistics.median(times[("origin", engine), w]) / med, 3),
+                    "speedup_vs_torch_origin": round(statistics.median(times[("origin", "torch"), w]) / med, 3)}
+        results.append(r)
+        print(f"{model:<15} {engine:<8} " + "  ".join(
+            f"{w} {r[w]['median_ms']:8.1f} ms (p90 {r[w]['p90_ms']:8.1f}) x{r[w]['speedup_vs_engine_origin']:.2f} "
+            f"engine-origin x{r[w]['speedup_vs_torch_origin']:.2f} torch-origin" for w in work)
+            + f"  BLEU {r['bleu']:5.2f} (same as torch {r['same_as_torch']:.0%})", flush=True)
+    import onnxruntime
+
+    out = {"model": str(a.model), "split": a.split, "sentences": len(refs), "runs": a.runs, "threads": a.threads,
+           "workloads": {w: {"batch": int(src.shape[0]), "src_len": int(src.shape[1]), "steps": n}
+                         for w, (src, n) in work.items()},
+           "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+           "wall_s": round(time.perf_counter() - t_start, 1), "results": results}
+    print(json.dumps(out))
+    if a.output:
+        write_json(a.output, out)
+
+
+if __name__ == "__main__":
+    main()
