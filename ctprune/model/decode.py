@@ -63,35 +63,55 @@ def beam_search(model: Seq2SeqTransformer, src: Tensor, beam: int,
     memory = memory.repeat_interleave(k, 0)  # (B*K, S, d)
     mask = mask.repeat_interleave(k, 0)
     cache = model.new_cache()
-    dev = src.device
-    scores = torch.full((b, k), float("-inf"), device=dev)
-    scores[:, 0] = 0.0
-    seqs = torch.full((b * k, 1), cfg.bos_id, dtype=torch.long, device=dev)
-    finished = torch.zeros(b * k, dtype=torch.bool, device=dev)
-    lengths = torch.zeros(b * k, device=dev)
-    base = (torch.arange(b, device=dev) * k)[:, None]  # (B, 1)
+    scores, seqs, finished, lengths = beam_start(b, k, cfg.bos_id, src.device)
     for t in range(_max_steps(model, src)):
         h = model.decode(seqs[:, -1:], memory, mask, cache, offset=t)
-        logp = torch.log_softmax(model.generator(h[:, -1]).float(), -1)  # (B*K, V)
-        # A finished beam can only extend with PAD at no cost, so it keeps its score.
-        logp[finished] = float("-inf")
-        logp[finished, cfg.pad_id] = 0.0
-        v = logp.shape[-1]
-        cand = (scores.view(b * k, 1) + logp).view(b, k * v)
-        scores, flat = cand.topk(k, dim=-1)  # (B, K)
-        src_beam = (base + flat // v).view(-1)  # (B*K,)
-        token = (flat % v).view(-1)
-        seqs = torch.cat([seqs[src_beam], token[:, None]], 1)
-        finished = finished[src_beam] | (token == cfg.eos_id)
-        lengths = lengths[src_beam] + (token != cfg.pad_id).float()
+        scores, src_beam, seqs, finished, lengths = beam_step(
+            model.generator(h[:, -1]), scores, seqs, finished, lengths, cfg.pad_id, cfg.eos_id)
         for layer in cache:
             layer["self"]["k"] = layer["self"]["k"][src_beam]
             layer["self"]["v"] = layer["self"]["v"][src_beam]
         if bool(finished.all()):
             break
+    return [_trim(row) for row in beam_best(scores, seqs, lengths, alpha)]
+
+
+def beam_start(b: int, k: int, bos_id: int, device: torch.device | str = "cpu"
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Beam search's start: scores (B, K) with one live beam per sentence, seqs (B*K, 1) of BOS,
+    finished and lengths (B*K,)."""
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    seqs = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)
+    return scores, seqs, torch.zeros(b * k, dtype=torch.bool, device=device), torch.zeros(b * k, device=device)
+
+
+def beam_step(logits: Tensor, scores: Tensor, seqs: Tensor, finished: Tensor, lengths: Tensor, pad_id: int,
+              eos_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One step of beam search over any engine's step logits (B*K, V): the new scores (B, K), the
+    beam each new one extends (B*K,) (to reorder caches by), and the extended seqs (B*K, T+1),
+    finished and lengths (B*K,)."""
+    b, k = scores.shape
+    logp = torch.log_softmax(logits.float(), -1)  # (B*K, V)
+    # A finished beam can only extend with PAD at no cost, so it keeps its score.
+    logp[finished] = float("-inf")
+    logp[finished, pad_id] = 0.0
+    v = logp.shape[-1]
+    scores, flat = (scores.view(b * k, 1) + logp).view(b, k * v).topk(k, dim=-1)  # (B, K)
+    src_beam = ((torch.arange(b, device=flat.device) * k)[:, None] + flat // v).view(-1)  # (B*K,)
+    token = (flat % v).view(-1)
+    seqs = torch.cat([seqs[src_beam], token[:, None]], 1)
+    finished = finished[src_beam] | (token == eos_id)
+    lengths = lengths[src_beam] + (token != pad_id).float()
+    return scores, src_beam, seqs, finished, lengths
+
+
+def beam_best(scores: Tensor, seqs: Tensor, lengths: Tensor, alpha: float) -> list[list[int]]:
+    """Per sentence, the beam with the best GNMT length-penalised score, without its BOS."""
+    b, k = scores.shape
     penalty = ((5.0 + lengths) / 6.0) ** alpha
-    best = (scores.view(-1) / penalty).view(b, k).argmax(-1) + base.view(-1)
-    return [_trim(row[1:]) for row in seqs[best].tolist()]
+    best = (scores.view(-1) / penalty).view(b, k).argmax(-1) + torch.arange(b, device=seqs.device) * k
+    return [row[1:] for row in seqs[best].tolist()]
 
 
 def translate(model: torch.nn.Module, tok: Tokenizer, sentences: list[str], beam: int = 1,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import read_json
-from ctprune.model.decode import check_beam
+from ctprune.model.decode import beam_best, beam_start, beam_step, check_beam
 from ctprune.serve.export import (
     DECODER_FILE,
     ENCODER_FILE,
@@ -130,32 +130,16 @@ class OrtSeq2Seq:
         mask = np.repeat(mask, k, 0)  # (B*K, S)
         cross = [np.repeat(c, k, 0) for c in cross]
         past = self.empty_past(b * k)
-        scores = torch.full((b, k), float("-inf"))
-        scores[:, 0] = 0.0
-        seqs = torch.full((b * k, 1), self.bos_id, dtype=torch.long)
-        finished = torch.zeros(b * k, dtype=torch.bool)
-        lengths = torch.zeros(b * k)
-        base = (torch.arange(b) * k)[:, None]  # (B, 1)
+        scores, seqs, finished, lengths = beam_start(b, k, self.bos_id)
         for _ in range(self.max_steps(src)):
             logits, past = self.step(seqs[:, -1:], mask, past, cross)
-            logp = torch.log_softmax(logits.float(), -1)  # (B*K, V)
-            logp[finished] = float("-inf")
-            logp[finished, self.pad_id] = 0.0
-            v = logp.shape[-1]
-            cand = (scores.view(b * k, 1) + logp).view(b, k * v)
-            scores, flat = cand.topk(k, dim=-1)  # (B, K)
-            src_beam = (base + flat // v).view(-1)  # (B*K,)
-            token = (flat % v).view(-1)
-            seqs = torch.cat([seqs[src_beam], token[:, None]], 1)
-            finished = finished[src_beam] | (token == self.eos_id)
-            lengths = lengths[src_beam] + (token != self.pad_id).float()
+            scores, src_beam, seqs, finished, lengths = beam_step(
+                logits, scores, seqs, finished, lengths, self.pad_id, self.eos_id)
             order = src_beam.numpy()
             past = [p[order] for p in past]
             if bool(finished.all()):
                 break
-        penalty = ((5.0 + lengths) / 6.0) ** alpha
-        best = (scores.view(-1) / penalty).view(b, k).argmax(-1) + base.view(-1)
-        return [_trim(row[1:], self.eos_id) for row in seqs[best].tolist()]
+        return [_trim(row, self.eos_id) for row in beam_best(scores, seqs, lengths, alpha)]
 
     def generate(self, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
         return self.greedy(src, steps) if beam <= 1 else self.beam_search(src, beam)
