@@ -2,7 +2,12 @@
 
 
 class CtpruneError(Exception):
-    """Bad input or state a user can fix; the message says what was wrong and what is allowed."""
+    """Bad input or state a user can fix; the message says what was wrong and what is allowed.
+    It is one line whatever it quotes: a line break (in a path, a key) is shown as ``\\n``."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        text = str(message).replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(text, *args)
 
 
 def first_line(e: BaseException) -> str:

@@ -8,6 +8,7 @@ in size (``MAX_METADATA_BYTES``) and nesting (``MAX_NESTING``) before it is pars
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -18,6 +19,8 @@ import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from ctprune.errors import CtpruneError, first_line
 
 # Metadata (indexes, configs, plans, records, histories, experiment files) is small: the largest a
 # Multi30k run writes is a grid bank's index.json at well under 1 MB. A file past this is refused
@@ -35,10 +38,46 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # disk full, quota, read-only
+            raise CtpruneError(f"cannot write {path}: {_os_reason(e)}; nothing was written there") from None
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask sets it too,
+    for a moment, for every thread)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A new hidden folder beside ``path`` (same file system: renamed into place when complete),
+    with the permissions of an ordinary new folder (mkdtemp's are 0700)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _os_reason(e: BaseException) -> str:
+    """The reason of a failed write in a few words (safetensors wraps the OS error in its message)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    for code, reason in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                         (errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")):
+        if f"code: {code}," in text or reason in text:
+            return reason
+    return shorten(first_line(e), 200)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -53,15 +92,14 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: Path, what: str = "file") -> Any:
-    """Read JSON; a missing, unreadable, oversized, too deeply nested or malformed file (also: a
-    key given twice in one object) is a CtpruneError naming the path."""
-    return parse_json(read_text(path, what), f"{what} {path}")
+def read_json(path: Path, what: str = "file", limit: int = MAX_METADATA_BYTES) -> Any:
+    """Read JSON; a missing, unreadable, oversized (past ``limit`` bytes), too deeply nested or
+    malformed file (also: a key given twice in one object) is a CtpruneError naming the path."""
+    return parse_json(read_text(path, what, limit), f"{what} {path}")
 
 
 def read_toml(path: Path, what: str = "file") -> dict[str, Any]:
     """Read TOML with the same bounds and one-line errors as ``read_json``."""
-    from ctprune.errors import CtpruneError
 
     source = f"{what} {path}"
     try:
@@ -76,7 +114,6 @@ def read_toml(path: Path, what: str = "file") -> dict[str, Any]:
 
 def check_nesting(obj: Any, source: str) -> None:
     """Refuse an object nested deeper than ``MAX_NESTING`` lists/tables (walked without recursion)."""
-    from ctprune.errors import CtpruneError
 
     stack = [(obj, 1)]
     while stack:
@@ -103,12 +140,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def parse_json(text: str, source: str) -> Any:
     """JSON text -> object; malformed JSON or a key given twice in one object is a CtpruneError."""
-    from ctprune.errors import CtpruneError
 
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as e:
-        raise CtpruneError(f"{source}: key {_short(e.args[0])} appears twice in one object") from None
+        raise CtpruneError(f"{source}: key {brief(e.args[0])} appears twice in one object") from None
     except json.JSONDecodeError as e:
         raise CtpruneError(f"{source} is not valid JSON: {e}") from None
     except RecursionError:
@@ -117,18 +153,26 @@ def parse_json(text: str, source: str) -> Any:
     return obj
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def brief(value: Any, limit: int = 80) -> str:
     """``repr(value)``, cut to ``limit`` characters, for a message that must stay one short line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+    return shorten(repr(value), limit)
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (a 10 MB value echoed into a message stays one short
+    line), with how much was left out."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def read_text(path: Path, what: str = "file", limit: int = MAX_METADATA_BYTES) -> str:
     """A UTF-8 text file of at most ``limit`` bytes; missing, unreadable, larger or not UTF-8 is a
     CtpruneError naming the path. The size is checked before reading."""
-    from ctprune.errors import CtpruneError
 
     try:
+        if Path(path).exists() and not Path(path).is_dir() and not Path(path).is_file():
+            # a FIFO would block the read forever, a device never end
+            raise CtpruneError(f"{what} {path} is not a regular file")
         with Path(path).open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             data = f.read(limit + 1) if size <= limit else b""
@@ -165,7 +209,6 @@ def file_record(path: Path) -> dict[str, Any]:
 
 def verify_file(path: Path, record: Any, what: str, recorded_in: str) -> None:
     """Refuse a file whose size or SHA-256 differs from ``record`` (swapped, altered, truncated)."""
-    from ctprune.errors import CtpruneError
 
     if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) \
             or not isinstance(record.get("sha256"), str):
@@ -188,17 +231,16 @@ def verify_file(path: Path, record: Any, what: str, recorded_in: str) -> None:
 def contained(root: Path, rel: Any, what: str) -> Path:
     """``root / rel`` for a relative path ``rel`` read from a file; refused when it is absolute,
     climbs with ``..``, or resolves (through symlinks) outside ``root``."""
-    from ctprune.errors import CtpruneError
 
     if not isinstance(rel, str) or not rel.strip():
-        raise CtpruneError(f"{what}: path must be a non-empty string, got {rel!r}")
+        raise CtpruneError(f"{what}: path must be a non-empty string, got {brief(rel)}")
     parts = PurePosixPath(rel.replace("\\", "/")).parts
     if PurePosixPath(rel).is_absolute() or rel.startswith(("\\", "~")) or ".." in parts \
             or (len(rel) > 1 and rel[1] == ":"):
-        raise CtpruneError(f"{what}: path {rel!r} leaves its folder {root} (absolute or '..' not allowed)")
+        raise CtpruneError(f"{what}: path {brief(rel)} leaves its folder {root} (absolute or '..' not allowed)")
     full = Path(root) / rel
     if not full.resolve().is_relative_to(Path(root).resolve()):
-        raise CtpruneError(f"{what}: path {rel!r} leaves its folder {root} through a symlink")
+        raise CtpruneError(f"{what}: path {brief(rel)} leaves its folder {root} through a symlink")
     return full
 
 
@@ -217,7 +259,6 @@ def check_output(output: Path, inputs: dict[str, Any], may_be_inside: tuple[str,
     """Refuse an output path that is, contains, or is inside one of the command's ``inputs``
     (``{"model folder": path, ...}``; None values are skipped). Inputs named in
     ``may_be_inside`` may hold the output (evaluate writes MODEL/eval by default)."""
-    from ctprune.errors import CtpruneError
 
     output = Path(output)
     for name, path in inputs.items():
@@ -237,14 +278,17 @@ def refuse_symlinks(folder: Path, what: str, own_links: tuple[str, ...] = ()) ->
     """Refuse a folder that holds a symlink anywhere inside (a copy would follow it: a link to /
     would copy the filesystem; a write into a linked subfolder would land outside). ``own_links``:
     names of top-level links the command itself made (``commit_dir``'s)."""
-    from ctprune.errors import CtpruneError
 
     for root, dirs, files in os.walk(folder):  # never descends into linked folders
         for name in dirs + files:
             own = Path(root) == Path(folder) and name.startswith(own_links) if own_links else False
-            if (Path(root) / name).is_symlink() and not own:
-                raise CtpruneError(f"{what} {folder} holds a symlink {Path(root, name).relative_to(folder)}; "
+            entry = Path(root) / name
+            if entry.is_symlink() and not own:
+                raise CtpruneError(f"{what} {folder} holds a symlink {entry.relative_to(folder)}; "
                                    "it may hold only plain files and folders")
+            if not entry.is_symlink() and not entry.is_file() and not entry.is_dir():  # a FIFO blocks a copy
+                raise CtpruneError(f"{what} {folder} holds {entry.relative_to(folder)}, which is not a plain file "
+                                   "(a pipe, socket or device); it may hold only plain files and folders")
 
 
 @contextlib.contextmanager
@@ -252,7 +296,6 @@ def locked(output: Path, command: str) -> Iterator[None]:
     """One writer per output: an exclusive lock on the file ``.NAME.lock`` beside ``output`` (beside,
     so that the output itself can still be renamed into place whole), held for the block. A second
     ``command`` on the same output is refused at once."""
-    from ctprune.errors import CtpruneError
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +316,6 @@ def locked(output: Path, command: str) -> Iterator[None]:
 
 def check_existing(output: Path, is_own: Callable[[Path], bool], kind: str) -> None:
     """Refuse an existing ``output`` that is not ``kind`` (this command's own, possibly partial, work)."""
-    from ctprune.errors import CtpruneError
 
     output = Path(output)
     if (output.exists() or output.is_symlink()) and not is_own(output):

@@ -427,10 +427,11 @@ CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
 ]
 
 
-@pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                      monkeypatch: pytest.MonkeyPatch, args: list[str],
-                                      corrupt: Callable[[Path], None], fragment: str) -> None:
+def refused_in_one_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        monkeypatch: pytest.MonkeyPatch, args: list[str], corrupt: Callable[[Path], None],
+                        fragment: str) -> str:
+    """Run ``args`` on a copy of the workspace spoilt by ``corrupt``: exit status 2, one line naming
+    the command and holding ``fragment``, inputs byte-identical and nothing (half-)written. Returns the line."""
     w = tmp_path / "w"
     shutil.copytree(workspace, w, symlinks=True)
     corrupt(w)
@@ -439,9 +440,18 @@ def test_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, capsys: p
     capsys.readouterr()
     rc = main(args)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith(f"ctprune {args[0]}: error: ") and fragment in err[0], err
-    assert snapshot(tmp_path) == before  # inputs byte-identical, nothing (half-)written
+    assert rc == 2, [e[:300] for e in err]
+    assert len(err) == 1 and err[0].startswith(f"ctprune {args[0]}: error: ") and fragment in err[0], \
+        [e[:300] for e in err]
+    assert snapshot(tmp_path) == before
+    return err[0]
+
+
+@pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                      corrupt: Callable[[Path], None], fragment: str) -> None:
+    refused_in_one_line(workspace, tmp_path, capsys, monkeypatch, args, corrupt, fragment)
 
 
 def test_translate_refuses_binary_stdin_and_keeps_unicode_separators_inside_lines(workspace: Path) -> None:
@@ -988,3 +998,388 @@ def test_every_progress_bar_goes_through_the_one_helper() -> None:
 
     direct = [str(p) for p in (REPO / "ctprune").rglob("*.py") if p.name != "progress.py" and "tqdm(" in p.read_text()]
     assert direct == []
+
+
+# ================================================================================================
+# Issue 25, the cases still open after the first round: refusals that named the wrong thing, values
+# echoed whole, duplicate keys in Hugging Face JSON, disk full, unbounded sizes of pruned HF folders.
+
+
+def huge_string(rel: str, key: str, drop_manifest: bool = False) -> Callable[[Path], None]:
+    return edit_json(rel, _set(key, "x" * 10_000_000), drop_manifest)
+
+
+def conf_of(obj: object) -> Callable[[Path], None]:
+    return write("conf.json", json.dumps(obj))
+
+
+OPEN_CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
+    # a grid or configuration that prunes nothing is refused as such, not as a missing bank/index
+    ("prune-grid-one", ["prune", "origin", "--grid", "1.0", "-o", "g"], nothing,
+     "--grid 1 keeps every module whole, so the grid bank would be empty; give keep ratios in [0, 1)"),
+    ("prune-grid-zero-linear", ["prune", "origin", "--grid", "0", "--kinds", "linear", "-o", "g"], nothing,
+     "--grid 0 with --kinds linear gives no block variant"),
+    ("search-empty-bank", ["search", "origin", "--bank", "empty", "--flops", "0.5", "--corpus", "synthetic",
+                           "-o", "s.json"],
+     lambda w: (shutil.copytree(w / "bank", w / "empty"),
+                (w / "empty/index.json").write_text(json.dumps({**_index(w), "variants": {}}))),
+     "bank empty holds no block variants"),
+    ("compose-conf-ratio-one", ["compose", "origin", "--bank", "nobank", "-c", "conf.json", "-n", "0", "-o", "out"],
+     conf_of([{"encoder.layers.0.self_attn": 1.0}]), "configuration 0 of conf.json prunes nothing"),
+    ("finetune-conf-ratio-one", ["finetune", "origin", "--bank", "nobank", "-c", "conf.json", "-n", "1",
+                                 "--corpus", "synthetic", "--target-bleu", "none", "-o", "ft"],
+     conf_of([{"encoder.layers.0.self_attn": 0.5}, {"encoder.layers.0.self_attn": 1.0}]),
+     "configuration 1 of conf.json prunes nothing"),
+    # values from files are echoed cut, never whole (a 10 MB string made a 10 MB message)
+    ("conf-module-10mb", PLAN + ["p2.json"], conf_of([{"x" * 10_000_000: 0.5}]), "unknown module 'xxxx"),
+    ("conf-ratio-10mb", PLAN + ["p2.json"], conf_of([{"encoder.layers.0.self_attn": "x" * 10_000_000}]),
+     "keep ratio must be a number in [0, 1], got 'xxx"),
+    ("index-module-10mb", COMPOSE + ["out"], edit_entry(lambda e: e.update(module="x" * 10_000_000)),
+     "the key does not match its module and ratio"),
+    ("config-field-10mb", ["inspect", "origin"], huge_string("origin/config.json", "d_model", drop_manifest=True),
+     "d_model must be a positive integer, got 'xxx"),
+    ("variant-file-10mb", COMPOSE + ["out"], edit_entry(lambda e: e.update(file="/" + "x" * 10_000_000)),
+     "leaves its folder"),
+]
+
+
+@pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in OPEN_CASES], ids=[c[0] for c in OPEN_CASES])
+def test_open_fault_is_refused_in_one_short_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                 corrupt: Callable[[Path], None], fragment: str) -> None:
+    line = refused_in_one_line(workspace, tmp_path, capsys, monkeypatch, args, corrupt, fragment)
+    assert len(line) < 600, line[:300]  # whatever it echoes, the message stays one short line
+
+
+@pytest.mark.parametrize("case", ["prune-grid-one", "search-empty-bank", "conf-module-10mb"])
+def test_open_fault_through_a_subprocess_has_no_traceback(workspace: Path, tmp_path: Path, case: str) -> None:
+    _, args, corrupt, fragment = next(c for c in OPEN_CASES if c[0] == case)
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    corrupt(w)
+    r = run_cli(*args, cwd=w)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0] and len(lines[0]) < 1000, r.stderr[:2000]
+
+
+@pytest.fixture(scope="module")
+def hf_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MarianMT as a user brings it (``marian``: save_pretrained), and ``pruned``: one of its
+    configurations composed by ctprune (ctprune_layers.json, manifest)."""
+    pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ctprune.arch.marian import marian_tokenizer
+    from ctprune.data.synthetic import synthetic_corpus
+    from ctprune.data.tokenizer import Tokenizer
+
+    from .test_hf import tiny_marian
+
+    w = tmp_path_factory.mktemp("hf") / "w"
+    pairs = synthetic_corpus("train")
+    proto = Tokenizer.train([p[0] for p in pairs] + [p[1] for p in pairs], 300).proto
+    tok = marian_tokenizer(proto, w / "marian")
+    tiny_marian(vocab=len(tok)).save_pretrained(str(w / "marian"))
+    (w / "conf.json").write_text(json.dumps([{"model.encoder.layers.0.self_attn": 0.5,
+                                              "model.encoder.layers.1.ffn": 0.25,
+                                              "model.decoder.layers.0.fc1": 0.2}]))
+    assert main(["plan", str(w / "conf.json"), "-m", str(w / "marian"), "-o", str(w / "plan.json")]) == 0
+    assert main(["prune", str(w / "marian"), "--plan", str(w / "plan.json"), "-o", str(w / "bank")]) == 0
+    assert main(["compose", str(w / "marian"), "--bank", str(w / "bank"), "-c", str(w / "conf.json"), "-n", "0",
+                 "-o", str(w / "pruned")]) == 0
+    (w / "pruned/manifest.json").unlink()  # as a hand-made or hand-edited folder: nothing but its files to trust
+    return w
+
+
+def json_text(rel: str, text: str) -> Callable[[Path], None]:
+    return write(rel, text)
+
+
+def duplicate_key(rel: str, key: str) -> Callable[[Path], None]:
+    """``rel``'s first ``"key":`` given twice (the first value a decoy)."""
+    def corrupt(w: Path) -> None:
+        p = w / rel
+        text = p.read_text()
+        assert f'"{key}"' in text, (rel, key)
+        p.write_text(text.replace(f'"{key}"', f'"{key}": 0, "{key}"', 1))
+    return corrupt
+
+
+HF_CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
+    # config.json without model_type, or with one that contradicts its architectures
+    ("hf-config-no-model-type", ["inspect", "marian"], edit_json("marian/config.json", _without("model_type")),
+     'has no model_type, which names the model family; for MarianMTModel it is "model_type": "marian"'),
+    ("hf-config-no-model-type-no-architectures", ["inspect", "marian"],
+     edit_json("marian/config.json", lambda c: {k: v for k, v in c.items()  # type: ignore[union-attr]
+                                                if k not in ("model_type", "architectures")}),
+     "looks like a Hugging Face config but has no model_type"),
+    ("hf-config-model-type-t5", ["inspect", "marian"], edit_json("marian/config.json", _set("model_type", "t5")),
+     "model_type 't5' contradicts its architectures (MarianMTModel, model_type \"marian\")"),
+    ("hf-config-model-type-bart", ["inspect", "marian"], edit_json("marian/config.json", _set("model_type", "bart")),
+     "model_type 'bart' contradicts its architectures"),
+    ("hf-config-model-type-10mb", ["inspect", "marian"], huge_string("marian/config.json", "model_type"),
+     "model_type 'xxx"),
+    ("hf-config-architectures-10mb", ["inspect", "marian"],
+     edit_json("marian/config.json", _set("architectures", ["X" * 10_000_000])), "(10,000,000 characters)"),
+    # per-layer sizes of the wrong JSON type
+    ("hf-sparse-linears-object", ["inspect", "pruned"],
+     edit_json("pruned/ctprune_layers.json", _set("sparse_linears", {"model.decoder.layers.0.fc1": 1})),
+     "sparse_linears must be a list of Linear names, got {"),
+    ("hf-sparse-linears-of-objects", ["inspect", "pruned"],
+     edit_json("pruned/ctprune_layers.json", _set("sparse_linears", [{"a": 1}])),
+     "sparse_linears must be a list of distinct Linear names (strings)"),
+    ("hf-sparse-linears-of-lists", ["inspect", "pruned"],
+     edit_json("pruned/ctprune_layers.json", _set("sparse_linears", [["model.decoder.layers.0.fc1"]])),
+     "sparse_linears must be a list of distinct Linear names (strings)"),
+    ("hf-attention-list", ["inspect", "pruned"], edit_json("pruned/ctprune_layers.json", _set("attention", [0, 1])),
+     "attention must be an object {unit name: sizes}, got [0, 1]"),
+    ("hf-layers-other-model-type", ["inspect", "pruned"],
+     edit_json("pruned/ctprune_layers.json", _set("model_type", "t5")), "written for model_type 't5'"),
+    # huge sizes on the units ctprune_layers.json does not list (full size) are bounded too
+    ("hf-pruned-unpruned-ffn-huge", ["inspect", "pruned"],
+     edit_json("pruned/config.json", _set("decoder_ffn_dim", 10**11)), "describes a pruned MarianMTModel of at least"),
+    ("hf-pruned-ffn-10m", ["inspect", "pruned"],
+     edit_json("pruned/config.json", _set("encoder_ffn_dim", 10**7)), "describes a pruned MarianMTModel of at least"),
+    ("hf-config-dropout-nan", ["inspect", "marian"],
+     lambda w: (w / "marian/config.json").write_text(
+         json.dumps({**json.loads((w / "marian/config.json").read_text()), "dropout": float("nan")})),
+     "dropout must be a probability in [0, 1), got nan"),
+    # duplicate keys in every Hugging Face JSON ctprune reads
+    ("hf-generation-config-duplicate", ["inspect", "marian"],
+     duplicate_key("marian/generation_config.json", "eos_token_id"), "key 'eos_token_id' appears twice"),
+    ("hf-tokenizer-config-duplicate", ["evaluate", "marian", "--corpus", "synthetic", "--split", "val"],
+     duplicate_key("marian/tokenizer_config.json", "eos_token"), "key 'eos_token' appears twice"),
+    ("hf-vocab-duplicate", ["evaluate", "marian", "--corpus", "synthetic", "--split", "val"],
+     duplicate_key("marian/vocab.json", "</s>"), "key '</s>' appears twice"),
+    ("hf-layers-duplicate", ["inspect", "pruned"], duplicate_key("pruned/ctprune_layers.json", "ffn"),
+     "key 'ffn' appears twice"),
+    ("hf-hparams-duplicate", ["inspect", "pruned"], duplicate_key("pruned/hparams.json", "stage"),
+     "key 'stage' appears twice"),
+]
+
+
+@pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in HF_CASES], ids=[c[0] for c in HF_CASES])
+def test_hf_fault_is_refused_in_one_short_line(hf_workspace: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                               args: list[str], corrupt: Callable[[Path], None],
+                                               fragment: str) -> None:
+    test_open_fault_is_refused_in_one_short_line(hf_workspace, tmp_path, capsys, monkeypatch, args, corrupt, fragment)
+
+
+@pytest.mark.parametrize("case", ["hf-config-no-model-type", "hf-sparse-linears-of-objects"])
+def test_hf_fault_through_a_subprocess_has_no_traceback(hf_workspace: Path, tmp_path: Path, case: str) -> None:
+    _, args, corrupt, fragment = next(c for c in HF_CASES if c[0] == case)
+    w = tmp_path / "w"
+    shutil.copytree(hf_workspace, w, symlinks=True)
+    corrupt(w)
+    r = run_cli(*args, cwd=w)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr[-2000:]
+
+
+def test_a_pruned_hf_folder_reloads_exactly_without_building_the_full_model(hf_workspace: Path) -> None:
+    """The pruned folder is built on the meta device and cut before it gets memory: the same logits
+    as the model composed in memory, tied embeddings still tied."""
+    from ctprune.arch import arch_of
+    from ctprune.model.checkpoint import load_model_folder
+    from ctprune.stages.compose import compose_configuration
+
+    w = hf_workspace
+    composed, _, _ = compose_configuration(w / "marian", w / "bank", w / "conf.json", 0)
+    loaded, _, _ = load_model_folder(w / "pruned")
+    src = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
+    tgt = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    arch = arch_of(loaded)
+    with torch.no_grad():
+        assert torch.equal(arch.logits(composed, src, tgt), arch.logits(loaded, src, tgt))
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+
+
+def _disk_full(kind: str) -> BaseException:
+    """What a safetensors write raises when the disk fills: an OSError (ENOSPC) from Python's own
+    writes, a SafetensorError wrapping it from the Rust writer."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    if kind == "oserror":
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                           'message: "No space left on device" })')
+
+
+def _fill_disk(monkeypatch: pytest.MonkeyPatch, module: str, name: str, kind: str) -> None:
+    import importlib
+
+    def full(*args: object, **kwargs: object) -> None:
+        path = next((a for a in (*args, *kwargs.values()) if isinstance(a, str) and a.endswith(".tmp")), None)
+        if path is not None:
+            Path(path).write_bytes(b"\x00" * 100)  # half a file is on disk when the error comes
+        raise _disk_full(kind)
+
+    monkeypatch.setattr(importlib.import_module(module), name, full)
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_disk_full_in_compose_leaves_no_half_written_folder(workspace: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                            existing: bool) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    monkeypatch.chdir(w)
+    if existing:  # an earlier compose output stays whole when its replacement fails
+        assert main(COMPOSE + ["out"]) == 0
+    before = snapshot(tmp_path)
+    _fill_disk(monkeypatch, "ctprune.model.checkpoint", "save_model", kind)
+    capsys.readouterr()
+    assert main(COMPOSE + ["out"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "model.safetensors" in err[0], err
+    assert snapshot(tmp_path) == before  # no out/, no hidden temporary folder or file beside it
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+@pytest.mark.parametrize("command", [PRUNE + ["b2"], ["prune", "origin", "--grid", "0.5", "-o", "b2"]])
+def test_disk_full_in_prune_leaves_no_bank(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch, kind: str, command: list[str]) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    monkeypatch.chdir(w)
+    before = snapshot(tmp_path)
+    _fill_disk(monkeypatch, "ctprune.pruning.bank", "save_file", kind)
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert snapshot(tmp_path) == before
+
+
+def test_disk_full_through_a_subprocess_has_no_traceback(workspace: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    before = snapshot(tmp_path)
+    script = ("import sys, ctprune.model.checkpoint as c\n"
+              "from tests.test_faults import _disk_full\n"
+              "def full(*a, **k): raise _disk_full('safetensors')\n"
+              "c.save_model = full\n"
+              "from ctprune.cli import main\n"
+              f"sys.exit(main({COMPOSE + ['out']!r}))\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=w, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "No space left on device" in lines[0], r.stderr[-2000:]
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# A second probe (issue 25, fresh): hostile or careless inputs on the tiny model, each refused in one line.
+
+
+def origin_tensors(fn: Callable[[dict], dict]) -> Callable[[Path], None]:
+    """Rewrite the origin's weights (and drop its manifest, as a hand-made folder)."""
+    def corrupt(w: Path) -> None:
+        f = w / "origin/model.safetensors"
+        save_file(fn(load_file(str(f))), str(f))
+        (w / "origin/manifest.json").unlink()
+    return corrupt
+
+
+def other_tokenizer(w: Path) -> None:
+    """A tokenizer of more pieces than the model has embeddings (its ids would index past them)."""
+    from ctprune.data.synthetic import synthetic_corpus
+    from ctprune.data.tokenizer import Tokenizer
+
+    pairs = synthetic_corpus("train")
+    Tokenizer.train([p[0] for p in pairs] + [p[1] for p in pairs], 300).save(w / "origin")
+    (w / "origin/manifest.json").unlink()
+
+
+def fifo(rel: str) -> Callable[[Path], None]:
+    def corrupt(w: Path) -> None:
+        (w / rel).unlink(missing_ok=True)
+        os.mkfifo(w / rel)
+    return corrupt
+
+
+EVAL_DATA = ["evaluate", "origin", "--corpus", "folder:de-en", "--data-dir", "data", "--split", "val", "-o", "ev"]
+
+PROBE_CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
+    ("weights-int64", ["inspect", "origin"], origin_tensors(lambda t: {k: v.long() for k, v in t.items()}),
+     "tensors that are not floating point"),
+    ("weights-nan", ["inspect", "origin"], origin_tensors(lambda t: {k: v * float("nan") for k, v in t.items()}),
+     "hold NaN or infinite values"),
+    ("tokenizer-empty", ["inspect", "origin"], write("origin/tokenizer.model", b"", drop_manifest=True),
+     "is empty, not a sentencepiece model"),
+    ("tokenizer-of-another-model", ["inspect", "origin"], other_tokenizer,
+     "pieces, but the model's vocab_size is"),
+    ("config-heads-bool", ["inspect", "origin"], edit_json("origin/config.json", _set("n_heads", True), True),
+     "n_heads must be a positive integer, got True"),
+    ("conf-fifo", PLAN + ["p2.json"], fifo("conf.json"), "is not a regular file"),
+    ("corpus-fifo", EVAL_DATA, fifo("data/val.de"), "is not a regular file"),
+    ("corpus-blank-only", EVAL_DATA, lambda w: [(w / f"data/val.{s}").write_text("\n\n") for s in ("de", "en")],
+     "holds only blank lines"),
+    ("configs-n-1e9", ["configs", "origin", "-n", "1000000000", "-o", "c.json"], nothing,
+     "-n must be in [1, 10000]"),
+    ("variant-int64-nochecksum", COMPOSE + ["out"], variant_tensors(lambda t: {k: v.long() for k, v in t.items()}),
+     "integer values"),
+    ("variant-nan-nochecksum", COMPOSE + ["out"],
+     variant_tensors(lambda t: {k: v * float("nan") for k, v in t.items()}), "NaN or infinite values"),
+    ("variant-fifo-nochecksum", COMPOSE + ["out"],
+     lambda w: (edit_entry(lambda e: None, drop_checksum=True)(w), fifo("bank/" + _variant(w)[1]["file"])(w)),
+     "is not a plain file"),
+    ("tune-bank-holds-fifo", TUNE + ["tuned"], fifo("bank/extra"), "bank bank holds extra, which is not a plain file"),
+]
+
+
+@pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in PROBE_CASES], ids=[c[0] for c in PROBE_CASES])
+def test_probe_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                            corrupt: Callable[[Path], None], fragment: str) -> None:
+    test_open_fault_is_refused_in_one_short_line(workspace, tmp_path, capsys, monkeypatch, args, corrupt, fragment)
+
+
+@pytest.mark.parametrize("case", ["tokenizer-empty", "tokenizer-of-another-model"])
+def test_probe_fault_through_a_subprocess_has_no_traceback(workspace: Path, tmp_path: Path, case: str) -> None:
+    _, args, corrupt, fragment = next(c for c in PROBE_CASES if c[0] == case)
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    corrupt(w)
+    r = run_cli(*args, cwd=w)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr[-2000:]
+
+
+def test_a_smaller_tokenizer_translates_without_a_traceback(workspace: Path, tmp_path: Path) -> None:
+    """A hand-made folder whose tokenizer has fewer pieces than the model's outputs: ids past the
+    tokenizer read as unknown pieces (sentencepiece raised IndexError on them)."""
+    from ctprune.data.tokenizer import Tokenizer
+
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    Tokenizer.train(["a b c d e f g h"] * 50 + ["x y z w v u"] * 50, 30).save(w / "origin")
+    (w / "origin/manifest.json").unlink()
+    r = run_cli("translate", "origin", cwd=w, stdin="der hund\nein mann\n")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr[-2000:]
+
+
+def test_negative_zero_keep_ratio_is_zero(model_folder: Path) -> None:
+    """-0.0 is keep 0: one variant key (MODULE@0) and file, not a second one named @-0."""
+    from ctprune.pruning.configs import check_ratio, variant_key
+
+    r = check_ratio(-0.0, "test")
+    assert variant_key("encoder.layers.0.self_attn", r) == "encoder.layers.0.self_attn@0"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_sentence(tmp_path: Path) -> None:
+    """A corpus saved by an editor that writes a BOM (and CRLF line ends) reads as the same sentences."""
+    from ctprune.data.corpus import read_lines
+
+    (tmp_path / "val.de").write_bytes("\ufeffein hund\r\nzwei katzen\r\n".encode())
+    assert read_lines(tmp_path / "val.de") == ["ein hund", "zwei katzen"]

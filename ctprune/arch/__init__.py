@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ctprune.errors import CtpruneError
-from ctprune.fileio import read_json
+from ctprune.fileio import brief, read_json, shorten
 from ctprune.model.flops import BACKWARD_FACTOR
 
 KINDS = ("attention", "ffn", "linear")
@@ -170,6 +170,9 @@ _REGISTRY = {
 }
 # The Hugging Face class of each family, for arch_of without importing transformers.
 _HF_CLASSES = {"MarianMTModel": "marian", "T5ForConditionalGeneration": "t5"}
+# Keys of a Hugging Face config that ctprune's own config.json never has.
+_HF_MARKS = ("architectures", "transformers_version", "encoder_layers", "num_layers", "d_kv",
+             "encoder_attention_heads", "num_heads", "is_encoder_decoder")
 SUPPORTED = "ctprune's own Transformer, MarianMTModel (model_type marian), T5ForConditionalGeneration (model_type t5)"
 _loaded: dict[str, Architecture] = {}
 
@@ -177,7 +180,7 @@ _loaded: dict[str, Architecture] = {}
 def get(name: str) -> Architecture:
     """The architecture registered as ``name`` (ctprune, marian, t5)."""
     if name not in _REGISTRY:
-        raise CtpruneError(f"unknown architecture {name!r}; choose one of {', '.join(_REGISTRY)}")
+        raise CtpruneError(f"unknown architecture {brief(name)}; choose one of {', '.join(_REGISTRY)}")
     if name not in _loaded:
         module, cls = _REGISTRY[name]
         try:
@@ -205,23 +208,34 @@ def detect(folder: str | Path) -> Architecture:
     if not isinstance(config, dict):
         raise CtpruneError(f"model config {path} must be a JSON object")
     model_type = config.get("model_type")
+    archs = config.get("architectures")
+    archs = [archs] if isinstance(archs, str) else [a for a in archs if isinstance(a, str)] \
+        if isinstance(archs, list) else []
+    named = ", ".join(shorten(a, 60) for a in archs[:3])  # for messages: cut, never a 10 MB echo
+    # The family the config's architectures name, if a supported one (MarianMTModel -> marian).
+    family = next((_HF_CLASSES[a] for a in archs if a in _HF_CLASSES), None)
     if model_type is None:
+        if family is not None or any(k in config for k in _HF_MARKS):
+            hint = f"; for {named} it is \"model_type\": \"{family}\"" if family else ""
+            raise CtpruneError(f"{path} looks like a Hugging Face config but has no model_type, which names the "
+                               f"model family{hint}; supported: {SUPPORTED}")
         if get("ctprune").claims(folder, config):
             return get("ctprune")
         raise CtpruneError(f"{folder} is not a ctprune model folder nor a supported Hugging Face model "
                            f"({path.name} has neither ctprune's fields nor a model_type); supported: {SUPPORTED}")
     if not isinstance(model_type, str):
-        raise CtpruneError(f"{path}: model_type must be a string, got {model_type!r}; supported: {SUPPORTED}")
+        raise CtpruneError(f"{path}: model_type must be a string, got {brief(model_type)}; supported: {SUPPORTED}")
     name = {"marian": "marian", "t5": "t5"}.get(model_type)
+    if family is not None and family != name:
+        raise CtpruneError(f"{path}: model_type {brief(model_type)} contradicts its architectures ({named}, "
+                           f"model_type \"{family}\"); correct one of them; supported: {SUPPORTED}")
     if name is None:
-        archs = config.get("architectures") or [model_type]
-        raise CtpruneError(f"{folder} holds a Hugging Face {'/'.join(map(str, archs))} (model_type "
-                           f"{model_type!r}), which ctprune does not support; supported: {SUPPORTED}")
+        raise CtpruneError(f"{folder} holds a Hugging Face {named or 'model'} (model_type {brief(model_type)}), "
+                           f"which ctprune does not support; supported: {SUPPORTED}")
     arch = get(name)
     if not arch.claims(folder, config):
-        archs = config.get("architectures") or []
-        raise CtpruneError(f"{folder} holds a Hugging Face {'/'.join(map(str, archs)) or model_type} model; "
-                           f"ctprune supports {arch.model_class} for model_type {model_type!r}")
+        raise CtpruneError(f"{folder} holds a Hugging Face {named or brief(model_type)} model; "
+                           f"ctprune supports {arch.model_class} for model_type {brief(model_type)}")
     return arch
 
 

@@ -26,8 +26,14 @@ from torch import Tensor, nn
 
 from ctprune.arch import Architecture, Prunable
 from ctprune.errors import CtpruneError, first_line
-from ctprune.fileio import atomic_write, read_json, write_json, write_text
-from ctprune.model.checkpoint import MAX_POSITIONS, check_manifest, check_weights_hold, write_manifest
+from ctprune.fileio import atomic_write, brief, read_json, write_json, write_text
+from ctprune.model.checkpoint import (
+    MAX_POSITIONS,
+    check_finite,
+    check_manifest,
+    check_weights_hold,
+    write_manifest,
+)
 from ctprune.model.flops import attention_flops, ffn_flops
 from ctprune.progress import bars_on
 
@@ -36,9 +42,16 @@ HPARAMS_FILE, GENERATION_FILE = "hparams.json", "generation_config.json"
 LAYERS_FORMAT, MANIFEST_FORMAT = "ctprune-hf-layers/1", "ctprune-hf-model/1"
 # Files that mark a folder as holding a tokenizer (one of them is enough for AutoTokenizer).
 TOKENIZER_MARKS = ("tokenizer.json", "tokenizer_config.json", "source.spm", "spiece.model")
+# The JSON files of a tokenizer folder, read by ctprune first (bounded, duplicate keys refused). A
+# large vocabulary's tokenizer.json runs to tens of MB, more than other metadata.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                  "added_tokens.json")
+MAX_TOKENIZER_JSON_BYTES = 256 * 2**20
 # The files a manifest covers (config.json and generation_config.json: an edited eos_token_id
 # changes every translation).
 MANIFEST_FILES = (WEIGHTS_FILE, LAYERS_FILE, HPARAMS_FILE, GENERATION_FILE, CONFIG_FILE)
+# Dropout probabilities a Marian or T5 config.json may set.
+DROPOUT_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "dropout_rate", "classifier_dropout")
 # Token ids that config.json and generation_config.json may set; each must be an id of the vocabulary.
 TOKEN_ID_FIELDS = ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id",
                    "forced_bos_token_id", "forced_eos_token_id")
@@ -48,7 +61,7 @@ def config_int(config: dict[str, Any], key: str, path: Path, default: Any = None
     """A positive integer field of a Hugging Face ``config.json`` (``default`` when absent)."""
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CtpruneError(f"{path}: {key} must be a positive integer, got {str(value)[:40]}")
+        raise CtpruneError(f"{path}: {key} must be a positive integer, got {brief(value)}")
     return value
 
 
@@ -174,6 +187,7 @@ class HFArchitecture(Architecture):
                 raise
             except Exception as e:  # transformers and safetensors raise many types for a bad folder
                 raise CtpruneError(f"{folder}: cannot load the {self.model_class}: {first_line(e)}") from None
+        check_finite(model, folder / WEIGHTS_FILE)
         hp_path = folder / HPARAMS_FILE
         hparams = read_json(hp_path, "hparams") if hp_path.is_file() else {}
         if not isinstance(hparams, dict):
@@ -199,6 +213,11 @@ class HFArchitecture(Architecture):
         if positions > MAX_POSITIONS:
             raise CtpruneError(f"{path}: a position table of {positions} entries; at most {MAX_POSITIONS}")
         check_weights_hold(folder, params, f"a {self.model_class}")
+        for key in DROPOUT_FIELDS:  # NaN or 2 would fail only in the first training step
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value < 1):
+                raise CtpruneError(f"{path}: {key} must be a probability in [0, 1), got {brief(value)}")
         vocab = config_int({**defaults, **config}, "vocab_size", path)
         check_token_ids(path, config, vocab)
         if (folder / GENERATION_FILE).is_file():  # bounded read before transformers parses it
@@ -226,6 +245,9 @@ class HFArchitecture(Architecture):
                 raise CtpruneError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_MARKS)}); this "
                                    "command reads or writes text, so it needs the model's own tokenizer there")
             return None
+        for name in TOKENIZER_JSON:  # bounded, duplicate keys refused, before transformers parses them
+            if (folder / name).is_file():
+                read_json(folder / name, "tokenizer file", limit=MAX_TOKENIZER_JSON_BYTES)
         from transformers import AutoTokenizer
 
         with quiet_transformers():
@@ -283,11 +305,20 @@ class HFArchitecture(Architecture):
         if not path.is_file():
             return None
         layers = read_json(path, "per-layer sizes")
-        if not (isinstance(layers, dict) and layers.get("format") == LAYERS_FORMAT
-                and isinstance(layers.get("attention"), dict) and isinstance(layers.get("ffn"), dict)
-                and isinstance(layers.get("sparse_linears"), list)):
-            raise CtpruneError(f"{path} is not a ctprune per-layer sizes file (format {LAYERS_FORMAT!r} with "
+        if not (isinstance(layers, dict) and layers.get("format") == LAYERS_FORMAT):
+            raise CtpruneError(f"{path} is not a ctprune per-layer sizes file (format {brief(LAYERS_FORMAT)} with "
                                "attention, ffn and sparse_linears)")
+        for key, kind in (("attention", dict), ("ffn", dict), ("sparse_linears", list)):
+            if not isinstance(layers.get(key), kind):
+                what = "an object {unit name: sizes}" if kind is dict else "a list of Linear names"
+                raise CtpruneError(f"{path}: {key} must be {what}, got {brief(layers.get(key))}")
+        linears = layers["sparse_linears"]
+        if not all(isinstance(n, str) for n in linears) or len(set(linears)) != len(linears):
+            raise CtpruneError(f"{path}: sparse_linears must be a list of distinct Linear names (strings), got "
+                               f"{brief(linears)}")
+        if layers.get("model_type", self.model_type) != self.model_type:
+            raise CtpruneError(f"{path} was written for model_type {brief(layers['model_type'])}, but its "
+                               f"config.json is model_type {self.model_type!r}; they do not belong together")
         return layers
 
     # ---- units ----------------------------------------------------------------------------
@@ -350,28 +381,42 @@ def load_pruned(arch: HFArchitecture, folder: Path) -> nn.Module:
     """
     folder = Path(folder)
     layers = arch._read_layers(folder)
-    assert layers is not None
+    if layers is None:
+        raise CtpruneError(f"{folder} has no {LAYERS_FILE}: it is not a folder of a pruned model")
     cls = arch.model_cls()
     config = cls.config_class.from_pretrained(str(folder), local_files_only=True)
-    model = cls(config)
-    units = arch.units(model)
-    for name, kept in layers["attention"].items():
-        full = arch.full_size(config, _check_unit(units, name, "attention", folder))
-        if not (isinstance(kept, list) and kept and all(_is_int(h) and 0 <= h < full for h in kept)
-                and len(set(kept)) == len(kept)):
-            raise CtpruneError(f"{folder / LAYERS_FILE}: {name!r} keeps heads {kept!r}; expected distinct head "
-                               f"indices in 0..{full - 1}")
-        arch.set_block(model, name, arch.cut(arch.block(model, name), torch.tensor(kept)))
-    for name, width in layers["ffn"].items():
-        full = arch.full_size(config, _check_unit(units, name, "ffn", folder))
-        if not (_is_int(width) and 1 <= width <= full):
-            raise CtpruneError(f"{folder / LAYERS_FILE}: {name!r} has width {width!r}; expected an integer in "
-                               f"1..{full}")
-        arch.set_block(model, name, arch.cut(arch.block(model, name), torch.arange(width)))
-    for name in layers["sparse_linears"]:
-        _check_unit(units, name, "linear", folder)
-        linear = model.get_submodule(name)
-        linear.register_buffer("weight_mask", torch.ones_like(linear.weight))
+    # Built on the meta device (no memory), cut to the listed sizes, counted against the weights
+    # file, and only then given memory: a config whose full-size model is huge (on pruned units or
+    # unpruned ones) is refused before anything is allocated, and never built at full size.
+    with torch.device("meta"):  # T5's kept-head indices stay on the CPU: made from CPU indices
+        model = cls(config)
+        units = arch.units(model)
+        for name, kept in layers["attention"].items():
+            full = arch.full_size(config, _check_unit(units, name, "attention", folder))
+            if not (isinstance(kept, list) and kept and all(_is_int(h) and 0 <= h < full for h in kept)
+                    and len(set(kept)) == len(kept)):
+                raise CtpruneError(f"{folder / LAYERS_FILE}: {brief(name)} keeps heads {brief(kept)}; "
+                                   f"expected distinct head indices in 0..{full - 1}")
+            arch.set_block(model, name, arch.cut(arch.block(model, name), torch.tensor(kept, device="cpu")))
+        for name, width in layers["ffn"].items():
+            full = arch.full_size(config, _check_unit(units, name, "ffn", folder))
+            if not (_is_int(width) and 1 <= width <= full):
+                raise CtpruneError(f"{folder / LAYERS_FILE}: {brief(name)} has width {brief(width)}; "
+                                   f"expected an integer in 1..{full}")
+            arch.set_block(model, name, arch.cut(arch.block(model, name), torch.arange(width)))
+        for name in layers["sparse_linears"]:
+            _check_unit(units, name, "linear", folder)
+            linear = model.get_submodule(name)
+            linear.register_buffer("weight_mask", torch.ones_like(linear.weight))
+    check_weights_hold(folder, sum(p.numel() for p in model.parameters()), f"a pruned {arch.model_class}")
+    # Buffers the cut made on the CPU (T5's kept-head indices) are kept; every other tensor is
+    # filled from the weights file below (strict: each one present, of its shape).
+    made = {n: b.clone() for n, b in model.named_buffers() if b.device.type != "meta"}
+    model.to_empty(device="cpu")
+    for n, b in made.items():
+        owner, _, attr = n.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = b
+    model.tie_weights()
     try:
         load_model(model, str(folder / WEIGHTS_FILE), strict=True)
     except Exception as e:  # safetensors raises its own error type for a corrupt header
@@ -394,12 +439,12 @@ def check_token_ids(path: Path, config: Any, vocab: int) -> None:
         value = config.get(field)
         ids = value if isinstance(value, list) else [value]
         if value is not None and not all(_is_int(i) and 0 <= i < vocab for i in ids):
-            raise CtpruneError(f"{path}: {field} {str(value)[:40]} is not a token id of this model (0..{vocab - 1})")
+            raise CtpruneError(f"{path}: {field} {brief(value)} is not a token id of this model (0..{vocab - 1})")
 
 
 def _check_unit(units: dict[str, Prunable], name: str, kind: str, folder: Path) -> Prunable:
     if name not in units or units[name].kind != kind:
-        raise CtpruneError(f"{folder / LAYERS_FILE} names {name!r}, which is no {kind} module of this model")
+        raise CtpruneError(f"{folder / LAYERS_FILE} names {brief(name)}, which is no {kind} module of this model")
     return units[name]
 
 

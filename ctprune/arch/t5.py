@@ -118,7 +118,7 @@ class T5Architecture(HFArchitecture):
         keep = keep.sort().values
         if isinstance(block, FFN_TYPES):
             return _cut_ffn(block, keep)
-        heads = torch.tensor(self.kept_heads(block))[keep]
+        heads = torch.tensor(self.kept_heads(block), device=keep.device)[keep]
         new = PrunedT5Attention(block.config, block.has_relative_attention_bias, block.layer_idx, block.is_causal,
                                 heads)
         idx = head_index(keep, block.key_value_proj_dim)

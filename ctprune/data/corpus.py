@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctprune.errors import CtpruneError
-from ctprune.fileio import write_bytes
+from ctprune.fileio import brief, write_bytes
 
 CORPORA = ("multi30k", "synthetic")
 MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
@@ -56,8 +56,10 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
 
 def read_lines(path: Path) -> list[str]:
     """Stripped lines of a UTF-8 file; a missing file or bad UTF-8 is a CtpruneError."""
+    if path.exists() and not path.is_file():  # a FIFO would block the read for ever
+        raise CtpruneError(f"data file {path} is not a regular file")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is no part of the first sentence
     except FileNotFoundError:
         raise CtpruneError(f"data file not found: {path}") from None
     except UnicodeDecodeError as e:
@@ -85,7 +87,7 @@ def corpus_languages(corpus: str) -> tuple[str, str] | None:
     kind, _, pair = corpus.partition(":")
     src, _, tgt = pair.partition("-")
     if kind != "folder" or not src.isalnum() or not tgt.isalnum() or src == tgt:
-        raise CtpruneError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)} or folder:SRC-TGT "
+        raise CtpruneError(f"unknown corpus {brief(corpus)}; choose one of {', '.join(CORPORA)} or folder:SRC-TGT "
                            "(a folder of SPLIT.SRC / SPLIT.TGT files, e.g. folder:fr-en)")
     return src, tgt
 
@@ -105,7 +107,7 @@ def load_split(corpus: str, split: str, data_dir: str | Path | None = None) -> P
         from ctprune.data.synthetic import SPLITS, synthetic_corpus
 
         if split not in SPLITS:
-            raise CtpruneError(f"unknown split {split!r} of the synthetic corpus; "
+            raise CtpruneError(f"unknown split {brief(split)} of the synthetic corpus; "
                                f"choose one of {', '.join(SPLITS)}")
         pairs = synthetic_corpus(split)
         return Parallel([p[0] for p in pairs], [p[1] for p in pairs])
@@ -119,7 +121,7 @@ def load_split(corpus: str, split: str, data_dir: str | Path | None = None) -> P
     src_path, tgt_path = folder / f"{split}.{s}", folder / f"{split}.{t}"
     if not src_path.exists() and not tgt_path.exists():
         found = sorted({p.stem for p in folder.glob(f"*.{s}")})
-        raise CtpruneError(f"no split {split!r} in {folder} (no {split}.{s} / {split}.{t}); "
+        raise CtpruneError(f"no split {brief(split)} in {folder} (no {split}.{s} / {split}.{t}); "
                            f"splits found: {', '.join(found) or 'none'}")
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
@@ -127,6 +129,9 @@ def load_split(corpus: str, split: str, data_dir: str | Path | None = None) -> P
                            "the two sides of a split must align line by line")
     if not src:
         raise CtpruneError(f"{src_path} is empty")
+    for path, side in ((src_path, src), (tgt_path, tgt)):
+        if not any(side):
+            raise CtpruneError(f"{path} holds only blank lines ({len(side)}); a split needs text on both sides")
     return Parallel(src, tgt)
 
 

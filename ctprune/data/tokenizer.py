@@ -35,7 +35,8 @@ class Tokenizer:
         return self.encode(texts)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
-        return self.sp.decode(ids)
+        n = self.vocab_size  # a model with more outputs than pieces: its extra ids read as unknown
+        return self.sp.decode([[i if 0 <= i < n else UNK_ID for i in seq] for seq in ids])
 
     def save(self, folder: Path) -> None:
         write_bytes(folder / TOKENIZER_FILE, self.proto)
@@ -46,11 +47,22 @@ class Tokenizer:
 
         path = Path(folder) / TOKENIZER_FILE
         try:
-            return cls(path.read_bytes())
+            proto = path.read_bytes()
+            if not proto:  # sentencepiece accepts it as a model of no pieces (and fails on first use)
+                raise CtpruneError(f"tokenizer {path} is empty, not a sentencepiece model")
+            tok = cls(proto)
+        except CtpruneError:
+            raise
         except OSError as e:
             raise CtpruneError(f"tokenizer {path} cannot be read: {e.strerror}") from None
         except Exception as e:  # sentencepiece raises RuntimeError (or worse) on a corrupt model
             raise CtpruneError(f"tokenizer {path} is not a sentencepiece model: {first_line(e)}") from None
+        # The ids ctprune relies on must be those `ctprune train` gives.
+        specials = (tok.sp.pad_id(), tok.sp.unk_id(), tok.sp.bos_id(), tok.sp.eos_id())
+        if tok.vocab_size < 5 or specials != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise CtpruneError(f"tokenizer {path} is not a sentencepiece model of ctprune's ({tok.vocab_size} pieces; "
+                               f"pad/unk/bos/eos ids {specials}, expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)})")
+        return tok
 
     @classmethod
     def train(cls, sentences: Iterable[str], vocab_size: int) -> Tokenizer:

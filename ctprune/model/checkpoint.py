@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_model
 from ctprune.arch import arch_of, detect
 from ctprune.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ctprune.errors import CtpruneError, first_line
-from ctprune.fileio import atomic_write, file_record, read_json, verify_file, write_json, write_text
+from ctprune.fileio import atomic_write, brief, file_record, read_json, shorten, verify_file, write_json, write_text
 from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
 
 CONFIG_FILE, WEIGHTS_FILE, HPARAMS_FILE = "config.json", "model.safetensors", "hparams.json"
@@ -29,6 +29,8 @@ MANIFEST_FILE, MODEL_FORMAT = "manifest.json", "ctprune-model/1"
 # Position tables are built whole (positions x d_model) and are not in the weights file, so their
 # length is bounded on its own; translation models use 256 to 2048.
 MAX_POSITIONS = 1 << 16
+# What a weights file may store (safetensors dtype names); loading casts them to float32.
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 def check_weights_hold(folder: Path, params: int, what: str) -> None:
@@ -39,8 +41,13 @@ def check_weights_hold(folder: Path, params: int, what: str) -> None:
     try:
         with safe_open(str(weights), "pt") as f:
             stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise CtpruneError(f"weights in {weights} are unreadable: {first_line(e)}") from None
+    other = sorted((k, d) for k, d in dtypes.items() if d not in FLOAT_DTYPES)
+    if other:  # loading would cast them to float silently (int64 weights are no model's)
+        raise CtpruneError(f"weights in {weights} hold {len(other)} tensors that are not floating point (e.g. "
+                           f"{brief(other[0][0])}: {other[0][1]}); expected {', '.join(FLOAT_DTYPES)}")
     if params > stored:
         raise CtpruneError(f"{Path(folder) / CONFIG_FILE} describes {what} of at least {params:,} parameters, but "
                            f"{weights} stores {stored:,}; its sizes do not match the weights")
@@ -123,22 +130,38 @@ def load_native_folder(folder: str | Path, device: str | torch.device = "cpu"
     except CtpruneError as e:
         raise CtpruneError(f"{folder / CONFIG_FILE}: {e}") from None
     except (TypeError, ValueError, AttributeError, KeyError) as e:
-        raise CtpruneError(f"{folder / CONFIG_FILE}: a field has the wrong type ({e})") from None
+        raise CtpruneError(f"{folder / CONFIG_FILE}: a field has the wrong type or names no module of the model "
+                           f"({shorten(first_line(e), 200)})") from None
     check_weights_hold(folder, params, "a model")
     try:
         model = Seq2SeqTransformer(cfg)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
-        raise CtpruneError(f"{folder / CONFIG_FILE}: a field has the wrong type ({e})") from None
+        raise CtpruneError(f"{folder / CONFIG_FILE}: a field has the wrong type or names no module of the model "
+                           f"({shorten(first_line(e), 200)})") from None
     try:
         load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise CtpruneError(f"weights in {folder / WEIGHTS_FILE} are unreadable or do not fit its config: "
                            f"{first_line(e)}") from None
+    check_finite(model, folder / WEIGHTS_FILE)
     hp_path = folder / HPARAMS_FILE
     hparams = read_json(hp_path, "hparams") if hp_path.is_file() else {}
     if not isinstance(hparams, dict):
         raise CtpruneError(f"hparams {hp_path} must be a JSON object")
-    return model.to(device).eval(), Tokenizer.load(folder), hparams
+    tok = Tokenizer.load(folder)
+    if tok.vocab_size > cfg.vocab_size:  # its ids past the model's would fail in the embedding
+        raise CtpruneError(f"tokenizer {folder / TOKENIZER_FILE} has {tok.vocab_size} pieces, but the model's "
+                           f"vocab_size is {cfg.vocab_size}: they do not belong together")
+    return model.to(device).eval(), tok, hparams
+
+
+def check_finite(model: torch.nn.Module, weights: Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged or damaged checkpoint): every output of
+    the model would be garbage, silently."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CtpruneError(f"weights in {weights} hold NaN or infinite values (tensor {name}); the "
+                               "checkpoint is damaged or its training diverged")
 
 
 def write_manifest(folder: Path, fmt: str, files: tuple[str, ...], pending: dict[str, str] | None = None) -> None:
@@ -162,8 +185,8 @@ def check_manifest(folder: Path, fmt: str = MODEL_FORMAT,
     manifest = read_json(path, "model manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != fmt \
             or not isinstance(manifest.get("files"), dict):
-        raise CtpruneError(f"model manifest {path} is malformed (no format {fmt!r} / files)")
+        raise CtpruneError(f"model manifest {path} is malformed (no format {brief(fmt)} / files)")
     for name, record in manifest["files"].items():
         if name not in files:
-            raise CtpruneError(f"model manifest {path} lists an unexpected file {name!r}")
+            raise CtpruneError(f"model manifest {path} lists an unexpected file {brief(name)}")
         verify_file(folder / name, record, name, str(path))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctprune.errors import CtpruneError
+from ctprune.fileio import brief
 from ctprune.model.ops import Dropout, attention, autocast_input
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -62,15 +63,15 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers",
                      "n_decoder_layers", "max_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise CtpruneError(f"model config: {name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CtpruneError(f"model config: {name} must be a positive integer, got {brief(value)}")
         if self.d_model % self.n_heads:
             raise CtpruneError(
                 f"model config: d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
         if not (isinstance(self.init_std, (int, float)) and 0.0 < self.init_std <= 1.0):
-            raise CtpruneError(f"model config: init_std must be in (0, 1], got {self.init_std!r}")
+            raise CtpruneError(f"model config: init_std must be in (0, 1], got {brief(self.init_std)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise CtpruneError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+            raise CtpruneError(f"model config: dropout must be in [0, 1), got {brief(self.dropout)}")
         per_layer = {
             "encoder_heads": (self.n_encoder_layers, self.n_heads),
             "encoder_ffn": (self.n_encoder_layers, self.d_ff),
@@ -81,11 +82,16 @@ class ModelConfig:
         for name, (n_layers, full) in per_layer.items():
             sizes = getattr(self, name) or [full] * n_layers
             # 0: the block removed altogether (its forward returns zeros; the residual and norm remain)
-            if len(sizes) != n_layers or any(not isinstance(s, int) or not 0 <= s <= full
+            if len(sizes) != n_layers or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= full
                                              for s in sizes):
                 raise CtpruneError(
-                    f"model config: {name} must list {n_layers} integers in [0, {full}], got {sizes!r}")
+                    f"model config: {name} must list {n_layers} integers in [0, {full}], got {brief(sizes)}")
             setattr(self, name, list(sizes))
+        linears = self.sparse_linears
+        if not isinstance(linears, list) or not all(isinstance(n, str) for n in linears) \
+                or len(set(linears)) != len(linears):
+            raise CtpruneError(f"model config: sparse_linears must be a list of distinct Linear names, got "
+                               f"{brief(linears)}")
 
     @property
     def head_dim(self) -> int:
@@ -105,7 +111,7 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, vocab_size: int, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
-            raise CtpruneError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise CtpruneError(f"unknown preset {brief(name)}; choose one of {', '.join(PRESETS)}")
         return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
 
 

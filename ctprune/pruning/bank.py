@@ -18,7 +18,7 @@ from torch import nn
 
 from ctprune.arch import arch_of
 from ctprune.errors import CtpruneError, first_line
-from ctprune.fileio import atomic_write, contained, file_record, read_json, verify_file, write_json
+from ctprune.fileio import atomic_write, brief, contained, file_record, read_json, verify_file, write_json
 from ctprune.pruning.configs import KINDS, Configuration, check_ratio, variant_key
 from ctprune.pruning.surgery import mask_linear
 
@@ -36,7 +36,7 @@ def empty_index(model_fp: str, plan_fp: str) -> dict[str, Any]:
 def variant_file(key: str) -> str:
     module, _, ratio = key.partition("@")
     if not MODULE_NAME.fullmatch(module) or not re.fullmatch(r"[0-9.e+-]+", ratio):
-        raise CtpruneError(f"variant key {key!r} is not MODULE@RATIO with a dotted module name")
+        raise CtpruneError(f"variant key {brief(key)} is not MODULE@RATIO with a dotted module name")
     return "variants/" + key.replace("@", "__") + ".safetensors"
 
 
@@ -70,17 +70,17 @@ def check_index(index: Any, bank: Path) -> dict[str, Any]:
     if not isinstance(index.get("variants"), dict):
         raise CtpruneError(f"{src}: \"variants\" is missing or not an object")
     for key, e in index["variants"].items():
-        where = f"{src}, variant {key!r}"
+        where = f"{src}, variant {brief(key)}"
         if not isinstance(e, dict):
             raise CtpruneError(f"{where} must be an object")
         if not isinstance(e.get("module"), str) or not MODULE_NAME.fullmatch(e["module"]):
-            raise CtpruneError(f"{where}: \"module\" must be a dotted module name, got {e.get('module')!r}")
+            raise CtpruneError(f"{where}: \"module\" must be a dotted module name, got {brief(e.get('module'))}")
         if e.get("kind") not in KINDS:
-            raise CtpruneError(f"{where}: \"kind\" must be one of {', '.join(KINDS)}, got {e.get('kind')!r}")
+            raise CtpruneError(f"{where}: \"kind\" must be one of {', '.join(KINDS)}, got {brief(e.get('kind'))}")
         ratio = check_ratio(e.get("ratio"), where, e["kind"] != "linear")
         if key != variant_key(e["module"], ratio):
             raise CtpruneError(f"{where}: the key does not match its module and ratio "
-                               f"({variant_key(e['module'], ratio)!r})")
+                               f"({brief(variant_key(e['module'], ratio))})")
         if e["kind"] != "linear" and (not isinstance(e.get("kept"), list) or not e["kept"] and ratio > 0
                                       or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                  for i in e["kept"])):
@@ -92,9 +92,14 @@ def check_index(index: Any, bank: Path) -> dict[str, Any]:
 
 
 def check_bank_model(index: dict[str, Any], model_fp: str, bank: Path) -> None:
+    """Refuse a bank pruned from another model, or one that holds no variant (every keep ratio of
+    its plan or grid was 1, or a grid of keep 0 over Linears): nothing to tune, score or compose."""
     if index["model_fingerprint"] != model_fp:
         raise CtpruneError(f"bank {bank} was pruned from another model (fingerprint "
-                           f"{index['model_fingerprint']}, this model is {model_fp})")
+                           f"{brief(index['model_fingerprint'])}, this model is {model_fp})")
+    if not index["variants"]:
+        raise CtpruneError(f"bank {bank} holds no block variants (its plan or grid prunes nothing); prune one "
+                           "with keep ratios below 1, e.g. `ctprune prune MODEL --grid 0.25 0.5 0.75 -o BANK`")
 
 
 def build_variant(origin: nn.Module, entry: dict[str, Any]) -> nn.Module:
@@ -103,15 +108,15 @@ def build_variant(origin: nn.Module, entry: dict[str, Any]) -> nn.Module:
     arch, name, kind = arch_of(origin), entry["module"], entry["kind"]
     unit = arch.units(origin).get(name)
     if unit is None:
-        raise CtpruneError(f"variant of {name!r}: the model ({arch.model_class}) has no such module; "
+        raise CtpruneError(f"variant of {brief(name)}: the model ({arch.model_class}) has no such module; "
                            "was the bank pruned from a model of another architecture?")
     if unit.kind != kind:
-        raise CtpruneError(f"variant of {name!r} says kind {kind!r}, but that module is a {unit.kind} module")
+        raise CtpruneError(f"variant of {brief(name)} says kind {brief(kind)}, but that module is a {unit.kind} module")
     block = arch.block(origin, name)
     if kind == "linear":
         return mask_linear(block, torch.ones_like(block.weight))
     if max(entry["kept"], default=-1) >= unit.size:  # a keep-0 variant keeps none
-        raise CtpruneError(f"variant of {name!r} keeps index {max(entry['kept'])}, beyond the module")
+        raise CtpruneError(f"variant of {brief(name)} keeps index {max(entry['kept'])}, beyond the module")
     return arch.cut(block, torch.tensor(entry["kept"], dtype=torch.long))
 
 
@@ -121,18 +126,25 @@ def load_variant(bank: Path, index: dict[str, Any], key: str, origin: nn.Module)
     its shape)."""
     entry = index["variants"][key]
     module = build_variant(origin, entry)
-    path = contained(bank, entry["file"], f"bank {bank}, variant {key!r}")
+    path = contained(bank, entry["file"], f"bank {bank}, variant {brief(key)}")
+    if path.exists() and not path.is_file():  # a FIFO would block the read for ever
+        raise CtpruneError(f"variant file {path} is not a plain file")
     if "checksum" in entry:  # banks written before checksums have none
-        verify_file(path, entry["checksum"], f"variant file of {key!r}", str(Path(bank) / INDEX_FILE))
+        verify_file(path, entry["checksum"], f"variant file of {brief(key)}", str(Path(bank) / INDEX_FILE))
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise CtpruneError(f"variant file {path} is unreadable: {first_line(e)}") from None
+    for name, t in state.items():  # load_state_dict would cast integers silently and keep NaN
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise CtpruneError(f"variant file {path}: tensor {brief(name)} is {t.dtype} with "
+                               f"{'NaN or infinite values' if t.is_floating_point() else 'integer values'}; "
+                               "a variant holds finite floating-point weights")
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise CtpruneError(f"variant file {path} does not fit variant {key!r}: {detail}") from None
+        raise CtpruneError(f"variant file {path} does not fit variant {brief(key)}: {detail}") from None
     return module
 
 

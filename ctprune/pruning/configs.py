@@ -22,7 +22,7 @@ from torch import nn
 from ctprune.arch import KINDS as KINDS  # re-exported: stages import it from here
 from ctprune.arch import Prunable, arch_of, detect
 from ctprune.errors import CtpruneError
-from ctprune.fileio import read_json
+from ctprune.fileio import brief, read_json
 
 Configuration = dict[str, float]
 
@@ -37,24 +37,29 @@ def _parent(name: str, modules: dict[str, Prunable]) -> str | None:
     return modules[name].parent
 
 
+# More default configurations than this in one file is a typo (-n 1000000000 ran for ever).
+MAX_CONFIGURATIONS = 10_000
+
+
 def check_ratio(value: Any, where: str, zero: bool = True) -> float:
     """A keep ratio in [0, 1]; 0 removes a block altogether (its residual branch skipped), so
     ``zero=False`` for a Linear (unstructured), which keeps at least one weight."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CtpruneError(f"{where}: keep ratio must be a number in [0, 1], got {value!r}")
+        raise CtpruneError(f"{where}: keep ratio must be a number in [0, 1], got {brief(value)}")
     if not 0 <= value <= 1:
-        raise CtpruneError(f"{where}: keep ratio must be in [0, 1] (0: the block removed), got {value!r}")
+        raise CtpruneError(f"{where}: keep ratio must be in [0, 1] (0: the block removed), got {brief(value)}")
     if value == 0 and not zero:
         raise CtpruneError(f"{where}: keep ratio of a Linear must be in (0, 1] (keep 0 removes attention "
-                           f"and FFN blocks only), got {value!r}")
-    return float(value)
+                           f"and FFN blocks only), got {brief(value)}")
+    return float(value) + 0.0  # -0.0 -> 0.0: a variant key (MODULE@-0) and file name of its own
 
 
 def check_module(name: Any, modules: dict[str, Prunable], where: str) -> str:
     if name not in modules:
-        close = difflib.get_close_matches(str(name), list(modules), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else "; `ctprune inspect MODEL` lists them"
-        raise CtpruneError(f"{where}: unknown module {name!r}{hint}")
+        # (a hint only for a name of a plausible length: matching a 10 MB key would take minutes)
+        close = difflib.get_close_matches(str(name), list(modules), n=1, cutoff=0.5) if len(str(name)) < 300 else []
+        hint = f"; did you mean {brief(close[0])}?" if close else "; `ctprune inspect MODEL` lists them"
+        raise CtpruneError(f"{where}: unknown module {brief(name)}{hint}")
     return name
 
 
@@ -73,7 +78,7 @@ def validate_configurations(raw: Any, modules: dict[str, Prunable], source: str)
         for name, ratio in clean.items():
             parent = _parent(name, modules)
             if ratio < 1 and parent is not None and clean.get(parent, 1.0) < 1:
-                raise CtpruneError(f"{where}: prunes both {parent!r} and its Linear {name!r}; "
+                raise CtpruneError(f"{where}: prunes both {brief(parent)} and its Linear {brief(name)}; "
                                    "prune a block or its Linears, not both")
         confs.append(clean)
     return confs
@@ -94,8 +99,8 @@ def default_configurations(modules: dict[str, Prunable], n: int, attention: list
             raise CtpruneError(f"{label}{name} needs {n} ratios (one per configuration), got {len(values)}")
         for v in values or []:
             check_ratio(v, f"{label}{name}", name != "linear")
-    if n < 1:
-        raise CtpruneError(f"-n must be at least 1, got {n}")
+    if not 1 <= n <= MAX_CONFIGURATIONS:
+        raise CtpruneError(f"-n must be in [1, {MAX_CONFIGURATIONS}], got {n}")
     confs: list[Configuration] = []
     for i in range(n):
         conf: Configuration = {}
@@ -154,11 +159,11 @@ def check_plan(plan: Any, modules: dict[str, Prunable], source: str) -> dict[str
         if not isinstance(entry, dict) or not isinstance(entry.get("ratios"), list) or not entry["ratios"]:
             raise CtpruneError(f"{source}, {name}: must be an object with a non-empty list \"ratios\"")
         if entry.get("kind") != modules[name].kind:
-            raise CtpruneError(f"{source}, {name}: kind {entry.get('kind')!r} contradicts the module, "
-                               f"which is {modules[name].kind!r}")
+            raise CtpruneError(f"{source}, {name}: kind {brief(entry.get('kind'))} contradicts the module, "
+                               f"which is {brief(modules[name].kind)}")
         rs = [check_ratio(r, f"{source}, {name}", modules[name].kind != "linear") for r in entry["ratios"]]
         if any(r >= 1 for r in rs) or len(set(rs)) != len(rs):
-            raise CtpruneError(f"{source}, {name}: ratios must be distinct and below 1, got {rs}")
+            raise CtpruneError(f"{source}, {name}: ratios must be distinct and below 1, got {brief(rs)}")
     if "modules_fingerprint" in plan and plan["modules_fingerprint"] != fingerprint(plan["modules"]):
         raise CtpruneError(f"{source} was edited after `ctprune plan` wrote it (its modules no longer "
                            "match its fingerprint); make a new plan from the configuration file")

@@ -60,7 +60,7 @@ def keep_cols(linear: nn.Linear, idx: Tensor) -> nn.Linear:
 
 def head_index(keep: Tensor, head_dim: int) -> Tensor:
     """Rows (of q/k/v) or columns (of the output projection) of heads ``keep``: (len(keep) * hd,)."""
-    return (keep[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    return (keep[:, None] * head_dim + torch.arange(head_dim, device=keep.device)).flatten()
 
 
 def cut_heads(attn: Attention, keep: Tensor) -> Attention:

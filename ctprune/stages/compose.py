@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from ctprune.errors import CtpruneError
-from ctprune.fileio import check_existing, check_output, read_json
+from ctprune.fileio import check_existing, check_output, read_json, temp_dir_beside
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
-from ctprune.pruning.bank import check_bank_model, compose, load_index
+from ctprune.pruning.bank import INDEX_FILE, check_bank_model, compose, load_index
 from ctprune.pruning.configs import Configuration, load_configurations, model_fingerprint, prunable_modules
 
 
@@ -35,9 +37,15 @@ def compose_configuration(model_dir: Path, bank: Path, conf_path: Path, n: int, 
     configuration file and model belong together. ``tokenizer=False``: a Hugging Face origin
     without one composes too (its tokenizer is None)."""
     origin, tok, _ = load_model_folder(model_dir, tokenizer=tokenizer)
+    conf = select_configuration(load_configurations(conf_path, prunable_modules(origin)), n, conf_path)
+    if all(r == 1 for r in conf.values()) and not (Path(bank) / INDEX_FILE).is_file():
+        # it composes the origin (a control) from any bank of this model, but none is there: say why
+        # no bank was made for it rather than only that there is none
+        raise CtpruneError(f"configuration {n} of {conf_path} prunes nothing (every keep ratio is 1), and {bank} "
+                           "is not a block bank; that configuration is the origin model itself: use the origin "
+                           "folder, or give the configuration a keep ratio below 1")
     index = load_index(bank)
     check_bank_model(index, model_fingerprint(model_dir), bank)
-    conf = select_configuration(load_configurations(conf_path, prunable_modules(origin)), n, conf_path)
     model = compose(origin, bank, conf, index)
     stages = sorted({index["variants"][k]["provenance"]["stage"] for k in index["variants"]})
     provenance = {"stage": "compose", "origin": str(model_dir), "bank": str(bank),
@@ -52,5 +60,19 @@ def compose_to_folder(model_dir: Path, bank: Path, conf_path: Path, n: int, outp
     check_output(output, {"model folder": model_dir, "bank": bank, "configuration file": conf_path})
     check_existing(output, _is_composed, "an empty folder or a model folder written by `ctprune compose`")
     model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n, tokenizer=False)
-    save_model_folder(output, model, tok, provenance)
+    # Written whole into a hidden folder beside it, then renamed into place: a failure midway
+    # (disk full, a kill) leaves the old output or none, never a half-written model folder.
+    tmp = temp_dir_beside(output)
+    old = output.parent / f"{tmp.name[:-4]}.old"
+    try:
+        save_model_folder(tmp, model, tok, provenance)
+        if output.exists():
+            os.replace(output, old)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not output.exists():
+            os.replace(old, output)  # the earlier output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return output
