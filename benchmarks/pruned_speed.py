@@ -27,6 +27,7 @@ from ctprune.fileio import write_json
 from ctprune.jobs import latencies
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.flops import parameter_counts
+from ctprune.spec import LATENCY_REPEATS
 from ctprune.stages.compose import compose_configuration
 from ctprune.stages.configs import write_configs, write_plan
 from ctprune.stages.prune import prune
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--split", default="test_2016_flickr")
     ap.add_argument("--sentences", type=int, default=512, help="first sentences of the split, batched (64)")
     ap.add_argument("--single", type=int, default=64, help="of those, decoded one at a time")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one warm-up")
+    ap.add_argument("--repeats", type=int, default=LATENCY_REPEATS, help="interleaved rounds after one warm-up")
     ap.add_argument("--output", type=Path, default=None, help="write the results here as JSON")
     a = ap.parse_args()
     origin, tok, _ = load_model_folder(a.model)

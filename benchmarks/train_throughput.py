@@ -16,6 +16,7 @@ import torch
 from ctprune.data.batching import Batch, pad
 from ctprune.model.flops import forward_flops
 from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
+from ctprune.spec import MAX_TOKENS
 from ctprune.training.loop import Recipe, make_optimizer, train_step
 
 
@@ -48,7 +49,7 @@ def multi30k_like_batches(max_tokens: int, n: int, vocab: int, seed: int = 0) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--max-tokens", type=int, nargs="+", default=[4096])
+    ap.add_argument("--max-tokens", type=int, nargs="+", default=[MAX_TOKENS])
     ap.add_argument("--vocab", type=int, default=8000)
     a = ap.parse_args()
     torch.manual_seed(0)

@@ -28,6 +28,7 @@ from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import load_index, load_variant
 from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules, validate_configurations
+from ctprune.spec import MAX_TOKENS
 from ctprune.stages.prune import prune
 from ctprune.stages.tune_blocks import Recorder, block_losses
 
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--experiment", default=str(Path(__file__).parents[1] / "examples" / "multi30k.toml"))
     ap.add_argument("--batches", type=int, default=40, help="training batches timed per way (after 1 warm-up)")
-    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     a = ap.parse_args()
     torch.manual_seed(0)
     origin, tok, _ = load_model_folder(a.model)

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from ctprune.errors import CtpruneError
 from ctprune.spec import (
+    CRITERIA,
+    LATENCY_REPEATS,
+    MAX_TOKENS,
     PRECISIONS,
+    RECIPES,
+    RUN_EXECUTION_FLAGS,
+    SCORE_BATCHES,
     DataSpec,
     ExecutionSpec,
     FinetuningSpec,
@@ -18,14 +24,23 @@ from ctprune.spec import (
     TuningSpec,
     add_option,
     check_option,
+    origin_preset,
     spec_default,
 )
 
 Handler = Callable[[argparse.Namespace], None]
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default said once: appended as "(default: X)" unless the help already says
+    it in words, and never for None (no value) or a switch's False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help, d = action.help or "", action.default
+        if not action.option_strings or "(default" in help or d is None or d is False or d == argparse.SUPPRESS:
+            return help
+        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        return f"{help} (default: {shown.replace('%', '%%')})"
 
 
 def _data_options(p: argparse.ArgumentParser, split: str | None = None) -> None:
@@ -37,8 +52,8 @@ def _data_options(p: argparse.ArgumentParser, split: str | None = None) -> None:
 
 
 def _subset_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batches", type=int, default=8, help="validation batches of the scoring subset")
-    p.add_argument("--max-tokens", type=int, default=4096, help="token budget per scoring batch")
+    p.add_argument("--batches", type=int, default=SCORE_BATCHES, help="validation batches of the scoring subset")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="token budget per scoring batch")
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
@@ -51,16 +66,19 @@ def _precision_option(p: argparse.ArgumentParser, help: str) -> None:
 
 def _recipe_options(p: argparse.ArgumentParser, spec: type) -> None:
     add_option(p, spec, "epochs", "-e", "--epochs")
-    p.add_argument("--recipe", choices=("fast", "original", "finetune"), default="fast",
+    p.add_argument("--recipe", choices=RECIPES, default=RECIPES[0],
                    help="fast: warm-up + cosine lr, label smoothing 0.1, token-budget batches; "
                         "original: the prototype's Adam 1e-4, 128-sentence batches, plain cross-entropy; "
-                        "finetune (default of `finetune`): the prototype's optimizer on 4096-token "
-                        "length-sorted batches")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+                        "finetune: the prototype's optimizer on length-sorted token-budget batches")
+    if "lr" in spec.__dataclass_fields__:
+        add_option(p, spec, "lr")
+    else:
+        p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="token budget per batch, padded source+target tokens (fast recipe)")
-    _precision_option(p, "bf16 autocast or plain fp32; auto = the preset's policy (bf16 for seed, fp32 for tiny: "
-                         "see ctprune.training.loop.preset_bf16)")
+                   help="token budget per batch, padded source+target tokens, of the fast and finetune recipes "
+                        "(default: the model's preset's, as `ctprune run` uses)")
+    _precision_option(p, "bf16 autocast or plain fp32; auto = the policy of the model's preset (finetune: the "
+                         "origin's), bf16 for seed, fp32 for tiny: see ctprune.training.loop.preset_bf16")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in -o from its last finished epoch")
@@ -68,11 +86,16 @@ def _recipe_options(p: argparse.ArgumentParser, spec: type) -> None:
 
 
 
-def _recipe(a: argparse.Namespace) -> object:
-    from ctprune.training.loop import preset_recipe
+def _recipe(a: argparse.Namespace, preset: str) -> object:
+    """The training recipe of `train` / `finetune`: ``preset`` (the model's) sets its precision
+    (``--precision auto``) and the finetune recipe's batches, as `ctprune run` sets them."""
+    from ctprune.training.loop import preset_max_tokens, preset_recipe
 
-    return preset_recipe(getattr(a, "preset", "seed"), a.recipe, a.precision, epochs=a.epochs, seed=a.seed,
-                         lr=a.lr, max_tokens=a.max_tokens, eval_every=getattr(a, "eval_every", None),
+    max_tokens = a.max_tokens
+    if max_tokens is None and a.recipe == "finetune":
+        max_tokens = preset_max_tokens(preset)
+    return preset_recipe(preset, a.recipe, a.precision, epochs=a.epochs, seed=a.seed, lr=a.lr,
+                         max_tokens=max_tokens, eval_every=getattr(a, "eval_every", None),
                          select=getattr(a, "select", None))
 
 
@@ -81,7 +104,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     res = train_origin(TrainArgs(output=Path(a.output), preset=a.preset, arch=a.arch, corpus=a.corpus,
                                  data_dir=a.data_dir, vocab_size=a.vocab_size, device=a.device,
-                                 resume=a.resume, recipe=_recipe(a)))  # type: ignore[arg-type]
+                                 resume=a.resume, recipe=_recipe(a, a.preset)))  # type: ignore[arg-type]
     print(f"origin model: {a.output}  best val BLEU {res.best_bleu:.2f}  "
           f"epochs {res.epochs_done}  train time {res.wall_time_s:.0f}s")
 
@@ -89,11 +112,11 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from ctprune.stages.evaluate import evaluate
 
-    if a.engine == "onnxruntime":
-        from ctprune.serve.ort import evaluate_onnx
+    if a.engine != "torch":
+        from ctprune.serve.engines import evaluate_served
 
-        evaluate_onnx(Path(a.model), corpus=a.corpus, split=a.split, data_dir=a.data_dir, beam=a.beam,
-                      output=Path(a.output) if a.output else None)
+        evaluate_served(a.engine, Path(a.model), corpus=a.corpus, split=a.split, data_dir=a.data_dir, beam=a.beam,
+                        output=Path(a.output) if a.output else None)
         return
     evaluate(Path(a.model), corpus=a.corpus, split=a.split, data_dir=a.data_dir, beam=a.beam,
              device=a.device, output=Path(a.output) if a.output else None)
@@ -102,10 +125,10 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 def cmd_translate(a: argparse.Namespace) -> None:
     from ctprune.stages.evaluate import translate_stream
 
-    if a.engine == "onnxruntime":
-        from ctprune.serve.ort import translate_stream_onnx
+    if a.engine != "torch":
+        from ctprune.serve.engines import translate_stream_served
 
-        translate_stream_onnx(Path(a.model), sys.stdin, sys.stdout, beam=a.beam)
+        translate_stream_served(a.engine, Path(a.model), sys.stdin, sys.stdout, beam=a.beam)
         return
     translate_stream(Path(a.model), sys.stdin, sys.stdout, beam=a.beam, device=a.device)
 
@@ -168,7 +191,7 @@ def cmd_search(a: argparse.Namespace) -> None:
     budgets = budget_sweep({r: getattr(a, r) for r in ("params", "flops", "latency")})
     args = SearchArgs(model=Path(a.model), bank=Path(a.bank), output=Path(a.output), budgets=budgets,
                       k=a.k, min_distance=a.min_distance, objective=a.objective, time_limit=a.time_limit,
-                      corpus=a.corpus, data_dir=a.data_dir, batches=a.batches, max_tokens=a.max_tokens)
+                      refine=a.refine, corpus=a.corpus, data_dir=a.data_dir, batches=a.batches, max_tokens=a.max_tokens)
     problem, report = search(args)
     for note in report["notes"]:  # fewer than k somewhere: said first
         print(f"note: {note}")
@@ -177,7 +200,9 @@ def cmd_search(a: argparse.Namespace) -> None:
                           if f"{r}_fraction" in c)
         others = "  ".join(f"{o} {e:.4f}" for o, e in c["estimates"].items() if o != a.objective)
         print(f"{i:>3}  budget {c['budget']}  estimate {c['estimate']:.4f} ({others})  {costs}  "
-              f"pruned slots {c['pruned_slots']}  {c['status']} {c['solver_s']:.3f}s")
+              f"pruned slots {c['pruned_slots']}  "
+              + (f"measured {c['measured']:.4f} ({c['source']})" if "measured" in c
+                 else f"{c['status']} {c['solver_s']:.3f}s"))
     for i, s in enumerate(report["sweep"]):
         u = s["uniform"]
         print(f"budget {i}: {describe_table(s['budgets'])}: {s['found']} configurations; uniform "
@@ -221,7 +246,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     check_option(FinetuningSpec, "budget_epochs", a.budget_epochs, "--budget-epochs")
     if a.budget_epochs > a.epochs:
         raise CtpruneError(f"--budget-epochs must be at most --epochs, got {a.budget_epochs} > {a.epochs}")
-    recipe = _recipe(a)
+    recipe = _recipe(a, origin_preset(Path(a.model)))  # the origin's preset, as `ctprune run` finetunes
     kw = dict(corpus=a.corpus, data_dir=a.data_dir, target_bleu=a.target_bleu, device=a.device,
               min_epochs=a.budget_epochs)
     if a.all:
@@ -235,11 +260,6 @@ def cmd_finetune(a: argparse.Namespace) -> None:
                      resume=a.resume, **kw)  # type: ignore[arg-type]
         print(f"configuration {a.n}: best val BLEU {r.best_bleu:.2f} after {r.epochs_done} epochs, "
               f"{r.wall_time_s:.0f}s -> {a.output}")
-
-
-# `run`'s options that override the experiment file's [execution] section: (field, flag).
-RUN_EXECUTION_FLAGS = (("executor", "--executor"), ("workers", "--workers"), ("address", "--ray-address"),
-                       ("device", "--device"), ("shards", "--tuning-shards"))
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -302,21 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
     p.add_argument("-o", "--output", default=None,
                    help="folder for the hypotheses and the JSON report (default: MODEL/eval)")
-    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
-                   help="torch: a model folder in PyTorch; onnxruntime: a folder from `ctprune export` (CPU)")
+    p.add_argument("--engine", choices=("torch", "onnxruntime", "ctranslate2"), default="torch",
+                   help="torch: a model folder in PyTorch; onnxruntime, ctranslate2: a folder from "
+                        "`ctprune export --format onnx|ctranslate2` (CPU)")
 
     p = add("translate", cmd_translate, "translate German lines from stdin to English on stdout")
     p.add_argument("model", help="model folder")
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     _device_option(p)
-    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
-                   help="torch: a model folder in PyTorch; onnxruntime: a folder from `ctprune export` (CPU)")
+    p.add_argument("--engine", choices=("torch", "onnxruntime", "ctranslate2"), default="torch",
+                   help="torch: a model folder in PyTorch; onnxruntime, ctranslate2: a folder from "
+                        "`ctprune export --format onnx|ctranslate2` (CPU)")
 
     p = add("export", cmd_export, "write a model for a serving engine: ONNX encoder + decoder-step graphs "
-                                  "with per-layer key/value sizes, tokenizer, manifest")
-    p.add_argument("model", help="model folder (ctprune's own Transformer)")
-    p.add_argument("--format", default="onnx", help="onnx")
-    p.add_argument("--quantize", default="none", help="none or int8 (ONNX Runtime dynamic, per channel)")
+                                  "with per-layer key/value sizes, or a CTranslate2 model with heads "
+                                  "zero-padded per stack; tokenizer, manifest")
+    p.add_argument("model", help="model folder (ctprune's own Transformer; also MarianMT for ctranslate2)")
+    p.add_argument("--format", default="onnx", help="onnx or ctranslate2")
+    p.add_argument("--quantize", default="none",
+                   help="none or int8 (ONNX Runtime: dynamic, per channel; CTranslate2: int8 weights per row)")
     p.add_argument("-o", "--output", required=True, help="serving folder to write")
 
     p = add("inspect", cmd_inspect, "list the prunable modules: name, kind, parameters, heads or width")
@@ -348,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=float, nargs="+", default=None, metavar="R",
                    help="instead of a plan: a grid bank, every prunable module of --kinds at every ratio")
     add_option(p, SearchSpec, "kinds", help="module kinds of a --grid bank (attention and FFN blocks bring real speed)")
-    p.add_argument("--criterion", choices=("original", "l1", "activation"), default="original",
+    p.add_argument("--criterion", choices=CRITERIA, default=CRITERIA[0],
                    help="head/neuron importance: original = |sum of q,k,v weights| (FFN: L1), "
                         "l1 = weight L1 norm, activation = output magnitude on training batches")
     _data_options(p)
@@ -364,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _subset_options(p)
     p.add_argument("--latency", action="store_true",
                    help="also measure each variant's latency in context (greedy decoding, fixed steps)")
-    p.add_argument("--latency-repeats", type=int, default=5, help="timed repeats per variant")
+    p.add_argument("--latency-repeats", type=int, default=LATENCY_REPEATS, help="timed repeats per variant")
     p.add_argument("--force", action="store_true", help="recompute every score even if up to date")
     _device_option(p)
 
@@ -379,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"budget(s) on {what}: a fraction of the origin (0.6, 60%%) or absolute ({example}); "
                             "several sweep budgets, k configurations each")
     add_option(p, SearchSpec, "k", "-k")
-    for name in ("min_distance", "objective", "time_limit"):
+    for name in ("min_distance", "objective", "time_limit", "refine"):
         add_option(p, SearchSpec, name)
     _data_options(p)
     _subset_options(p)
@@ -409,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, TuningSpec, "epochs", "-e", "--epochs")
     add_option(p, TuningSpec, "lr")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="token budget per batch (default: the origin's preset: 1024 for tiny, 4096 for seed)")
+                   help="token budget per batch (default: the origin's preset's, as `ctprune run` uses)")
     add_option(p, TuningSpec, "patience")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order)")
     _precision_option(p, "bf16 autocast or fp32; auto = the precision the origin model was trained with "
@@ -428,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every configuration, one after another, resumably")
     _data_options(p)
     _recipe_options(p, FinetuningSpec)
-    p.set_defaults(recipe="finetune", lr=spec_default(FinetuningSpec, "lr"))
+    p.set_defaults(recipe="finetune")
     add_option(p, FinetuningSpec, "target_bleu")
     add_option(p, FinetuningSpec, "budget_epochs")
     add_option(p, FinetuningSpec, "eval_every")
@@ -442,11 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment file, e.g. examples/demo.toml")
     p.add_argument("-o", "--output", default=None, help="run folder (default: runs/EXPERIMENT_NAME)")
     for name, flag in RUN_EXECUTION_FLAGS:
-        default = spec_default(ExecutionSpec, name)
-        fallback = f", else {default}" if default is not None else ""
-        add_option(p, ExecutionSpec, name, flag, default=None,  # %(default).0s: no "(default: None)"
-                   help=f"{ExecutionSpec.__dataclass_fields__[name].metadata['help']} (default: the experiment "
-                        f"file's [execution] {name}{fallback})%(default).0s")
+        meta = ExecutionSpec.__dataclass_fields__[name].metadata
+        fallback = meta["default_text"] or spec_default(ExecutionSpec, name)
+        add_option(p, ExecutionSpec, name, flag, default=None,
+                   help=f"{meta['help']} (default: the experiment file's [execution] {name}, else {fallback})")
 
     p = add("report", cmd_report, "rebuild report.md / report.html of a run folder")
     p.add_argument("run_dir", help="run folder of `ctprune run`")

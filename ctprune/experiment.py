@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ctprune.errors import CtpruneError
-from ctprune.fileio import read_json, read_toml
+from ctprune.fileio import read_toml
 from ctprune.spec import (
-    PRESETS,
     ConfigurationsSpec,
     DataSpec,
     ExecutionSpec,
@@ -36,6 +35,7 @@ from ctprune.spec import (
     SearchSpec,
     TuningSpec,
     from_table,
+    origin_preset,
     parse_target,
 )
 from ctprune.training.loop import preset_bf16, preset_max_tokens
@@ -77,12 +77,7 @@ class Experiment:
     def preset(self) -> str:
         """The origin's preset: the one a given origin model was trained with (its hparams.json
         says), else [origin] preset."""
-        hp = self.origin_model / "hparams.json" if self.origin_model is not None else None
-        if hp is not None and hp.is_file():
-            preset = read_json(hp, "origin hparams").get("preset")
-            if preset in PRESETS:
-                return str(preset)
-        return self.origin.preset
+        return origin_preset(self.origin_model, self.origin.preset)
 
     @property
     def max_tokens(self) -> int:

@@ -1,15 +1,17 @@
 """The one typed specification: every option of an experiment, with its type, default and help,
 declared once as a dataclass field.
 
-The sections of `ctprune run`'s experiment file are these dataclasses (``from_table`` reads and
-checks one), and the CLI's options of the same meaning are derived from the same fields
-(``add_option``), so a default cannot diverge between the two.
+The sections of `ctprune run`'s experiment file are these dataclasses (``from_table`` reads one),
+each checking itself on construction, and the CLI's options of the same meaning are derived from the
+same fields (``add_option``), so a default cannot diverge between the two. The defaults and limits
+that several stages share (batch tokens, scoring batches, latency repeats) are declared here too.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctprune.budget import budget_sweep
 from ctprune.errors import CtpruneError
 
 PRESETS = ("seed", "tiny")
@@ -27,38 +30,80 @@ EXECUTORS = ("local", "process", "ray")
 PRECISIONS = ("auto", "bf16", "fp32")
 MAX_WORKERS = 1024  # parallel jobs or tuning shards of one run (also bounds what a typo can ask of a pool)
 MAX_K = 256  # configurations per budget: each is a MIP solve with one more diversity cut, then a finetuning
+RECIPES = ("fast", "original", "finetune")  # `--recipe`: ctprune.training.loop.preset_recipe builds each
+CRITERIA = ("original", "l1", "activation")  # head / neuron importance (ctprune.pruning.importance)
+# Padded source+target tokens per batch: the seed preset's training, tuning and finetuning batches
+# (the tiny preset's are ctprune.training.loop.TINY_RECIPE's), and the scoring subset's.
+MAX_TOKENS = 4096
+SCORE_BATCHES = 8  # validation batches of the scoring subset (`ctprune score`, `search`, a run's score job)
+LATENCY_REPEATS = 5  # timed, interleaved rounds of a latency measurement; the median is reported
 
 
 def opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
-        high: float | None = None, positive: bool = False) -> Any:
+        high: float | None = None, positive: bool = False, default_text: str | None = None) -> Any:
     """A spec field: its default, help text, and allowed values (``choices``, ``low`` <= value
-    <= ``high``, ``positive``: > 0 and finite)."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive}
+    <= ``high``, ``positive``: > 0 and finite); ``default_text`` says in words what a None
+    default means (shown in the CLI's help)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive,
+            "default_text": default_text}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+class _Spec:
+    """Base of the spec dataclasses: an instance checks itself on construction, wherever it is
+    built (a TOML table, a command line, ``dataclasses.replace``, code). Each field is converted and
+    checked by its annotation and ``opt`` rules, then ``validate`` checks the rules between fields;
+    messages name the key as ``section.key`` (``from_table`` puts the file in front)."""
+
+    def __post_init__(self) -> None:
+        section = _section(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            at = f"{section}.{f.name}"
+            value = _convert(getattr(self, f.name), _hints(type(self))[f.name], at)
+            _check_value(value, dict(f.metadata), at)
+            object.__setattr__(self, f.name, value)  # frozen: the converted value (a list as a tuple)
+        self.validate()
+
+    def validate(self) -> None:
+        """Rules between fields that every instance, the defaults included, meets."""
+
+    def check(self, where: str) -> None:
+        """What an experiment file's section must give beyond that (a [search] needs a budget);
+        ``where`` names the file."""
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section(cls: type) -> str:
+    """The experiment file's section of a spec class: ``SearchSpec`` -> ``search``."""
+    return cls.__name__.removesuffix("Spec").lower()
+
+
 @dataclass(frozen=True)
-class DataSpec:
+class DataSpec(_Spec):
     """[data]: the parallel corpus."""
 
     corpus: str = opt("multi30k", "parallel corpus: multi30k (de-en from the data folder), synthetic (built in), "
                                   "or folder:SRC-TGT (SPLIT.SRC / SPLIT.TGT files in the data folder)")
-    data_dir: str | None = opt(None, "folder with SPLIT.de / SPLIT.en (else $CTPRUNE_DATA_DIR, else the "
-                                     "download cache)")
+    data_dir: str | None = opt(None, "folder with SPLIT.de / SPLIT.en",
+                               default_text="$CTPRUNE_DATA_DIR, else the download cache")
 
-    def check(self, where: str) -> None:
+    def validate(self) -> None:
         from ctprune.data.corpus import corpus_languages
 
         try:
             corpus_languages(self.corpus)
         except CtpruneError as e:
-            raise CtpruneError(f"{where}: data.corpus: {e}") from None
+            raise CtpruneError(f"data.corpus: {e}") from None
 
 
 @dataclass(frozen=True)
-class OriginSpec:
+class OriginSpec(_Spec):
     """[origin]: the model to prune, trained by the run or given."""
 
     preset: str = opt("seed", "seed: the original 3+3 layers, d_model 512, 8 heads, FFN 512; tiny: for tests",
@@ -71,7 +116,7 @@ class OriginSpec:
 
 
 @dataclass(frozen=True)
-class ConfigurationsSpec:
+class ConfigurationsSpec(_Spec):
     """[configurations]: exactly one of ratio lists (one ratio per configuration), a file, or inline."""
 
     attention: tuple[float, ...] | None = opt(None, "keep ratio of all attention blocks, one per configuration")
@@ -81,18 +126,20 @@ class ConfigurationsSpec:
     file: str | None = opt(None, "configuration file (JSON list of {module: keep ratio})")
     inline: tuple[dict[str, float], ...] | None = opt(None, "configurations as TOML inline tables")
 
+    def validate(self) -> None:
+        lists = {name: getattr(self, name) for name in ("attention", "linear", "ffn") if getattr(self, name)}
+        if len({len(v) for v in lists.values()}) > 1:
+            raise CtpruneError("configurations." + ", ".join(lists) + " need one ratio per configuration "
+                               "each (the same length), got " + ", ".join(str(len(v)) for v in lists.values()))
+        for name, values in lists.items():
+            for r in values:
+                _keep_ratio(r, f"configurations.{name}")
+
     def check(self, where: str) -> None:
         given = [self.file, self.inline, self.attention or self.linear or self.ffn]
         if sum(x is not None for x in given) != 1:
             raise CtpruneError(f"{where}: [configurations] needs exactly one of file, inline, or ratio lists "
                                "(attention / linear / ffn)")
-        lists = {name: getattr(self, name) for name in ("attention", "linear", "ffn") if getattr(self, name)}
-        if len({len(v) for v in lists.values()}) > 1:
-            raise CtpruneError(f"{where}: configurations." + ", ".join(lists) + " need one ratio per configuration "
-                               "each (the same length), got " + ", ".join(str(len(v)) for v in lists.values()))
-        for name, values in lists.items():
-            for r in values:
-                _keep_ratio(r, f"{where}: configurations.{name}")
 
 
 SELECTS = ("val_bleu", "val_loss")  # the rule that picks a training run's kept checkpoint
@@ -100,7 +147,7 @@ OBJECTIVES = ("kl", "loss")  # the variant scores `ctprune score` stores
 
 
 @dataclass(frozen=True)
-class SearchSpec:
+class SearchSpec(_Spec):
     """[search] (instead of [configurations]): a grid bank is pruned, tuned and scored, and
     `ctprune search` picks the configurations."""
 
@@ -120,6 +167,10 @@ class SearchSpec:
     objective: str = opt("kl", "variant score the solver sums: kl (KL divergence to the origin's next-token "
                                "distribution) or loss (the increase of val loss)", choices=OBJECTIVES)
     time_limit: float = opt(10.0, "solver seconds per configuration", positive=True)
+    refine: int = opt(0, "measured refinement: per budget, this many composed candidates (one forward pass "
+                         "each over the scoring subset) searched around the solver's configurations and the "
+                         "uniform cut; 0: off",
+                      low=0, high=10_000)
 
     @property
     def budgets(self) -> tuple[tuple[str, str | tuple[str, ...]], ...]:
@@ -127,23 +178,23 @@ class SearchSpec:
         return tuple((r, v) for r in ("flops", "params", "latency")
                      if (v := getattr(self, r)) is not None)  # type: ignore[misc]
 
-    def check(self, where: str) -> None:
-        from ctprune.stages.search import budget_sweep
-
+    def validate(self) -> None:
         for r in self.grid:
             if r != 0:  # keep 0: the block removed altogether (its residual branch skipped)
-                _keep_ratio(r, f"{where}: search.grid")
-        if not self.budgets:
-            raise CtpruneError(f"{where}: [search] needs a budget: flops = 0.6 (or a list, flops = [0.75, 0.5]) "
-                               "and/or params = \"10M\"")
+                _keep_ratio(r, "search.grid")
         try:
             budget_sweep(dict(self.budgets))
         except CtpruneError as e:
-            raise CtpruneError(f"{where}: [search]: {e}") from None
+            raise CtpruneError(f"[search]: {e}") from None
+
+    def check(self, where: str) -> None:
+        if not self.budgets:
+            raise CtpruneError(f"{where}: [search] needs a budget: flops = 0.6 (or a list, flops = [0.75, 0.5]) "
+                               "and/or params = \"10M\"")
 
 
 @dataclass(frozen=True)
-class TuningSpec:
+class TuningSpec(_Spec):
     """[tuning]: block tuning by local distillation against the frozen origin."""
 
     epochs: int = opt(2, "block-tuning epochs", low=0)
@@ -153,7 +204,7 @@ class TuningSpec:
 
 
 @dataclass(frozen=True)
-class FinetuningSpec:
+class FinetuningSpec(_Spec):
     """[finetuning]: the protocol of both sides (baseline and composed)."""
 
     epochs: int = opt(3, "the cap E: most finetuning epochs of one configuration", low=1)
@@ -167,28 +218,38 @@ class FinetuningSpec:
                             high=1.0)
     select: str = opt("val_bleu", "which evaluation's weights are kept as the finetuned model: val_bleu (the "
                                   "highest val BLEU) or val_loss (the lowest val loss; less noisy)", choices=SELECTS)
+    # The competitors of a budget sweep ([search]) beside `uniform`; they change no finetuning's key.
+    random: int = opt(0, "with [search]: random configurations drawn per budget (seeded), composed from the tuned "
+                         "bank and measured before finetuning (the `random` competitor); 0: none", low=0, high=MAX_K)
+    scratch: bool = opt(False, "with [search]: per budget, the uniform cut's shape randomly initialised and trained "
+                               "from scratch with the origin's recipe for the training FLOPs of the budget's composed "
+                               "side (the whole tuned bank + budget_epochs of one configuration's finetuning)")
+    scratch_ceiling: bool = opt(False, "with scratch: also that shape trained for the origin's whole training (its "
+                                       "epochs), a reference ceiling (first seed only)")
 
-    def check(self, where: str) -> None:
-        parse_target(self.target_bleu, f"{where}: finetuning.target_bleu")
+    def validate(self) -> None:
+        parse_target(self.target_bleu, "finetuning.target_bleu")
         if self.budget_epochs > self.epochs:
-            raise CtpruneError(f"{where}: finetuning.budget_epochs must be in [1, finetuning.epochs], got "
+            raise CtpruneError("finetuning.budget_epochs must be in [1, finetuning.epochs], got "
                                f"{self.budget_epochs} > {self.epochs}")
+        if self.scratch_ceiling and not self.scratch:
+            raise CtpruneError("finetuning.scratch_ceiling needs finetuning.scratch = true")
 
 
 @dataclass(frozen=True)
-class ExecutionSpec:
+class ExecutionSpec(_Spec):
     """[execution]: where the run's jobs execute."""
 
     executor: str = opt("local", "local: one job at a time in this process; process: WORKERS processes on "
                                  "this machine; ray: Ray tasks on a cluster (or a local one)", choices=EXECUTORS)
     workers: int = opt(1, "parallel jobs; the machine's CPU threads are split between them", low=1, high=MAX_WORKERS)
-    address: str | None = opt(None, "Ray cluster address (ray start --head prints it); default: a local "
-                                    "Ray instance on this machine's cores")
+    address: str | None = opt(None, "Ray cluster address (ray start --head prints it)",
+                              default_text="a local Ray instance on this machine's cores")
     device: str = opt("auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N; resolved inside "
                               "each worker")
-    shards: int | None = opt(None, "block-tuning jobs per bank, each paying its own teacher pass (default: 1 "
-                                   "on one machine, where one job with every thread is faster; one per worker "
-                                   "on a Ray cluster, --ray-address)", low=1, high=MAX_WORKERS)
+    shards: int | None = opt(None, "block-tuning jobs per bank, each paying its own teacher pass", low=1,
+                             high=MAX_WORKERS, default_text="1 on one machine, where one job with every thread is "
+                                                            "faster; one per worker on a Ray cluster, --ray-address")
 
     def tuning_shards(self, workers: int) -> int:
         """How many shards block tuning is split into when ``workers`` run the jobs."""
@@ -196,11 +257,16 @@ class ExecutionSpec:
             return self.shards
         return workers if self.address is not None else 1
 
-    def check(self, where: str) -> None:
+    def validate(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise CtpruneError(f"{where}: execution.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise CtpruneError(f"execution.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.address is not None and self.executor != "ray":
-            raise CtpruneError(f"{where}: execution.address is for executor = \"ray\", not {self.executor!r}")
+            raise CtpruneError(f"execution.address is for executor = \"ray\", not {self.executor!r}")
+
+
+# `ctprune run`'s options that override the experiment file's [execution]: (field, flag).
+RUN_EXECUTION_FLAGS = (("executor", "--executor"), ("workers", "--workers"), ("address", "--ray-address"),
+                       ("device", "--device"), ("shards", "--tuning-shards"))
 
 
 def parse_target(text: Any, where: str) -> float | str | None:
@@ -233,6 +299,20 @@ def resolve_target(text: Any, origin_dir: Path, where: str = "--target-bleu") ->
     return float(read_json(summary, "training summary")["best_val_bleu"]) - float(t.split("-", 1)[1])
 
 
+def origin_preset(origin_dir: Path | None, default: str = OriginSpec.preset) -> str:
+    """The preset an origin model folder was trained with (its hparams.json says), else ``default``.
+    It sets the batches and precision of tuning and finetuning (``ctprune.training.loop.preset_*``),
+    the same for `ctprune run` and the stage commands."""
+    from ctprune.fileio import read_json
+
+    hp = None if origin_dir is None else Path(origin_dir) / "hparams.json"
+    if hp is not None and hp.is_file():
+        preset = read_json(hp, "origin hparams").get("preset")
+        if preset in PRESETS:
+            return str(preset)
+    return default
+
+
 def _keep_ratio(value: Any, where: str) -> None:
     if not 0 < value <= 1:
         raise CtpruneError(f"{where}: keep ratio must be in (0, 1], got {value!r}")
@@ -249,13 +329,13 @@ def _convert(value: Any, t: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if isinstance(value, list):  # where one value or a list is allowed, a list is the list
+        if isinstance(value, (list, tuple)):  # where one value or a list is allowed, a list is the list
             inner = [a for a in inner if typing.get_origin(a) is tuple] or inner
         if str in inner and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # a budget or target given as a number
         return _convert(value, inner[0], where)
     if origin is tuple:
-        if not isinstance(value, list) or not value:
+        if not isinstance(value, (list, tuple)) or not value:
             raise CtpruneError(f"{where} must be a non-empty list, got {value!r}")
         return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
@@ -294,19 +374,15 @@ def from_table(cls: type, table: Any, where: str, section: str) -> Any:
     and values out of range are refused, naming ``where`` (the file), the section and the key."""
     if not isinstance(table, dict):
         raise CtpruneError(f"{where}: [{section}] must be a table, got {table!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - fields)
     if unknown:
         raise CtpruneError(f"{where}: unknown key(s) {unknown} in [{section}]; allowed: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in table.items():
-        at = f"{where}: {section}.{name}"
-        values[name] = _convert(value, hints[name], at)
-        _check_value(values[name], dict(fields[name].metadata), at)
-    spec = cls(**values)
-    if hasattr(spec, "check"):
-        spec.check(where)
+    try:
+        spec = cls(**table)  # converted and checked by the spec itself, naming section.key
+    except CtpruneError as e:
+        raise CtpruneError(f"{where}: {e}") from None
+    spec.check(where)
     return spec
 
 
@@ -323,6 +399,8 @@ def add_option(parser: argparse.ArgumentParser, cls: type, name: str, *flags: st
     union = typing.get_origin(t) in (typing.Union, types.UnionType)
     base = [a for a in typing.get_args(t) if a is not type(None)] if union else [t]
     kw: dict[str, Any] = {"default": spec_default(cls, name), "help": f.metadata["help"]}
+    if kw["default"] is None and f.metadata.get("default_text"):
+        kw["help"] += f" (default: {f.metadata['default_text']})"
     if typing.get_origin(base[0]) is tuple:
         kw.update(nargs="+", type=typing.get_args(base[0])[0], default=list(kw["default"] or []) or None)
     elif base[0] in (int, float):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,57 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith("#")]
     assert ci == [command] == ["bash scripts/test.sh"]
+
+
+def test_every_option_says_its_default_once_and_right() -> None:
+    from ctprune.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return {name: p for sub in subs for name, p in sub.choices.items()}
+
+    helps = {}
+    for name, p in commands(build_parser()).items():
+        for sub_name, sub in [(name, p), *commands(p).items()]:
+            fmt = sub._get_formatter()
+            helps[sub_name] = {a.dest: fmt._expand_help(a) for a in sub._actions if a.option_strings and a.help}
+    for command, options in helps.items():
+        for dest, text in options.items():
+            assert text.count("(default") <= 1 and "(default: None)" not in text, (command, dest, text)
+    run = helps["run"]
+    assert run["address"].endswith("(default: the experiment file's [execution] address, else a local Ray "
+                                   "instance on this machine's cores)")
+    assert run["workers"].endswith("(default: the experiment file's [execution] workers, else 1)")
+    assert run["output"] == "run folder (default: runs/EXPERIMENT_NAME)"
+    assert helps["finetune"]["recipe"].endswith("(default: finetune)")
+    assert helps["train"]["recipe"].endswith("(default: fast)")
+    assert helps["finetune"]["lr"].endswith("(default: 0.0001)") and "(default" not in helps["finetune"]["resume"]
+    assert helps["prune"]["kinds"].endswith("(default: attention ffn)")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "seed"])
+def test_finetune_takes_the_origins_preset_as_run_does(preset: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctprune finetune --precision auto` follows the origin model's preset (its hparams.json), so a
+    tiny origin is finetuned in fp32 on 1024-token batches, as `ctprune run` finetunes it."""
+    import ctprune.stages.finetune as stage
+    from ctprune.cli import main
+    from ctprune.experiment import Experiment
+    from ctprune.spec import OriginSpec
+    from ctprune.training.loop import FitResult, Recipe
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / "hparams.json").write_text(json.dumps({"stage": "train", "preset": preset}))
+    seen: list[Recipe] = []
+
+    def finetune(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path, recipe: Recipe,
+                 **kwargs: object) -> FitResult:
+        seen.append(recipe)
+        return FitResult(0.0, 0, 0.0, 0, False)
+
+    monkeypatch.setattr(stage, "finetune", finetune)
+    assert main(["finetune", str(origin), "--bank", "b", "-c", "c.json", "-n", "0", "-o", str(tmp_path / "o")]) == 0
+    run = Experiment(path=tmp_path / "e.toml", origin=OriginSpec(model="origin"))
+    assert (seen[0].bf16, seen[0].max_tokens) == (run.bf16, run.max_tokens) == \
+        ((False, 1024) if preset == "tiny" else (True, 4096))

@@ -31,6 +31,42 @@ def module_imports() -> dict[str, set[str]]:
     return graph
 
 
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def imports_anywhere(path: Path) -> set[str]:
+    """The ctprune modules a file imports anywhere, inside functions too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctprune"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("ctprune")}
+    return found
+
+
+UPPER = ("ctprune.stages", "ctprune.cli")  # the commands and their stage functions
+# What the stages are built on: it never reaches up into them, not even from inside a function
+# (the budget grammar once lived in the search stage and the spec imported it from there).
+BELOW = ("ctprune.spec", "ctprune.budget", "ctprune.errors", "ctprune.fileio", "ctprune.experiment", "ctprune.arch",
+         "ctprune.data", "ctprune.model", "ctprune.pruning", "ctprune.training")
+
+
+def test_nothing_outside_the_cli_and_the_stages_imports_them_at_import_time() -> None:
+    upward = {name: sorted(d for d in deps if _within(d, UPPER)) for name, deps in module_imports().items()
+              if not _within(name, UPPER) and name != "ctprune.__main__"}
+    assert not {name: deps for name, deps in upward.items() if deps}
+
+
+def test_the_layers_below_the_stages_never_import_a_stage_or_the_cli() -> None:
+    below = [p for p in ROOT.rglob("*.py") if _within(_module(p), BELOW)]
+    assert any(_module(p) == "ctprune.spec" for p in below)
+    upward = {_module(p): sorted(d for d in imports_anywhere(p) if _within(d, UPPER + ("ctprune.jobs",)))
+              for p in below}
+    assert not {name: deps for name, deps in upward.items() if deps}
+
+
 def test_no_import_cycles() -> None:
     graph = module_imports()
     state: dict[str, int] = {}  # 1: on the current path, 2: done

@@ -12,9 +12,14 @@ from ctprune.cli import build_parser
 from ctprune.errors import CtpruneError
 from ctprune.spec import (
     ARCHS,
+    CRITERIA,
     EXECUTORS,
     KINDS,
+    LATENCY_REPEATS,
+    MAX_TOKENS,
     PRESETS,
+    RECIPES,
+    SCORE_BATCHES,
     DataSpec,
     ExecutionSpec,
     FinetuningSpec,
@@ -46,6 +51,10 @@ def test_cli_defaults_are_the_specs() -> None:
     run = _defaults("run", "e.toml")  # None: the experiment file's [execution], else the spec's
     assert all(run[k] is None for k in ("executor", "workers", "address", "device", "shards"))
     assert train["arch"] == OriginSpec.arch
+    score = _defaults("score", "m", "--bank", "b")
+    assert (score["batches"], score["max_tokens"], score["latency_repeats"]) == (SCORE_BATCHES, MAX_TOKENS,
+                                                                                 LATENCY_REPEATS)
+    assert (train["recipe"], ft["recipe"]) == (RECIPES[0], "finetune")
 
 
 def test_spec_lists_match_the_code() -> None:
@@ -56,6 +65,12 @@ def test_spec_lists_match_the_code() -> None:
 
     assert set(EXECUTORS) == set(executors) and set(PRESETS) == set(presets) and set(KINDS) == set(kinds)
     assert set(ARCHS) == set(archs)
+    from ctprune.pruning.importance import HEAD_CRITERIA
+    from ctprune.training.loop import Recipe, preset_recipe
+
+    assert CRITERIA == HEAD_CRITERIA
+    assert all(isinstance(preset_recipe("seed", name), Recipe) for name in RECIPES)
+    assert preset_recipe("seed", "finetune").max_tokens == Recipe().max_tokens == MAX_TOKENS
 
 
 @pytest.mark.parametrize("cls, table, message", [
@@ -107,3 +122,33 @@ def test_add_option_takes_a_tuple_field_as_several_values_and_an_optional_as_its
     assert (tuple(d.grid), tuple(d.kinds), d.k, d.shards) == (SearchSpec.grid, SearchSpec.kinds, SearchSpec.k, None)
     with pytest.raises(SystemExit):
         ap.parse_args(["--kinds", "mlp"])
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: SearchSpec(k=0), "search.k must be at least 1, got 0"),
+    (lambda: dataclasses.replace(SearchSpec(), k=0), "search.k must be at least 1, got 0"),
+    (lambda: SearchSpec(kinds=("mlp",)), "search.kinds must be one of attention, ffn, linear, got 'mlp'"),
+    (lambda: SearchSpec(grid=(1.5,)), "search.grid: keep ratio must be in (0, 1], got 1.5"),
+    (lambda: SearchSpec(flops="lots"), "[search]: --flops 'lots': give a fraction of the origin"),
+    (lambda: TuningSpec(lr=-1.0), "tuning.lr must be a positive number, got -1.0"),
+    (lambda: TuningSpec(epochs="2"), "tuning.epochs must be int, got '2'"),
+    (lambda: OriginSpec(preset="huge"), "origin.preset must be one of seed, tiny, got 'huge'"),
+    (lambda: FinetuningSpec(epochs=2, budget_epochs=3), "finetuning.budget_epochs must be in [1, finetuning.epochs]"),
+    (lambda: ExecutionSpec(workers=0), "execution.workers must be at least 1, got 0"),
+    (lambda: ExecutionSpec(address="head:6379"), "execution.address is for executor = \"ray\", not 'local'"),
+    (lambda: DataSpec(corpus="wmt"), "data.corpus: unknown corpus 'wmt'"),
+])
+def test_specs_built_in_code_check_themselves(build: object, message: str) -> None:
+    with pytest.raises(CtpruneError) as e:
+        build()  # type: ignore[operator]
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_specs_built_in_code_are_converted_as_the_experiment_file_is() -> None:
+    from ctprune.experiment import SECTIONS
+
+    assert all(cls.__name__.removesuffix("Spec").lower() == name for name, cls in SECTIONS.items())  # keys named so
+    s = SearchSpec(grid=[0.5, 1], flops=(0.75, "50%"), kinds=["ffn"])
+    assert s == from_table(SearchSpec, {"grid": [0.5, 1], "flops": [0.75, "50%"], "kinds": ["ffn"]}, "e.toml", "search")
+    assert (s.grid, s.flops, s.kinds) == ((0.5, 1.0), ("0.75", "50%"), ("ffn",))
+    assert SearchSpec() == dataclasses.replace(SearchSpec()) and SearchSpec().budgets == ()

@@ -16,13 +16,13 @@ from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output
 from ctprune.model.checkpoint import is_model_folder
 from ctprune.pruning.configs import load_configurations, prunable_modules
-from ctprune.spec import resolve_target
+from ctprune.spec import DataSpec, resolve_target
 from ctprune.stages.compose import compose_configuration
 from ctprune.training.loop import FitResult, Recipe, fit
 
 
 def finetune(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path, recipe: Recipe,
-             corpus: str = "multi30k", data_dir: str | None = None, target_bleu: float | str | None = None,
+             corpus: str = DataSpec.corpus, data_dir: str | None = None, target_bleu: float | str | None = None,
              resume: bool = False, device: str | None = None, min_epochs: int = 0,
              snapshot_epochs: tuple[int, ...] = ()) -> FitResult:
     """Finetune configuration ``n`` into the model folder ``output`` (history.csv, plots), until

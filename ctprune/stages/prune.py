@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from ctprune.arch import arch_of
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.errors import CtpruneError
-from ctprune.fileio import check_output, read_json, write_json
+from ctprune.fileio import check_output, read_json, temp_dir_beside, write_json
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.progress import progress
 from ctprune.pruning import importance
@@ -31,6 +30,7 @@ from ctprune.pruning.configs import (
     variant_key,
 )
 from ctprune.pruning.surgery import l1_mask, mask_linear, n_keep
+from ctprune.spec import MAX_TOKENS, DataSpec
 
 CRITERIA = importance.HEAD_CRITERIA
 
@@ -67,15 +67,21 @@ def grid_plan(modules: dict[str, Prunable], grid: list[float], kinds: tuple[str,
     if unknown or not kinds:
         raise CtpruneError(f"--kinds: choose from {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
     if not ratios:
-        raise CtpruneError("--grid needs at least one keep ratio below 1")
+        raise CtpruneError(f"--grid {' '.join(f'{r:g}' for r in grid)} keeps every module whole, so the grid bank "
+                           "would be empty; give keep ratios in [0, 1), e.g. --grid 0.25 0.5 0.75")
     # keep 0 removes attention / FFN blocks; a Linear keeps at least one weight
     plan = {"modules": {n: {"kind": m.kind, "ratios": [r for r in ratios if r > 0 or m.kind != "linear"]}
                         for n, m in modules.items() if m.kind in kinds}}
+    plan["modules"] = {n: e for n, e in plan["modules"].items() if e["ratios"]}
+    if not plan["modules"]:
+        raise CtpruneError(f"--grid {' '.join(f'{r:g}' for r in grid)} with --kinds {' '.join(kinds)} gives no block "
+                           "variant (this model has no module of those kinds, or keep 0 was asked of Linears, which "
+                           "keep at least one weight); give keep ratios in (0, 1) or other kinds")
     return plan, f"grid-{'-'.join(f'{r:g}' for r in ratios)}-{'-'.join(sorted(kinds))}"
 
 
 def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: float | None = None,
-          criterion: str = "original", corpus: str = "multi30k", data_dir: str | None = None,
+          criterion: str = "original", corpus: str = DataSpec.corpus, data_dir: str | None = None,
           calibration_batches: int = 8, grid: list[float] | None = None,
           kinds: tuple[str, ...] = ("attention", "ffn")) -> dict[str, Any]:
     """Write a bank with every variant of the plan (or every prunable module at ``ratio``, or a
@@ -113,10 +119,9 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
     stats: dict[str, torch.Tensor] = {}
     if criterion == "activation":
         train = load_split(corpus, default_splits(corpus)[0], data_dir)
-        batches = TokenizedSplit(train, tok, arch_of(model).max_len(model)).batches(4096, shuffle_seed=0)
+        batches = TokenizedSplit(train, tok, arch_of(model).max_len(model)).batches(MAX_TOKENS, shuffle_seed=0)
         stats = importance.activation_stats(model, batches[:calibration_batches])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = temp_dir_beside(output)
     try:
         index = empty_index(model_fp, plan_fp)
         index["criterion"] = criterion

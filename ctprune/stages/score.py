@@ -37,6 +37,7 @@ from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import INDEX_FILE, check_bank_model, load_index, load_variant
 from ctprune.pruning.configs import model_fingerprint
 from ctprune.pruning.surgery import swapped
+from ctprune.spec import LATENCY_REPEATS, MAX_TOKENS, SCORE_BATCHES, DataSpec
 
 SCORES_FORMAT = "ctprune-scores/1"
 
@@ -51,7 +52,7 @@ class Subset:
 
 
 def validation_subset(tok: Tokenizer, max_len: int, corpus: str, data_dir: str | None = None,
-                      batches: int = 8, max_tokens: int = 4096) -> Subset:
+                      batches: int = SCORE_BATCHES, max_tokens: int = MAX_TOKENS) -> Subset:
     """The first ``batches`` token-budget batches of the validation split in a fixed shuffled
     order (so short and long sentences both appear)."""
     if batches < 1:
@@ -172,9 +173,9 @@ def measure_latency(origin: nn.Module, variants: dict[str, tuple[str, nn.Module]
     return out
 
 
-def score_bank(model_dir: Path, bank: Path, corpus: str = "multi30k", data_dir: str | None = None,
-               batches: int = 8, max_tokens: int = 4096, latency: bool = False,
-               latency_repeats: int = 5, force: bool = False, device: str | None = None
+def score_bank(model_dir: Path, bank: Path, corpus: str = DataSpec.corpus, data_dir: str | None = None,
+               batches: int = SCORE_BATCHES, max_tokens: int = MAX_TOKENS, latency: bool = False,
+               latency_repeats: int = LATENCY_REPEATS, force: bool = False, device: str | None = None
                ) -> dict[str, Any]:
     """Score every variant of ``bank`` whose score is missing or stale (all with ``force``),
     store the scores in the bank's index and return them (``scored``: how many were computed)."""
