@@ -435,3 +435,46 @@ def test_removed_blocks_reach_budgets_the_grid_could_not(grid: dict[str, Path], 
         assert forward_flops(compose(origin, tuned, row["configuration"]).cfg, sl, tl) == row["flops"] <= limit
     for s in report["sweep"]:
         assert s["uniform"]["flops"] <= s["budgets"]["flops"]["limit"]
+
+
+def test_refinement_returns_the_best_measured_under_the_budget(grid: dict[str, Path], model_folder: Path) -> None:
+    """--refine: every configuration meets the budget, is min_distance from the others, and the
+    first is measured no worse than any solver solution or the uniform cut it started from; the
+    measured value is the composed model's KL to the origin on the scoring subset."""
+    from ctprune.pruning.solver import solve
+    from ctprune.stages.search_refine import Measurer
+
+    args = SearchArgs(model=model_folder, bank=grid["bank"], output=grid["dir"] / "refined.json",
+                      budgets=budget_sweep({"flops": "0.6"}), k=2, min_distance=2, refine=12, **SUBSET)  # type: ignore[arg-type]
+    p, report = search(args)
+    rows = report["configurations"]
+    assert len(rows) == 2 and all(r["status"] == "refined" for r in rows)
+    assert report["refine"]["evaluations"] == 12 and report["refine"]["candidates_measured"] >= 3
+    score, slot, costs = p.arrays()
+    measure = Measurer(p)
+    starts = [s.choices for s in solve(score, slot, costs, p.limits[0], k=2, min_distance=2)]
+    starts.append(tuple(uniform_choices(p, ("attention", "ffn"), 0)[0]))  # type: ignore[index]
+    taken = []
+    for r in rows:
+        conf = {m: v for m, v in r["configuration"].items() if v < 1}
+        t = tuple(next(int(j) for j in np.flatnonzero(slot == s) if p.choices.parts[j] == {
+            m: v for m, v in conf.items() if m == name or m.startswith(name + ".")})
+            for s, name in enumerate(p.choices.slots))
+        assert feasible(t, slot, costs, p.limits[0], len(p.choices.slots))
+        assert r["measured"] == pytest.approx(measure(t), abs=1e-5)
+        taken.append(t)
+    assert sum(a != b for a, b in zip(*taken)) >= 2
+    assert rows[0]["measured"] <= min(measure(tuple(s)) for s in starts) + 1e-6
+    assert rows[0]["measured"] <= rows[1]["measured"]
+    # the measured value is the KL of the composed model itself, computed here independently
+    origin, _, _ = load_model_folder(model_folder)
+    model = compose(origin, grid["bank"], rows[0]["configuration"]).eval()
+    kl, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in validation_subset(p.tok, 64, **SUBSET).batches:  # type: ignore[arg-type]
+            real = b.tgt_out != b.pad_id
+            ref = origin.eval()(b.src, b.tgt_in)[real].float().log_softmax(-1)
+            logp = model(b.src, b.tgt_in)[real].float().log_softmax(-1)
+            kl += float((ref.exp() * (ref - logp)).sum())
+            tokens += int(real.sum())
+    assert rows[0]["measured"] == pytest.approx(kl / tokens, rel=1e-4)

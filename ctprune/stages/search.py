@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctprune.arch import arch_of
+from ctprune.budget import RESOURCES, Budget, Point, describe_point
+from ctprune.budget import budget_sweep as budget_sweep  # the grammar's home is ctprune.budget; kept importable
+from ctprune.budget import parse_budget as parse_budget  # from here for the callers that import it so
 from ctprune.errors import CtpruneError
 from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder
@@ -32,73 +34,11 @@ from ctprune.pruning.bank import check_bank_model, load_index, load_variant
 from ctprune.pruning.configs import Configuration, model_fingerprint, prunable_modules
 from ctprune.pruning.solver import HEURISTICS, PRESOLVE, feasible, smallest_reachable, solve
 from ctprune.pruning.surgery import swapped
-from ctprune.spec import OBJECTIVES, SearchSpec, check_option, spec_default
+from ctprune.spec import MAX_TOKENS, OBJECTIVES, SCORE_BATCHES, DataSpec, SearchSpec, check_option, spec_default
 from ctprune.stages.score import validation_subset, variant_digest
 
-RESOURCES = ("params", "flops", "latency")
-_SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A limit on one resource: ``relative`` means a fraction of the origin's value."""
-
-    resource: str
-    value: float
-    relative: bool
-
-    def limit(self, origin: float) -> float:
-        return self.value * origin if self.relative else self.value
-
-
-def parse_budget(resource: str, text: str) -> Budget:
-    """``0.6`` or ``60%``: a fraction of the origin; ``12ms``, ``10M``, ``1.5G`` or a plain number
-    above 1: absolute (parameters, FLOPs per sentence pair, or milliseconds)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(%|ms|[kKmMgG])?\s*", str(text))
-    if resource not in RESOURCES or not m:
-        raise CtpruneError(f"--{resource} {text!r}: give a fraction of the origin (0.6 or 60%) or an "
-                           "absolute value (10M parameters, 1.5G FLOPs, 12ms)")
-    value, unit = float(m.group(1)), m.group(2) or ""
-    if not math.isfinite(value) or value <= 0:
-        raise CtpruneError(f"--{resource} {text!r}: must be positive")
-    if unit == "%":
-        return Budget(resource, value / 100, True)
-    if unit == "ms" and resource != "latency" or unit.lower() in _SUFFIX and resource == "latency":
-        raise CtpruneError(f"--{resource} {text!r}: unit {unit!r} does not fit {resource}")
-    if unit:
-        return Budget(resource, value * _SUFFIX.get(unit.lower(), 1.0), False)
-    return Budget(resource, value, value <= 1)
-
-
-Point = tuple[Budget, ...]  # the budgets one configuration must meet together, one per resource
-
-
-def budget_sweep(values: dict[str, Any]) -> tuple[Point, ...]:
-    """Budget points from per-resource values (``{"flops": ["0.75", "0.5"], "params": "10M"}``): a
-    resource with several values sweeps them; lists of several resources pair up by position (so
-    they must be of one length); a single value applies to every point."""
-    given = {r: [v] if isinstance(v, (str, int, float)) else list(v)
-             for r, v in values.items() if v is not None}
-    for r, vs in given.items():
-        if r not in RESOURCES or not vs:
-            raise CtpruneError(f"--{r} {vs!r}: give budgets on {', '.join(RESOURCES)}, one value or several")
-    lengths = {len(vs) for vs in given.values() if len(vs) > 1}
-    if len(lengths) > 1:
-        raise CtpruneError("budget lists of several resources pair up by position, so they need one length; got "
-                           + ", ".join(f"--{r} with {len(vs)}" for r, vs in given.items()))
-    n = lengths.pop() if lengths else 1
-    parsed = {r: [parse_budget(r, str(v)) for v in vs] for r, vs in given.items()}
-    return tuple(tuple(bs[i if len(bs) > 1 else 0] for bs in parsed.values()) for i in range(n))
-
-
-def describe_point(point: Point) -> str:
-    """``flops <= 0.5 of the origin, params <= 10,000,000``."""
-    def one(b: Budget) -> str:
-        unit = " ms" if b.resource == "latency" else ""
-        return f"{b.resource} <= " + (f"{b.value:g} of the origin" if b.relative else f"{b.value:,.6g}{unit}")
-
-    return ", ".join(one(b) for b in point)
-
+if TYPE_CHECKING:
+    from ctprune.stages.search_refine import Measurer
 
 @dataclass
 class Choices:
@@ -203,6 +143,7 @@ class SearchArgs:
     min_distance: int = spec_default(SearchSpec, "min_distance")
     objective: str = spec_default(SearchSpec, "objective")
     time_limit: float = spec_default(SearchSpec, "time_limit")
+    refine: int = spec_default(SearchSpec, "refine")
     # The validation subset; None: the one the bank was scored on (its fingerprint is checked).
     corpus: str | None = None
     data_dir: str | None = None
@@ -220,7 +161,7 @@ class SearchArgs:
         if len({tuple(b.resource for b in point) for point in self.budgets}) != 1:
             raise CtpruneError("every budget of a sweep must limit the same resources")
         for name, flag in (("k", "-k"), ("min_distance", "--min-distance"), ("objective", "--objective"),
-                           ("time_limit", "--time-limit")):
+                           ("time_limit", "--time-limit"), ("refine", "--refine")):
             check_option(SearchSpec, name, getattr(self, name), flag)
 
 
@@ -237,6 +178,7 @@ class Problem:
     limits: np.ndarray  # (P, R): per budget point and resource, the limit on the summed changes
     subset: dict[str, Any]
     args: SearchArgs  # with the subset options resolved
+    batches: list[Any] = field(default_factory=list)  # the scoring subset's batches (measured refinement)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ch = self.choices
@@ -276,7 +218,8 @@ def prepare(a: SearchArgs) -> Problem:
     check_bank_model(index, model_fp, a.bank)
     scored = (index.get("scores") or {}).get("subset", {})
     a = dataclasses.replace(a, **{f: scored.get(f, default) for f, default in
-                                  (("corpus", "multi30k"), ("batches", 8), ("max_tokens", 4096))
+                                  (("corpus", DataSpec.corpus), ("batches", SCORE_BATCHES),
+                                   ("max_tokens", MAX_TOKENS))
                                   if getattr(a, f) is None})
     subset = validation_subset(tok, arch_of(origin).max_len(origin), a.corpus, a.data_dir, a.batches, a.max_tokens)
     check_scores(index, a.bank, model_fp, subset.meta)
@@ -300,7 +243,7 @@ def prepare(a: SearchArgs) -> Problem:
                     f"{f' ({describe_point(point)})' if len(a.budgets) > 1 else ''}: the smallest reachable "
                     f"value with this bank is {_show(resource, least, base)}")
     limits = limits - np.array([base[r] for r in resources])  # limits on the summed changes
-    return Problem(origin, tok, index, choices, base, resources, limits, subset.meta, a)
+    return Problem(origin, tok, index, choices, base, resources, limits, subset.meta, a, subset.batches)
 
 
 def _show(resource: str, value: float, base: dict[str, float]) -> str:
@@ -365,27 +308,40 @@ def search(a: SearchArgs) -> tuple[Problem, dict[str, Any]]:
     p = prepare(a)
     score, slot, costs = p.arrays()
     kinds = grid_kinds(p.index)
-    t0 = time.perf_counter()
+    solver_s = refine_s = 0.0
     rows: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []
+    measure: Measurer | None = None
     for point, limits in enumerate(p.limits):
+        t0 = time.perf_counter()
         solutions = solve(score, slot, costs, limits, k=a.k, min_distance=a.min_distance,
                           time_limit=a.time_limit)
+        solver_s += time.perf_counter() - t0
         if not solutions:
             raise CtpruneError(f"no configuration meets all budgets together ({describe_point(a.budgets[point])})")
         for s in solutions:  # the solver re-checked them; this guards the conversion to configurations
             if not feasible(s.choices, slot, costs, limits, len(p.choices.slots)):
                 raise CtpruneError("internal error: the solver returned an infeasible configuration")
-        rows += [{**p.describe(s.choices), "budget": point, "status": s.status, "solver_s": round(s.seconds, 4),
-                  "configuration": p.configuration(s.choices)} for s in solutions]
         uni = uniform_choices(p, kinds, point)
-        sweep.append({"budgets": p.budget_table(point), "k": a.k, "found": len(solutions),
+        if a.refine:
+            from ctprune.stages.search_refine import Measurer
+
+            t0 = time.perf_counter()
+            measure = measure or Measurer(p)  # one cache for every budget point
+            mine = _refined_rows(p, point, solutions, uni, measure)
+            refine_s += time.perf_counter() - t0
+        else:
+            mine = [{**p.describe(s.choices), "budget": point, "status": s.status, "solver_s": round(s.seconds, 4),
+                     "configuration": p.configuration(s.choices)} for s in solutions]
+        rows += mine
+        sweep.append({"budgets": p.budget_table(point), "k": a.k, "found": len(mine),
                       "uniform": None if uni is None else {**p.describe(uni[0]), "ratios": uni[1], "kinds": list(kinds),
                                                            "configuration": p.configuration(uni[0])}})
-    solver_s = time.perf_counter() - t0
     report: dict[str, Any] = {
         "model": str(a.model), "bank": str(a.bank), "configurations_file": str(a.output),
         "objective": a.objective, "k": a.k, "min_distance": a.min_distance,
+        **({"refine": {"evaluations": a.refine, "candidates_measured": len(measure.cache),
+                       "seconds": round(refine_s, 2)}} if measure else {}),
         # One budget point: its table, as single-budget search.json files have it.
         **({"budgets": p.budget_table(0)} if len(a.budgets) == 1 else {}),
         "sweep": sweep,
@@ -402,6 +358,18 @@ def search(a: SearchArgs) -> tuple[Problem, dict[str, Any]]:
     write_json(a.output, [r["configuration"] for r in rows])
     write_json(search_json_path(a.output), report)
     return p, report
+
+
+def _refined_rows(p: Problem, point: int, solutions: list[Any], uni: tuple[list[int], list[float]] | None,
+                  measure: Measurer) -> list[dict[str, Any]]:
+    """search.json rows of the refined configurations of budget point ``point`` (stages/search_refine.py)."""
+    from ctprune.stages.search_refine import refine
+
+    a = p.args
+    starts = [(tuple(s.choices), "solver") for s in solutions] + ([(tuple(uni[0]), "uniform")] if uni else [])
+    found = refine(p, point, starts, a.k, a.min_distance, a.refine, measure=measure)
+    return [{**p.describe(m.taken), "budget": point, "status": "refined", "source": m.source,
+             "measured": m.value, "configuration": p.configuration(m.taken)} for m in found]
 
 
 def budget_points(report: dict[str, Any]) -> list[dict[str, Any]]:
