@@ -1,17 +1,19 @@
-"""Serving latency and BLEU on CPU: PyTorch eager vs ONNX Runtime fp32 / int8, origin vs pruned.
+"""Serving latency and BLEU on CPU: PyTorch eager vs ONNX Runtime fp32 / int8 vs CTranslate2 int8,
+origin vs pruned.
 
 Models: the origin and every attention head + FFN neuron kept at each of --ratios (built by
 ``pruned_speed.composed_models``; its unstructured case is left out). Engines: PyTorch eager
-(``ctprune.model.decode.greedy``), ONNX Runtime fp32 and int8 (each model saved and exported with
-``ctprune.serve.export`` into a temp folder). Workloads: ``single``, one sentence at batch 1 (the
-first of median source length), and ``batch``, the first 32 sentences padded into one batch;
-greedy with exactly the origin's step count on those inputs (its output length + EOS), so every
-cell does the same work. Timing: one warm-up round, then --runs rounds, each running every
-(model, engine, workload) once in a shuffled order; median and p90 in ms. Threads pinned: torch
-and ONNX Runtime intra-op both --threads (inter-op 1). BLEU: greedy on the first --sentences
-sentences of test_2016_flickr (``decode.translate`` / ``translate_onnx``), with the fraction of
-translations identical to the same model's PyTorch ones. Not measured: CTranslate2, GPU, and a
-per-component breakdown. Usage:
+(``ctprune.model.decode.greedy``), ONNX Runtime fp32 and int8, CTranslate2 int8 (heads
+zero-padded per stack); each model is saved and exported with ``ctprune.serve.export`` into a
+temp folder. Workloads: ``single``, one sentence at batch 1 (the first of median source length),
+and ``batch``, the first 32 sentences padded into one batch; greedy with exactly the origin's
+step count on those inputs (its output length + EOS), so every cell does the same work
+(CTranslate2: EOS suppressed before that step). Timing: one warm-up round, then --runs rounds,
+each running every (model, engine, workload) once in a shuffled order; median and p90 in ms.
+Threads pinned: torch, ONNX Runtime and CTranslate2 intra-op all --threads (inter-op 1). BLEU:
+greedy on the first --sentences sentences of test_2016_flickr (``decode.translate`` /
+``translate_served``), with the fraction of translations identical to the same model's PyTorch
+ones. Not measured: GPU, and a per-component breakdown. Usage:
     python benchmarks/serving.py MODEL [--data-dir DIR] [--ratios 0.75 0.5 0.25] [--runs 30]
         [--sentences 1000] [--threads 2] [--output serving.json]
 """
@@ -37,10 +39,12 @@ from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
 from ctprune.model.decode import greedy, translate
 from ctprune.scoring import bleu_score
+from ctprune.serve.ct2 import Ct2Seq2Seq
+from ctprune.serve.engines import translate_served
 from ctprune.serve.export import ExportArgs, export
-from ctprune.serve.ort import OrtSeq2Seq, translate_onnx
+from ctprune.serve.ort import OrtSeq2Seq
 
-ENGINES = ("torch", "ort-fp32", "ort-int8")
+ENGINES = ("torch", "ort-fp32", "ort-int8", "ct2-int8")
 BATCH = 32
 
 
@@ -50,7 +54,8 @@ def p90(xs: list[float]) -> float:
 
 def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: int
             ) -> dict[tuple[str, str], tuple[Callable[[torch.Tensor, int], Any], Callable[[list[str]], list[str]]]]:
-    """(model, engine) -> (greedy(src (B, S), steps), translate(sentences)), exporting each model twice."""
+    """(model, engine) -> (greedy(src (B, S), steps), translate(sentences)), exporting each model to
+    ONNX (fp32, int8) and CTranslate2 (int8)."""
     out: dict[tuple[str, str], Any] = {}
     for i, (name, model) in enumerate(models.items()):
         folder = tmp / f"model-{i}"
@@ -62,7 +67,12 @@ def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: in
                    quiet=True)
             eng = OrtSeq2Seq(tmp / f"onnx-{i}-{q}", threads=threads)
             out[name, f"ort-{q}"] = (lambda src, n, e=eng: e.greedy(src, steps=n),
-                                     lambda s, e=eng: translate_onnx(e, s))
+                                     lambda s, e=eng: translate_served(e, s))
+        export(ExportArgs(model=folder, output=tmp / f"ct2-{i}-int8", format="ctranslate2", quantize="int8"),
+               quiet=True)
+        ct2 = Ct2Seq2Seq(tmp / f"ct2-{i}-int8", threads=threads)
+        out[name, "ct2-int8"] = (lambda src, n, e=ct2: e.generate(src, steps=n),
+                                 lambda s, e=ct2: translate_served(e, s))
     return out
 
 
@@ -123,12 +133,14 @@ def main() -> None:
             f"{w} {r[w]['median_ms']:8.1f} ms (p90 {r[w]['p90_ms']:8.1f}) x{r[w]['speedup_vs_engine_origin']:.2f} "
             f"engine-origin x{r[w]['speedup_vs_torch_origin']:.2f} torch-origin" for w in work)
             + f"  BLEU {r['bleu']:5.2f} (same as torch {r['same_as_torch']:.0%})", flush=True)
+    import ctranslate2
     import onnxruntime
 
     out = {"model": str(a.model), "split": a.split, "sentences": len(refs), "runs": a.runs, "threads": a.threads,
            "workloads": {w: {"batch": int(src.shape[0]), "src_len": int(src.shape[1]), "steps": n}
                          for w, (src, n) in work.items()},
-           "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+           "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                        "ctranslate2": ctranslate2.__version__},
            "wall_s": round(time.perf_counter() - t_start, 1), "results": results}
     print(json.dumps(out))
     if a.output:

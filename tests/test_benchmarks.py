@@ -80,7 +80,8 @@ def test_serving_times_and_scores_every_model_on_every_engine(tmp_path: Path, mo
     result = json.loads(out.read_text())
     assert lines == [result] and result["sentences"] == 8 and result["threads"] == 1
     cells = {(r["model"], r["engine"]): r for r in result["results"]}
-    assert set(cells) == {(m, e) for m in ("origin", "heads+ffn 0.5") for e in ("torch", "ort-fp32", "ort-int8")}
+    assert set(cells) == {(m, e) for m in ("origin", "heads+ffn 0.5")
+                          for e in ("torch", "ort-fp32", "ort-int8", "ct2-int8")}
     assert all(r[w]["median_ms"] > 0 and r[w]["p90_ms"] >= r[w]["median_ms"] for r in cells.values()
                for w in ("single", "batch"))
     assert cells["origin", "torch"]["single"]["speedup_vs_torch_origin"] == 1.0

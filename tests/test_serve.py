@@ -1,9 +1,10 @@
-"""Serving through ONNX Runtime: export of an unevenly pruned model, exactness against PyTorch,
-int8, and refused requests."""
+"""Serving through ONNX Runtime and CTranslate2: export of an unevenly pruned model, exactness
+against PyTorch, int8, and refused requests."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -152,10 +153,8 @@ def test_cli_translate_through_onnxruntime(pruned: Path, fp32: Path) -> None:
 
 
 def test_bad_requests_refused(pruned: Path, fp32: Path, tmp_path: Path) -> None:
-    with pytest.raises(CtpruneError, match="--format must be one of onnx"):
+    with pytest.raises(CtpruneError, match="--format must be one of onnx, ctranslate2, got 'tensorrt'"):
         ExportArgs(model=pruned, output=tmp_path / "x", format="tensorrt")
-    with pytest.raises(CtpruneError, match="ctranslate2 is not supported yet"):
-        ExportArgs(model=pruned, output=tmp_path / "x", format="ctranslate2")
     with pytest.raises(CtpruneError, match="--quantize must be one of"):
         ExportArgs(model=pruned, output=tmp_path / "x", quantize="int4")
     (tmp_path / "notes").mkdir()
@@ -165,7 +164,7 @@ def test_bad_requests_refused(pruned: Path, fp32: Path, tmp_path: Path) -> None:
         export(ExportArgs(model=tmp_path / "missing", output=tmp_path / "y"))
     with pytest.raises(CtpruneError, match="is inside the model folder"):
         export(ExportArgs(model=pruned, output=pruned / "onnx"))
-    with pytest.raises(CtpruneError, match="already exists and is not an ONNX export folder"):
+    with pytest.raises(CtpruneError, match="already exists and is not an export folder"):
         export(ExportArgs(model=pruned, output=tmp_path / "notes"))
     assert not list(tmp_path.glob(".y-*")) and not (tmp_path / "y").exists()
     with pytest.raises(CtpruneError, match="not an ONNX serving folder"):
@@ -182,15 +181,16 @@ def test_bad_requests_refused(pruned: Path, fp32: Path, tmp_path: Path) -> None:
         OrtSeq2Seq(bad)
     r = run_cli("export", str(pruned), "--format", "tflite", "-o", str(tmp_path / "z"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "--format must be one of onnx" in r.stderr and not (tmp_path / "z").exists()
+    assert "--format must be one of onnx, ctranslate2" in r.stderr and not (tmp_path / "z").exists()
 
 
 @pytest.mark.slow
-def test_trained_model_bleu_through_onnxruntime(trained: Path, tmp_path: Path) -> None:
-    """A trained tiny model, pruned unevenly, on the synthetic test split: fp32 greedy and beam-4
-    translations equal PyTorch's (so BLEU is equal); int8's BLEU change is printed, not hidden."""
+def test_trained_model_bleu_through_onnxruntime_and_ctranslate2(trained: Path, tmp_path: Path) -> None:
+    """A trained tiny model, pruned unevenly, on the synthetic test split: ONNX Runtime fp32 greedy
+    and beam-4 translations equal PyTorch's (so BLEU is equal); CTranslate2 fp32 greedy equal
+    PyTorch's, its own beam search within 0.1 BLEU; int8's BLEU change is printed, not hidden."""
     from ctprune.pruning import importance
-    from ctprune.serve.ort import evaluate_onnx
+    from ctprune.serve.engines import evaluate_served
     from ctprune.stages.evaluate import evaluate
 
     model, tok, hparams = load_model_folder(trained)
@@ -203,23 +203,35 @@ def test_trained_model_bleu_through_onnxruntime(trained: Path, tmp_path: Path) -
         surgery.replace_module(model, name, surgery.cut_neurons(model.get_submodule(name), keep))
     trained = tmp_path / "pruned"
     save_model_folder(trained, model, tok, hparams)
-    fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
-    export(ExportArgs(model=trained, output=fp32), quiet=True)
-    export(ExportArgs(model=trained, output=int8, quantize="int8"), quiet=True)
+    folders = {}
+    for fmt, engine in (("onnx", "onnxruntime"), ("ctranslate2", "ctranslate2")):
+        for q in ("none", "int8"):
+            folders[engine, q] = tmp_path / f"{fmt}-{q}"
+            export(ExportArgs(model=trained, output=folders[engine, q], format=fmt, quantize=q), quiet=True)
     kw = dict(corpus="synthetic", split="test", quiet=True)
-    lines = []
+    lines, same = [], {}
     for beam in (1, 4):
         ref = evaluate(trained, beam=beam, device="cpu", output=tmp_path / "eval-torch", **kw)
-        got = evaluate_onnx(fp32, beam=beam, output=tmp_path / "eval-ort", **kw)
-        q = evaluate_onnx(int8, beam=beam, output=tmp_path / "eval-ort8", **kw)
         decoder = ref["decoder"]
-        assert (tmp_path / "eval-ort" / f"test.onnxruntime-fp32.{decoder}.en").read_text() == \
-            (tmp_path / "eval-torch" / f"test.{decoder}.en").read_text()
-        assert abs(got["bleu"] - ref["bleu"]) < 0.1 and got["engine"] == "onnxruntime-fp32"
-        lines.append(f"{decoder}: torch {ref['bleu']:.2f}  ort-fp32 {got['bleu']:.2f}  ort-int8 {q['bleu']:.2f} "
-                     f"(int8 change {q['bleu'] - got['bleu']:+.2f})")
+        bleu = {}
+        for (engine, q), folder in folders.items():
+            out = tmp_path / f"eval-{engine}-{q}"
+            got = evaluate_served(engine, folder, beam=beam, output=out, **kw)
+            bleu[engine, q] = got["bleu"]
+            if q == "none":
+                assert got["engine"] == f"{engine}-fp32"
+                assert abs(got["bleu"] - ref["bleu"]) < 0.1, (engine, decoder, got["bleu"], ref["bleu"])
+                hyps = (out / f"test.{engine}-fp32.{decoder}.en").read_text().splitlines()
+                refs = (tmp_path / "eval-torch" / f"test.{decoder}.en").read_text().splitlines()
+                same[engine, decoder] = sum(h == r for h, r in zip(hyps, refs, strict=True)) / len(refs)
+                # CTranslate2's beam search is its own (see ct2.Ct2Seq2Seq.generate): BLEU only.
+                assert same[engine, decoder] == 1.0 or (engine, beam) == ("ctranslate2", 4), (engine, decoder)
+        lines.append(f"{decoder}: torch {ref['bleu']:.2f}  " + "  ".join(
+            f"{e}-{'fp32' if q == 'none' else q} {b:.2f}" for (e, q), b in bleu.items()) + "  (int8 change: "
+            + ", ".join(f"{e} {bleu[e, 'int8'] - bleu[e, 'none']:+.2f}" for e in ("onnxruntime", "ctranslate2")) + ")")
     assert ref["bleu"] > 5  # the model learned something, so the comparison means something
-    print("\nsynthetic test BLEU " + "; ".join(lines))
+    print("\nsynthetic test BLEU " + "; ".join(lines) + f"; CTranslate2 beam-4 fp32 translations equal to "
+          f"PyTorch's: {same['ctranslate2', 'beam4']:.1%}")
 
 
 def test_removed_blocks_export_and_match_pytorch(pruned: Path, tmp_path: Path) -> None:
@@ -236,3 +248,218 @@ def test_removed_blocks_export_and_match_pytorch(pruned: Path, tmp_path: Path) -
     export(ExportArgs(model=tmp_path / "removed", output=tmp_path / "onnx"), quiet=True)
     src = _src(model, tok)
     assert OrtSeq2Seq(tmp_path / "onnx", threads=1).greedy(src) == decode.greedy(model, src)
+
+
+# ---- CTranslate2 ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ct2_fp32(pruned: Path) -> Path:
+    out = pruned.parent / "ct2-fp32"
+    export(ExportArgs(model=pruned, output=out, format="ctranslate2"), quiet=True)
+    return out
+
+
+def _teacher_forced_logprobs(model: torch.nn.Module, src: torch.Tensor, tgt: list[list[int]]) -> list[list[float]]:
+    """PyTorch's log-probability of each target token and the final EOS, one sentence at a time."""
+    out = []
+    with torch.no_grad():
+        for i, t in enumerate(tgt):
+            s = src[i:i + 1, :int((src[i] != 0).sum())]
+            logp = model(s, torch.tensor([[2, *t]])).log_softmax(-1)[0]  # (T+1, V)
+            out.append([logp[j, y].item() for j, y in enumerate([*t, 3])])
+    return out
+
+
+def test_ct2_export_pads_heads_per_stack(pruned: Path, ct2_fp32: Path) -> None:
+    assert sorted(p.name for p in ct2_fp32.iterdir()) == sorted(
+        ["model.bin", "config.json", "shared_vocabulary.json", "tokenizer.model", "spec.json", "manifest.json"])
+    assert (ct2_fp32 / "tokenizer.model").read_bytes() == (pruned / "tokenizer.model").read_bytes()
+    manifest = json.loads((ct2_fp32 / "manifest.json").read_text())
+    assert manifest["format"] == "ctprune-ctranslate2/1" and len(manifest["files"]) == 5
+    info = json.loads((ct2_fp32 / "spec.json").read_text())
+    # encoder heads [2, 4] -> 4; decoder self [1, 3], cross [2, 1] -> 3 (one count per stack)
+    assert info["num_heads"] == {"encoder": 4, "decoder": 3} and info["precision"] == "fp32"
+    assert info["padded_heads"] == {"encoder_heads": [2, 0], "decoder_self_heads": [2, 0],
+                                    "decoder_cross_heads": [1, 2]}
+    assert info["padded_fraction"] == round(1 - 13 / 20, 4)
+    assert info["ffn"] == {"encoder": [48, 20], "decoder": [10, 33]}  # FFN widths as they are
+    v = info["variables"]
+    assert v["encoder/layer_0/self_attention/linear_0/weight"]["shape"] == [3 * 4 * 8, 32]  # fused q, k, v
+    assert v["decoder/layer_1/attention/linear_1/weight"]["shape"] == [2 * 3 * 8, 32]  # fused k, v
+    assert v["decoder/layer_0/attention/linear_2/weight"]["shape"] == [32, 3 * 8]
+    assert v["decoder/layer_0/ffn/linear_0/weight"]["shape"] == [10, 32]
+    assert "encoder/layer_norm/gamma" in v and "decoder/layer_norm/gamma" in v  # the final norms
+    ct2_config = json.loads((ct2_fp32 / "config.json").read_text())
+    assert ct2_config["layer_norm_epsilon"] == 1e-5 and ct2_config["eos_token"] == "</s>"
+
+
+def test_ct2_fp32_matches_pytorch(pruned: Path, ct2_fp32: Path) -> None:
+    """Teacher-forced log-probabilities of random targets within 1e-4 of PyTorch's (a padded batch),
+    greedy token ids identical (free-running and batched translation)."""
+    from ctprune.serve.ct2 import Ct2Seq2Seq
+    from ctprune.serve.engines import translate_served
+
+    model, tok, _ = load_model_folder(pruned)
+    eng = Ct2Seq2Seq(ct2_fp32, threads=1)
+    src = _src(model, tok)
+    g = torch.Generator().manual_seed(0)
+    tgt = [torch.randint(4, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (12, 3, 7, 1, 9)]
+    got, ref = eng.score(src, tgt), _teacher_forced_logprobs(model, src, tgt)
+    worst = max(abs(a - b) for r, o in zip(ref, got) for a, b in zip(r, o, strict=True))
+    print(f"CTranslate2 fp32 max |log-prob diff| over {sum(map(len, ref))} tokens: {worst:.2e}")
+    assert worst < 1e-4
+    greedy = decode.greedy(model, src)
+    assert eng.generate(src) == greedy and max(map(len, greedy)) >= 5
+    assert translate_served(eng, SENTENCES, batch_size=2) == decode.translate(model, tok, SENTENCES, batch_size=2)
+    assert [len(h) for h in eng.generate(src, steps=7)] == [7] * len(SENTENCES)
+
+
+def test_ct2_removed_blocks_match_pytorch(pruned: Path, tmp_path: Path) -> None:
+    """Keep 0: a removed self-attention in each stack and a removed FFN become zero blocks."""
+    from ctprune.serve.ct2 import Ct2Seq2Seq
+
+    model, tok, _ = load_model_folder(pruned)
+    nothing = torch.tensor([], dtype=torch.long)
+    for name in ("decoder.layers.0.self_attn", "encoder.layers.1.self_attn"):
+        surgery.replace_module(model, name, surgery.cut_heads(model.get_submodule(name), nothing))
+    name = "encoder.layers.0.ffn"
+    surgery.replace_module(model, name, surgery.cut_neurons(model.get_submodule(name), nothing))
+    cfg = model.cfg
+    assert cfg.decoder_self_heads == [0, 3] and cfg.encoder_heads == [2, 0] and cfg.encoder_ffn[0] == 0
+    save_model_folder(tmp_path / "removed", model, tok, {"stage": "test"})
+    info = export(ExportArgs(model=tmp_path / "removed", output=tmp_path / "ct2", format="ctranslate2"), quiet=True)
+    assert info["num_heads"] == {"encoder": 2, "decoder": 3}
+    eng = Ct2Seq2Seq(tmp_path / "ct2", threads=1)
+    src = _src(model, tok)
+    tgt = [list(range(4, 4 + n)) for n in (6, 2, 5, 1, 8)]
+    worst = max(abs(a - b) for r, o in zip(_teacher_forced_logprobs(model, src, tgt), eng.score(src, tgt))
+                for a, b in zip(r, o, strict=True))
+    assert worst < 1e-4
+    assert eng.generate(src) == decode.greedy(model, src)
+
+
+def test_ct2_int8_runs_and_is_reported(pruned: Path, ct2_fp32: Path) -> None:
+    from ctprune.serve.ct2 import Ct2Seq2Seq
+
+    out = pruned.parent / "ct2-int8"
+    info = export(ExportArgs(model=pruned, output=out, format="ctranslate2", quantize="int8"), quiet=True)
+    assert info["precision"] == "int8" and info["compute_type"] == "int8"
+    assert info["variables"]["encoder/layer_0/self_attention/linear_0/weight"]["dtype"] == "int8"
+    assert (out / "model.bin").stat().st_size < (ct2_fp32 / "model.bin").stat().st_size
+    model, tok, _ = load_model_folder(pruned)
+    src = _src(model, tok)
+    eng8, eng32 = Ct2Seq2Seq(out, threads=1), Ct2Seq2Seq(ct2_fp32, threads=1)
+    tgt = eng32.generate(src)
+    lp8, lp32 = eng8.score(src, tgt), eng32.score(src, tgt)
+    worst = max(abs(a - b) for r8, r32 in zip(lp8, lp32) for a, b in zip(r8, r32))
+    ids8 = eng8.generate(src)
+    same = sum(a == b for r8, r32 in zip(ids8, tgt) for a, b in zip(r8, r32)) / max(1, sum(map(len, tgt)))
+    print(f"CTranslate2 int8 vs fp32: max |log-prob diff| {worst:.3f}, greedy tokens equal {same:.0%}")
+    assert all(map(math.isfinite, (x for r in lp8 for x in r)))
+
+
+def test_cli_export_and_translate_through_ctranslate2(pruned: Path, tmp_path: Path) -> None:
+    model, tok, _ = load_model_folder(pruned)
+    r = run_cli("export", str(pruned), "--format", "ctranslate2", "-o", str(tmp_path / "ct2"))
+    assert r.returncode == 0, r.stderr
+    assert "(ctranslate2, fp32;" in r.stdout
+    r = run_cli("translate", str(tmp_path / "ct2"), "--engine", "ctranslate2", stdin="\n".join(SENTENCES) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == decode.translate(model, tok, SENTENCES)
+
+
+def test_ct2_bad_requests_refused(pruned: Path, fp32: Path, ct2_fp32: Path, tmp_path: Path) -> None:
+    from ctprune.serve.ct2 import Ct2Seq2Seq
+
+    with pytest.raises(CtpruneError, match="--quantize must be one of none, int8, got 'int4'"):
+        ExportArgs(model=pruned, output=tmp_path / "x", format="ctranslate2", quantize="int4")
+    # An existing export of the other format is replaced; anything else is refused, nothing written.
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(CtpruneError, match="already exists and is not an export folder"):
+        export(ExportArgs(model=pruned, output=tmp_path / "notes", format="ctranslate2"))
+    with pytest.raises(CtpruneError, match="is inside the model folder"):
+        export(ExportArgs(model=pruned, output=pruned / "ct2", format="ctranslate2"))
+    assert not list(tmp_path.glob(".notes-*")) and not (pruned / "ct2").exists()
+    hf = tmp_path / "t5"  # detected from its config.json, refused before its weights are read
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
+    with pytest.raises(CtpruneError, match="is a T5ForConditionalGeneration folder; --format ctranslate2 supports "
+                                           "ctprune's own Transformer and MarianMT so far"):
+        export(ExportArgs(model=hf, output=tmp_path / "hf-ct2", format="ctranslate2"))
+    assert not (tmp_path / "hf-ct2").exists() and not list(tmp_path.glob(".hf-ct2-*"))
+    with pytest.raises(CtpruneError, match="not a CTranslate2 serving folder"):
+        Ct2Seq2Seq(fp32)
+    with pytest.raises(CtpruneError, match="not an ONNX serving folder"):
+        OrtSeq2Seq(ct2_fp32)
+    bad = tmp_path / "tampered"
+    bad.mkdir()
+    for f in ct2_fp32.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    data = bytearray((bad / "model.bin").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.bin").write_bytes(bytes(data))
+    with pytest.raises(CtpruneError, match="does not match the SHA-256"):
+        Ct2Seq2Seq(bad)
+    r = run_cli("translate", str(fp32), "--engine", "ctranslate2", stdin="ein hund\n")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a CTranslate2 serving folder" in r.stderr
+    r = run_cli("translate", str(ct2_fp32), "--engine", "tensorrt", stdin="ein hund\n")
+    assert r.returncode == 2 and "invalid choice: 'tensorrt'" in r.stderr
+
+
+# ---- CTranslate2, MarianMT --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def marian_pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MarianMT with its Marian tokenizer, pruned unevenly (heads, FFN neurons, one
+    L1-masked Linear) and saved as a ctprune folder."""
+    from ctprune.arch.marian import marian_tokenizer
+    from ctprune.data.synthetic import synthetic_corpus
+    from ctprune.data.tokenizer import Tokenizer
+    from tests.test_hf import _prune_unevenly, tiny_marian
+
+    pairs = synthetic_corpus("train")
+    proto = Tokenizer.train([p[0] for p in pairs] + [p[1] for p in pairs], 300).proto
+    d = tmp_path_factory.mktemp("marian")
+    tok = marian_tokenizer(proto, d / "origin")
+    model = tiny_marian(vocab=len(tok))
+    model.save_pretrained(str(d / "origin"))
+    model, tok, hparams = load_model_folder(d / "origin")
+    _prune_unevenly(model)
+    save_model_folder(d / "pruned", model, tok, hparams)
+    return d / "pruned"
+
+
+def test_ct2_marian_matches_pytorch(marian_pruned: Path, tmp_path: Path) -> None:
+    """MarianMT pruned unevenly: heads padded per stack, log-probabilities within 1e-4 of the
+    Hugging Face model's, greedy ids identical to ``arch.generate``'s."""
+    from ctprune.arch import arch_of
+    from ctprune.data.batching import pad
+    from ctprune.serve.ct2 import Ct2Seq2Seq
+    from ctprune.serve.engines import translate_served
+
+    model, tok, _ = load_model_folder(marian_pruned)
+    info = export(ExportArgs(model=marian_pruned, output=tmp_path / "ct2", format="ctranslate2"), quiet=True)
+    assert info["architecture"] == "marian" and info["padded_fraction"] > 0
+    assert len(set(info["heads"]["encoder_heads"] + info["heads"]["decoder_self_heads"])) > 1
+    assert any(f.startswith("tokenizer/") for f in info["tokenizer_files"])
+    eng = Ct2Seq2Seq(tmp_path / "ct2", threads=1)
+    sentences = ["der mann sieht ein buch", "die frau liest im park", "ein hund"]
+    src = pad([s + [tok.eos_id] for s in tok.encode(sentences)], tok.pad_id)
+    g = torch.Generator().manual_seed(0)
+    tgt = [torch.randint(4, model.config.vocab_size, (n,), generator=g).tolist() for n in (6, 2, 9)]
+    worst = 0.0
+    with torch.no_grad():
+        for i, (t, got) in enumerate(zip(tgt, eng.score(src, tgt))):
+            s = src[i:i + 1, :int((src[i] != tok.pad_id).sum())]
+            dec_in = torch.tensor([[model.config.decoder_start_token_id, *t]])
+            logp = model(input_ids=s, decoder_input_ids=dec_in).logits.log_softmax(-1)[0]
+            ref = [logp[j, y].item() for j, y in enumerate([*t, tok.eos_id])]
+            worst = max(worst, *(abs(a - b) for a, b in zip(ref, got, strict=True)))
+    print(f"CTranslate2 MarianMT fp32 max |log-prob diff|: {worst:.2e}")
+    assert worst < 1e-4
+    arch = arch_of(model)
+    with torch.no_grad():
+        ref_ids = arch.generate(model, src, 1)
+    assert eng.generate(src) == ref_ids and max(map(len, ref_ids)) >= 3
+    assert translate_served(eng, sentences) == decode.translate(model, tok, sentences)

@@ -1,15 +1,22 @@
-"""Stage `export`: a model folder -> a serving folder for ONNX Runtime.
+"""Stage `export`: a model folder -> a serving folder for ONNX Runtime or CTranslate2.
 
-The serving folder holds ``encoder.onnx`` and ``decoder_step.onnx`` (see ``graphs.py``: each
-layer's key/value tensors carry that layer's own head count), the model's ``tokenizer.model``
-and ``config.json``, ``graphs.json`` (every graph's inputs and outputs with dtypes and shapes,
-the special token ids, the precision, versions and the source model's fingerprint) and
-``manifest.json`` (size and SHA-256 of every other file). The folder is written beside the
-output under a temporary name and renamed into place, so it is whole or absent.
+``--format onnx``: the serving folder holds ``encoder.onnx`` and ``decoder_step.onnx`` (see
+``graphs.py``: each layer's key/value tensors carry that layer's own head count), the model's
+``tokenizer.model`` and ``config.json``, ``graphs.json`` (every graph's inputs and outputs with
+dtypes and shapes, the special token ids, the precision, versions and the source model's
+fingerprint) and ``manifest.json`` (size and SHA-256 of every other file). The folder is
+written beside the output under a temporary name and renamed into place, so it is whole or
+absent.
 
 Graphs come from ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript; the
 TorchScript exporter is deprecated since torch 2.9). ``quantize="int8"``: ONNX Runtime's
 dynamic quantization, int8 weights per output channel, activations quantized at run time.
+
+``--format ctranslate2`` (ctprune's Transformer or a MarianMT): CTranslate2's ``model.bin``,
+``config.json`` and ``shared_vocabulary.json`` (heads zero-padded per stack: see ``ct2.py``),
+the tokenizer (MarianMT's in ``tokenizer/``), ``spec.json`` (what ``graphs.json`` is for ONNX,
+plus the padding) and ``manifest.json``, written the same way. ``quantize="int8"``: int8
+weights per output row, run with CTranslate2's ``int8`` compute type.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import check_existing, check_output, read_json, write_json
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "ctranslate2")
 QUANTIZE = ("none", "int8")
 EXPORT_FORMAT = "ctprune-onnx/1"
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
@@ -51,8 +58,6 @@ class ExportArgs:
     quantize: str = "none"
 
     def __post_init__(self) -> None:
-        if self.format == "ctranslate2":
-            raise CtpruneError("--format ctranslate2 is not supported yet; use --format onnx")
         if self.format not in FORMATS:
             raise CtpruneError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.quantize not in QUANTIZE:
@@ -68,7 +73,22 @@ def is_export_folder(folder: Path) -> bool:
         manifest = read_json(path, "export manifest")
     except CtpruneError:
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == EXPORT_FORMAT
+    from ctprune.serve.ct2 import CT2_FORMAT
+
+    return isinstance(manifest, dict) and manifest.get("format") in (EXPORT_FORMAT, CT2_FORMAT)
+
+
+def check_export_manifest(folder: Path, fmt: str, files: tuple[str, ...]) -> None:
+    """Refuse a serving folder whose manifest does not list exactly ``files``, each with the
+    size and SHA-256 it has."""
+    from ctprune.model.checkpoint import check_manifest
+
+    manifest = read_json(folder / MANIFEST_FILE, "export manifest")
+    listed = set(manifest.get("files", {})) if isinstance(manifest, dict) else set()
+    if listed != set(files):
+        raise CtpruneError(f"export manifest {folder / MANIFEST_FILE} must list {', '.join(files)}; "
+                           f"it lists {', '.join(sorted(listed)) or 'nothing'}")
+    check_manifest(folder, fmt, files)
 
 
 def layer_names(prefix: str, n_layers: int) -> list[str]:
@@ -169,54 +189,95 @@ def quantize_int8(folder: Path) -> None:
 
 
 def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
-    """Export ``args.model`` into the serving folder ``args.output``; return ``graphs.json``."""
-    import onnx
-    import onnxruntime
-
+    """Export ``args.model`` into the serving folder ``args.output``; return its description
+    (``graphs.json`` for ONNX, ``spec.json`` for CTranslate2)."""
     from ctprune.arch import detect
     from ctprune.model.checkpoint import load_model_folder, write_manifest
 
     model_dir, out = Path(args.model), Path(args.output)
     check_output(out, {"model folder": model_dir})
-    check_existing(out, is_export_folder, "an ONNX export folder")
+    check_existing(out, is_export_folder, "an export folder")
     if not model_dir.is_dir():
         raise CtpruneError(f"model folder not found: {model_dir}")
     arch = detect(model_dir)
-    if arch.name != "ctprune":
-        raise CtpruneError(f"{model_dir} is a {arch.model_class} folder; export supports ctprune's own "
-                           "Transformer so far")
+    supported = {"onnx": ("ctprune",), "ctranslate2": ("ctprune", "marian")}[args.format]
+    if arch.name not in supported:
+        raise CtpruneError(f"{model_dir} is a {arch.model_class} folder; --format {args.format} supports "
+                           + ("ctprune's own Transformer so far" if args.format == "onnx"
+                              else "ctprune's own Transformer and MarianMT so far"))
+    _import_engine(args.format)
     model, tok, _ = load_model_folder(model_dir, "cpu")
-    cfg = model.cfg
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # mkdtemp would make it 0700
     tmp.mkdir()
+    precision = args.quantize if args.quantize != "none" else "fp32"
+    head = {"architecture": arch.name, "precision": precision,
+            "source": {"model": str(model_dir), "fingerprint": arch.fingerprint(model_dir)},
+            **_token_ids(arch, model)}
     try:
-        graphs = export_graphs(model, tmp)
-        if args.quantize == "int8":
-            quantize_int8(tmp)
-            graphs = {k: describe(tmp / v["file"]) for k, v in graphs.items()}
-        tok.save(tmp)
-        write_json(tmp / CONFIG_FILE, cfg.to_dict())
-        info = {"format": EXPORT_FORMAT, "architecture": arch.name, "precision": args.quantize
-                if args.quantize != "none" else "fp32",
-                "source": {"model": str(model_dir), "fingerprint": arch.fingerprint(model_dir)},
-                "vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "pad_id": cfg.pad_id,
-                "bos_id": cfg.bos_id, "eos_id": cfg.eos_id, "n_decoder_layers": cfg.n_decoder_layers,
-                "decoder_self_heads": cfg.decoder_self_heads, "decoder_cross_heads": cfg.decoder_cross_heads,
-                "head_dim": cfg.head_dim, "opset": OPSET,
-                "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                             "onnxruntime": onnxruntime.__version__},
-                "graphs": graphs}
-        write_json(tmp / GRAPHS_FILE, info)
-        write_manifest(tmp, EXPORT_FORMAT, FILES)
+        if args.format == "onnx":
+            info = _write_onnx(model, tmp, args.quantize, head)
+            tok.save(tmp)
+            fmt, files, describe_file = EXPORT_FORMAT, FILES, GRAPHS_FILE
+        else:
+            from ctprune.serve.ct2 import CT2_FORMAT, SPEC_FILE, write_ct2
+
+            info, files = write_ct2(arch.name, model, tok, tmp, args.quantize, head)
+            fmt, describe_file = CT2_FORMAT, SPEC_FILE
+        write_json(tmp / describe_file, info)
+        write_manifest(tmp, fmt, files)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not quiet:
-        sizes = ", ".join(f"{f} {(out / f).stat().st_size / 1e6:.1f} MB" for f in (ENCODER_FILE, DECODER_FILE))
-        print(f"exported {model_dir} -> {out} (onnx, {info['precision']}; {sizes})")
+        big = (ENCODER_FILE, DECODER_FILE) if args.format == "onnx" else ("model.bin",)
+        sizes = ", ".join(f"{f} {(out / f).stat().st_size / 1e6:.1f} MB" for f in big)
+        print(f"exported {model_dir} -> {out} ({args.format}, {precision}; {sizes})")
     return info
+
+
+def _token_ids(arch: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """Vocabulary size, position limit, special ids (``bos_id``: the decoder's start) and, for a
+    Hugging Face model, what its ``generate`` does that a serving engine must copy."""
+    if arch.name == "ctprune":
+        cfg = model.cfg
+        return {"vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "pad_id": cfg.pad_id,
+                "bos_id": cfg.bos_id, "eos_id": cfg.eos_id}
+    cfg, gen = model.config, model.generation_config
+    return {"vocab_size": int(cfg.vocab_size), "max_len": arch.max_len(model), "pad_id": int(cfg.pad_token_id),
+            "bos_id": int(cfg.decoder_start_token_id), "eos_id": int(cfg.eos_token_id),
+            "forced_eos": gen.forced_eos_token_id is not None,
+            "length_penalty": float(1.0 if gen.length_penalty is None else gen.length_penalty)}
+
+
+def _import_engine(fmt: str) -> None:
+    """Refuse, before anything is written, a format whose packages are not installed."""
+    needs = {"onnx": ("onnx", "onnxruntime"), "ctranslate2": ("ctranslate2",)}[fmt]
+    for name in needs:
+        try:
+            __import__(name)
+        except ImportError:
+            raise CtpruneError(f"--format {fmt} needs the package {name}: pip install -e '.[serve]'") from None
+
+
+def _write_onnx(model: torch.nn.Module, folder: Path, quantize: str, head: dict[str, Any]) -> dict[str, Any]:
+    """The two ONNX graphs and ``config.json`` into ``folder``; return ``graphs.json``."""
+    import onnx
+    import onnxruntime
+
+    cfg = model.cfg
+    graphs = export_graphs(model, folder)
+    if quantize == "int8":
+        quantize_int8(folder)
+        graphs = {k: describe(folder / v["file"]) for k, v in graphs.items()}
+    write_json(folder / CONFIG_FILE, cfg.to_dict())
+    return {"format": EXPORT_FORMAT, **head, "n_decoder_layers": cfg.n_decoder_layers,
+            "decoder_self_heads": cfg.decoder_self_heads, "decoder_cross_heads": cfg.decoder_cross_heads,
+            "head_dim": cfg.head_dim, "opset": OPSET,
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "graphs": graphs}
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -9,9 +9,8 @@ as the PyTorch model it came from.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import read_json
-from ctprune.model.decode import beam_best, beam_start, beam_step, check_beam
+from ctprune.model.decode import beam_best, beam_start, beam_step
 from ctprune.serve.export import (
     DECODER_FILE,
     ENCODER_FILE,
@@ -27,6 +26,7 @@ from ctprune.serve.export import (
     FILES,
     GRAPHS_FILE,
     MANIFEST_FILE,
+    check_export_manifest,
     layer_names,
 )
 
@@ -44,7 +44,6 @@ class OrtSeq2Seq:
         import onnxruntime as ort
 
         from ctprune.data.tokenizer import Tokenizer
-        from ctprune.model.checkpoint import check_manifest
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -52,12 +51,7 @@ class OrtSeq2Seq:
         if not (folder / MANIFEST_FILE).is_file() or not (folder / GRAPHS_FILE).is_file():
             raise CtpruneError(f"{folder} is not an ONNX serving folder (no {MANIFEST_FILE} / {GRAPHS_FILE}); "
                                "write one with: ctprune export MODEL --format onnx -o DIR")
-        manifest = read_json(folder / MANIFEST_FILE, "export manifest")
-        listed = set(manifest.get("files", {})) if isinstance(manifest, dict) else set()
-        if listed != set(FILES):
-            raise CtpruneError(f"export manifest {folder / MANIFEST_FILE} must list {', '.join(FILES)}; "
-                               f"it lists {', '.join(sorted(listed)) or 'nothing'}")
-        check_manifest(folder, EXPORT_FORMAT, FILES)
+        check_export_manifest(folder, EXPORT_FORMAT, FILES)
         self.info: dict[str, Any] = read_json(folder / GRAPHS_FILE, "graphs description")
         self.folder = folder
         try:
@@ -78,6 +72,7 @@ class OrtSeq2Seq:
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own error types
             raise CtpruneError(f"ONNX Runtime cannot load {folder}: {first_line(e)}") from None
+        self.threads = opts.intra_op_num_threads
         self.tokenizer = Tokenizer.load(folder)
         self.cross_names = layer_names("cross", self.n_layers)
         self.past_names = layer_names("past", self.n_layers)
@@ -147,50 +142,8 @@ class OrtSeq2Seq:
 
 def translate_onnx(engine: OrtSeq2Seq | str | Path, sentences: list[str], beam: int = 1,
                    batch_size: int = 128) -> list[str]:
-    """Raw source sentences -> detokenized translations through ONNX Runtime, batched by source
-    length as ``decode.translate`` batches them."""
-    from ctprune.data.batching import pad
+    """Raw source sentences -> detokenized translations through ONNX Runtime."""
+    from ctprune.serve.engines import translate_served
 
-    check_beam(beam)
     eng = engine if isinstance(engine, OrtSeq2Seq) else OrtSeq2Seq(engine)
-    tok = eng.tokenizer
-    ids = [s[:eng.max_len - 1] + [eng.eos_id] for s in tok.encode(sentences)]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[list[int]] = [[] for _ in ids]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        src = pad([ids[i] for i in chunk], eng.pad_id)
-        for i, h in zip(chunk, eng.generate(src, beam)):
-            out[i] = h
-    return tok.decode(out)
-
-
-def translate_stream_onnx(folder: Path, inp: TextIO | None, out: TextIO | None, beam: int = 1) -> None:
-    """``ctprune translate --engine onnxruntime``: German lines on ``inp`` -> English on ``out``."""
-    from ctprune.stages.evaluate import read_source_lines
-
-    check_beam(beam)
-    eng = OrtSeq2Seq(folder)
-    lines, out = read_source_lines(inp, out)
-    for hyp in translate_onnx(eng, lines, beam=beam) if lines else []:
-        out.write(hyp + "\n")
-
-
-def evaluate_onnx(folder: Path, corpus: str = "multi30k", split: str = "test_2016_flickr",
-                  data_dir: str | None = None, beam: int = 1, output: Path | None = None,
-                  quiet: bool = False) -> dict[str, Any]:
-    """``ctprune evaluate --engine onnxruntime``: the report of ``stages.evaluate.evaluate``,
-    written as ``SPLIT.onnxruntime-PRECISION.DECODER.{en,json}`` into ``output`` (default
-    FOLDER/eval)."""
-    from ctprune.data.corpus import load_split
-    from ctprune.stages.evaluate import eval_output, write_report
-
-    check_beam(beam)
-    out = eval_output(folder, output, data_dir, "serving folder")
-    data = load_split(corpus, split, data_dir)
-    eng = OrtSeq2Seq(folder)
-    t0 = time.perf_counter()
-    hyps = translate_onnx(eng, data.src, beam=beam)
-    where = {"device": "cpu", "threads": eng.decoder.get_session_options().intra_op_num_threads}
-    return write_report(out, {"model": str(folder), "corpus": corpus, "split": split}, hyps, data.tgt, beam,
-                        time.perf_counter() - t0, where, engine=f"onnxruntime-{eng.precision}", quiet=quiet)
+    return translate_served(eng, sentences, beam, batch_size)
