@@ -313,7 +313,8 @@ def search_job(origin: str, bank: str, conf_out: str, search: dict[str, Any], co
     budgets = budget_sweep({r: search.get(r) for r in RESOURCES})
     _, found = solve(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(conf_out), budgets=budgets,
                                 k=search["k"], min_distance=search["min_distance"], objective=search["objective"],
-                                time_limit=search["time_limit"], corpus=corpus, data_dir=data_dir))
+                                time_limit=search["time_limit"], refine=search.get("refine", 0), corpus=corpus,
+                                data_dir=data_dir))
     return {"found": len(found["configurations"]), "solver_s": found["solver"]["total_s"]}
 
 
@@ -442,6 +443,13 @@ def latency_job(output: str, origin: str, bank: str, configurations: list[dict[s
     return result
 
 
+def mean_lengths(tok: Any, split: Any) -> tuple[int, int]:
+    """(source, target) tokens of a split's mean sentence pair, end token included: where FLOPs
+    per token are counted."""
+    return (round(sum(map(len, tok.encode(split.src))) / len(split.src)) + 1,
+            round(sum(map(len, tok.encode(split.tgt))) / len(split.tgt)) + 1)
+
+
 def describe_job(origin: str, pruned: str, configurations: list[dict[str, float]], corpus: str,
                  data_dir: str | None, tests: list[str], device: str) -> dict[str, Any]:
     """The origin's val and test BLEU, parameters and FLOPs per token, and every configuration's
@@ -458,8 +466,7 @@ def describe_job(origin: str, pruned: str, configurations: list[dict[str, float]
     confs = validate_configurations(configurations, prunable_modules(model), "describe job")
     splits = _tests(corpus, data_dir, tests)
     first = splits[tests[0]]
-    src_len = round(sum(map(len, tok.encode(first.src))) / len(first.src)) + 1
-    tgt_len = round(sum(map(len, tok.encode(first.tgt))) / len(first.tgt)) + 1
+    src_len, tgt_len = mean_lengths(tok, first)
     arch = arch_of(model)
     origin_flops = arch.forward_flops(model, src_len, tgt_len) / tgt_len
     shapes = []
@@ -489,3 +496,99 @@ def val_bleu_job(origin: str, corpus: str, data_dir: str | None, device: str) ->
     model, tok, _ = load_model_folder(Path(origin), resolve_device(device))
     val = load_split(corpus, default_splits(corpus)[1], data_dir)
     return {"val_bleu": score(translate(model, tok, val.src), val.tgt).bleu}
+
+
+def random_job(origin: str, bank: str, search: dict[str, Any], point: int, n: int, seed: int, corpus: str,
+               data_dir: str | None, tests: list[str], device: str) -> dict[str, Any]:
+    """The `random` competitor at budget point ``point`` of ``search`` ([search] as a dict): up to
+    ``n`` distinct configurations drawn at random (one choice per slot, ``seed``) that meet it, each
+    composed from the scored tuned bank ``bank`` and measured before any finetuning: val loss and
+    val BLEU (greedy, the whole val split), test BLEU on every split of ``tests``."""
+    from ctprune.arch import arch_of
+    from ctprune.data.batching import TokenizedSplit
+    from ctprune.data.corpus import default_splits, load_split
+    from ctprune.pruning.bank import compose
+    from ctprune.stages.search import RESOURCES, SearchArgs, budget_sweep, prepare
+    from ctprune.stages.search_verify import random_feasible
+    from ctprune.training.loop import evaluate_loss, val_bleu
+
+    budgets = budget_sweep({r: search.get(r) for r in RESOURCES})
+    p = prepare(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(bank) / "unused.json", budgets=budgets,
+                           corpus=corpus, data_dir=data_dir))
+    dev = resolve_device(device)
+    val = load_split(corpus, default_splits(corpus)[1], data_dir)
+    val_split = TokenizedSplit(val, p.tok, arch_of(p.origin).max_len(p.origin))
+    splits = _tests(corpus, data_dir, tests)
+    rows = []
+    for taken in random_feasible(p, n, seed, point=point):
+        conf = p.configuration(taken)
+        model = compose(p.origin, Path(bank), conf, p.index).to(dev).eval()
+        rows.append({"configuration": conf, **p.describe(taken),
+                     "val_loss": round(evaluate_loss(model, val_split, dev), 4),
+                     "val_bleu": round(val_bleu(model, p.tok, val), 2), "test_bleu": test_bleu(model, p.tok, splits)})
+    return {"asked": n, "budget": point, "seed": seed, "rows": rows}
+
+
+def scratch_job(origin: str, pruned: str, configuration: dict[str, float], output: str, max_flops: float | None,
+                seed: int, select: str, corpus: str, data_dir: str | None, tests: list[str],
+                device: str) -> dict[str, Any]:
+    """The `scratch` competitor: the architecture of ``configuration`` composed from the pruned bank
+    (the same layers, fewer heads, narrower FFNs), randomly initialised by the model's own init
+    (normal(0, init_std), ``seed``) and trained from scratch with the origin's recipe (as its
+    hparams.json records it; the kept model by ``select``) on the origin's training split and
+    tokenizer, for ``max_flops`` training FLOPs (stopping within an epoch) or, when None, for the
+    origin's whole training (its epochs). Returns its FLOPs per token, val BLEU (kept, last), the
+    kept model's test BLEU on every split, training FLOPs and seconds."""
+    import dataclasses
+
+    import torch
+
+    from ctprune.arch import arch_of
+    from ctprune.data.corpus import default_splits, load_split
+    from ctprune.model.checkpoint import load_model_folder
+    from ctprune.model.flops import parameter_counts
+    from ctprune.model.transformer import Seq2SeqTransformer
+    from ctprune.pruning.bank import compose
+    from ctprune.pruning.configs import prunable_modules, validate_configurations
+    from ctprune.training.loop import Recipe, epochs_for_flops, fit, has_training_run, read_history
+
+    out, dev = Path(output), resolve_device(device)
+    origin_model, tok, hp = load_model_folder(Path(origin))
+    conf = validate_configurations([configuration], prunable_modules(origin_model), "scratch job")[0]
+    shape = compose(origin_model, Path(pruned), conf)
+    if not isinstance(shape, Seq2SeqTransformer):
+        raise CtpruneError(f"the scratch competitor needs ctprune's own Transformer, not {type(shape).__name__}")
+    torch.manual_seed(seed)
+    model = Seq2SeqTransformer(dataclasses.replace(shape.cfg, sparse_linears=[]))  # its own init, dense
+    if "recipe" not in hp:
+        raise CtpruneError(f"{origin}: hparams.json records no recipe to train the scratch competitor with")
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    recipe = Recipe(**{**{k: v for k, v in hp["recipe"].items() if k in known}, "seed": seed, "select": select})
+    train_name, val_name, _ = default_splits(corpus)
+    train, val = load_split(corpus, train_name, data_dir), load_split(corpus, val_name, data_dir)
+    if max_flops is not None:
+        recipe = dataclasses.replace(recipe, epochs=epochs_for_flops(model, tok, train, recipe, max_flops))
+    if not (out / "train_summary.json").exists():
+        fit(model, tok, train, val, recipe, out, {"stage": "scratch", "configuration": conf, "max_flops": max_flops},
+            resume=has_training_run(out), device=dev, max_flops=max_flops)
+    kept_model = load_model_folder(out, dev)[0]
+    metrics = out / "test_metrics.json"
+    if not metrics.exists() or set(read_json(metrics)["test_bleu_best"]) != set(tests):
+        write_json_strict(metrics, {"test_bleu_best": test_bleu(kept_model, tok, _tests(corpus, data_dir, tests))},
+                          "test metrics")
+    first = load_split(corpus, tests[0], data_dir)
+    src_len, tgt_len = mean_lengths(tok, first)
+    arch = arch_of(kept_model)
+    flops = arch.forward_flops(kept_model, src_len, tgt_len) / tgt_len
+    history = read_history(out / "history.csv")
+    summary = read_json(out / "train_summary.json")
+    last = history[-1]
+    return {**read_json(metrics), "max_flops": max_flops, "epochs_cap": recipe.epochs,
+            "flops_per_token": round(flops),
+            "flops_ratio": round(flops / (arch.forward_flops(origin_model, src_len, tgt_len) / tgt_len), 3),
+            "params": parameter_counts(kept_model)[0], "val_bleu_best": summary["kept"]["val_bleu"],
+            "val_bleu_last": float(last["val_bleu"]), "epochs_trained": float(last["epoch"]),
+            "train_flops": float(last["train_flops"]), "train_seconds": float(last["wall_time_s"]),
+            # False when the epochs' cap ended training short of its FLOPs (then not equal compute)
+            "budget_reached": max_flops is None or float(last["train_flops"]) >= 0.999 * max_flops,
+            "kept": summary["kept"]}

@@ -184,3 +184,19 @@ def saving_curve(confs: Sequence[Configuration], bank: BankCost,
                  bank_variants: Sequence[str] | None = None) -> list[Saving]:
     """The saving for the first k configurations, k = 1..N."""
     return [saving(confs[:k], bank, bank_variants) for k in range(1, len(confs) + 1)]
+
+
+def flops_at(history: Sequence[dict[str, Any]], epoch: float) -> float:
+    """The training FLOPs of a history at its evaluation of ``epoch`` (refused when it has none)."""
+    for r in history:
+        if epoch_of(r) == epoch:
+            return float(r["train_flops"])
+    raise CtpruneError(f"a history has no evaluation at epoch {epoch:g}: the run is unfinished")
+
+
+def scratch_flops(bank: BankCost, finetuning_flops: float) -> float:
+    """The training FLOPs of the `scratch` competitor at one budget: what that budget's composed side
+    costs a user who wants only this budget, i.e. the whole tuned bank (the teacher passes and every
+    variant's tuning, whatever the budget's configurations use; scoring is charged in seconds only,
+    as in the saving) plus ``finetuning_flops``, one configuration's finetuning to the equal budget."""
+    return bank.for_variants(list(bank.variant_flops)).flops + finetuning_flops

@@ -9,8 +9,10 @@ from ctprune.protocol import (
     BankCost,
     Configuration,
     Cost,
+    flops_at,
     saving,
     saving_curve,
+    scratch_flops,
     time_to_equal_quality,
     time_to_target,
 )
@@ -110,3 +112,15 @@ def test_time_to_equal_quality_when_both_sides_miss_the_target() -> None:
     assert q.to_dict() == {"target": 24.5, "epochs": 1.5, "cost_seconds": 15.0, "cost_flops": 150.0}
     never = time_to_equal_quality(composed, baseline, cap=2)  # the other way round: 25 is never reached
     assert never.target == 25 and never.composed.censored and never.to_dict()["epochs"] is None
+
+
+def test_scratch_pays_the_whole_bank_and_one_finetuning_to_the_equal_budget() -> None:
+    bank = BankCost(prune_seconds=5.0, tuning_seconds=50.0, teacher_flops=400.0,
+                    variant_flops={"a@0.5": 30.0, "b@0.5": 70.0}, scoring_seconds=9.0)
+    history = [{"epoch": "0", "train_flops": "0"}, {"epoch": "0.5", "train_flops": "60"},
+               {"epoch": "1", "train_flops": "120"}, {"epoch": "2", "train_flops": "240"}]
+    assert flops_at(history, 1) == 120.0 and flops_at(history, 0.5) == 60.0
+    # every variant's tuning and the teacher, whatever the budget's configurations use; scoring costs no FLOPs
+    assert scratch_flops(bank, flops_at(history, 1)) == 400.0 + 30.0 + 70.0 + 120.0
+    with pytest.raises(CtpruneError, match="no evaluation at epoch 3"):
+        flops_at(history, 3)

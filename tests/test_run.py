@@ -10,14 +10,16 @@ import pytest
 import torch
 
 import ctprune.executors as executors
+import ctprune.jobs as jobs
 import ctprune.stages.finetune as finetune_stage
 import ctprune.stages.run as run_stage
 from ctprune.errors import CtpruneError
 from ctprune.experiment import load_experiment
 from ctprune.jobs import check_configurations_early
-from ctprune.protocol import BankCost, Configuration, saving, saving_curve, time_to_target
+from ctprune.protocol import BankCost, Configuration, flops_at, saving, saving_curve, time_to_target
 from ctprune.pruning.configs import variant_key
 from ctprune.scoring import spearman
+from ctprune.stages.report import METHODS, FrontierRow, frontier, pareto
 from ctprune.training.loop import read_history
 
 from .conftest import run_cli
@@ -172,6 +174,9 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
      r"e.toml: execution.workers must be in \[1, 1024\], got 9223372036854775807"),
     ("[configurations]\nattention=[0.5]\n[execution]\nshards=5000", r"execution.shards must be in \[1, 1024\]"),
     ("[search]\nflops=0.5\nk=1000000", r"e.toml: search.k must be in \[1, 256\], got 1000000"),
+    ("[search]\nflops=0.5\n[finetuning]\nrandom=-1", "finetuning.random must be at least 0"),
+    ("[search]\nflops=0.5\n[finetuning]\nscratch_ceiling=true", "scratch_ceiling needs finetuning.scratch"),
+    ("[search]\nflops=0.5\n[finetuning]\nscratch=1", "finetuning.scratch must be bool"),
 ])
 def test_bad_experiment_files(text: str, message: str, tmp_path: Path) -> None:
     (tmp_path / "e.toml").write_text(text)
@@ -190,6 +195,14 @@ def test_configurations_naming_no_module_are_refused_before_the_origin_is_traine
     with pytest.raises(CtpruneError, match=module):
         run_stage.run_experiment(exp, tmp_path / "run")
     assert not (tmp_path / "run" / "origin").exists() and not (tmp_path / "run" / "jobs").exists()
+
+
+@pytest.mark.parametrize("key", ["random = 2", "scratch = true"])
+def test_competitors_without_a_search_are_refused_before_anything_is_written(key: str, tmp_path: Path) -> None:
+    (tmp_path / "e.toml").write_text(f"[configurations]\nattention=[0.5]\n[finetuning]\n{key}\n")
+    with pytest.raises(CtpruneError, match=r"finetuning.random and finetuning.scratch .* need \[search\]"):
+        run_stage.run_experiment(tmp_path / "e.toml", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path: Path) -> None:
@@ -216,6 +229,8 @@ def test_shipped_examples_load() -> None:
     frontier = load_experiment(root / "multi30k-frontier.toml")  # a budget sweep, the finer protocol
     assert frontier.search is not None and frontier.search.flops == ("0.75", "0.5", "0.35")
     assert (frontier.finetuning.eval_every, frontier.finetuning.select) == (0.25, "val_loss")
+    f = frontier.finetuning  # the competitors beside uniform: 4 random per budget, scratch and its ceiling
+    assert (f.random, f.scratch, f.scratch_ceiling) == (4, True, True)
     marian = load_experiment(root / "multi30k-marian.toml")  # its module names are those of a seed-size Marian
     assert marian.origin.arch == "marian" and marian.configurations is not None
     check_configurations_early(marian.origin.preset, marian.origin.arch, run_stage._configurations_table(marian),
@@ -269,8 +284,8 @@ target_bleu = "origin-20"
     assert f"val BLEU at epoch 0 (mean over seeds) **{'n/a' if rho is None else rho}" in report
 
 
-def test_run_with_a_budget_sweep_searches_once_and_finetunes_uniform_per_budget(trained: Path,
-                                                                                tmp_path: Path) -> None:
+def test_run_with_a_budget_sweep_searches_once_and_finetunes_uniform_per_budget(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     exp = tmp_path / "exp.toml"
     exp.write_text(f"""
 seeds = [0]
@@ -331,6 +346,61 @@ select = "val_loss"
     report = (run_dir / "report.md").read_text()
     assert "Per budget and method" in report and "| 1 | uniform |" in report
     assert "budget 1: flops <= 0.9 of the origin" in report and "every 0.5 of an epoch" in report
+
+    # The random and scratch competitors added to the same run folder: every finished job is reused (their
+    # options change no finetuning's, tuning's or search's key); only their jobs, the description and the
+    # latency (which take every configuration) are new.
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "jobs").glob("*.json")}
+    exp.write_text(exp.read_text() + "random = 2\nscratch = true\nscratch_ceiling = true\n")
+    real, ceilings = jobs.scratch_job, []
+
+    def short_ceiling(**kw):  # type: ignore[no-untyped-def]
+        if kw["max_flops"] is None:  # the origin's whole training (its 4 epochs): planned, trained for 1 step here
+            ceilings.append(kw)
+            return {**real(**{**kw, "max_flops": 1.0}), "max_flops": None}
+        return real(**kw)
+
+    monkeypatch.setattr(jobs, "scratch_job", short_ceiling)
+    run_stage.run_experiment(exp, run_dir)
+    after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "jobs").glob("*.json")}
+    assert all(after[name] == t for name, t in before.items())
+    new = sorted(set(after) - set(before))
+    assert all(n.startswith(("random-budget-", "scratch-", "describe-", "latency-")) for n in new), new
+    assert sum(n.startswith("random-budget-") for n in new) == 2 and sum(n.startswith("scratch-") for n in new) == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {x["budget"] for x in summary["random"]} == {0, 1}
+    for x in summary["random"]:  # drawn under its budget, composed, measured before finetuning
+        assert x["flops_fraction"] <= found["sweep"][x["budget"]]["budgets"]["flops"]["value"]
+        assert set(x["test_bleu"]) == {"test"} and 0 <= x["val_bleu"] <= 100 and x["params"] > 0
+    run = summary["runs"][0]
+    tuning = json.loads((run_dir / run["tuned_bank"] / "index.json").read_text())["tuning"]
+    scratch = {(x["method"], x["budget"]): x for x in run["scratch"]}
+    assert set(scratch) == {(m, b) for m in ("scratch", "scratch ceiling") for b in (0, 1)}
+    for c, row in zip(summary["competitors"], run["competitors"]):
+        x = scratch["scratch", c["budget"]]
+        assert x["flops_ratio"] == pytest.approx(c["flops_ratio"], rel=0.02)  # the uniform cut's FLOPs per token
+        # and so it meets the budget (here counted at the test split's mean lengths, the search's at the scoring
+        # subset's: within rounding)
+        assert x["flops_ratio"] <= found["sweep"][c["budget"]]["budgets"]["flops"]["value"] + 0.005
+        assert x["params"] == c["params"]  # its very shape, dense
+        # the whole tuned bank plus one epoch (budget_epochs) of the uniform composed model's finetuning
+        ft = flops_at(read_history(run_dir / row["composed"]["dir"] / "history.csv"), 1)
+        budget = tuning["teacher_flops"] + sum(tuning["variant_flops"].values()) + ft
+        assert x["max_flops"] == pytest.approx(budget, rel=1e-12)
+        assert budget <= x["train_flops"] < 1.05 * budget  # stopped at its FLOPs budget, within an epoch
+        history = read_history(run_dir / x["dir"] / "history.csv")
+        assert float(history[-1]["train_flops"]) == x["train_flops"] and x["kept"]["epoch"] in {
+            r["epoch"] for r in history}
+        ceiling = scratch["scratch ceiling", c["budget"]]
+        assert ceiling["max_flops"] is None and set(ceiling["test_bleu_best"]) == {"test"}
+    assert [(k["seed"], k["configuration"]) for k in ceilings] == [(0, c["configuration"])
+                                                                  for c in summary["competitors"]]
+    assert {r["method"] for r in summary["frontier"]} == set(METHODS)
+    report = (run_dir / "report.md").read_text()
+    assert "### Frontier" in report and "scratch ceiling" in report and "whole tuned bank" in report
+    timed = any(r["latency"] is not None for r in summary["frontier"])  # a latency may be flagged, not printed
+    for plot in ["plot_frontier_flops.png"] + (["plot_frontier_latency.png"] if timed else []):
+        assert (run_dir / plot).is_file() and f"]({plot})" in report
 
 
 KILLED_RUN = """
@@ -557,3 +627,29 @@ def test_a_refused_run_leaves_nothing_behind_and_refuses_before_any_work(case: s
         assert list(out.iterdir()) == []
     else:
         assert not (tmp_path / "runs").exists()
+
+
+def test_frontier_rows_and_pareto_points_from_a_summary_with_missing_numbers() -> None:
+    assert pareto([(0.5, 30.0), (0.5, 31.0), (0.7, 31.0), (0.4, 20.0)]) == [False, True, False, True]
+    lat = {"ratio": 0.6, "spread": 0.1, "flagged": False}
+    ft = {"val_bleu_epoch0": 10.0, "val_bleu_budget": 20.0, "val_bleu_best": 21.0, "test_bleu_epoch0": {"test": 9.0},
+          "test_bleu_budget": {"test": 19.0}, "test_bleu_best": {"test": 20.0}}
+    uniform = {"baseline": {**ft, "val_bleu_best": 15.0}, "composed": ft}
+    s = {"configurations": [{"budget": 0, "flops_ratio": 0.5, "params": 10, "latency": {**lat, "flagged": True}}],
+         "competitors": [{"method": "uniform", "budget": 0, "ratios": [0.5, 0.75], "flops_ratio": 0.52, "params": 11,
+                          "latency": {**lat, "ratio": 0.62}}],
+         "random": [{"budget": 0, "flops_ratio": 0.48, "params": 9, "latency": lat, "val_bleu": 5.0,
+                     "test_bleu": {"test": 4.0}}],
+         "runs": [{"configurations": [{"composed": ft}], "competitors": [uniform],
+                   "scratch": [{"method": "scratch", "budget": 0, "flops_ratio": 0.52, "params": 11,
+                                "val_bleu_best": 12.0, "test_bleu_best": {"test": 11.0}}]},
+                  {"configurations": [{"composed": {**ft, "val_bleu_best": 23.0}}], "competitors": [uniform]}]}
+    rows = {r.method: r for r in frontier(s)}
+    assert list(rows) == ["searched", "uniform baseline", "uniform composed", "random", "scratch"]
+    assert rows["searched"].val_bleu_best == 22.0 and rows["searched"].latency is None  # mean over seeds; flagged
+    assert (rows["uniform baseline"].name, rows["uniform baseline"].val_bleu_best) == ("0.5/0.75", 15.0)
+    random = rows["random"]  # measured before finetuning only
+    assert (random.val_bleu_epoch0, random.val_bleu_best, random.quality("test")) == (5.0, None, 4.0)
+    scratch = rows["scratch"]  # one seed has it; no epoch 0; the uniform cut's latency (the same shape)
+    assert (scratch.val_bleu_epoch0, scratch.val_bleu_budget, scratch.latency) == (None, 12.0, 0.62)
+    assert isinstance(scratch, FrontierRow) and scratch.test_bleu_budget == {"test": 11.0}

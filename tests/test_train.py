@@ -149,3 +149,28 @@ def test_a_history_with_fractional_epochs_is_validated(epochs: list[str], messag
         read_history(path)
     path.write_text("epoch,val_bleu\n0,1\n0.25,2\n1,3\n1.5,4\n2,5\n")  # and one that is fine
     assert [r["epoch"] for r in read_history(path)] == ["0", "0.25", "1", "1.5", "2"]
+
+
+def test_training_stops_at_a_flops_budget_within_an_epoch(model_folder: Path, tmp_path: Path) -> None:
+    from ctprune.data.batching import TokenizedSplit
+    from ctprune.data.corpus import Parallel
+    from ctprune.training.loop import _batches, epochs_for_flops, fit
+
+    model, tok, _ = load_model_folder(model_folder)
+    train, val = load_split("synthetic", "train"), load_split("synthetic", "val")
+    train, val = Parallel(train.src[:64], train.tgt[:64]), Parallel(val.src[:4], val.tgt[:4])
+    recipe = Recipe(epochs=1, lr=3e-3, warmup_steps=2, max_tokens=256)
+    fit(model, tok, train, val, recipe, tmp_path / "one", {"stage": "test"})
+    epoch = float(read_history(tmp_path / "one/history.csv")[-1]["train_flops"])
+    budget = 1.5 * epoch  # half way into the second epoch
+    model = load_model_folder(model_folder)[0]
+    epochs = epochs_for_flops(model, tok, train, recipe, budget)
+    assert epochs == 3  # the first epoch's FLOPs say 2, and one more for later epochs' padding
+    fit(model, tok, train, val, Recipe(**{**recipe.__dict__, "epochs": epochs}), tmp_path / "flops",
+        {"stage": "test"}, max_flops=budget)
+    rows = read_history(tmp_path / "flops/history.csv")
+    assert rows[0]["epoch"] == "1" and 1 < float(rows[-1]["epoch"]) < 2 and len(rows) == 2
+    n = len(_batches(TokenizedSplit(train, tok, model.cfg.max_len), recipe, 1))
+    # stopped by the step that crosses the budget (batches differ in size), the lr schedule decayed by then
+    assert budget <= float(rows[-1]["train_flops"]) < budget + 2 * epoch / n
+    assert float(rows[-1]["lr"]) < 0.1 * recipe.lr

@@ -11,7 +11,7 @@ import html
 import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,203 @@ def _equal_quality(doc: Doc, s: dict[str, Any]) -> None:
               "within the cap, its finetuning only): " + "; ".join(lines) + ".")
 
 
+METHODS = ("searched", "uniform baseline", "uniform composed", "random", "scratch", "scratch ceiling")
+SCRATCH = ("`scratch`: the uniform cut's shape (same layers, fewer heads, narrower FFNs: its FLOPs per token), "
+           "randomly initialised (normal(0, init_std), the model's own init) and trained from scratch with the "
+           "origin's recipe on the same data and tokenizer for the training FLOPs of the budget's composed side: the "
+           "whole tuned bank (teacher passes and every variant's tuning: a user wanting only this budget still pays "
+           "for the whole bank; scoring is charged in seconds only, as in the saving) plus one configuration's "
+           "finetuning to the equal budget ({budget} epoch(s) of the budget's uniform composed model); training "
+           "stops at that FLOPs count within an epoch, its lr schedule ending there. `scratch ceiling`: the same "
+           "shape trained for the origin's whole training (first seed), a reference, not an equal-compute one. "
+           "Its latency is the uniform cut's (the same architecture).")
+
+
+@dataclass(frozen=True)
+class FrontierRow:
+    """One model of the frontier: a method at a budget point, its cost and its quality (mean over the
+    seeds that have it). None: not measured (the job did not run, or the number does not apply:
+    `random` is never finetuned, `scratch` has no epoch 0)."""
+
+    budget: int
+    method: str  # one of METHODS
+    name: str  # which model of the method: the configuration's index, the uniform keep ratios
+    flops_ratio: float | None
+    params: int | None
+    latency: float | None  # batched greedy decoding, median ratio to the origin (None: flagged or not measured)
+    latency_single: float | None  # one sentence at a time, where latency.json has it
+    val_bleu_epoch0: float | None
+    val_bleu_budget: float | None  # after the equal budget (scratch: at its equal FLOPs)
+    val_bleu_best: float | None  # the kept model's
+    test_bleu_epoch0: dict[str, float] = field(default_factory=dict)  # per test split
+    test_bleu_budget: dict[str, float] = field(default_factory=dict)
+    test_bleu_best: dict[str, float] = field(default_factory=dict)
+
+    def quality(self, split: str) -> float | None:
+        """Test BLEU of the model a user would ship: the kept one, or before finetuning (random)."""
+        return self.test_bleu_best.get(split, self.test_bleu_epoch0.get(split))
+
+
+def _avg(xs: Sequence[float | None]) -> float | None:
+    got = [x for x in xs if x is not None]
+    return round(statistics.mean(got), 2) if got else None
+
+
+def _avg_splits(ds: Sequence[dict[str, float] | None]) -> dict[str, float]:
+    got = [d for d in ds if d]
+    return {k: v for k in (got[0] if got else {}) if (v := _avg([d.get(k) for d in got])) is not None}
+
+
+def _latency_ratio(c: dict[str, Any], key: str = "ratio") -> float | None:
+    lat = c.get("latency") or {}
+    return None if lat.get("flagged") or lat.get(key) is None else float(lat[key])
+
+
+def _trained(budget: int, method: str, name: str, shape: dict[str, Any], per: list[dict[str, Any]]) -> FrontierRow:
+    """A finetuned model's row: ``per`` its finetune results (one per seed)."""
+    return FrontierRow(budget, method, name, shape.get("flops_ratio"), shape.get("params"), _latency_ratio(shape),
+                       _latency_ratio(shape, "single_ratio"), _avg([x.get("val_bleu_epoch0") for x in per]),
+                       _avg([x.get("val_bleu_budget") for x in per]), _avg([x.get("val_bleu_best") for x in per]),
+                       _avg_splits([x.get("test_bleu_epoch0") for x in per]),
+                       _avg_splits([x.get("test_bleu_budget") for x in per]),
+                       _avg_splits([x.get("test_bleu_best") for x in per]))
+
+
+def frontier(s: dict[str, Any]) -> list[FrontierRow]:
+    """Every model of a budget sweep's summary as a frontier row, by budget and method (an older summary
+    gives the rows it has numbers for)."""
+    runs = s["runs"]
+    rows = [_trained(c.get("budget", 0), "searched", f"#{i}", c, [r["configurations"][i]["composed"] for r in runs])
+            for i, c in enumerate(s["configurations"])]
+    uniform = {c["budget"]: c for c in s.get("competitors", []) if c.get("method") == "uniform"}
+    for j, c in enumerate(s.get("competitors", [])):
+        name = "/".join(f"{x:g}" for x in c.get("ratios", []))
+        for side in SIDES:
+            rows.append(_trained(c["budget"], f"{c['method']} {side}", name, c,
+                                 [r["competitors"][j][side] for r in runs if j < len(r.get("competitors", []))]))
+    for i, c in enumerate(s.get("random", [])):
+        rows.append(FrontierRow(c["budget"], "random", f"r{i}", c.get("flops_ratio"), c.get("params"),
+                                _latency_ratio(c), _latency_ratio(c, "single_ratio"), c.get("val_bleu"), None, None,
+                                dict(c.get("test_bleu", {}))))
+    scratch: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        for x in r.get("scratch", []):
+            scratch.setdefault((x["budget"], x["method"]), []).append(x)
+    for (b, method), per in scratch.items():
+        shape = uniform.get(b, {})
+        equal = method == "scratch"
+        rows.append(FrontierRow(
+            b, method, "uniform shape", _avg([x.get("flops_ratio") for x in per]), per[0].get("params"),
+            _latency_ratio(shape), _latency_ratio(shape, "single_ratio"), None,
+            _avg([x.get("val_bleu_best") for x in per]) if equal else None, _avg([x.get("val_bleu_best") for x in per]),
+            {}, _avg_splits([x.get("test_bleu_best") for x in per]) if equal else {},
+            _avg_splits([x.get("test_bleu_best") for x in per])))
+    return sorted(rows, key=lambda x: (x.budget, METHODS.index(x.method) if x.method in METHODS else len(METHODS)))
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """Whether each (cost, quality) point is on the Pareto front: no other point costs at most as much
+    and is at least as good, and is strictly better in one."""
+    return [not any(c2 <= c and q2 >= q and (c2, q2) != (c, q) for c2, q2 in points) for c, q in points]
+
+
+def _num(x: float | None, fmt: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def _frontier(doc: Doc, run_dir: Path, s: dict[str, Any]) -> None:
+    """The frontier: per budget and method, cost (FLOPs, parameters, latency) against quality (val BLEU
+    before finetuning, after the equal budget, best; test BLEU on every split); plots with Pareto points."""
+    if "competitors" not in s and "random" not in s and "budgets" not in s["runs"][0]:
+        return
+    rows, splits, p = frontier(s), s["test_splits"], s["protocol"]
+    first = splits[0]
+    placed = [i for i, x in enumerate(rows) if x.flops_ratio is not None and x.quality(first) is not None]
+    front = pareto([(rows[i].flops_ratio or 0.0, rows[i].quality(first) or 0.0) for i in placed])
+    marked = {i for i, on in zip(placed, front) if on}
+    doc.h(3, "Frontier")
+    doc.p("Per budget and method: cost against quality, mean over seeds. `searched`: the search's configurations "
+          "composed from the tuned bank and finetuned; `uniform baseline` / `uniform composed`: the uniform cut "
+          "finetuned from plain pruning / from the tuned bank; `random`: random configurations meeting the budget, "
+          "composed from the tuned bank, measured before finetuning only. " + SCRATCH.format(budget=p["budget_epochs"])
+          + f" BLEU cells: before finetuning / after the equal budget ({p['budget_epochs']} epoch(s); `scratch`: its "
+          f"kept model within its equal FLOPs, the alternative's best shot) / the kept model. **P**: on the "
+          f"Pareto front of FLOPs against the kept (random: "
+          f"untuned) model's test BLEU on {first}. n/a: not measured (the job did not run, or it does not apply).")
+    single = any(x.latency_single is not None for x in rows)
+    header = ["budget", "method", "model", "FLOPs/token", "params", "latency (batched)"]
+    header += ["latency (1 sentence)"] if single else []
+    header += ["val BLEU ep. 0 / equal / best"] + [f"test BLEU ({sp}) ep. 0 / equal / best" for sp in splits] + ["P"]
+    table = []
+    for i, x in enumerate(rows):
+        line = [x.budget, x.method, x.name, _num(x.flops_ratio, suffix="x"), _num(x.params, ","),
+                _num(x.latency, suffix="x")] + ([_num(x.latency_single, suffix="x")] if single else [])
+        line.append(" / ".join(_num(v) for v in (x.val_bleu_epoch0, x.val_bleu_budget, x.val_bleu_best)))
+        line += [" / ".join(_num(d.get(sp)) for d in (x.test_bleu_epoch0, x.test_bleu_budget, x.test_bleu_best))
+                 for sp in splits]
+        table.append(line + ["**P**" if i in marked else ""])
+    doc.table(header, table)
+    if not single:
+        doc.p("Single-sentence latency: not in this run's latency.json (batched decoding only).")
+    asked = s["protocol"].get("random", 0)
+    short = [f"budget {b}: {n} of {asked}" for b in sorted({x.budget for x in rows})
+             if (n := sum(x.method == "random" and x.budget == b for x in rows)) < asked]
+    if short:
+        doc.p("**Note:** fewer random configurations than asked meet these budgets (drawn by rejection): "
+              + "; ".join(short) + ".")
+    trained = [f"{x['method']} at budget {x['budget']}, seed {r['seed']}: {_tflop(x['train_flops'])} TFLOP"
+               + (f" (budget {_tflop(x['max_flops'])})" if x.get("max_flops") is not None else "")
+               + f", {x['epochs_trained']:.2f} epochs, {x['train_seconds']:.0f} s"
+               + (" (**short of its budget**: the epochs' cap ended it first)" if x.get("budget_reached") is False
+                  else "")
+               for r in s["runs"] for x in r.get("scratch", [])]
+    if trained:
+        doc.p("Scratch training (TFLOP, its FLOPs budget, epochs, wall seconds): " + "; ".join(trained) + ".")
+    for title, path in _frontier_plots(run_dir, s, rows, first):
+        doc.img(title, path)
+
+
+def _frontier_plots(run_dir: Path, s: dict[str, Any], rows: list[FrontierRow], split: str) -> list[tuple[str, Path]]:
+    """BLEU against FLOPs and against batched latency: one line per method (through each budget's best
+    model of it), every model a point, the Pareto points ringed; PNGs beside the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for attr, cost, label, name in (
+            ("flops_ratio", "FLOPs", "FLOPs per token / origin's", "plot_frontier_flops.png"),
+            ("latency", "latency", "batched greedy latency / origin's", "plot_frontier_latency.png")):
+        pts = [(getattr(x, attr), x.quality(split), x.method, x.budget) for x in rows]
+        pts = [t for t in pts if t[0] is not None and t[1] is not None]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        origin = s["origin"].get("test_bleu", {}).get(split)
+        if origin is not None:
+            ax.scatter([1.0], [origin], marker="*", s=150, color="k", label="origin")
+        for method in dict.fromkeys(t[2] for t in pts):
+            mine = [t for t in pts if t[2] == method]
+            best = {}
+            for t in mine:
+                if t[3] not in best or t[1] > best[t[3]][1]:
+                    best[t[3]] = t
+            line = sorted(best.values())
+            (drawn,) = ax.plot([t[0] for t in line], [t[1] for t in line], marker="o", ms=4, label=method)
+            ax.scatter([t[0] for t in mine], [t[1] for t in mine], s=12, color=drawn.get_color())
+        front = [t for t, on in zip(pts, pareto([(t[0], t[1]) for t in pts])) if on]
+        ax.scatter([t[0] for t in front], [t[1] for t in front], s=110, facecolors="none", edgecolors="k",
+                   label="Pareto")
+        ax.set(xlabel=label, ylabel=f"test BLEU ({split}), kept model", title=f"Frontier: BLEU vs {cost}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        atomic_write(run_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+        out.append((f"frontier: test BLEU ({split}) vs {label} per method, Pareto points ringed", run_dir / name))
+    return out
+
+
 def _budgets(doc: Doc, s: dict[str, Any]) -> None:
     """Per budget point and method (searched, and each competitor): shape, latency and the protocol's
     numbers side by side (mean over seeds), and the saving of the budget's searched configurations."""
@@ -318,6 +515,7 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
                + ([f"{estimates[i]:.4f}"] if estimates else [])
                for i, c in enumerate(s["configurations"])])
     _budgets(doc, s)
+    _frontier(doc, run_dir, s)
     doc.p(f"Finetuning results, mean over seeds; epochs to target per seed. Test BLEU after "
           f"{p['budget_epochs']} epoch(s) is the equal-budget comparison.")
     header = ["#", "val BLEU epoch 0 base / comp", "epochs to target base / comp"]

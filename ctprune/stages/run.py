@@ -9,6 +9,8 @@ RUN_DIR/
   banks/pruned-INPUTS     merely pruned variants (every variant any plan of this run asked for)
   banks/tuned-SCHED_FP    the same variants tuned with one tuning schedule (one per seed)
   finetune/{baseline,composed}/config-FP   one model folder per configuration, bank, seed and schedule
+  scratch/config-FP       the `scratch` competitor of each budget (finetuning.scratch): the uniform cut's
+                          shape trained from scratch for the budget's composed FLOPs (and the ceiling)
   latency.json            decoding latency of every configuration's architecture (interleaved repeats)
   jobs/                   one record per finished job (its result, SHA-256); a job with a record is skipped
   summary.json            every number of the report; report.md / report.html
@@ -42,7 +44,17 @@ from ctprune.executors import Executor, cpu_threads, make_executor
 from ctprune.experiment import Experiment, load_experiment
 from ctprune.fileio import check_output, file_record, read_json, sha256_file, write_bytes, write_json, write_text
 from ctprune.jobs import RECORDS, Job, check_configurations_early, missing_variants, write_json_strict
-from ctprune.protocol import BankCost, Configuration, Cost, TimeToTarget, saving, saving_curve, time_to_equal_quality
+from ctprune.protocol import (
+    BankCost,
+    Configuration,
+    Cost,
+    TimeToTarget,
+    flops_at,
+    saving,
+    saving_curve,
+    scratch_flops,
+    time_to_equal_quality,
+)
 from ctprune.pruning.configs import fingerprint, model_fingerprint, variant_ids, variant_key
 from ctprune.spec import ExecutionSpec, FinetuningSpec, OriginSpec, SearchSpec, TuningSpec, check_option, spec_default
 
@@ -262,12 +274,21 @@ def _search(r: Run, ex: Executor, spec: SearchSpec, plan: dict[str, Any]) -> flo
     score = r.job("score", "score_job", kwargs, gpu=True, exclusive=spec.latency is not None)
     scores = ex.run([score])["score"]
     # the same spec and scores give the same configurations: never re-solved
-    key = fingerprint([dataclasses.asdict(spec), scores["subset"], scores["digests"]])
+    key = fingerprint([_search_table(spec), scores["subset"], scores["digests"]])
     ex.run([r.job("search", "search_job", {"bank": str(tuned), "conf_out": str(r.dir / "conf.json"),
-                                           "search": {**dataclasses.asdict(spec), "run_key": key},
+                                           "search": {**_search_table(spec), "run_key": key},
                                            "corpus": d.corpus, "data_dir": r.data_dir},
                   output=str(r.dir / "conf.json"))])
     return float(scores["total_wall_time_s"])
+
+
+def _search_table(spec: SearchSpec) -> dict[str, Any]:
+    """[search] as the search job takes it; ``refine`` only when on, so that the searches of runs
+    made before it existed keep their keys (a re-solve could change their configurations)."""
+    table = dataclasses.asdict(spec)
+    if table["refine"] == spec_default(SearchSpec, "refine"):
+        del table["refine"]
+    return table
 
 
 def _target(r: Run, ex: Executor) -> tuple[float, float | None]:
@@ -296,6 +317,67 @@ def _competitors(run_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
+def _random(r: Run, ex: Executor, spec: SearchSpec, points: int, tests: list[str]) -> list[dict[str, Any]]:
+    """[finetuning] random: per budget point of ``spec``, one job draws that many random configurations
+    meeting it (seeded by the first seed) and measures them composed from the first seed's tuned bank
+    (the scored one) before any finetuning. Returns ``[{method, budget, asked, configuration, val_bleu,
+    ...}]``; a budget under which fewer were found is said at once (and in the report)."""
+    exp = r.exp
+    bank = r.dir / "banks" / _tuned_name(r, exp.seeds[0])
+    jobs = [r.job(f"random budget {b}", "random_job",
+                  {"bank": str(bank), "search": dict(spec.budgets), "point": b, "n": exp.finetuning.random,
+                   "seed": exp.seeds[0], "corpus": exp.data.corpus, "data_dir": r.data_dir, "tests": tests}, gpu=True)
+            for b in range(points)]
+    results = ex.run(jobs)
+    for b, job in enumerate(jobs):
+        if len(results[job.name]["rows"]) < exp.finetuning.random:
+            _say(f"note: budget {b}: only {len(results[job.name]['rows'])} of finetuning.random = "
+                 f"{exp.finetuning.random} random configurations meet it (drawn by rejection)")
+    return [{"method": "random", "budget": b, "asked": exp.finetuning.random, **row}
+            for b, job in enumerate(jobs) for row in results[job.name]["rows"]]
+
+
+def _scratch(r: Run, ex: Executor, comps: list[dict[str, Any]], composed: dict[int, list[Path]],
+             banks: dict[int, BankCost], tests: list[str]) -> dict[int, list[dict[str, Any]]]:
+    """[finetuning] scratch: per seed and budget, the uniform competitor's shape trained from scratch for
+    ``scratch_flops`` (the seed's whole tuned bank + the budget's uniform composed finetuning to the
+    equal budget, ``composed[seed][j]`` its folder), and with scratch_ceiling for the origin's epochs
+    (first seed). Returns per seed ``[{method, budget, dir, ...the job's result}]``."""
+    from ctprune.training.loop import read_history
+
+    f = r.exp.finetuning
+    jobs: dict[int, list[tuple[dict[str, Any], Job]]] = {}
+    by_output: dict[str, Job] = {}
+    for seed, folders in composed.items():
+        for c, folder in zip(comps, folders):
+            budget = scratch_flops(banks[seed], flops_at(read_history(folder / "history.csv"), f.budget_epochs))
+            kinds = [("scratch", budget)] + ([("scratch ceiling", None)] if f.scratch_ceiling and
+                                             seed == r.exp.seeds[0] else [])
+            for method, max_flops in kinds:
+                key = {"configuration": c["configuration"], "seed": seed, "max_flops": max_flops, "select": f.select,
+                       "inputs": r.inputs}
+                out = r.dir / "scratch" / f"config-{fingerprint(key)}"
+                job = by_output.setdefault(str(out), r.job(  # two budgets' equal shapes train once
+                    f"{method} budget {c['budget']} (seed {seed})", "scratch_job",
+                    {"pruned": str(r.pruned), "configuration": c["configuration"], "output": str(out),
+                     "max_flops": max_flops, "seed": seed, "select": f.select, "corpus": r.exp.data.corpus,
+                     "data_dir": r.data_dir, "tests": tests}, gpu=True, output=str(out)))
+                jobs.setdefault(seed, []).append(({"method": method, "budget": c["budget"]}, job))
+    results = ex.run(list(by_output.values()))
+    return {seed: [{**row, **results[j.name], "dir": str(Path(j.kwargs["output"]).relative_to(r.dir))}
+                   for row, j in rows] for seed, rows in jobs.items()}
+
+
+def _bank_cost(pruned: Path, tuned: Path, scoring_seconds: float) -> BankCost:
+    """What the run's banks cost, from their indexes."""
+    tuning = read_json(tuned / "index.json")["tuning"]
+    pruned_index = read_json(pruned / "index.json")
+    return BankCost(prune_seconds=float(pruned_index.get("prune_seconds", 0.0)),
+                    n_pruned=len(pruned_index["variants"]),
+                    tuning_seconds=tuning["wall_time_s"], teacher_flops=tuning["teacher_flops"],
+                    variant_flops=tuning["variant_flops"], scoring_seconds=scoring_seconds)
+
+
 def _protocol_row(conf: dict[str, float], sides: dict[str, dict[str, Any]]) -> Configuration:
     return Configuration(tuple(variant_key(n, r) for n, r in conf.items() if r < 1),
                          *(TimeToTarget(sides[s]["epochs_to_target"], Cost(sides[s]["cost_seconds"],
@@ -322,11 +404,7 @@ def _seed_summary(exp: Experiment, run_dir: Path, plan: dict[str, Any], confs: l
     rows = [{"index": i, **_equal_quality(run_dir, sides[i], exp.finetuning.epochs)} for i in range(len(confs))]
     protocol_rows = [_protocol_row(conf, sides[i]) for i, conf in enumerate(confs)]
     tuning = read_json(tuned / "index.json")["tuning"]
-    pruned_index = read_json(pruned / "index.json")
-    bank = BankCost(prune_seconds=float(pruned_index.get("prune_seconds", 0.0)),
-                    n_pruned=len(pruned_index["variants"]),
-                    tuning_seconds=tuning["wall_time_s"], teacher_flops=tuning["teacher_flops"],
-                    variant_flops=tuning["variant_flops"], scoring_seconds=scoring_seconds)
+    bank = _bank_cost(pruned, tuned, scoring_seconds)
     whole = [variant_key(n, r) for n, r in variant_ids(plan)] if exp.search is not None else None
     out = {"seed": seed, "tuned_bank": str(tuned.relative_to(run_dir)),
            "pruned_bank": str(pruned.relative_to(run_dir)),
@@ -357,15 +435,15 @@ def _locked(run_dir: Path) -> Iterator[None]:
 def _execution(exp: Experiment, given: dict[str, Any]) -> ExecutionSpec:
     """The experiment's [execution] (checked on load, naming its keys) with the command line's
     overrides, each checked by the spec's rules naming its flag."""
-    from ctprune.cli import RUN_EXECUTION_FLAGS
+    from ctprune.spec import RUN_EXECUTION_FLAGS
 
     flags = dict(RUN_EXECUTION_FLAGS)
     for name, value in given.items():
         check_option(ExecutionSpec, name, value, flags.get(name, f"--{name}"))
-    spec = dataclasses.replace(exp.execution, **given)
-    if given:
-        spec.check("command line")
-    return spec
+    try:
+        return dataclasses.replace(exp.execution, **given)
+    except CtpruneError as e:  # a rule between fields, broken by the flags
+        raise CtpruneError(f"command line: {e}") from None
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -429,6 +507,9 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None, execution: dict[
     Every input is checked before anything is written; a run refused before it trained, pruned or
     finetuned anything leaves nothing behind. Returns the report path."""
     exp = load_experiment(exp_path)
+    if exp.search is None and (exp.finetuning.random or exp.finetuning.scratch):
+        raise CtpruneError(f"{exp.path}: finetuning.random and finetuning.scratch are competitors at the budgets of "
+                           "a sweep: they need [search]")
     spec = _execution(exp, execution or {})
     run_dir = Path(run_dir or Path("runs") / Path(exp_path).stem).resolve()
     data_dir = _data_dir(exp)
@@ -455,7 +536,7 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None, execution: dict[
 
 def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: ExecutionSpec, data_dir: Path | None,
          data: dict[str, Any], origin_fp: str | None) -> Path:
-    from ctprune.stages.report import write_report
+    from ctprune.stages.report import frontier, write_report
 
     d, f = exp.data, exp.finetuning
     origin = _origin(exp, run_dir, ex, data_dir, data)
@@ -472,16 +553,21 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Exe
     confs = read_json(conf_file, "configuration file")
     budgets: list[int | None] = [None] * len(confs)
     comps: list[dict[str, Any]] = []
+    randoms: list[dict[str, Any]] = []
+    tests = test_splits(d.corpus, r.data_dir)
     if exp.search is not None:
-        budgets = [int(row.get("budget", 0)) for row in read_json(run_dir / "search.json")["configurations"]]
+        found = read_json(run_dir / "search.json")
+        budgets = [int(row.get("budget", 0)) for row in found["configurations"]]
         comps = _competitors(run_dir)
+        if f.random:
+            points = len(found.get("sweep", [None]))
+            randoms = _random(r, ex, exp.search, points, tests)
     # What is finetuned: (job label, configuration file, index, configuration); searched (or given)
     # configurations first, then the competitors.
     items = [(str(i), conf_file, i, c) for i, c in enumerate(confs)]
     items += [(f"{c['method']} budget {c['budget']}", run_dir / COMPETITORS, j, c["configuration"])
               for j, c in enumerate(comps)]
-    every = [c for _, _, _, c in items]
-    tests = test_splits(d.corpus, r.data_dir)
+    every = [c for _, _, _, c in items] + [x["configuration"] for x in randoms]  # described and timed
     pruned_dir = r.pruned
     jobs: list[Job] = []
     per_seed = []
@@ -530,8 +616,15 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Exe
         if b is not None:
             shape["budget"] = b
     competitors = [{**{k: v for k, v in c.items() if k != "configuration"}, **shape}
-                   for c, shape in zip(comps, shapes[len(confs):])]
+                   for c, shape in zip(comps, shapes[len(confs):len(items)])]
+    randoms = [{**x, **shape} for x, shape in zip(randoms, shapes[len(items):])]
     shapes = shapes[:len(confs)]
+    scratch: dict[int, list[dict[str, Any]]] = {}
+    if f.scratch and comps:
+        composed = {seed: [Path(finetunes[seed, i, "composed"].kwargs["output"]) for i in range(len(confs), len(items))]
+                    for seed, *_ in per_seed}
+        banks = {seed: _bank_cost(pruned, tuned, scoring_seconds) for seed, pruned, tuned, _, _ in per_seed}
+        scratch = _scratch(r, ex, comps, composed, banks, tests)
     seeds = []
     for seed, pruned, tuned, _, _ in per_seed:
         sides = [{side: {**results[finetunes[seed, i, side].name],
@@ -539,6 +632,8 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Exe
                   for side in SIDES} for i in range(len(items))]
         seeds.append(_seed_summary(exp, run_dir, plan, confs, seed, pruned, tuned, sides[:len(confs)],
                                    scoring_seconds, budgets, list(zip(comps, sides[len(confs):]))))
+        if seed in scratch:
+            seeds[-1]["scratch"] = scratch[seed]
     described = results["describe"]
     trained = [c for x in seeds for c in x["configurations"] + x.get("competitors", [])]
     # each finetuning once: a uniform cut equal to a searched configuration shares its folder
@@ -551,7 +646,8 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Exe
         "search": None if exp.search is None else {
             **read_json(run_dir / "search.json"), "scoring_seconds": scoring_seconds},
         "protocol": {"target": f.target_bleu, "cap_epochs": f.epochs, "budget_epochs": f.budget_epochs,
-                     "eval_every": f.eval_every, "select": f.select,
+                     "eval_every": f.eval_every, "select": f.select, "random": f.random, "scratch": f.scratch,
+                     "scratch_ceiling": f.scratch_ceiling,
                      "tuning_epochs": exp.tuning.epochs, "latency_repeats": lat["repeats"]},
         "execution": {**dataclasses.asdict(spec), "workers": ex.workers, "cores": ex.cores,
                       "tuning_shards": spec.tuning_shards(ex.workers)},
@@ -559,12 +655,15 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Exe
         "origin": {"dir": str(origin), **described["origin"], "val_bleu": round(val_bleu, 2)},
         "inputs": {"origin_fingerprint": r.origin_fp, "data_fingerprint": r.data_fp, "data_files": data},
         "bleu_signature": described["bleu_signature"], "chrf_signature": described["chrf_signature"],
-        "configurations": shapes, **({"competitors": competitors} if competitors else {}), "runs": seeds,
+        "configurations": shapes, **({"competitors": competitors} if competitors else {}),
+        **({"random": randoms} if f.random and exp.search is not None else {}), "runs": seeds,
         "finetune_achieved_gflops": round(flops / max(seconds, 1e-9) / 1e9, 2),
         "versions": {"ctprune": __version__, "python": platform.python_version()},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": cpu_threads()},
     }
+    if exp.search is not None:
+        summary["frontier"] = [dataclasses.asdict(row) for row in frontier(summary)]
     _say("report: summary.json, report.md, report.html")
     write_json_strict(run_dir / "summary.json", summary, "run summary")
     report = write_report(run_dir)

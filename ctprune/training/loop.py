@@ -47,7 +47,7 @@ from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.progress import progress
 from ctprune.scoring import bleu_score
-from ctprune.spec import SELECTS, FinetuningSpec, OriginSpec, spec_default
+from ctprune.spec import MAX_TOKENS, SELECTS, FinetuningSpec, OriginSpec, spec_default
 
 RECIPES = ("fast", "original")  # and "finetune": the original optimizer on token-budget batches
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_time_s",
@@ -68,7 +68,7 @@ def preset_bf16(preset: str) -> bool:
 
 def preset_max_tokens(preset: str) -> int:
     """Token budget per batch of tuning and finetuning: small batches for the tiny preset."""
-    return int(TINY_RECIPE["max_tokens"]) if preset == "tiny" else 4096
+    return int(TINY_RECIPE["max_tokens"]) if preset == "tiny" else MAX_TOKENS
 
 
 def preset_recipe(preset: str, name: str = "fast", precision: str = "auto", **overrides: Any) -> Recipe:
@@ -95,7 +95,7 @@ class Recipe:
     warmup_steps: int = 250
     min_lr_ratio: float = 0.05
     label_smoothing: float = 0.1
-    max_tokens: int = 4096
+    max_tokens: int = MAX_TOKENS
     batch_sentences: int = 0  # >0: fixed-size batches of this many sentences instead of tokens
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
@@ -131,10 +131,10 @@ class Recipe:
     @classmethod
     def finetune(cls, **overrides: Any) -> Recipe:
         """The prototype's optimizer (Adam 1e-4, constant, plain cross-entropy) on length-sorted
-        token-budget batches (4096 tokens, about 128 Multi30k sentences): the prototype's random
+        token-budget batches (``MAX_TOKENS``, about 128 Multi30k sentences): the prototype's random
         128-sentence batches pad every sentence to the longest one and took 3.7 s per batch
         here against about 1 s."""
-        return cls.original(**{"batch_sentences": 0, "max_tokens": 4096, **overrides})
+        return cls.original(**{"batch_sentences": 0, "max_tokens": MAX_TOKENS, **overrides})
 
     def lr_at(self, step: int, total: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``total`` steps."""
@@ -216,6 +216,19 @@ def _batches(split: TokenizedSplit, recipe: Recipe, epoch: int) -> list[Any]:
         return [split._make(idx[i:i + recipe.batch_sentences])
                 for i in range(0, len(idx), recipe.batch_sentences)]
     return split.batches(recipe.max_tokens, shuffle_seed=seed)
+
+
+def _epoch_flops(model: torch.nn.Module, split: TokenizedSplit, recipe: Recipe) -> int:
+    """Training FLOPs of the first epoch's batches (later epochs differ only by padding)."""
+    arch = arch_of(model)
+    return sum(arch.train_step_flops(model, *b.src.shape, b.tgt_in.shape[1]) for b in _batches(split, recipe, 1))
+
+
+def epochs_for_flops(model: torch.nn.Module, tok: Tokenizer, train: Parallel, recipe: Recipe, flops: float) -> int:
+    """Whole epochs of ``recipe`` on ``train`` that ``flops`` training FLOPs surely reach into: one more
+    than the first epoch's FLOPs say, since later epochs' batches pad differently."""
+    split = TokenizedSplit(train, tok, arch_of(model).max_len(model))
+    return math.ceil(flops / _epoch_flops(model, split, recipe)) + 1
 
 
 def read_history(path: Path) -> list[dict[str, str]]:
@@ -331,7 +344,7 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
         recipe: Recipe, out: Path, hparams: dict[str, Any], resume: bool = False,
         device: str = "cpu", eval_before: bool = False, target_bleu: float | None = None,
         after_step: Callable[[Seq2SeqTransformer], None] | None = None, min_epochs: int = 0,
-        snapshot_epochs: tuple[int, ...] = ()) -> FitResult:
+        snapshot_epochs: tuple[int, ...] = (), max_flops: float | None = None) -> FitResult:
     """Train ``model`` for ``recipe.epochs`` epochs and write the model folder ``out``.
 
     ``after_step`` runs after every optimizer step (pruning masks are re-applied there).
@@ -343,6 +356,9 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     epochs (rows at fractional epochs, their time and FLOPs up to that step; a target reached
     there stops training at the end of that epoch). The output folder keeps the weights of the
     evaluation that ``recipe.select`` prefers: the highest val BLEU or the lowest val loss.
+    With ``max_flops`` training stops after the step that reaches that many training FLOPs (the
+    last evaluation at that fraction of an epoch) and the lr schedule ends there
+    (``epochs_for_flops`` gives the epochs it needs).
     """
     out = Path(out)
     check_existing(out, is_fit_output, "a training run's folder")
@@ -351,13 +367,13 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
                            "or choose another output folder")
     with locked(out, "train/finetune"):  # one writer per output: a second resume is refused
         return _fit(model, tok, train, val, recipe, out, hparams, resume, device, eval_before, target_bleu,
-                    after_step, min_epochs, snapshot_epochs)
+                    after_step, min_epochs, snapshot_epochs, max_flops)
 
 
 def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parallel, recipe: Recipe, out: Path,
          hparams: dict[str, Any], resume: bool, device: str, eval_before: bool, target_bleu: float | None,
          after_step: Callable[[Seq2SeqTransformer], None] | None, min_epochs: int,
-         snapshot_epochs: tuple[int, ...]) -> FitResult:
+         snapshot_epochs: tuple[int, ...], max_flops: float | None = None) -> FitResult:
     """``fit``'s work, under its lock."""
     last = out / "last"
     state_path = last / "trainer_state.pt"
@@ -373,6 +389,9 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
     opt = make_optimizer(model.parameters(), recipe)
     steps_per_epoch = len(_batches(train_split, recipe, 0))
     total_steps = steps_per_epoch * max(1, recipe.epochs)
+    if max_flops is not None:  # the schedule ends where the FLOPs do
+        total_steps = min(total_steps, math.ceil(max_flops / _epoch_flops(model, train_split, recipe)
+                                                 * steps_per_epoch))
     hparams = {**hparams, "recipe": asdict(recipe)}
     history: list[dict[str, Any]] = []
     start_epoch, step, wall, tokens, flops = 1, 0, 0.0, 0, 0
@@ -451,7 +470,7 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
     if start_epoch <= recipe.epochs and not stopped_early:
         (out / "train_summary.json").unlink(missing_ok=True)  # the run is not finished any more
     for epoch in range(start_epoch, recipe.epochs + 1):
-        if stopped_early:
+        if stopped_early or max_flops is not None and flops >= max_flops:
             break
         model.train()
         t0 = time.perf_counter()
@@ -474,6 +493,9 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
             loss_sum += float(loss) * n
             loss_tokens += n
             bar.set_postfix(loss=f"{loss_sum / loss_tokens:.3f}", lr=f"{lr:.2e}")
+            if max_flops is not None and flops >= max_flops:
+                stopped_early = True  # the FLOPs budget is spent: the last evaluation is here
+                break
             if i in within and i < len(batches):  # evaluation time is not training time
                 e0 = time.perf_counter()
                 so_far = e0 - t0 - eval_s
@@ -482,11 +504,14 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
                 eval_s += time.perf_counter() - e0
         epoch_time = time.perf_counter() - t0 - eval_s
         wall += epoch_time
-        bleu = record(epoch, loss_sum / max(1, loss_tokens), epoch_time, lr, wall)
+        at = epoch if i == len(batches) else epoch - 1 + i / len(batches)  # a spent FLOPs budget stops within it
+        bleu = record(at, loss_sum / max(1, loss_tokens), epoch_time, lr, wall)
         since_best = 0 if best > best_before or bleu >= best else since_best + 1
-        if epoch in snapshot_epochs:  # before the commit: a kill in between redoes the epoch
+        if epoch in snapshot_epochs and at == epoch:  # before the commit: a kill in between redoes the epoch
             save_model_folder(out / f"epoch-{epoch}", model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
         commit(epoch)
+        if stopped_early:
+            break
         if epoch < min_epochs:
             continue
         if _reached(history, target_bleu, min_epochs):
