@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -516,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     except CtpruneError as e:
         print(f"ctprune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ctprune inspect | head -1`: the reader left; stop quietly, as Unix tools do
+        with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # permission denied, disk full, a folder where a file belongs: one line
         where = f": {e.filename}" if e.filename else ""
         print(f"ctprune {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -464,6 +465,21 @@ def test_translate_refuses_binary_stdin_and_keeps_unicode_separators_inside_line
     assert r.returncode == 2 and len(err) == 1 and "not UTF-8" in err[0], err
     r = subprocess.run(cmd, input="ein\u2028hund\nder\x85mann\n".encode(), capture_output=True, timeout=120)
     assert r.returncode == 0 and len(r.stdout.decode("utf-8").split("\n")) == 3  # two lines in, two out
+
+
+def test_a_closed_pipe_ends_output_quietly(workspace: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctprune inspect ... | head -1`: the reader left (EPIPE); ctprune stops without an error line."""
+    import io
+
+    class ClosedPipe(io.TextIOBase):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["inspect", str(workspace / "origin")]) == 141
+    assert capsys.readouterr().err == ""
 
 
 def test_the_table_is_large() -> None:
@@ -1154,6 +1170,10 @@ HF_CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
      "key 'ffn' appears twice"),
     ("hf-hparams-duplicate", ["inspect", "pruned"], duplicate_key("pruned/hparams.json", "stage"),
      "key 'stage' appears twice"),
+    # a Marian tokenizer file missing (transformers would fail on a None path)
+    ("hf-marian-target-spm-missing", ["evaluate", "marian", "--corpus", "synthetic", "--split", "val"],
+     lambda w: (w / "marian/target.spm").unlink(), "a MarianMT tokenizer needs source.spm, target.spm, vocab.json; "
+                                                   "target.spm missing"),
 ]
 
 

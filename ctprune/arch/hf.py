@@ -42,6 +42,7 @@ HPARAMS_FILE, GENERATION_FILE = "hparams.json", "generation_config.json"
 LAYERS_FORMAT, MANIFEST_FORMAT = "ctprune-hf-layers/1", "ctprune-hf-model/1"
 # Files that mark a folder as holding a tokenizer (one of them is enough for AutoTokenizer).
 TOKENIZER_MARKS = ("tokenizer.json", "tokenizer_config.json", "source.spm", "spiece.model")
+MARIAN_TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json")  # what MarianTokenizer reads
 # The JSON files of a tokenizer folder, read by ctprune first (bounded, duplicate keys refused). A
 # large vocabulary's tokenizer.json runs to tens of MB, more than other metadata.
 TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -245,6 +246,10 @@ class HFArchitecture(Architecture):
                 raise CtpruneError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_MARKS)}); this "
                                    "command reads or writes text, so it needs the model's own tokenizer there")
             return None
+        missing = [f for f in MARIAN_TOKENIZER_FILES if not (folder / f).is_file()]
+        if self.model_type == "marian" and missing:  # else transformers fails on a None path
+            raise CtpruneError(f"{folder}: a MarianMT tokenizer needs {', '.join(MARIAN_TOKENIZER_FILES)}; "
+                               f"{', '.join(missing)} missing")
         for name in TOKENIZER_JSON:  # bounded, duplicate keys refused, before transformers parses them
             if (folder / name).is_file():
                 read_json(folder / name, "tokenizer file", limit=MAX_TOKENIZER_JSON_BYTES)
