@@ -53,6 +53,23 @@ def fp32(pruned: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def biased(pruned: Path) -> Path:
+    """``pruned`` with random biases and LayerNorm weights (the tiny model starts with zero
+    biases and unit norms), so that a fusion that drops or misplaces one shows."""
+    model, tok, _ = load_model_folder(pruned)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+    folder = pruned.parent / "biased"
+    save_model_folder(folder, model, tok, {"stage": "test"})
+    return folder
+
+
 def _src(model: torch.nn.Module, tok: object) -> torch.Tensor:
     from ctprune.data.batching import pad
 
@@ -87,8 +104,13 @@ def test_export_writes_per_layer_graphs(pruned: Path, fp32: Path) -> None:
 def test_fp32_step_logits_match_pytorch(pruned: Path, fp32: Path) -> None:
     """Teacher-forced steps over a padded batch: every step's logits within 1e-4."""
     model, tok, _ = load_model_folder(pruned)
-    eng = OrtSeq2Seq(fp32, threads=1)
-    src = _src(model, tok)
+    worst = _worst_step_logits(model, OrtSeq2Seq(fp32, threads=1), _src(model, tok))
+    print(f"fp32 max |logit diff| over 12 steps: {worst:.2e}")
+    assert worst < 1e-4
+
+
+def _worst_step_logits(model: torch.nn.Module, eng: OrtSeq2Seq, src: torch.Tensor) -> float:
+    """Largest |ONNX - PyTorch| of the step logits over 12 teacher-forced steps of random targets."""
     g = torch.Generator().manual_seed(0)
     tgt = torch.randint(4, model.cfg.vocab_size, (src.shape[0], 12), generator=g)
     tgt[:, 0] = model.cfg.bos_id
@@ -104,8 +126,7 @@ def test_fp32_step_logits_match_pytorch(pruned: Path, fp32: Path) -> None:
             ref = model.generator(model.decode(tgt[:, t:t + 1], memory, src_mask, cache, offset=t)[:, -1])
             worst = max(worst, (logits - ref).abs().max().item(), (logits - full[:, t]).abs().max().item())
             assert past[0].shape == (src.shape[0], 1, t + 1, 8) and past[2].shape == (src.shape[0], 3, t + 1, 8)
-    print(f"fp32 max |logit diff| over {tgt.shape[1]} steps: {worst:.2e}")
-    assert worst < 1e-4
+    return worst
 
 
 def test_fp32_greedy_and_beam_ids_identical(pruned: Path, fp32: Path) -> None:
@@ -157,6 +178,8 @@ def test_bad_requests_refused(pruned: Path, fp32: Path, tmp_path: Path) -> None:
         ExportArgs(model=pruned, output=tmp_path / "x", format="tensorrt")
     with pytest.raises(CtpruneError, match="--quantize must be one of"):
         ExportArgs(model=pruned, output=tmp_path / "x", quantize="int4")
+    with pytest.raises(CtpruneError, match="--optimize applies to --format onnx only .*not --format ctranslate2"):
+        ExportArgs(model=pruned, output=tmp_path / "x", format="ctranslate2", optimize=True)
     (tmp_path / "notes").mkdir()
     with pytest.raises(CtpruneError, match="not a ctprune model folder"):
         export(ExportArgs(model=tmp_path / "notes", output=tmp_path / "y"))
@@ -182,6 +205,103 @@ def test_bad_requests_refused(pruned: Path, fp32: Path, tmp_path: Path) -> None:
     r = run_cli("export", str(pruned), "--format", "tflite", "-o", str(tmp_path / "z"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--format must be one of onnx, ctranslate2" in r.stderr and not (tmp_path / "z").exists()
+    r = run_cli("export", str(pruned), "--format", "ctranslate2", "--optimize", "-o", str(tmp_path / "z"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--optimize applies to --format onnx only" in r.stderr and not (tmp_path / "z").exists()
+
+
+def _ops(path: Path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_optimized_fp32_matches_pytorch(biased: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--optimize: ONNX Runtime's fusions with heads read per layer; the fused graphs replace the
+    exported ones under the same manifest, and translate exactly as PyTorch does."""
+    out = tmp_path / "opt"
+    info = export(ExportArgs(model=biased, output=out, optimize=True))
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err, printed.err
+    opt = info["optimization"]
+    assert (opt["model_type"], opt["num_heads"], opt["hidden_size"]) == ("bart", 0, 0)
+    for graph, name in (("encoder", "encoder.onnx"), ("decoder_step", "decoder_step.onnx")):
+        record = opt["graphs"][graph]
+        assert record["kept"] and record["warning"] is None and record["max_difference"] <= 1e-4
+        assert record["fused"].get("SkipLayerNormalization", 0) > 0, record
+        assert "SkipLayerNormalization" in _ops(out / name)
+        assert f"optimized {name}: SkipLayerNormalization x" in printed.out
+    print("fusions: " + "; ".join(f"{g} {r['fused']}" for g, r in opt["graphs"].items()))
+    assert json.loads((out / "graphs.json").read_text())["optimization"] == opt
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"encoder.onnx", "decoder_step.onnx", "tokenizer.model", "config.json",
+                                      "graphs.json"}
+    model, tok, _ = load_model_folder(biased)
+    eng = OrtSeq2Seq(out, threads=1)  # checks every file against the manifest
+    src = _src(model, tok)
+    worst = _worst_step_logits(model, eng, src)
+    print(f"optimized fp32 max |logit diff| over 12 steps: {worst:.2e}")
+    assert worst < 1e-4
+    ref = decode.greedy(model, src)
+    assert eng.greedy(src) == ref and max(len(r) for r in ref) >= 5
+    assert eng.beam_search(src, 3) == decode.beam_search(model, src, 3)
+    assert translate_onnx(eng, SENTENCES, batch_size=2) == decode.translate(model, tok, SENTENCES, batch_size=2)
+    # Quantization comes after the fusions, on the fused graphs.
+    info8 = export(ExportArgs(model=biased, output=tmp_path / "opt8", optimize=True, quantize="int8"), quiet=True)
+    assert info8["precision"] == "int8" and info8["optimization"]["graphs"]["encoder"]["kept"]
+    assert {"SkipLayerNormalization", "MatMulInteger"} <= _ops(tmp_path / "opt8" / "encoder.onnx")
+    assert len(OrtSeq2Seq(tmp_path / "opt8", threads=1).greedy(src, steps=5)) == src.shape[0]
+
+
+def test_optimize_falls_back_when_a_fusion_changes_outputs(
+        biased: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fused graph that differs from the unfused one is rebuilt without that fusion; if no
+    version agrees, the unfused graph is exported. One warning line per graph, naming it."""
+    import onnx
+
+    from ctprune.serve import export as export_module
+
+    real_fuse = export_module._fuse
+
+    def broken_fuse(path: Path, out: Path, disabled: set[str]) -> dict[str, int]:
+        """The real optimizer, with every SkipLayerNormalization's epsilon made wrong (or, for
+        the decoder, every fused graph broken by a scaled output)."""
+        counts = real_fuse(path, out, disabled)
+        m = onnx.load(str(out))
+        for node in m.graph.node:
+            if node.op_type == "SkipLayerNormalization":
+                del node.attribute[:]
+                node.attribute.append(onnx.helper.make_attribute("epsilon", 0.5))
+        if path.name == "decoder_step.onnx":
+            logits = m.graph.output[0].name
+            for node in m.graph.node:
+                for i, o in enumerate(node.output):
+                    if o == logits:
+                        node.output[i] = logits + "_raw"
+            m.graph.node.append(onnx.helper.make_node("Neg", [logits + "_raw"], [logits]))
+        onnx.save(m, str(out))
+        return counts
+
+    monkeypatch.setattr(export_module, "_fuse", broken_fuse)
+    out = tmp_path / "fallback"
+    info = export(ExportArgs(model=biased, output=out, optimize=True))
+    err = capsys.readouterr().err.strip().splitlines()
+    enc, dec = info["optimization"]["graphs"]["encoder"], info["optimization"]["graphs"]["decoder_step"]
+    # Without SkipLayerNormalization, ONNX Runtime 1.32's bart attention fusion matches encoder
+    # layer 1 (LayerNormalization anchor) with its own 4 heads but takes the padding mask for a
+    # causal one (unidirectional=1): the check rejects that graph too, and its fusion is turned off.
+    assert enc["kept"] and "enable_skip_layer_norm" in enc["disabled"]
+    assert not {"SkipLayerNormalization", "Attention"} & set(enc["fused"])
+    assert not dec["kept"] and dec["fused"] == {}
+    assert len(err) == 2, err
+    assert err[0].startswith("warning: encoder.onnx: fused graphs changed the outputs beyond 0.0001 "
+                             "(SkipLayerNormalization x4: ")
+    assert "kept it without" in err[0] and "enable_skip_layer_norm" in err[0]
+    assert err[1].startswith("warning: decoder_step.onnx") and err[1].endswith("kept the unfused graph")
+    assert "SkipLayerNormalization" not in _ops(out / "encoder.onnx") | _ops(out / "decoder_step.onnx")
+    model, tok, _ = load_model_folder(biased)
+    src = _src(model, tok)
+    assert OrtSeq2Seq(out, threads=1).greedy(src) == decode.greedy(model, src)
 
 
 @pytest.mark.slow

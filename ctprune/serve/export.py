@@ -11,6 +11,9 @@ absent.
 Graphs come from ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript; the
 TorchScript exporter is deprecated since torch 2.9). ``quantize="int8"``: ONNX Runtime's
 dynamic quantization, int8 weights per output channel, activations quantized at run time.
+``optimize=True``: ONNX Runtime's transformer optimizer on both graphs before any quantization
+(``optimize_graphs``), each fused graph checked against the unfused one and kept only if it
+gives the same outputs.
 
 ``--format ctranslate2`` (ctprune's Transformer or a MarianMT): CTranslate2's ``model.bin``,
 ``config.json`` and ``shared_vocabulary.json`` (heads zero-padded per stack: see ``ct2.py``),
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 import warnings
@@ -46,6 +51,16 @@ GRAPHS_FILE, MANIFEST_FILE, CONFIG_FILE, TOKENIZER_FILE = (
     "graphs.json", "manifest.json", "config.json", "tokenizer.model")
 FILES = (ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE, CONFIG_FILE, GRAPHS_FILE)
 OPSET = 20  # what torch 2.13's exporter emits by default; ONNX Runtime >= 1.17 runs it
+# The fused ops that get_fused_operator_statistics counts, and the FusionOptions switch of each:
+# a fused graph that changes the outputs is tried again without the fusions it used.
+FUSION_SWITCHES = {"Attention": "enable_attention", "MultiHeadAttention": "enable_attention",
+                   "LayerNormalization": "enable_layer_norm", "SkipLayerNormalization": "enable_skip_layer_norm",
+                   "SimplifiedLayerNormalization": "enable_layer_norm",
+                   "SkipSimplifiedLayerNormalization": "enable_skip_layer_norm",
+                   "EmbedLayerNormalization": "enable_embed_layer_norm", "Gelu": "enable_gelu",
+                   "FastGelu": "enable_gelu_approximation", "BiasGelu": "enable_bias_gelu",
+                   "GemmFastGelu": "enable_gemm_fast_gelu", "RotaryEmbedding": "enable_rotary_embeddings"}
+OPTIMIZE_TOLERANCE = 1e-4  # max |fused - unfused| over the probes, relative to max(1, max |unfused|)
 
 
 @dataclass(frozen=True)
@@ -56,12 +71,16 @@ class ExportArgs:
     output: Path
     format: str = "onnx"
     quantize: str = "none"
+    optimize: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise CtpruneError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.quantize not in QUANTIZE:
             raise CtpruneError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.optimize and self.format != "onnx":
+            raise CtpruneError(f"--optimize applies to --format onnx only (ONNX Runtime's graph fusions), "
+                               f"not --format {self.format}")
 
 
 def is_export_folder(folder: Path) -> bool:
@@ -211,12 +230,13 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
     tmp = out.parent / f".{out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # mkdtemp would make it 0700
     tmp.mkdir()
     precision = args.quantize if args.quantize != "none" else "fp32"
+    say = (lambda line: None) if quiet else print
     head = {"architecture": arch.name, "precision": precision,
             "source": {"model": str(model_dir), "fingerprint": arch.fingerprint(model_dir)},
             **_token_ids(arch, model)}
     try:
         if args.format == "onnx":
-            info = _write_onnx(model, tmp, args.quantize, head)
+            info = _write_onnx(model, tmp, args.quantize, args.optimize, head, say)
             tok.save(tmp)
             fmt, files, describe_file = EXPORT_FORMAT, FILES, GRAPHS_FILE
         else:
@@ -233,7 +253,9 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
     if not quiet:
         big = (ENCODER_FILE, DECODER_FILE) if args.format == "onnx" else ("model.bin",)
         sizes = ", ".join(f"{f} {(out / f).stat().st_size / 1e6:.1f} MB" for f in big)
-        print(f"exported {model_dir} -> {out} ({args.format}, {precision}; {sizes})")
+        kept = [g for g, r in (info.get("optimization") or {}).get("graphs", {}).items() if r["kept"]]
+        optimized = f", optimized: {' and '.join(kept)}" if kept else ""
+        print(f"exported {model_dir} -> {out} ({args.format}, {precision}{optimized}; {sizes})")
     return info
 
 
@@ -261,20 +283,24 @@ def _import_engine(fmt: str) -> None:
             raise CtpruneError(f"--format {fmt} needs the package {name}: pip install -e '.[serve]'") from None
 
 
-def _write_onnx(model: torch.nn.Module, folder: Path, quantize: str, head: dict[str, Any]) -> dict[str, Any]:
-    """The two ONNX graphs and ``config.json`` into ``folder``; return ``graphs.json``."""
+def _write_onnx(model: torch.nn.Module, folder: Path, quantize: str, optimize: bool, head: dict[str, Any],
+                say: Any = print) -> dict[str, Any]:
+    """The two ONNX graphs (optimized, then quantized, as asked) and ``config.json`` into
+    ``folder``; return ``graphs.json``."""
     import onnx
     import onnxruntime
 
     cfg = model.cfg
     graphs = export_graphs(model, folder)
+    optimization = optimize_graphs(folder, cfg, say) if optimize else None
     if quantize == "int8":
         quantize_int8(folder)
+    if optimize or quantize == "int8":
         graphs = {k: describe(folder / v["file"]) for k, v in graphs.items()}
     write_json(folder / CONFIG_FILE, cfg.to_dict())
     return {"format": EXPORT_FORMAT, **head, "n_decoder_layers": cfg.n_decoder_layers,
             "decoder_self_heads": cfg.decoder_self_heads, "decoder_cross_heads": cfg.decoder_cross_heads,
-            "head_dim": cfg.head_dim, "opset": OPSET,
+            "head_dim": cfg.head_dim, "opset": OPSET, "optimization": optimization,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "graphs": graphs}
@@ -289,3 +315,152 @@ def _replace_dir(new: Path, out: Path) -> None:
     os.replace(new, out)
     if old is not None:
         shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def _probe_feeds(cfg: Any, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Inputs on which a fused graph must reproduce the unfused one: per graph, two feeds of
+    different batch / length sizes, padded source rows (so a padding mask taken for a causal
+    one shows), an empty and a filled self-attention cache, random keys/values of every layer's
+    own head count."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    hd, n_dec = cfg.head_dim, cfg.n_decoder_layers
+    feeds: dict[str, list[dict[str, Any]]] = {"encoder": [], "decoder_step": []}
+    for b, s, p, lengths in ((3, 7, 5, (7, 4, 1)), (1, 2, 0, (2,))):
+        src = rng.integers(4, cfg.vocab_size, (b, s), dtype=np.int64)
+        for row, n in enumerate(lengths):
+            src[row, n:] = cfg.pad_id
+        mask = src != cfg.pad_id
+
+        def kv(heads: list[int], length: int, b: int = b) -> list[Any]:
+            return [rng.standard_normal((b, h, length, hd)).astype(np.float32) for h in heads for _ in range(2)]
+
+        feeds["encoder"].append({"src": src})
+        feeds["decoder_step"].append({
+            "input_ids": rng.integers(4, cfg.vocab_size, (b, 1), dtype=np.int64), "src_mask": mask,
+            **dict(zip(layer_names("past", n_dec), kv(cfg.decoder_self_heads, p))),
+            **dict(zip(layer_names("cross", n_dec), kv(cfg.decoder_cross_heads, s)))})
+    return feeds
+
+
+def _max_difference(fused: Path, unfused: Path, feeds: list[dict[str, Any]]) -> float:
+    """Largest |fused - unfused| over every output of every feed, relative to max(1, |unfused|);
+    inf when an output's shape or dtype differs or the fused graph does not run."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    ref = ort.InferenceSession(str(unfused), opts, providers=["CPUExecutionProvider"])
+    try:
+        got = ort.InferenceSession(str(fused), opts, providers=["CPUExecutionProvider"])
+    except Exception:  # a fused op this build of ONNX Runtime cannot run
+        return math.inf
+    worst = 0.0
+    for feed in feeds:
+        try:
+            outs = got.run(None, feed)
+        except Exception:
+            return math.inf
+        for a, b in zip(outs, ref.run(None, feed), strict=True):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return math.inf
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            scale = max(1.0, float(np.abs(b).max(initial=0.0)))
+            worst = max(worst, float(np.abs(a - b).max(initial=0.0)) / scale)
+    return worst
+
+
+def _fuse(path: Path, out: Path, disabled: set[str]) -> dict[str, int]:
+    """ONNX Runtime's transformer optimizer on ``path`` into ``out``, the fusions in ``disabled``
+    (FusionOptions attribute names) switched off; return its fused-operator counts.
+
+    ``model_type="bart"``: the encoder-decoder fusions (attention with and without a cache,
+    cross-attention on precomputed keys/values, SkipLayerNormalization around post-LN blocks).
+    ``num_heads=0, hidden_size=0``: each attention's head count is read from its own reshape,
+    so every layer keeps its own."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bart")
+    for name in disabled:
+        setattr(options, name, False)
+    opt = optimize_model(str(path), model_type="bart", num_heads=0, hidden_size=0,
+                         optimization_options=options)
+    opt.save_model_to_file(str(out))
+    return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def optimize_graphs(folder: Path, cfg: Any, say: Any = print) -> dict[str, Any]:
+    """Run ONNX Runtime's transformer optimizer on ``encoder.onnx`` and ``decoder_step.onnx`` of
+    ``folder`` in place; return, per graph, what was fused (for ``graphs.json``).
+
+    Each fused graph is run beside the unfused one on ``_probe_feeds``; it is kept only if every
+    output is within ``OPTIMIZE_TOLERANCE``. Otherwise it is rebuilt without the fusions it
+    used, one kind at a time, and the first version that agrees is kept; if none does (or the
+    optimizer fails), the unfused graph stays. Each fallback prints one warning line to stderr
+    naming the graph, the fusion and the difference."""
+    import onnx
+
+    feeds = _probe_feeds(cfg)
+    result: dict[str, Any] = {"optimizer": "onnxruntime.transformers.optimizer.optimize_model",
+                              "model_type": "bart", "num_heads": 0, "hidden_size": 0,
+                              "tolerance": OPTIMIZE_TOLERANCE, "graphs": {}}
+    for key, name in (("encoder", ENCODER_FILE), ("decoder_step", DECODER_FILE)):
+        path, fused = folder / name, folder / f"fused.{name}"
+        before = _op_counts(onnx.load(str(path)))
+        disabled: set[str] = set()
+        rejected: list[str] = []  # "what the rejected graph fused: its difference"
+        record: dict[str, Any] = {"fused": {}, "kept": False, "disabled": [], "max_difference": None,
+                                  "operator_statistics": {}, "warning": None}
+        try:
+            while True:
+                with _quiet_exporter():
+                    counts = _fuse(path, fused, disabled)
+                made = _new_ops(before, fused)
+                difference = _max_difference(fused, path, feeds[key])
+                if difference <= OPTIMIZE_TOLERANCE:
+                    os.replace(fused, path)
+                    record.update(fused=made, kept=True, disabled=sorted(disabled), max_difference=difference,
+                                  operator_statistics=counts)
+                    break
+                rejected.append(f"{_fusion_text(made)}: {difference:.1e}")
+                # Rebuild without one more kind of fusion this graph used, the first not yet off.
+                switch = next((FUSION_SWITCHES[op] for op in made if FUSION_SWITCHES[op] not in disabled), None)
+                if switch is None:
+                    break
+                disabled.add(switch)
+            if rejected:
+                outcome = (f"kept it without {', '.join(sorted(disabled))} ({_fusion_text(record['fused'])})"
+                           if record["kept"] else "kept the unfused graph")
+                record["warning"] = (f"{name}: fused graphs changed the outputs beyond {OPTIMIZE_TOLERANCE:g} "
+                                     f"({'; '.join(rejected)}); {outcome}")
+        except Exception as e:  # the optimizer's own failures: keep the exported graph
+            record["warning"] = f"{name}: ONNX Runtime's optimizer failed ({first_line(e)}); kept the unfused graph"
+        fused.unlink(missing_ok=True)
+        if record["warning"]:
+            print(f"warning: {record['warning']}", file=sys.stderr)
+        result["graphs"][key] = record
+        say(f"optimized {name}: " + (_fusion_text(record["fused"]) if record["kept"] else "unfused (see warning)"))
+    return result
+
+
+def _op_counts(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _new_ops(before: dict[str, int], fused: Path) -> dict[str, int]:
+    """The fused operators the optimizer added: counts of the ``FUSION_SWITCHES`` ops beyond
+    those the exporter already wrote (the exporter writes LayerNormalization itself)."""
+    import onnx
+
+    after = _op_counts(onnx.load(str(fused)))
+    return {op: after[op] - before.get(op, 0) for op in FUSION_SWITCHES if after.get(op, 0) > before.get(op, 0)}
+
+
+def _fusion_text(made: dict[str, int]) -> str:
+    return ", ".join(f"{op} x{n}" for op, n in made.items()) or "no fusions"
