@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ctprune.experiment import load_experiment
 from ctprune.fileio import write_json
-from ctprune.stages.run import run_experiment
+from ctprune.run.experiment import load_experiment
+from ctprune.run.graph import run_experiment
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:

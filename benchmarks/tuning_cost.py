@@ -22,12 +22,12 @@ from torch import nn
 
 from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import load_split
-from ctprune.experiment import load_experiment
 from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import load_index, load_variant
 from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules, validate_configurations
+from ctprune.run.experiment import load_experiment
 from ctprune.spec import MAX_TOKENS
 from ctprune.stages.prune import prune
 from ctprune.stages.tune_blocks import Recorder, block_losses

@@ -138,7 +138,8 @@ def cmd_translate(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from ctprune.serve.export import ExportArgs, export
 
-    export(ExportArgs(model=Path(a.model), output=Path(a.output), format=a.format, quantize=a.quantize))
+    export(ExportArgs(model=Path(a.model), output=Path(a.output), format=a.format, quantize=a.quantize,
+                      optimize=a.optimize))
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
@@ -265,14 +266,14 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
-    from ctprune.stages.run import run_experiment
+    from ctprune.run.graph import run_experiment
 
     given = {k: getattr(a, k) for k, _ in RUN_EXECUTION_FLAGS if getattr(a, k) is not None}
     run_experiment(Path(a.experiment), Path(a.output) if a.output else None, execution=given)
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from ctprune.stages.report import write_report
+    from ctprune.run.report import write_report
 
     print(f"report: {write_report(Path(a.run_dir))} (and report.html)")
 
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", help="onnx or ctranslate2")
     p.add_argument("--quantize", default="none",
                    help="none or int8 (ONNX Runtime: dynamic, per channel; CTranslate2: int8 weights per row)")
+    p.add_argument("--optimize", action="store_true",
+                   help="onnx only: ONNX Runtime's transformer fusions (heads read per layer), each fused graph "
+                        "checked against the unfused one; applied before --quantize")
     p.add_argument("-o", "--output", required=True, help="serving folder to write")
 
     p = add("inspect", cmd_inspect, "list the prunable modules: name, kind, parameters, heads or width")

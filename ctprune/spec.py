@@ -182,6 +182,9 @@ class SearchSpec(_Spec):
         for r in self.grid:
             if r != 0:  # keep 0: the block removed altogether (its residual branch skipped)
                 _keep_ratio(r, "search.grid")
+        if not any(r < 1 for r in self.grid):  # keep 1 is the untouched module, always a choice
+            raise CtpruneError(f"search.grid {list(self.grid)} prunes nothing: give keep ratios in [0, 1), "
+                               "e.g. [0.25, 0.5, 0.75]")
         try:
             budget_sweep(dict(self.budgets))
         except CtpruneError as e:

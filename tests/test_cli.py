@@ -103,7 +103,7 @@ def test_finetune_takes_the_origins_preset_as_run_does(preset: str, tmp_path: Pa
     tiny origin is finetuned in fp32 on 1024-token batches, as `ctprune run` finetunes it."""
     import ctprune.stages.finetune as stage
     from ctprune.cli import main
-    from ctprune.experiment import Experiment
+    from ctprune.run.experiment import Experiment
     from ctprune.spec import OriginSpec
     from ctprune.training.loop import FitResult, Recipe
 

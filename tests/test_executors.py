@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from ctprune.errors import CtpruneError
-from ctprune.executors import RETRY, Executor, LocalExecutor, ProcessExecutor, make_executor
-from ctprune.jobs import FAULT_ENV, Job
+from ctprune.run.executors import RETRY, Executor, LocalExecutor, ProcessExecutor, make_executor
+from ctprune.run.jobs import FAULT_ENV, Job
 from ctprune.spec import ExecutionSpec
 from ctprune.stages.prune import prune
 from ctprune.stages.tune_blocks import merge_shards, tune_blocks
@@ -42,6 +42,17 @@ def stamp(log: str, name: str, seconds: float = 0.0, meet: str | None = None, de
 
 def refuse(device: str = "cpu") -> None:
     raise CtpruneError("bad input: the one-line error")
+
+
+def test_job_keys_are_those_of_the_code_before_the_run_package() -> None:
+    # Guards resumability of existing run folders: a job's record is found by its key, so a changed
+    # key reruns every finished job. These are the keys computed on ctprune/jobs.py before it moved
+    # into ctprune/run/ (issue 23); bare function names still resolve to the jobs module.
+    assert Job("x", "finetune_job", {"a": 1}, context="c").key == "058d3bd7e0e8"
+    assert Job("origin model", "train_origin_job", {"output": "o", "epochs": 2}, context="d").key == "4a4106df3bde"
+    import ctprune.run.jobs as jobs
+
+    assert callable(jobs.finetune_job) and callable(jobs.train_origin_job)
 
 
 def _job(name: str, log: Path, seconds: float = 0.0, deps: tuple[str, ...] = (), exclusive: bool = False,
@@ -112,7 +123,7 @@ def test_an_edited_or_incomplete_job_record_is_run_again_never_read(edit: str, t
 
 
 def test_no_json_file_gets_nan_or_infinity(tmp_path: Path) -> None:
-    from ctprune.jobs import write_json_strict
+    from ctprune.run.jobs import write_json_strict
 
     with pytest.raises(CtpruneError, match=r"summary .*: origin.val_bleu is not a finite number; nothing written"):
         write_json_strict(tmp_path / "s.json", {"origin": {"val_bleu": float("-inf")}}, "summary")
@@ -178,7 +189,7 @@ def test_a_dead_worker_is_charged_to_its_own_job_not_to_those_that_shared_its_po
 def test_threads_are_shared_out_among_the_jobs_that_run_at_once(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """4 cores, 2 workers: a job alone (or exclusive) gets all 4 threads; two at once get 2 each."""
-    monkeypatch.setattr("ctprune.executors.cpu_threads", lambda: 4)
+    monkeypatch.setattr("ctprune.run.executors.cpu_threads", lambda: 4)
     started: dict[str, int] = {}
     ex = LocalExecutor(ExecutionSpec(workers=2), tmp_path)
     ex.workers = 2  # the scheduling of a 2-worker executor, run in this process
@@ -225,7 +236,7 @@ def test_run_gives_the_same_numbers_on_every_executor(trained: Path, tmp_path: P
     """The same experiment with local, process (2 workers, tuning in 2 shards; one worker killed
     inside a finetuning job) and Ray (a local cluster of 2 CPUs, tuning in one shard, the default on
     one machine): identical BLEU, parameters, FLOPs and epochs to target."""
-    import ctprune.stages.run as run_stage
+    import ctprune.run.graph as run_stage
 
     exp = tmp_path / "exp.toml"
     exp.write_text(EXPERIMENT.format(model=trained).replace("seeds = [0, 1]", "seeds = [0]"))

@@ -482,6 +482,37 @@ def test_a_closed_pipe_ends_output_quietly(workspace: Path, capsys: pytest.Captu
     assert capsys.readouterr().err == ""
 
 
+def test_a_grid_of_only_keep_one_is_refused_when_the_experiment_is_read(tmp_path: Path) -> None:
+    from ctprune.run.experiment import load_experiment
+
+    exp = tmp_path / "e.toml"
+    exp.write_text('[data]\ncorpus = "synthetic"\n[search]\nflops = 0.5\ngrid = [1.0]\n')
+    with pytest.raises(CtpruneError, match=r"e.toml: search.grid \[1.0\] prunes nothing: give keep ratios in"):
+        load_experiment(exp)
+
+
+def test_run_replaces_a_symlinked_experiment_copy_never_writing_through_it(tmp_path: Path,
+                                                                          model_folder: Path) -> None:
+    """A run folder whose experiment.toml is a link to a user's file: the run's copy replaces the
+    link and the user's file keeps its content (here the run is then refused: min_distance)."""
+    from ctprune.run.graph import MARKER, run_experiment
+
+    user = tmp_path / "notes.txt"
+    user.write_text("the user's own file\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / MARKER).write_text("a run folder\n")
+    (run_dir / "experiment.toml").symlink_to(user)
+    exp = tmp_path / "e.toml"
+    exp.write_text(f'[data]\ncorpus = "synthetic"\n[origin]\nmodel = "{model_folder}"\n'
+                   '[search]\nflops = 0.5\nmin_distance = 1000\n')
+    with pytest.raises(CtpruneError, match="min_distance"):
+        run_experiment(exp, run_dir)
+    assert user.read_text() == "the user's own file\n"
+    link = run_dir / "experiment.toml"
+    assert not link.is_symlink() and link.read_text() == exp.read_text()
+
+
 def test_the_table_is_large() -> None:
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
 
@@ -890,7 +921,7 @@ def test_toml_nested_deep_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(CtpruneError, match="nests deeper than 32"):
         read_toml(tmp_path / "deep.toml", "experiment")
-    from ctprune.experiment import load_experiment
+    from ctprune.run.experiment import load_experiment
 
     with pytest.raises(CtpruneError, match="nests deeper than 32"):  # what `ctprune run` reads
         load_experiment(tmp_path / "deep.toml")

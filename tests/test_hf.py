@@ -491,7 +491,7 @@ def test_run_end_to_end_on_a_marian_origin(origin: str, marian_folder: Path, tmp
     """`ctprune run` with a Hugging Face origin, given as a folder or trained by the run
     ([origin] arch = "marian"): both sides finetuned under the protocol, the describe and latency
     jobs through the architecture seam, a report."""
-    from ctprune.stages.run import run_experiment
+    from ctprune.run.graph import run_experiment
 
     exp = tmp_path / "exp.toml"
     given = f'model = "{marian_folder}"' if origin == "given" else 'arch = "marian"\nepochs = 1'

@@ -1,5 +1,7 @@
-"""The package's module-level import graph: no cycles, and `run` built from the spec, the jobs
-and the executors (it holds no stage logic of its own)."""
+"""The package's module-level import graph: no cycles; the layers below the stages never reach up
+into them, nor into the job runtime; the stages never import `ctprune.run` (which is built on
+them); and the experiment's graph (`ctprune.run.graph`) built from the spec, the jobs and the
+executors (it holds no stage logic of its own)."""
 
 from __future__ import annotations
 
@@ -47,23 +49,34 @@ def imports_anywhere(path: Path) -> set[str]:
 
 
 UPPER = ("ctprune.stages", "ctprune.cli")  # the commands and their stage functions
+RUN = "ctprune.run"  # the job runtime, executors, experiment graph and report: built on the stages
 # What the stages are built on: it never reaches up into them, not even from inside a function
 # (the budget grammar once lived in the search stage and the spec imported it from there).
-BELOW = ("ctprune.spec", "ctprune.budget", "ctprune.errors", "ctprune.fileio", "ctprune.experiment", "ctprune.arch",
-         "ctprune.data", "ctprune.model", "ctprune.pruning", "ctprune.training")
+BELOW = ("ctprune.spec", "ctprune.budget", "ctprune.errors", "ctprune.fileio", "ctprune.run.experiment",
+         "ctprune.run.protocol", "ctprune.arch", "ctprune.data", "ctprune.model", "ctprune.pruning", "ctprune.training")
 
 
-def test_nothing_outside_the_cli_and_the_stages_imports_them_at_import_time() -> None:
+def test_nothing_outside_the_cli_the_stages_and_run_imports_them_at_import_time() -> None:
     upward = {name: sorted(d for d in deps if _within(d, UPPER)) for name, deps in module_imports().items()
-              if not _within(name, UPPER) and name != "ctprune.__main__"}
+              if not _within(name, UPPER + (RUN,)) and name != "ctprune.__main__"}
     assert not {name: deps for name, deps in upward.items() if deps}
 
 
 def test_the_layers_below_the_stages_never_import_a_stage_or_the_cli() -> None:
     below = [p for p in ROOT.rglob("*.py") if _within(_module(p), BELOW)]
     assert any(_module(p) == "ctprune.spec" for p in below)
-    upward = {_module(p): sorted(d for d in imports_anywhere(p) if _within(d, UPPER + ("ctprune.jobs",)))
+    upward = {_module(p): sorted(d for d in imports_anywhere(p) if _within(d, UPPER + ("ctprune.run.jobs",
+                                                                                   "ctprune.run.executors",
+                                                                                   "ctprune.run.graph",
+                                                                                   "ctprune.run.report")))
               for p in below}
+    assert not {name: deps for name, deps in upward.items() if deps}
+
+
+def test_the_stages_never_import_run() -> None:
+    stages = [p for p in ROOT.rglob("*.py") if _within(_module(p), ("ctprune.stages",))]
+    assert any(_module(p) == "ctprune.stages.finetune" for p in stages)
+    upward = {_module(p): sorted(d for d in imports_anywhere(p) if _within(d, (RUN,))) for p in stages}
     assert not {name: deps for name, deps in upward.items() if deps}
 
 
@@ -87,9 +100,9 @@ def test_no_import_cycles() -> None:
     assert not cycles, cycles
 
 
-def test_run_imports_the_spec_the_jobs_and_the_executors() -> None:
-    deps = module_imports()["ctprune.stages.run"]
-    assert {"ctprune.experiment", "ctprune.jobs", "ctprune.executors"} <= deps
+def test_the_graph_imports_the_experiment_the_jobs_and_the_executors() -> None:
+    deps = module_imports()["ctprune.run.graph"]
+    assert {"ctprune.run.experiment", "ctprune.run.jobs", "ctprune.run.executors"} <= deps
     stages = {d for d in deps if d.startswith("ctprune.stages") or d.startswith("ctprune.model")
               or d.startswith("ctprune.training")}
-    assert not stages, stages  # stage logic lives in the jobs, not in run
+    assert not stages, stages  # stage logic lives in the jobs, not in the graph

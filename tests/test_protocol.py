@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ctprune.errors import CtpruneError
-from ctprune.protocol import (
+from ctprune.run.protocol import (
     BankCost,
     Configuration,
     Cost,

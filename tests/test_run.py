@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import ctprune.executors as executors
-import ctprune.jobs as jobs
+import ctprune.run.executors as executors
+import ctprune.run.graph as run_stage
+import ctprune.run.jobs as jobs
 import ctprune.stages.finetune as finetune_stage
-import ctprune.stages.run as run_stage
 from ctprune.errors import CtpruneError
-from ctprune.experiment import load_experiment
-from ctprune.jobs import check_configurations_early
-from ctprune.protocol import BankCost, Configuration, flops_at, saving, saving_curve, time_to_target
 from ctprune.pruning.configs import variant_key
+from ctprune.run.experiment import load_experiment
+from ctprune.run.jobs import check_configurations_early
+from ctprune.run.protocol import BankCost, Configuration, flops_at, saving, saving_curve, time_to_target
+from ctprune.run.report import METHODS, FrontierRow, frontier, pareto
 from ctprune.scoring import spearman
-from ctprune.stages.report import METHODS, FrontierRow, frontier, pareto
 from ctprune.training.loop import read_history
 
 from .conftest import run_cli
@@ -531,8 +531,8 @@ def test_a_changed_data_folder_or_origin_redoes_every_job_that_reads_it(trained:
     relative data_dir is relative to the experiment file."""
     from shutil import copytree
 
-    from ctprune.jobs import val_bleu_job
     from ctprune.model.checkpoint import load_model_folder, save_model_folder
+    from ctprune.run.jobs import val_bleu_job
 
     origin = tmp_path / "origin"
     copytree(trained, origin)

@@ -59,9 +59,9 @@ def test_cli_defaults_are_the_specs() -> None:
 
 def test_spec_lists_match_the_code() -> None:
     from ctprune.arch import _REGISTRY as archs
-    from ctprune.executors import EXECUTORS as executors
     from ctprune.model.transformer import PRESETS as presets
     from ctprune.pruning.configs import KINDS as kinds
+    from ctprune.run.executors import EXECUTORS as executors
 
     assert set(EXECUTORS) == set(executors) and set(PRESETS) == set(presets) and set(KINDS) == set(kinds)
     assert set(ARCHS) == set(archs)
@@ -145,7 +145,7 @@ def test_specs_built_in_code_check_themselves(build: object, message: str) -> No
 
 
 def test_specs_built_in_code_are_converted_as_the_experiment_file_is() -> None:
-    from ctprune.experiment import SECTIONS
+    from ctprune.run.experiment import SECTIONS
 
     assert all(cls.__name__.removesuffix("Spec").lower() == name for name, cls in SECTIONS.items())  # keys named so
     s = SearchSpec(grid=[0.5, 1], flops=(0.75, "50%"), kinds=["ffn"])

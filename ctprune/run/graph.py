@@ -1,5 +1,5 @@
-"""`ctprune run`: the whole composability experiment as a graph of jobs (ctprune/jobs.py) handed
-to an executor (ctprune/executors.py), resumable; then the protocol's arithmetic and the report.
+"""`ctprune run`: the whole composability experiment as a graph of jobs (ctprune/run/jobs.py) handed
+to an executor (ctprune/run/executors.py), resumable; then the protocol's arithmetic and the report.
 
 RUN_DIR/
   .ctprune-run            written first: `run -o` takes only a new or empty folder or one with this marker
@@ -18,7 +18,7 @@ Every job is keyed by the content of what it reads, not by paths: the origin's f
 architecture, manifest, tokenizer) and the data files' sizes and SHA-256 are in every job's key and in
 the names of the banks and finetunings (INPUTS, SCHED_FP, FP), so a changed origin or data folder
 redoes every job that depends on it and never reuses a result of the old inputs.
-The protocol (ctprune/protocol.py): each side finetunes until the target or the cap of E epochs,
+The protocol (ctprune/run/protocol.py): each side finetunes until the target or the cap of E epochs,
 and at least the equal-budget epochs (whose model is kept as epoch-K for the test BLEU).
 The banks grow with the plan: after the configurations are edited only the variants no bank has
 yet are pruned and tuned, and only configurations whose fingerprint changed are finetuned again.
@@ -40,11 +40,12 @@ from typing import Any
 from ctprune import __version__
 from ctprune.data.corpus import DATA_DIR_ENV, corpus_languages, default_splits, resolve_data_dir, test_splits
 from ctprune.errors import CtpruneError
-from ctprune.executors import Executor, cpu_threads, make_executor
-from ctprune.experiment import Experiment, load_experiment
 from ctprune.fileio import check_output, file_record, read_json, sha256_file, write_bytes, write_json, write_text
-from ctprune.jobs import RECORDS, Job, check_configurations_early, missing_variants, write_json_strict
-from ctprune.protocol import (
+from ctprune.pruning.configs import fingerprint, model_fingerprint, variant_ids, variant_key
+from ctprune.run.executors import Executor, cpu_threads, make_executor
+from ctprune.run.experiment import Experiment, load_experiment
+from ctprune.run.jobs import RECORDS, Job, check_configurations_early, missing_variants, write_json_strict
+from ctprune.run.protocol import (
     BankCost,
     Configuration,
     Cost,
@@ -55,7 +56,7 @@ from ctprune.protocol import (
     scratch_flops,
     time_to_equal_quality,
 )
-from ctprune.pruning.configs import fingerprint, model_fingerprint, variant_ids, variant_key
+from ctprune.run.summary import Summary
 from ctprune.spec import ExecutionSpec, FinetuningSpec, OriginSpec, SearchSpec, TuningSpec, check_option, spec_default
 
 SIDES = ("baseline", "composed")
@@ -536,7 +537,7 @@ def run_experiment(exp_path: Path, run_dir: Path | None = None, execution: dict[
 
 def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: ExecutionSpec, data_dir: Path | None,
          data: dict[str, Any], origin_fp: str | None) -> Path:
-    from ctprune.stages.report import frontier, write_report
+    from ctprune.run.report import frontier, write_report
 
     d, f = exp.data, exp.finetuning
     origin = _origin(exp, run_dir, ex, data_dir, data)
@@ -640,32 +641,32 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Exe
     distinct = {c[s]["dir"]: c[s] for c in trained for s in SIDES}.values()
     flops = sum(c["train_flops"] for c in distinct)
     seconds = sum(c["train_seconds"] for c in distinct)
-    summary = {
-        "experiment": str(exp_path), "seeds": exp.seeds, "corpus": d.corpus,
-        "target_bleu": None if target is None else round(target, 2),
-        "search": None if exp.search is None else {
-            **read_json(run_dir / "search.json"), "scoring_seconds": scoring_seconds},
-        "protocol": {"target": f.target_bleu, "cap_epochs": f.epochs, "budget_epochs": f.budget_epochs,
-                     "eval_every": f.eval_every, "select": f.select, "random": f.random, "scratch": f.scratch,
-                     "scratch_ceiling": f.scratch_ceiling,
-                     "tuning_epochs": exp.tuning.epochs, "latency_repeats": lat["repeats"]},
-        "execution": {**dataclasses.asdict(spec), "workers": ex.workers, "cores": ex.cores,
-                      "tuning_shards": spec.tuning_shards(ex.workers)},
-        "test_splits": tests,
-        "origin": {"dir": str(origin), **described["origin"], "val_bleu": round(val_bleu, 2)},
-        "inputs": {"origin_fingerprint": r.origin_fp, "data_fingerprint": r.data_fp, "data_files": data},
-        "bleu_signature": described["bleu_signature"], "chrf_signature": described["chrf_signature"],
-        "configurations": shapes, **({"competitors": competitors} if competitors else {}),
-        **({"random": randoms} if f.random and exp.search is not None else {}), "runs": seeds,
-        "finetune_achieved_gflops": round(flops / max(seconds, 1e-9) / 1e9, 2),
-        "versions": {"ctprune": __version__, "python": platform.python_version()},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": cpu_threads()},
-    }
+    summary = Summary(
+        experiment=str(exp_path), seeds=exp.seeds, corpus=d.corpus,
+        target_bleu=None if target is None else round(target, 2),
+        search=None if exp.search is None else {**read_json(run_dir / "search.json"),
+                                                "scoring_seconds": scoring_seconds},
+        protocol={"target": f.target_bleu, "cap_epochs": f.epochs, "budget_epochs": f.budget_epochs,
+                  "eval_every": f.eval_every, "select": f.select, "random": f.random, "scratch": f.scratch,
+                  "scratch_ceiling": f.scratch_ceiling,
+                  "tuning_epochs": exp.tuning.epochs, "latency_repeats": lat["repeats"]},
+        execution={**dataclasses.asdict(spec), "workers": ex.workers, "cores": ex.cores,
+                   "tuning_shards": spec.tuning_shards(ex.workers)},
+        test_splits=tests,
+        origin={"dir": str(origin), **described["origin"], "val_bleu": round(val_bleu, 2)},
+        inputs={"origin_fingerprint": r.origin_fp, "data_fingerprint": r.data_fp, "data_files": data},
+        bleu_signature=described["bleu_signature"], chrf_signature=described["chrf_signature"],
+        configurations=shapes, competitors=competitors or None,
+        random=randoms if f.random and exp.search is not None else None, runs=seeds,
+        finetune_achieved_gflops=round(flops / max(seconds, 1e-9) / 1e9, 2),
+        versions={"ctprune": __version__, "python": platform.python_version()},
+        machine={"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                 "threads": cpu_threads()},
+    )
     if exp.search is not None:
-        summary["frontier"] = [dataclasses.asdict(row) for row in frontier(summary)]
+        summary = dataclasses.replace(summary, frontier=[dataclasses.asdict(row) for row in frontier(summary.raw)])
     _say("report: summary.json, report.md, report.html")
-    write_json_strict(run_dir / "summary.json", summary, "run summary")
+    write_json_strict(run_dir / "summary.json", summary.to_json(), "run summary")
     report = write_report(run_dir)
     _say(f"done: {report} (and report.html)")
     return report

@@ -6,7 +6,7 @@ arguments and the content of what its paths hold (``context``: the origin's and 
 fingerprints); when the job ends, ``run_job`` writes ``RUN_DIR/jobs/NAME-KEY.json`` with the
 result and a SHA-256 of the record, last, so a job with a valid record is complete and is skipped,
 and a job without one (or with an edited or malformed one) is (re)run, its function resuming
-whatever part of its output was committed. The executors (ctprune/executors.py)
+whatever part of its output was committed. The executors (ctprune/run/executors.py)
 run a graph of jobs in this process, in worker processes, or as Ray tasks.
 """
 
@@ -342,9 +342,9 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
     of an epoch), then test BLEU before finetuning, at the budget, and of the kept model (chosen by
     ``select``); the time-to-target cost from its history."""
     from ctprune.model.checkpoint import load_model_folder
-    from ctprune.protocol import epoch_of, time_to_target
     from ctprune.pruning.bank import compose
     from ctprune.pruning.configs import load_configurations, prunable_modules
+    from ctprune.run.protocol import epoch_of, time_to_target
     from ctprune.stages.finetune import finetune
     from ctprune.training.loop import Recipe, has_training_run, read_history
 

@@ -1,4 +1,4 @@
-"""Stage `report`: RUN_DIR/summary.json + histories -> report.md and a self-contained report.html.
+"""`ctprune report`: RUN_DIR/summary.json + histories -> report.md and a self-contained report.html.
 
 Both are rendered from one list of blocks (headings, paragraphs, tables, images), so the HTML
 has real tables and inline plots rather than Markdown source.
@@ -17,6 +17,7 @@ from typing import Any
 
 from ctprune.errors import CtpruneError
 from ctprune.fileio import atomic_write, contained, read_json, write_text
+from ctprune.run.summary import Summary
 from ctprune.scoring import spearman
 from ctprune.stages.search import budget_points, describe_table
 from ctprune.training.loop import read_history
@@ -564,16 +565,15 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write report.md and a self-contained report.html from RUN_DIR/summary.json."""
+    """Write report.md and a self-contained report.html from RUN_DIR/summary.json (read and checked
+    by ``Summary.from_json``: an incomplete summary is refused in one line naming what it lacks)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "summary.json").exists():
+    path = run_dir / "summary.json"
+    if not path.exists():
         raise CtpruneError(f"{run_dir} has no summary.json; is it a finished `ctprune run` folder?")
-    s = read_json(run_dir / "summary.json", "run summary")
-    try:
-        doc = _build(run_dir, s)
-    except (KeyError, IndexError, TypeError, ValueError) as e:
-        raise CtpruneError(f"{run_dir / 'summary.json'} is not a complete run summary "
-                           f"({type(e).__name__}: {e}); re-run `ctprune run` to rewrite it") from None
+    summary = Summary.from_json(read_json(path, "run summary"), path)
+    s = summary.raw
+    doc = _build(run_dir, s)
     write_text(run_dir / "report.md", doc.markdown(run_dir))
-    write_text(run_dir / "report.html", doc.html(f"ctprune report: {s['experiment']}"))
+    write_text(run_dir / "report.html", doc.html(f"ctprune report: {summary.experiment}"))
     return run_dir / "report.md"
