@@ -583,3 +583,30 @@ def test_ct2_marian_matches_pytorch(marian_pruned: Path, tmp_path: Path) -> None
         ref_ids = arch.generate(model, src, 1)
     assert eng.generate(src) == ref_ids and max(map(len, ref_ids)) >= 3
     assert translate_served(eng, sentences) == decode.translate(model, tok, sentences)
+
+
+def test_a_fused_graph_with_nans_fails_the_check(tmp_path: Path) -> None:
+    """--optimize's check: a NaN the fused graph has and the unfused has not is an infinite
+    difference (Python's max() would skip it), a NaN both have at one place is agreement."""
+    import math
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ctprune.serve.export import _max_difference
+
+    def graph(path: Path, *nodes: onnx.NodeProto) -> Path:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])
+        model = helper.make_model(helper.make_graph(list(nodes), "g", [x], [y]),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, str(path))
+        return path
+
+    identity = graph(tmp_path / "a.onnx", helper.make_node("Identity", ["x"], ["y"]))
+    nan_out = graph(tmp_path / "b.onnx", helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Sqrt", ["n"], ["y"]))
+    feeds = [{"x": np.array([1.0, 2.0, 3.0], dtype=np.float32)}]
+    assert _max_difference(nan_out, identity, feeds) == math.inf
+    assert _max_difference(identity, identity, [{"x": np.array([1.0, np.nan, 3.0], dtype=np.float32)}]) == 0.0

@@ -98,3 +98,16 @@ def test_the_report_refuses_an_incomplete_summary_in_one_line(tmp_path: Path) ->
     with pytest.raises(CtpruneError, match=r"summary.json: not a complete run summary: no runs\[0\]\.tuned_bank"):
         write_report(tmp_path)
     assert not (tmp_path / "report.md").exists()
+
+
+def test_the_report_refuses_a_summary_missing_a_deeper_field_in_one_line(tmp_path: Path) -> None:
+    """A field below what from_json checks (a configuration's latency) is a one-line refusal too."""
+    from ctprune.run.report import write_report
+
+    obj = _old()
+    Summary.from_json(copy.deepcopy(obj), "s.json")  # complete at the levels from_json checks
+    del obj["configurations"][0]["latency"]["ratio"]
+    (tmp_path / "summary.json").write_text(json.dumps(obj))
+    with pytest.raises(CtpruneError, match=r"summary.json: not a complete run summary \(KeyError: 'ratio'\)"):
+        write_report(tmp_path)
+    assert not (tmp_path / "report.md").exists()

@@ -573,7 +573,11 @@ def write_report(run_dir: Path) -> Path:
         raise CtpruneError(f"{run_dir} has no summary.json; is it a finished `ctprune run` folder?")
     summary = Summary.from_json(read_json(path, "run summary"), path)
     s = summary.raw
-    doc = _build(run_dir, s)
+    try:
+        doc = _build(run_dir, s)
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a field below what from_json checks
+        raise CtpruneError(f"{path}: not a complete run summary ({type(e).__name__}: {e}); re-run "
+                           "`ctprune run` to rewrite it") from None
     write_text(run_dir / "report.md", doc.markdown(run_dir))
     write_text(run_dir / "report.html", doc.html(f"ctprune report: {summary.experiment}"))
     return run_dir / "report.md"

@@ -367,8 +367,11 @@ def _max_difference(fused: Path, unfused: Path, feeds: list[dict[str, Any]]) -> 
             if a.shape != b.shape or a.dtype != b.dtype:
                 return math.inf
             a, b = a.astype(np.float64), b.astype(np.float64)
-            scale = max(1.0, float(np.abs(b).max(initial=0.0)))
-            worst = max(worst, float(np.abs(a - b).max(initial=0.0)) / scale)
+            same = (a == b) | (np.isnan(a) & np.isnan(b))  # equal infinities and NaNs at one place agree
+            if not np.isfinite(np.where(same, 0.0, a - b)).all():
+                return math.inf  # a NaN or infinity one graph has and the other has not (max() skips NaN)
+            scale = max(1.0, float(np.abs(np.where(np.isfinite(b), b, 0.0)).max(initial=0.0)))
+            worst = max(worst, float(np.abs(np.where(same, 0.0, a - b)).max(initial=0.0)) / scale)
     return worst
 
 
