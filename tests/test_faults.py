@@ -448,6 +448,18 @@ def refused_in_one_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureF
     return err[0]
 
 
+def refused_through_a_subprocess(workspace: Path, tmp_path: Path,
+                                 case: tuple[str, list[str], Callable[[Path], None], str]) -> None:
+    """A case of a fault table run as a real process on a spoilt copy: exit 2, one line, no traceback."""
+    _, args, corrupt, fragment = case
+    w = tmp_path / "w"
+    shutil.copytree(workspace, w, symlinks=True)
+    corrupt(w)
+    r = run_cli(*args, cwd=w)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                       monkeypatch: pytest.MonkeyPatch, args: list[str],
@@ -1218,13 +1230,7 @@ def test_hf_fault_is_refused_in_one_short_line(hf_workspace: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("case", ["hf-config-no-model-type", "hf-sparse-linears-of-objects"])
 def test_hf_fault_through_a_subprocess_has_no_traceback(hf_workspace: Path, tmp_path: Path, case: str) -> None:
-    _, args, corrupt, fragment = next(c for c in HF_CASES if c[0] == case)
-    w = tmp_path / "w"
-    shutil.copytree(hf_workspace, w, symlinks=True)
-    corrupt(w)
-    r = run_cli(*args, cwd=w)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr[-2000:]
+    refused_through_a_subprocess(hf_workspace, tmp_path, next(c for c in HF_CASES if c[0] == case))
 
 
 def test_a_pruned_hf_folder_reloads_exactly_without_building_the_full_model(hf_workspace: Path) -> None:
@@ -1398,13 +1404,7 @@ def test_probe_fault_is_refused_in_one_line(workspace: Path, tmp_path: Path, cap
 
 @pytest.mark.parametrize("case", ["tokenizer-empty", "tokenizer-of-another-model"])
 def test_probe_fault_through_a_subprocess_has_no_traceback(workspace: Path, tmp_path: Path, case: str) -> None:
-    _, args, corrupt, fragment = next(c for c in PROBE_CASES if c[0] == case)
-    w = tmp_path / "w"
-    shutil.copytree(workspace, w, symlinks=True)
-    corrupt(w)
-    r = run_cli(*args, cwd=w)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr[-2000:]
+    refused_through_a_subprocess(workspace, tmp_path, next(c for c in PROBE_CASES if c[0] == case))
 
 
 def test_a_smaller_tokenizer_translates_without_a_traceback(workspace: Path, tmp_path: Path) -> None:
