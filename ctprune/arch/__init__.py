@@ -5,8 +5,8 @@ Stages never ask what class a model is. They ask ``detect(folder)`` or ``arch_of
 units (name, kind, size), take a unit out as a block and put a block back, cut heads or neurons,
 score them, compute logits, translate, count FLOPs. ctprune's own Transformer is one
 implementation (``native.py``); MarianMT (``marian.py``) and T5 (``t5.py``) are others, sharing the
-Hugging Face plumbing of ``hf.py``. A fourth architecture is one new file and one line in
-``_REGISTRY``.
+Hugging Face plumbing of ``hf.py``. A fourth architecture is one new module and one
+``register`` call (``tests/test_arch_family.py`` registers a test-only family).
 
 Every implementation is imported lazily, so that ``transformers`` is loaded only for a Hugging
 Face model.
@@ -162,19 +162,55 @@ class Architecture(ABC):
                     m.weight.mul_(m.weight_mask)
 
 
-# name -> (module, class): imported on first use.
-_REGISTRY = {
-    "ctprune": ("ctprune.arch.native", "NativeArchitecture"),
-    "marian": ("ctprune.arch.marian", "MarianArchitecture"),
-    "t5": ("ctprune.arch.t5", "T5Architecture"),
-}
-# The Hugging Face class of each family, for arch_of without importing transformers.
-_HF_CLASSES = {"MarianMTModel": "marian", "T5ForConditionalGeneration": "t5"}
+@dataclass(frozen=True)
+class Family:
+    """One registered model family: where its :class:`Architecture` lives (imported on first
+    use), how its folders say they are of it (a Hugging Face config's ``model_type``; None for a
+    ctprune folder, which has none) and the class names of its loaded models (for ``arch_of``)."""
+
+    module: str
+    cls: str
+    label: str  # how messages name it
+    model_type: str | None
+    model_classes: tuple[str, ...]
+
+
+_REGISTRY: dict[str, Family] = {}
+_loaded: dict[str, Architecture] = {}
+
+
+def register(name: str, family: Family) -> None:
+    """Make family ``name`` known to ``get``, ``detect`` and ``arch_of``: the one registration a
+    new family needs (besides its module)."""
+    if name in _REGISTRY and _REGISTRY[name] != family:
+        raise CtpruneError(f"architecture {brief(name)} is registered already")
+    _REGISTRY[name] = family
+    _loaded.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """The registered families' names (``[origin] arch`` and ``--arch`` choose from them)."""
+    return tuple(_REGISTRY)
+
+
+def supported() -> str:
+    """The registered families, in words, for error messages."""
+    return ", ".join(f.label for f in _REGISTRY.values())
+
+
+register("ctprune", Family("ctprune.arch.native", "NativeArchitecture", "ctprune's own Transformer",
+                           None, ("Seq2SeqTransformer",)))
+register("marian", Family("ctprune.arch.marian", "MarianArchitecture", "MarianMTModel (model_type marian)",
+                          "marian", ("MarianMTModel",)))
+register("t5", Family("ctprune.arch.t5", "T5Architecture", "T5ForConditionalGeneration (model_type t5)",
+                      "t5", ("T5ForConditionalGeneration",)))
 # Keys of a Hugging Face config that ctprune's own config.json never has.
 _HF_MARKS = ("architectures", "transformers_version", "encoder_layers", "num_layers", "d_kv",
              "encoder_attention_heads", "num_heads", "is_encoder_decoder")
-SUPPORTED = "ctprune's own Transformer, MarianMTModel (model_type marian), T5ForConditionalGeneration (model_type t5)"
-_loaded: dict[str, Architecture] = {}
+
+
+def _family_of_class(cls: str) -> str | None:
+    return next((name for name, f in _REGISTRY.items() if cls in f.model_classes), None)
 
 
 def get(name: str) -> Architecture:
@@ -182,9 +218,9 @@ def get(name: str) -> Architecture:
     if name not in _REGISTRY:
         raise CtpruneError(f"unknown architecture {brief(name)}; choose one of {', '.join(_REGISTRY)}")
     if name not in _loaded:
-        module, cls = _REGISTRY[name]
+        family = _REGISTRY[name]
         try:
-            _loaded[name] = getattr(importlib.import_module(module), cls)()
+            _loaded[name] = getattr(importlib.import_module(family.module), family.cls)()
         except ImportError as e:
             raise CtpruneError(f"the {name} architecture needs {e.name or 'a package'}; install ctprune's "
                                "Hugging Face extra: pip install -e \".[hf]\"") from None
@@ -203,7 +239,7 @@ def detect(folder: str | Path) -> Architecture:
         if (folder / "model.safetensors").is_file() or (folder / "tokenizer.model").is_file():
             return get("ctprune")  # a damaged ctprune folder: its own loader says what is missing
         raise CtpruneError(f"{folder} is not a ctprune model folder nor a supported Hugging Face model "
-                           f"(no config.json); supported: {SUPPORTED}")
+                           f"(no config.json); supported: {supported()}")
     config = read_json(path, "model config")  # bounded in size and depth, duplicate keys refused
     if not isinstance(config, dict):
         raise CtpruneError(f"model config {path} must be a JSON object")
@@ -213,25 +249,27 @@ def detect(folder: str | Path) -> Architecture:
         if isinstance(archs, list) else []
     named = ", ".join(shorten(a, 60) for a in archs[:3])  # for messages: cut, never a 10 MB echo
     # The family the config's architectures name, if a supported one (MarianMTModel -> marian).
-    family = next((_HF_CLASSES[a] for a in archs if a in _HF_CLASSES), None)
+    family = next((f for a in archs if (f := _family_of_class(a)) and _REGISTRY[f].model_type), None)
     if model_type is None:
         if family is not None or any(k in config for k in _HF_MARKS):
-            hint = f"; for {named} it is \"model_type\": \"{family}\"" if family else ""
+            hint = f"; for {named} it is \"model_type\": \"{_REGISTRY[family].model_type}\"" if family else ""
             raise CtpruneError(f"{path} looks like a Hugging Face config but has no model_type, which names the "
-                               f"model family{hint}; supported: {SUPPORTED}")
-        if get("ctprune").claims(folder, config):
-            return get("ctprune")
+                               f"model family{hint}; supported: {supported()}")
+        for name, f in _REGISTRY.items():  # the families whose folders have no model_type
+            if f.model_type is None and get(name).claims(folder, config):
+                return get(name)
         raise CtpruneError(f"{folder} is not a ctprune model folder nor a supported Hugging Face model "
-                           f"({path.name} has neither ctprune's fields nor a model_type); supported: {SUPPORTED}")
+                           f"({path.name} has neither ctprune's fields nor a model_type); supported: {supported()}")
     if not isinstance(model_type, str):
-        raise CtpruneError(f"{path}: model_type must be a string, got {brief(model_type)}; supported: {SUPPORTED}")
-    name = {"marian": "marian", "t5": "t5"}.get(model_type)
+        raise CtpruneError(f"{path}: model_type must be a string, got {brief(model_type)}; supported: {supported()}")
+    name = next((n for n, f in _REGISTRY.items() if f.model_type == model_type), None)
     if family is not None and family != name:
         raise CtpruneError(f"{path}: model_type {brief(model_type)} contradicts its architectures ({named}, "
-                           f"model_type \"{family}\"); correct one of them; supported: {SUPPORTED}")
+                           f"model_type \"{_REGISTRY[family].model_type}\"); correct one of them; "
+                           f"supported: {supported()}")
     if name is None:
         raise CtpruneError(f"{folder} holds a Hugging Face {named or 'model'} (model_type {brief(model_type)}), "
-                           f"which ctprune does not support; supported: {SUPPORTED}")
+                           f"which ctprune does not support; supported: {supported()}")
     arch = get(name)
     if not arch.claims(folder, config):
         raise CtpruneError(f"{folder} holds a Hugging Face {named or brief(model_type)} model; "
@@ -240,10 +278,9 @@ def detect(folder: str | Path) -> Architecture:
 
 
 def arch_of(model: nn.Module) -> Architecture:
-    """The architecture of a loaded model."""
-    cls = type(model).__name__
-    if cls == "Seq2SeqTransformer":
-        return get("ctprune")
-    if cls in _HF_CLASSES:
-        return get(_HF_CLASSES[cls])
-    raise CtpruneError(f"a {cls} is not a model ctprune can prune; supported: {SUPPORTED}")
+    """The architecture of a loaded model: the family that registered its class (or, for a
+    subclass of none of them, of its nearest base class)."""
+    for k in type(model).__mro__:
+        if (name := _family_of_class(k.__name__)) is not None:
+            return get(name)
+    raise CtpruneError(f"a {type(model).__name__} is not a model ctprune can prune; supported: {supported()}")
