@@ -58,3 +58,27 @@ def test_a_folder_without_a_search_is_refused_in_one_line(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier_progress.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no search.json" in out.stderr
+
+
+def test_bootstrap_compares_every_method_of_a_budget_against_the_searched_model(tmp_path: Path,
+                                                                                 model_folder: Path) -> None:
+    side = {"dir": str(model_folder), "kept": {"val_loss": 2.0, "val_bleu": 1.0}}
+    worse = {"dir": str(tmp_path / "missing"), "kept": {"val_loss": 3.0, "val_bleu": 2.0}}  # not chosen: not read
+    _write(tmp_path / "summary.json", {
+        "frontier": [{"budget": 0}], "corpus": "synthetic", "test_splits": ["test"], "inputs": {},
+        "protocol": {"select": "val_loss"}, "origin": {"dir": str(model_folder)},
+        "configurations": [{"budget": 0}, {"budget": 0}],
+        "runs": [{"configurations": [{"composed": worse}, {"composed": side}],
+                  "competitors": [{"method": "uniform", "budget": 0, "composed": side, "baseline": side}],
+                  "scratch": [{"method": "scratch", "budget": 0, "dir": str(model_folder)}]}]})
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier_bootstrap.py"), str(tmp_path),
+                          "--output", str(tmp_path / "bootstrap"), "--limit", "24"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "bootstrap.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["origin", "searched", "uniform composed", "uniform baseline", "scratch"]
+    searched = rows[1]
+    assert searched["p_vs_searched"] is None and searched["dir"] == str(model_folder)  # lowest kept val loss
+    for r in rows:  # the same model under every name: the same BLEU and interval
+        assert (r["bleu"], r["ci95"]) == (searched["bleu"], searched["ci95"])
+        assert r["p_vs_searched"] is None or 0 < r["p_vs_searched"] <= 1
