@@ -43,11 +43,10 @@ from ctprune.fileio import (
     write_text,
 )
 from ctprune.model.checkpoint import is_model_folder, load_model_folder, save_model_folder
-from ctprune.model.ops import cross_entropy
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.progress import progress
-from ctprune.scoring import bleu_score
 from ctprune.spec import MAX_TOKENS, SELECTS, FinetuningSpec, OriginSpec, spec_default
+from ctprune.task import TRANSLATION, Task, evaluate
 
 RECIPES = ("fast", "original")  # and "finetune": the original optimizer on token-budget batches
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_time_s",
@@ -153,12 +152,6 @@ class FitResult:
     stopped_early: bool
 
 
-def loss_fn(model: torch.nn.Module, batch: Any, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean token cross-entropy of ``batch`` (PAD ignored)."""
-    logits = arch_of(model).logits(model, batch.src, batch.tgt_in)
-    return cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), batch.pad_id, label_smoothing)
-
-
 def make_optimizer(params: Iterable[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Adam:
     """The recipe's Adam, with PyTorch's fused kernel (one pass per parameter tensor: about a
     third of the for-loop version's time on CPU; same state, so checkpoints load either way)."""
@@ -183,28 +176,27 @@ def optimizer_step(opt: torch.optim.Optimizer, compute_loss: Callable[[], torch.
 
 
 def train_step(model: Seq2SeqTransformer, opt: torch.optim.Optimizer, batch: Any, recipe: Recipe,
-               lr: float) -> torch.Tensor:
-    """One end-to-end optimizer step on ``batch``; returns the loss."""
-    return optimizer_step(opt, lambda: loss_fn(model, batch, recipe.label_smoothing), recipe, lr,
+               lr: float, task: Task = TRANSLATION) -> torch.Tensor:
+    """One end-to-end optimizer step on ``batch`` (the task's loss); returns the loss."""
+    return optimizer_step(opt, lambda: task.loss(model, batch, recipe.label_smoothing), recipe, lr,
                           batch.src.device.type)
 
 
 @torch.no_grad()
-def evaluate_loss(model: Seq2SeqTransformer, split: TokenizedSplit, device: str) -> float:
+def evaluate_loss(model: Seq2SeqTransformer, split: TokenizedSplit, device: str, task: Task = TRANSLATION) -> float:
+    """The task's loss over ``split``, averaged over its real target tokens."""
     model.eval()
     total, n = 0.0, 0
     for b in split.batches(8192):
         b = b.to(device)
         tokens = b.n_tgt_tokens
-        total += float(loss_fn(model, b)) * tokens
+        total += float(task.loss(model, b)) * tokens
         n += tokens
     return total / max(1, n)
 
 
 def val_bleu(model: Seq2SeqTransformer, tok: Tokenizer, val: Parallel) -> float:
-    from ctprune.model.decode import translate
-
-    return bleu_score(translate(model, tok, val.src), val.tgt).score
+    return evaluate(model, tok, val)
 
 
 def _batches(split: TokenizedSplit, recipe: Recipe, epoch: int) -> list[Any]:
@@ -448,7 +440,7 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
         """Evaluate, append the history row (``wall_s``: training seconds so far) and keep the
         weights when ``recipe.select`` prefers them; returns the val BLEU."""
         nonlocal best, kept, kept_row
-        bleu = val_bleu(model, tok, val)
+        bleu = evaluate(model, tok, val)
         vloss = evaluate_loss(model, val_split, device)
         history.append(dict(epoch=_epoch_text(epoch), train_loss=f"{train_loss:.4f}", val_loss=f"{vloss:.4f}",
                             val_bleu=f"{bleu:.2f}", lr=f"{lr:.3g}", epoch_time_s=f"{epoch_time:.1f}",
