@@ -6,8 +6,8 @@ from the job records) and of block tuning; the numbers of the run must agree (BL
 target). Also: tokens/s of one training process of the experiment's preset with 1 and with 2
 threads (interleaved repeats), and the job graph's critical path, which bounds what N workers
 could give: max(critical path, total job seconds / N). Prints one JSON object and a readable
-line; writes the JSON to --output. Usage (about 10 minutes for the demo on 2 cores; run alone):
-    python benchmarks/executors.py examples/demo.toml --work runs/executors-bench \
+line; writes the JSON to --output. Usage (about 10 minutes for the earlier demo on 2 cores; run alone):
+    python benchmarks/executors.py examples/demo-configs.toml --work runs/executors-bench \
         --output benchmarks/results/executors/demo.json
 """
 

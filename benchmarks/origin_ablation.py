@@ -31,7 +31,8 @@ from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import load_split
 from ctprune.data.tokenizer import Tokenizer
 from ctprune.model.transformer import PRESETS
-from ctprune.training.loop import Recipe, evaluate_loss, make_optimizer, train_step, val_bleu
+from ctprune.task import evaluate
+from ctprune.training.loop import Recipe, evaluate_loss, make_optimizer, train_step
 
 
 def xavier_init(model: nn.Module, pad_id: int) -> None:
@@ -150,7 +151,7 @@ def run_variant(variant: str, a: argparse.Namespace, proto: bytes,
                     curve.append({"step": step, "train_loss": round(float(loss), 4), "val_loss": round(vloss, 4)})
                     log(f"  {variant} step {step}: train {float(loss):.3f} val loss {vloss:.3f}")
         train_time = time.perf_counter() - t0
-        bleu = val_bleu(model, tok, val)
+        bleu = evaluate(model, tok, val)
     return {"variant": variant, "what": VARIANTS[variant][1], "epochs": a.epochs,
             "schedule_epochs": a.schedule_epochs, "steps": step, "train_time_s": round(train_time, 1),
             "val_loss": curve[-1]["val_loss"], "val_bleu": round(bleu, 2), "curve": curve,

@@ -29,19 +29,20 @@ from ctprune.model.flops import parameter_counts
 from ctprune.run.jobs import latencies
 from ctprune.spec import LATENCY_REPEATS
 from ctprune.stages.compose import compose_configuration
-from ctprune.stages.configs import write_configs, write_plan
-from ctprune.stages.prune import prune
+from ctprune.stages.configs import ConfigsArgs, PlanArgs, write_configs, write_plan
+from ctprune.stages.prune import PruneArgs, prune
 
 RATIOS = (0.75, 0.5, 0.25)
 
 
 def composed_models(model_dir: Path, tmp: Path) -> dict[str, torch.nn.Module]:
     """Every structured keep ratio (heads + FFN neurons of every layer) and FFN Linears at 0.5."""
-    write_configs(model_dir, len(RATIOS), tmp / "structured.json", attention=list(RATIOS), ffn=list(RATIOS))
-    write_configs(model_dir, 1, tmp / "linear.json", attention=[1.0], linear=[0.5])
+    write_configs(ConfigsArgs(model=model_dir, n=len(RATIOS), output=tmp / "structured.json", attention=RATIOS,
+                              ffn=RATIOS))
+    write_configs(ConfigsArgs(model=model_dir, n=1, output=tmp / "linear.json", attention=[1.0], linear=[0.5]))
     for name in ("structured", "linear"):
-        write_plan(tmp / f"{name}.json", model_dir, tmp / f"{name}-plan.json")
-        prune(model_dir, tmp / f"{name}-bank", plan_path=tmp / f"{name}-plan.json")
+        write_plan(PlanArgs(configurations=tmp / f"{name}.json", model=model_dir, output=tmp / f"{name}-plan.json"))
+        prune(PruneArgs(model=model_dir, output=tmp / f"{name}-bank", plan=tmp / f"{name}-plan.json"))
     models = {f"heads+ffn {r}": compose_configuration(model_dir, tmp / "structured-bank", tmp / "structured.json",
                                                       i)[0].eval() for i, r in enumerate(RATIOS)}
     models["linear 0.5 (unstructured)"] = compose_configuration(

@@ -23,11 +23,11 @@ from typing import Any
 
 from ctprune.fileio import write_json
 from ctprune.spec import MAX_TOKENS, SCORE_BATCHES, SearchSpec, add_option
-from ctprune.stages.prune import prune
-from ctprune.stages.score import score_bank
+from ctprune.stages.prune import PruneArgs, prune
+from ctprune.stages.score import ScoreArgs, score_bank
 from ctprune.stages.search import SearchArgs, parse_budget, search
 from ctprune.stages.search_verify import verify
-from ctprune.stages.tune_blocks import tune_blocks
+from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
 
 
 def timed(step: str, times: dict[str, float], fn: Any, *args: Any, **kw: Any) -> Any:
@@ -61,12 +61,15 @@ def main() -> None:
     data = {"corpus": a.corpus, "data_dir": a.data_dir}
     times: dict[str, float] = {}
     if not (work / "bank").exists():
-        timed("prune_s", times, prune, model, work / "bank", grid=a.grid, kinds=("attention", "ffn"), **data)
+        timed("prune_s", times, prune, PruneArgs(model=model, output=work / "bank", grid=a.grid,
+                                                 kinds=("attention", "ffn"), **data))
     if not (work / "tuned" / "block_loss.png").exists():  # written last by a finished tuning
-        timed("tune_blocks_s", times, tune_blocks, model, work / "bank", work / "tuned", epochs=a.tune_epochs,
-              lr=a.tune_lr, resume=(work / "tuned").exists(), **data)
-    scores = timed("score_call_s", times, score_bank, model, work / "tuned", batches=a.batches,
-                   max_tokens=a.max_tokens, latency=True, latency_repeats=a.latency_repeats, **data)
+        timed("tune_blocks_s", times, tune_blocks, TuneArgs(model=model, bank=work / "bank", output=work / "tuned",
+                                                            epochs=a.tune_epochs, lr=a.tune_lr,
+                                                            resume=(work / "tuned").exists(), **data))
+    scores = timed("score_call_s", times, score_bank, ScoreArgs(model=model, bank=work / "tuned", batches=a.batches,
+                                                                max_tokens=a.max_tokens, latency=True,
+                                                                latency_repeats=a.latency_repeats, **data))
     args = SearchArgs(model=model, bank=work / "tuned", output=work / "conf.json",
                       budgets=(parse_budget("flops", a.flops),), k=a.k, min_distance=a.min_distance,
                       objective=a.objective,

@@ -26,12 +26,11 @@ from ctprune.arch import arch_of
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split, test_splits
 from ctprune.fileio import write_json
-from ctprune.model.decode import translate
 from ctprune.pruning.bank import compose
-from ctprune.scoring import bleu_score
 from ctprune.spec import MAX_TOKENS, SearchSpec, add_option
 from ctprune.stages.search import SearchArgs, budget_sweep, search
 from ctprune.stages.search_verify import val_loss
+from ctprune.task import evaluate
 
 
 def main() -> None:
@@ -64,8 +63,8 @@ def main() -> None:
     def measure(conf: dict[str, float] | None) -> dict[str, float]:
         model = (p.origin if conf is None else compose(p.origin, Path(a.bank), conf, p.index)).eval()
         return {"val_loss": round(val_loss(model, batches), 4),
-                "val_bleu": round(bleu_score(translate(model, p.tok, val.src), val.tgt).score, 2),
-                f"{test_name}_bleu": round(bleu_score(translate(model, p.tok, test.src), test.tgt).score, 2)}
+                "val_bleu": round(evaluate(model, p.tok, val), 2),
+                f"{test_name}_bleu": round(evaluate(model, p.tok, test), 2)}
 
     budgets: list[dict[str, Any]] = []
     for point, sweep in enumerate(plain["sweep"]):

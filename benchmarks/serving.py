@@ -38,11 +38,11 @@ from ctprune.data.corpus import load_split
 from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
 from ctprune.model.decode import greedy, translate
-from ctprune.scoring import bleu_score
 from ctprune.serve.ct2 import Ct2Seq2Seq
 from ctprune.serve.engines import translate_served
 from ctprune.serve.export import ExportArgs, export
 from ctprune.serve.ort import OrtSeq2Seq
+from ctprune.task import TRANSLATION
 
 ENGINES = ("torch", "ort-fp32", "ort-int8", "ct2-int8")
 BATCH = 32
@@ -119,7 +119,7 @@ def main() -> None:
     results = []
     for (model, engine) in cells:
         r: dict[str, Any] = {"model": model, "engine": engine,
-                             "bleu": round(bleu_score(hyps[model, engine], refs).score, 2),
+                             "bleu": round(TRANSLATION.measure(hyps[model, engine], refs), 2),
                              "same_as_torch": round(sum(x == y for x, y in zip(hyps[model, engine],
                                                                                  hyps[model, "torch"])) / len(refs), 4)}
         for w in work:

@@ -29,7 +29,7 @@ from ctprune.pruning.bank import load_index, load_variant
 from ctprune.pruning.configs import make_plan, model_fingerprint, prunable_modules, validate_configurations
 from ctprune.run.experiment import load_experiment
 from ctprune.spec import MAX_TOKENS
-from ctprune.stages.prune import prune
+from ctprune.stages.prune import PruneArgs, prune
 from ctprune.stages.tune_blocks import Recorder, block_losses
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         write_json(d / "plan.json", make_plan(confs, prunable_modules(origin), model_fingerprint(Path(a.model))))
-        prune(Path(a.model), d / "bank", plan_path=d / "plan.json")
+        prune(PruneArgs(model=Path(a.model), output=d / "bank", plan=d / "plan.json"))
         index = load_index(d / "bank")
 
         def fresh(keys: list[str]) -> dict[str, nn.Module]:

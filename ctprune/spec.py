@@ -2,9 +2,11 @@
 declared once as a dataclass field.
 
 The sections of `ctprune run`'s experiment file are these dataclasses (``from_table`` reads one),
-each checking itself on construction, and the CLI's options of the same meaning are derived from the
-same fields (``add_option``), so a default cannot diverge between the two. The defaults and limits
-that several stages share (batch tokens, scoring batches, latency repeats) are declared here too.
+each checking itself on construction. Every stage's arguments are dataclasses of the same kind
+(``Args``, in ``ctprune/stages/args.py``), their fields declared by ``opt`` or taken from a section's
+field by ``like``; ``add_arguments`` generates a command's parser from them, so a default, choice or
+limit is written once and a command line, an experiment file and a job check it alike. The defaults
+and limits that several stages share (batch tokens, scoring batches, latency repeats) are here too.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +40,34 @@ CRITERIA = ("original", "l1", "activation")  # head / neuron importance (ctprune
 MAX_TOKENS = 4096
 SCORE_BATCHES = 8  # validation batches of the scoring subset (`ctprune score`, `search`, a run's score job)
 LATENCY_REPEATS = 5  # timed, interleaved rounds of a latency measurement; the median is reported
+MIN_TOKENS = 64  # the smallest token budget per batch (a batch must hold one sentence pair)
+REQUIRED: Any = MISSING  # ``opt(REQUIRED, ...)``: a field without default (a required argument)
 
 
 def opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, low: float | None = None,
-        high: float | None = None, positive: bool = False, default_text: str | None = None) -> Any:
-    """A spec field: its default, help text, and allowed values (``choices``, ``low`` <= value
-    <= ``high``, ``positive``: > 0 and finite); ``default_text`` says in words what a None
-    default means (shown in the CLI's help)."""
+        high: float | None = None, positive: bool = False, default_text: str | None = None,
+        flags: tuple[str, ...] = (), positional: bool = False, metavar: str | None = None,
+        cli: bool = True) -> Any:
+    """A spec field: its default (``REQUIRED``: none), help text, and allowed values (``choices``,
+    ``low`` <= value <= ``high``, ``positive``: > 0 and finite); ``default_text`` says in words what
+    a None default means (shown in the CLI's help). How ``add_arguments`` offers it on a command
+    line: ``--NAME`` unless ``flags`` (e.g. ``("-e", "--epochs")``) or ``positional``; a bool as a
+    switch; ``cli=False``: set by code only (jobs, tests), not an option, and not converted."""
     meta = {"help": help, "choices": choices, "low": low, "high": high, "positive": positive,
-            "default_text": default_text}
+            "default_text": default_text, "flags": tuple(flags), "positional": positional, "metavar": metavar,
+            "cli": cli}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def like(cls: type, name: str, **changes: Any) -> Any:
+    """A field declared as the field ``name`` of the dataclass ``cls`` (its default, help, choices
+    and limits), with ``changes`` (any argument of ``opt``) applied: one declaration, two users."""
+    f = _field(cls, name)
+    meta = {**f.metadata, **changes}
+    default = meta.pop("default", spec_default(cls, name))
+    return opt(default, **meta)
 
 
 class _Spec:
@@ -58,13 +77,19 @@ class _Spec:
     messages name the key as ``section.key`` (``from_table`` puts the file in front)."""
 
     def __post_init__(self) -> None:
-        section = _section(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            at = f"{section}.{f.name}"
+            if not f.metadata.get("cli", True):
+                continue  # set by code, typed by its annotation
+            at = self.name_of(f.name)
             value = _convert(getattr(self, f.name), _hints(type(self))[f.name], at)
             _check_value(value, dict(f.metadata), at)
             object.__setattr__(self, f.name, value)  # frozen: the converted value (a list as a tuple)
         self.validate()
+
+    @classmethod
+    def name_of(cls, name: str) -> str:
+        """How messages name the field ``name``: ``section.key``."""
+        return f"{_section(cls)}.{name}"
 
     def validate(self) -> None:
         """Rules between fields that every instance, the defaults included, meets."""
@@ -72,6 +97,74 @@ class _Spec:
     def check(self, where: str) -> None:
         """What an experiment file's section must give beyond that (a [search] needs a budget);
         ``where`` names the file."""
+
+
+class Args(_Spec):
+    """Base of the stage arguments (``ctprune/stages/args.py``): one frozen dataclass per stage,
+    checked on construction like a spec section, from which ``add_arguments`` generates the
+    command's options; messages name a field by its command-line flag (``--max-tokens``)."""
+
+    @classmethod
+    def name_of(cls, name: str) -> str:
+        return flag_of(_field(cls, name))
+
+
+def flag_of(f: dataclasses.Field[Any]) -> str:
+    """The command-line name of an ``Args`` field: its long flag (else its short one), or the
+    positional's metavar (``MODEL``)."""
+    flags = f.metadata.get("flags") or ()
+    if f.metadata.get("positional"):
+        return f.name.upper()
+    return next((x for x in flags if x.startswith("--")), flags[0] if flags else f"--{f.name.replace('_', '-')}")
+
+
+def cli_fields(cls: type) -> list[dataclasses.Field[Any]]:
+    """The fields of ``cls`` offered on the command line, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Every command-line field of the ``Args`` dataclass ``cls`` as an argument of ``parser``:
+    positional or ``--NAME`` (``flags``), a bool as a switch, a tuple as one or more values, the
+    annotation's int or float as ``type``; default, choices and help from the field. The value of
+    each lands under the field's name, so ``cls(**values)`` builds the arguments."""
+    for f in cli_fields(cls):
+        meta, kw = f.metadata, {"help": f.metadata["help"].replace("%", "%%")}  # argparse formats help with %
+        t = _hints(cls)[f.name]
+        union = typing.get_origin(t) in (typing.Union, types.UnionType)
+        base = [a for a in typing.get_args(t) if a is not type(None)] if union else [t]
+        many = [a for a in base if typing.get_origin(a) is tuple]
+        one = typing.get_args(many[0])[0] if many else base[0]
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        if meta.get("positional"):
+            parser.add_argument(f.name, **kw)
+            continue
+        default = spec_default(cls, f.name)
+        if default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = default
+        if default is None and meta.get("default_text"):
+            kw["help"] += f" (default: {meta['default_text']})"
+        if base == [bool]:
+            kw["action"] = "store_true"
+        elif one in (int, float):
+            kw["type"] = one
+        if many:
+            kw["nargs"] = "+"
+        parser.add_argument(*(meta.get("flags") or (flag_of(f),)), dest=f.name, **kw)
+
+
+def parsed_args(cls: type, namespace: argparse.Namespace) -> Any:
+    """``cls`` built from the values that ``add_arguments``' options parsed into ``namespace``."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in cli_fields(cls)})
+
+
+def _field(cls: type, name: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 @functools.cache
@@ -345,13 +438,13 @@ def _convert(value: Any, t: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise CtpruneError(f"{where} must be a table, got {value!r}")
         return dict(value)  # its keys and values are checked by whoever knows the model
+    if t is Path and isinstance(value, (str, os.PathLike)):
+        return Path(value)
     ok = not isinstance(value, bool) and (isinstance(value, t) or t is float and isinstance(value, int))
     if t is bool:
         ok = isinstance(value, bool)
     if not ok:
         raise CtpruneError(f"{where} must be {_type_name(t)}, got {value!r}")
-    if t is float and not math.isfinite(value):
-        raise CtpruneError(f"{where} must be a finite number, got {value!r}")
     return float(value) if t is float else value
 
 
@@ -360,6 +453,10 @@ def _check_value(value: Any, meta: dict[str, Any], where: str) -> None:
     for v in items:
         if v is None:
             continue
+        if meta.get("positive") and not (v > 0 and math.isfinite(v)):
+            raise CtpruneError(f"{where} must be a positive number, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise CtpruneError(f"{where} must be a finite number, got {v!r}")
         if meta.get("choices") and v not in meta["choices"]:
             raise CtpruneError(f"{where} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
         low, high = meta.get("low"), meta.get("high")
@@ -368,8 +465,6 @@ def _check_value(value: Any, meta: dict[str, Any], where: str) -> None:
         if high is not None and v > high:
             raise CtpruneError(f"{where} must be " + (f"in [{low}, {high}]" if low is not None else f"at most {high}")
                                + f", got {v!r}")
-        if meta.get("positive") and not v > 0:
-            raise CtpruneError(f"{where} must be a positive number, got {v!r}")
 
 
 def from_table(cls: type, table: Any, where: str, section: str) -> Any:
@@ -390,8 +485,11 @@ def from_table(cls: type, table: Any, where: str, section: str) -> Any:
 
 
 def spec_default(cls: type, name: str) -> Any:
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    """The default of the field ``name`` of ``cls`` (``REQUIRED`` when it has none)."""
+    f = _field(cls, name)
+    if f.default is MISSING and f.default_factory is not MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def add_option(parser: argparse.ArgumentParser, cls: type, name: str, *flags: str, **overrides: Any) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ctprune.data.corpus import load_split
-from ctprune.stages.prune import prune
-from ctprune.stages.score import score_bank
+from ctprune.stages.prune import PruneArgs, prune
+from ctprune.stages.score import ScoreArgs, score_bank
 
 from .conftest import REPO
 
@@ -33,8 +33,8 @@ def test_train_throughput_reports_every_precision_against_its_peak() -> None:
 
 
 def test_solver_time_compares_the_highs_settings_on_a_scored_bank(tmp_path: Path, model_folder: Path) -> None:
-    prune(model_folder, tmp_path / "bank", grid=[0.25, 0.5])
-    score_bank(model_folder, tmp_path / "bank", corpus="synthetic", batches=1, max_tokens=1024)
+    prune(PruneArgs(model=model_folder, output=tmp_path / "bank", grid=[0.25, 0.5]))
+    score_bank(ScoreArgs(model=model_folder, bank=tmp_path / "bank", corpus="synthetic", batches=1, max_tokens=1024))
     out = tmp_path / "solver-time.json"
     lines = run_benchmark("solver_time.py", str(model_folder), "--bank", str(tmp_path / "bank"), "--flops", "0.9",
                           "-k", "3", "--min-distance", "1", "--repeats", "1", "--output", str(out))
@@ -67,7 +67,7 @@ def test_pruned_speed_measures_every_composed_model_against_the_origin(tmp_path:
 def test_tuning_cost_times_joint_and_one_at_a_time_tuning(tmp_path: Path, model_folder: Path) -> None:
     data = multi30k_shaped(tmp_path / "data")
     lines = run_benchmark("tuning_cost.py", str(model_folder), "--data-dir", str(data), "--batches", "1",
-                          "--max-tokens", "256", "--experiment", str(REPO / "examples" / "demo.toml"))
+                          "--max-tokens", "256", "--experiment", str(REPO / "examples" / "demo-configs.toml"))
     result = lines[-1]
     assert result["variants"] == 28 and result["joint_s_per_batch"] > 0 and result["one_at_a_time_s_per_batch"] > 0
 

@@ -90,8 +90,8 @@ def test_every_option_says_its_default_once_and_right() -> None:
                                    "instance on this machine's cores)")
     assert run["workers"].endswith("(default: the experiment file's [execution] workers, else 1)")
     assert run["output"] == "run folder (default: runs/EXPERIMENT_NAME)"
-    assert helps["finetune"]["recipe"].endswith("(default: finetune)")
-    assert helps["train"]["recipe"].endswith("(default: fast)")
+    assert helps["finetune"]["recipe_name"].endswith("(default: finetune)")
+    assert helps["train"]["recipe_name"].endswith("(default: fast)")
     assert helps["finetune"]["lr"].endswith("(default: 0.0001)") and "(default" not in helps["finetune"]["resume"]
     assert helps["prune"]["kinds"].endswith("(default: attention ffn)")
 
@@ -105,6 +105,7 @@ def test_finetune_takes_the_origins_preset_as_run_does(preset: str, tmp_path: Pa
     from ctprune.cli import main
     from ctprune.run.experiment import Experiment
     from ctprune.spec import OriginSpec
+    from ctprune.stages.args import FinetuneArgs
     from ctprune.training.loop import FitResult, Recipe
 
     origin = tmp_path / "origin"
@@ -112,9 +113,8 @@ def test_finetune_takes_the_origins_preset_as_run_does(preset: str, tmp_path: Pa
     (origin / "hparams.json").write_text(json.dumps({"stage": "train", "preset": preset}))
     seen: list[Recipe] = []
 
-    def finetune(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path, recipe: Recipe,
-                 **kwargs: object) -> FitResult:
-        seen.append(recipe)
+    def finetune(args: FinetuneArgs) -> FitResult:
+        seen.append(args.training_recipe())
         return FitResult(0.0, 0, 0.0, 0, False)
 
     monkeypatch.setattr(stage, "finetune", finetune)
@@ -122,3 +122,103 @@ def test_finetune_takes_the_origins_preset_as_run_does(preset: str, tmp_path: Pa
     run = Experiment(path=tmp_path / "e.toml", origin=OriginSpec(model="origin"))
     assert (seen[0].bf16, seen[0].max_tokens) == (run.bf16, run.max_tokens) == \
         ((False, 1024) if preset == "tiny" else (True, 4096))
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser by name ("data check" for a nested one)."""
+    from ctprune.cli import build_parser
+
+    def subs(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+        found = {}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, p in action.choices.items():
+                    found[prefix + name] = p
+                    found.update(subs(p, f"{prefix}{name} "))
+        return found
+
+    return {name: p for name, p in subs(build_parser()).items() if "command_of" in p._defaults}
+
+
+def test_every_option_is_an_args_field_with_its_default_by_construction() -> None:
+    """Walk the generated parsers: each option but --help / --threads is a field of the command's
+    Args with the field's default, choices and help; each command-line field is an option."""
+    import dataclasses
+
+    from ctprune.cli import COMMANDS
+    from ctprune.spec import REQUIRED, cli_fields, spec_default
+
+    commands = _commands()
+    assert set(commands) == {n for n, c in COMMANDS.items() if not isinstance(c, dict)} | {
+        f"{n} {a}" for n, c in COMMANDS.items() if isinstance(c, dict) for a in c}
+    for name, p in commands.items():
+        cls = p._defaults["command_of"].args
+        fields = {f.name: f for f in cli_fields(cls)}
+        actions = {a.dest: a for a in p._actions if a.dest not in ("help", "threads")}
+        assert set(actions) == set(fields), name
+        for dest, a in actions.items():
+            f, default = fields[dest], spec_default(cls, dest)
+            if default is REQUIRED:
+                assert a.required or not a.option_strings, (name, dest)
+            else:
+                assert a.default == default and type(a.default) is type(default), (name, dest, a.default, default)
+            assert a.choices == f.metadata["choices"] and a.help.startswith(f.metadata["help"].replace("%", "%%"))
+        # A required field is required on the command line too; the others build with their defaults.
+        assert all(f.metadata["cli"] for f in dataclasses.fields(cls) if spec_default(cls, f.name) is REQUIRED)
+
+
+def test_export_options_have_the_serving_stages_defaults() -> None:
+    """`export`'s options are ExportCommandArgs; ctprune.serve.export.ExportArgs checks them: same defaults."""
+    import dataclasses
+
+    from ctprune.serve.export import ExportArgs
+    from ctprune.stages.args import ExportCommandArgs
+
+    theirs = {f.name: f.default for f in dataclasses.fields(ExportArgs)}
+    assert {f.name: f.default for f in dataclasses.fields(ExportCommandArgs)} == theirs
+    from ctprune.serve.engines import ENGINES as served
+    from ctprune.stages.args import ENGINES
+
+    assert ENGINES == ("torch", *served)
+
+
+def test_stage_args_check_themselves_naming_the_flag() -> None:
+    from ctprune.errors import CtpruneError
+    from ctprune.stages.args import FinetuneArgs, ScoreArgs, SearchArgs, TuneArgs
+
+    cases = [
+        (lambda: SearchArgs(model="m", bank="b", output="o", flops="0.5", k=0), "-k must be at least 1, got 0"),
+        (lambda: SearchArgs(model="m", bank="b", output="o"), "give at least one budget"),
+        (lambda: TuneArgs(model="m", bank="b", output="o", lr=float("nan")), "--lr must be a positive number, got nan"),
+        (lambda: TuneArgs(model="m", bank="b", output="o", max_tokens=8), "--max-tokens must be at least 64, got 8"),
+        (lambda: ScoreArgs(model="m", bank="b", latency_repeats=0), "--latency-repeats must be at least 1, got 0"),
+        (lambda: FinetuneArgs(model="m", bank="b", configurations="c", output="o"), "give either -n I"),
+        (lambda: FinetuneArgs(model="m", bank="b", configurations="c", output="o", n=0, epochs=2, budget_epochs=3),
+         "--budget-epochs must be at most --epochs, got 3 > 2"),
+        (lambda: FinetuneArgs(model="m", bank="b", configurations="c", output="o", all=True, select="best"),
+         "--select must be one of val_bleu, val_loss, got 'best'"),
+    ]
+    for build, message in cases:
+        with pytest.raises(CtpruneError) as e:
+            build()
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert SearchArgs(model="m", bank="b", output="o", flops=("0.5", "0.3")).budgets[1][0].value == 0.3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["score", "m", "--bank", "b", "--batches", "0"], "--batches must be at least 1, got 0"),
+    (["search", "m", "--bank", "b", "--flops", "0.5", "-k", "0", "-o", "x"], "-k must be at least 1, got 0"),
+    (["search", "m", "--bank", "b", "-o", "x"], "give at least one budget"),
+    (["finetune", "m", "--bank", "b", "-c", "c.json", "-o", "x"], "give either -n I (one configuration) or --all"),
+    (["finetune", "m", "--bank", "b", "-c", "c.json", "-n", "0", "--lr", "inf", "-o", "x"],
+     "--lr must be a positive number, got inf"),
+    (["train", "--vocab-size", "10", "-o", "x"], "--vocab-size must be at least 50, got 10"),
+    (["prune", "m", "-o", "x"], "give one of --plan PLAN, --ratio R or --grid R [R ...]"),
+    (["run", "e.toml", "--tuning-shards", "0"], "--tuning-shards must be at least 1, got 0"),
+])
+def test_a_bad_value_is_one_line_naming_the_flag(args: list[str], message: str, tmp_path: Path) -> None:
+    r = run_cli(*args, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith(f"ctprune {args[0]}: error: {message}"), lines[0]
+    assert not (tmp_path / "x").exists()

@@ -14,8 +14,8 @@ from ctprune.errors import CtpruneError
 from ctprune.run.executors import RETRY, Executor, LocalExecutor, ProcessExecutor, make_executor
 from ctprune.run.jobs import FAULT_ENV, Job
 from ctprune.spec import ExecutionSpec
-from ctprune.stages.prune import prune
-from ctprune.stages.tune_blocks import merge_shards, tune_blocks
+from ctprune.stages.prune import PruneArgs, prune
+from ctprune.stages.tune_blocks import TuneArgs, merge_shards, tune_blocks
 
 from .test_run import EXPERIMENT, _numbers
 from .test_tuning import CONFS
@@ -132,7 +132,11 @@ def test_no_json_file_gets_nan_or_infinity(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("executor", ["local", "process", "ray"])
+# Tests that start a local Ray cluster share one xdist group: never two clusters at once
+RAY = pytest.mark.xdist_group("ray")
+
+
+@pytest.mark.parametrize("executor", ["local", "process", pytest.param("ray", marks=RAY)])
 def test_a_failing_job_stops_the_run_with_its_own_error(executor: str, tmp_path: Path) -> None:
     jobs = [Job("bad", f"{HERE}:refuse", {}), _job("after", tmp_path / "log", deps=("bad",))]
     with make_executor(ExecutionSpec(executor=executor, workers=2), tmp_path) as ex:
@@ -202,17 +206,19 @@ def test_threads_are_shared_out_among_the_jobs_that_run_at_once(tmp_path: Path,
 
 
 def test_sharded_tuning_merged_equals_one_shard(trained: Path, tmp_path: Path) -> None:
-    from ctprune.stages.configs import write_plan
+    from ctprune.stages.configs import PlanArgs, write_plan
 
     (tmp_path / "conf.json").write_text(json.dumps(CONFS))
-    write_plan(tmp_path / "conf.json", trained, tmp_path / "plan.json")
-    prune(trained, tmp_path / "pruned", plan_path=tmp_path / "plan.json")
+    write_plan(PlanArgs(configurations=tmp_path / "conf.json", model=trained, output=tmp_path / "plan.json"))
+    prune(PruneArgs(model=trained, output=tmp_path / "pruned", plan=tmp_path / "plan.json"))
     keys = sorted(json.loads((tmp_path / "pruned" / "index.json").read_text())["variants"])
     kw = dict(epochs=1, corpus="synthetic", lr=2e-3, max_tokens=1024, device="cpu", seed=3)
-    tune_blocks(trained, tmp_path / "pruned", tmp_path / "whole", only=keys, **kw)  # type: ignore[arg-type]
+    tune_blocks(TuneArgs(model=trained, bank=tmp_path / "pruned", output=tmp_path / "whole", only=keys,
+                         **kw))  # type: ignore[arg-type]
     shards = [(tmp_path / f"shard-{i}", keys[i::2]) for i in range(2)]
     for shard, part in shards:
-        tune_blocks(trained, tmp_path / "pruned", shard, only=part, **kw)  # type: ignore[arg-type]
+        tune_blocks(TuneArgs(model=trained, bank=tmp_path / "pruned", output=shard, only=part,
+                             **kw))  # type: ignore[arg-type]
     merge_shards(shards, tmp_path / "merged")
     whole = json.loads((tmp_path / "whole" / "index.json").read_text())
     merged = json.loads((tmp_path / "merged" / "index.json").read_text())
@@ -230,18 +236,22 @@ def test_sharded_tuning_merged_equals_one_shard(trained: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_run_gives_the_same_numbers_on_every_executor(trained: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """The same experiment with local, process (2 workers, tuning in 2 shards; one worker killed
-    inside a finetuning job) and Ray (a local cluster of 2 CPUs, tuning in one shard, the default on
-    one machine): identical BLEU, parameters, FLOPs and epochs to target."""
+@pytest.mark.xdist_group("finished-run")  # beside the test that builds and edits it (test_run)
+def test_run_gives_the_same_numbers_on_the_process_executor(trained: Path, finished_run: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny experiment on the process executor (2 workers, tuning in 2 shards; one worker
+    killed inside a finetuning job) gives seed 0 the BLEU, parameters, FLOPs and epochs to target of
+    the local executor's run (``finished_run``, seeds 0 and 1: a seed's numbers are its own). Ray
+    runs the same jobs, compared job by job below."""
     import ctprune.run.graph as run_stage
 
+    resume = json.loads((finished_run / "resume.json").read_text())
+    expected = {k: v for k, v in resume["numbers"].items() if not k.endswith("-1")}  # the local executor's
+    local = resume["summary"]
+    assert local["execution"]["executor"] == "local" and [r["seed"] for r in local["runs"]] == [0, 1]
     exp = tmp_path / "exp.toml"
     exp.write_text(EXPERIMENT.format(model=trained).replace("seeds = [0, 1]", "seeds = [0]"))
-    run_stage.run_experiment(exp, tmp_path / "local", execution={"device": "cpu"})
-    expected = _numbers(tmp_path / "local")
     monkeypatch.setenv(FAULT_ENV, f"finetune composed 1:1.5:{tmp_path / 'killed'}")
     run_stage.run_experiment(exp, tmp_path / "process", execution={"executor": "process", "workers": 2, "shards": 2})
     assert (tmp_path / "killed").read_text() == "finetune composed 1 (seed 0)"
@@ -250,14 +260,65 @@ def test_run_gives_the_same_numbers_on_every_executor(trained: Path, tmp_path: P
                for said in ("its worker died; retrying", "a worker of its pool died; rerunning it alone"))
     # Two workers tune two shards, each with its own teacher pass: the same tuned variants (so the
     # same BLEU everywhere), at the price of a second teacher pass in the bank's FLOPs.
-    got = _numbers(tmp_path / "process")
+    got = json.loads(json.dumps(_numbers(tmp_path / "process")))  # tuples as JSON gives them back: lists
     assert {k: v for k, v in got.items() if k != "flops-0"} == {k: v for k, v in expected.items() if k != "flops-0"}
-    local, sharded = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("local", "process"))
+    sharded = json.loads((tmp_path / "process" / "summary.json").read_text())
     assert sharded["execution"]["executor"] == "process" and sharded["execution"]["workers"] == 2
     assert sharded["runs"][0]["tuning"]["sessions"] == 2 and local["runs"][0]["tuning"]["sessions"] == 1
     assert sharded["runs"][0]["tuning"]["teacher_flops"] == 2 * local["runs"][0]["tuning"]["teacher_flops"]
-    monkeypatch.delenv(FAULT_ENV)
-    run_stage.run_experiment(exp, tmp_path / "ray", execution={"executor": "ray", "workers": 2, "device": "auto"})
-    assert _numbers(tmp_path / "ray") == expected  # one shard: the bank's FLOPs too
-    ray = json.loads((tmp_path / "ray" / "summary.json").read_text())
-    assert ray["runs"][0]["tuning"]["sessions"] == 1 and ray["execution"]["tuning_shards"] == 1
+
+
+def _run_jobs(origin: Path, conf: Path, pruned: Path, out: Path) -> list[Job]:
+    """Real jobs of a `ctprune run` graph (as ctprune/run/graph.py builds them), writing under
+    ``out``: the origin's val BLEU, block tuning of the pruned bank in one shard (what Ray on one
+    machine gets) and its merge, one side of configuration 0 finetuned from the tuned bank, and the
+    origin and configurations described."""
+    keys = sorted(json.loads((pruned / "index.json").read_text())["variants"])
+    data = {"corpus": "synthetic", "data_dir": None}
+    shard, tuned, ft = str(out / "shard"), str(out / "tuned"), str(out / "composed")
+    return [
+        Job("origin val BLEU", "val_bleu_job", {"origin": str(origin), **data}),
+        Job("tune-blocks seed 0 shard 1/1", "tune_job",
+            {"origin": str(origin), "pruned": str(pruned), "output": shard, "keys": keys, "epochs": 1, "lr": 2e-3,
+             "patience": 2, "seed": 0, "max_tokens": 1024, "bf16": False, **data}, gpu=True, output=shard),
+        Job("merge tuned bank seed 0", "merge_job", {"shards": [[shard, keys]], "bank": tuned},
+            deps=("tune-blocks seed 0 shard 1/1",), output=tuned),
+        Job("finetune composed 0 (seed 0)", "finetune_job",
+            {"origin": str(origin), "bank": tuned, "conf_file": str(conf), "index": 0, "output": ft, "seed": 0,
+             "target": None, "epochs": 1, "budget_epochs": 1, "lr": 1e-3, "max_tokens": 1024, "bf16": False,
+             "tests": ["test"], **data}, deps=("merge tuned bank seed 0",), gpu=True, output=ft),
+        Job("describe", "describe_job", {"origin": str(origin), "pruned": str(pruned), "configurations": CONFS,
+                                         "tests": ["test"], **data}, gpu=True),
+    ]
+
+
+CLOCK = ("wall_time_s", "cost_seconds", "train_seconds")  # read off the clock: they differ from run to run
+
+
+@pytest.mark.slow
+@RAY
+def test_the_jobs_of_a_run_give_the_same_results_on_local_and_ray(trained: Path, tmp_path: Path) -> None:
+    """The jobs of a run (``_run_jobs``: BLEU, tuning, merging, finetuning, describing) on the local
+    executor and on Ray (a local cluster of this machine's cores, the jobs' device "auto"):
+    identical results but for the clock, and the same tuned variants, byte for byte."""
+    from ctprune.stages.configs import PlanArgs, write_plan
+
+    (tmp_path / "conf.json").write_text(json.dumps(CONFS))
+    write_plan(PlanArgs(configurations=tmp_path / "conf.json", model=trained, output=tmp_path / "plan.json"))
+    prune(PruneArgs(model=trained, output=tmp_path / "pruned", plan=tmp_path / "plan.json"))
+    results = {}
+    for executor, device in (("local", "cpu"), ("ray", "auto")):
+        out = tmp_path / executor
+        with make_executor(ExecutionSpec(executor=executor, workers=2, device=device), out) as ex:
+            got = ex.run(_run_jobs(trained, tmp_path / "conf.json", tmp_path / "pruned", out))
+        results[executor] = {name: {k: v for k, v in r.items() if k not in CLOCK} for name, r in got.items()}
+        assert json.loads((out / "tuned" / "index.json").read_text())["tuning"]["sessions"] == 1
+    assert results["ray"] == results["local"]
+    assert results["local"]["finetune composed 0 (seed 0)"]["epochs_trained"] == 1
+    index = json.loads((tmp_path / "local" / "tuned" / "index.json").read_text())
+    for entry in index["variants"].values():
+        assert (tmp_path / "ray" / "tuned" / entry["file"]).read_bytes() == \
+            (tmp_path / "local" / "tuned" / entry["file"]).read_bytes()
+    # `ctprune run` on Ray without a cluster address tunes in one shard whatever its workers (the
+    # summary's execution.tuning_shards): these jobs, so the bank's cost and every number of the run
+    assert ExecutionSpec(executor="ray", workers=2, device="auto").tuning_shards(2) == 1

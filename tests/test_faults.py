@@ -644,23 +644,63 @@ def _numbers(out: Path) -> tuple[list[tuple[str, ...]], dict[str, list[float]], 
     return rows, weights, read_json(out / "train_summary.json")["best_val_bleu"]
 
 
-def test_a_failure_at_every_replace_of_a_checkpoint_resumes_to_the_same_numbers(
-        model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_replace = os.replace
-    calls = 0
+def _kind(src: object, dst: object) -> str:
+    """The kind of file a replace writes: its name, under ``last/`` inside a checkpoint commit,
+    or the ``last`` link itself (the commit's own replace)."""
+    dst = Path(str(dst))
+    if dst.name == "last" and Path(str(src)).name.startswith(".last.link."):
+        return "last (link)"
+    return f"last/{dst.name}" if dst.parent.name.startswith(".last-") else dst.name
+
+
+@pytest.fixture(scope="module")
+def straight_fit(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], tuple]:
+    """One uninterrupted run of ``_fit``: the kind of file written by each of its replaces, in
+    order (each replace is a kill point), and its numbers."""
+    real_replace, kinds = os.replace, []
 
     def counting(src: object, dst: object) -> None:
-        nonlocal calls
-        calls += 1
+        kinds.append(_kind(src, dst))
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", counting)
-    _fit(tmp_path / "straight", model_folder, resume=False)
-    total = calls
-    print(f"{total} file replaces in an uninterrupted run: each is a kill point")
-    reference = _numbers(tmp_path / "straight")
-    # Every replace of the whole run (best model, each `last/` commit, history, summary), one run each.
-    points = range(1, total + 1)
+    out = tmp_path_factory.mktemp("straight") / "straight"
+    os.replace = counting  # type: ignore[assignment]
+    try:
+        _fit(out, model_folder, resume=False)
+    finally:
+        os.replace = real_replace
+    return kinds, _numbers(out)
+
+
+def kill_points(kinds: list[str]) -> list[int]:
+    """One replace (1-based) per kind of file written; kind j of the kinds in their first order
+    takes its (j mod count)-th occurrence, so the kills spread over the first, middle and last
+    checkpoints rather than all landing in the first."""
+    order = list(dict.fromkeys(kinds))
+    at = {k: [i + 1 for i, x in enumerate(kinds) if x == k] for k in order}
+    return sorted(at[k][j % len(at[k])] for j, k in enumerate(order))
+
+
+def test_kill_points_cover_every_kind_of_file_and_every_checkpoint() -> None:
+    kinds = ["a", "last/m", "last/h", "last (link)", "h"] + ["last/m", "last/h", "last (link)", "h"] * 2 + ["s"]
+    points = kill_points(kinds)
+    assert {kinds[n - 1] for n in points} == set(kinds) and len(points) == len(set(kinds))
+    assert points == [1, 4, 6, 9, 11, 14]  # the link in the first commit, the history in the second, ...
+
+
+@pytest.mark.xdist_group("faults-checkpoint")
+def test_a_failure_at_a_replace_of_every_kind_of_file_resumes_to_the_same_numbers(
+        model_folder: Path, straight_fit: tuple[list[str], tuple], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure at a replace of each kind of file of the run (the best model's files, each file
+    of a `last/` commit and the link that commits it, the history, the summary), then --resume:
+    the numbers of the uninterrupted run, and nothing left over but the checkpoint `last` points at."""
+    real_replace = os.replace
+    kinds, reference = straight_fit
+    points = kill_points(kinds)
+    print(f"{len(kinds)} file replaces in an uninterrupted run, of {len(points)} kinds: one kill point each")
+    assert {"model.safetensors", "last/model.safetensors", "last/trainer_state.pt", "last (link)", "history.csv",
+            "train_summary.json"} <= {kinds[n - 1] for n in points}
     for n in points:
         out = tmp_path / f"killed-{n}"
         calls = 0
@@ -677,7 +717,7 @@ def test_a_failure_at_every_replace_of_a_checkpoint_resumes_to_the_same_numbers(
             _fit(out, model_folder, resume=False)
         monkeypatch.setattr(os, "replace", real_replace)
         _fit(out, model_folder, resume=True)
-        assert _numbers(out) == reference, f"kill at replace {n} of {total}"
+        assert _numbers(out) == reference, f"kill at replace {n} of {len(kinds)} ({kinds[n - 1]})"
         current = os.readlink(out / "last")  # nothing left over but the checkpoint `last` points at
         assert [p.name for p in out.iterdir() if p.name.startswith(".last")] == [current], n
 
@@ -700,25 +740,15 @@ _fit(Path(sys.argv[2]), Path(sys.argv[3]), resume=False)
 """
 
 
+@pytest.mark.xdist_group("faults-checkpoint")
 def test_a_real_kill_inside_a_checkpoint_write_resumes_to_the_same_numbers(
-        model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        model_folder: Path, straight_fit: tuple[list[str], tuple], tmp_path: Path) -> None:
     import subprocess
     import sys
 
     from .conftest import REPO
 
-    real_replace = os.replace
-    calls = 0
-
-    def counting(src: object, dst: object) -> None:
-        nonlocal calls
-        calls += 1
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", counting)
-    _fit(tmp_path / "straight", model_folder, resume=False)
-    monkeypatch.setattr(os, "replace", real_replace)
-    total, reference = calls, _numbers(tmp_path / "straight")
+    total, reference = len(straight_fit[0]), straight_fit[1]
     for n in (6, total // 2, total - 2):  # in the first checkpoint, mid-run, in the final writes
         out = tmp_path / f"killed-{n}"
         r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(n), str(out), str(model_folder)],
@@ -981,6 +1011,7 @@ def _tune_args(w: Path) -> list[str]:
             "--max-tokens", "256", "-e", "1", "-o", str(w / "tuned")]
 
 
+@pytest.mark.xdist_group("faults-tuned")
 @pytest.mark.parametrize("change, named", [(["--lr", "0.5"], "lr 0.0001 -> 0.5"), (["--seed", "3"], "seed 0 -> 3"),
                                            (["--patience", "7"], "patience 2 -> 7"),
                                            (["--max-tokens", "512"], "max_tokens 256 -> 512")])
@@ -997,6 +1028,7 @@ def test_tune_blocks_resume_refuses_changed_options(tuned_workspace: Path, tmp_p
     assert snapshot(w) == before
 
 
+@pytest.mark.xdist_group("faults-tuned")
 def test_a_tuned_bank_is_an_input_of_tune_blocks(tuned_workspace: Path, tmp_path: Path) -> None:
     """A tuned bank keeps its own ``.state`` link (the resume checkpoint): tuning it further is
     allowed, and the link is not copied into the new bank."""
@@ -1009,6 +1041,7 @@ def test_a_tuned_bank_is_an_input_of_tune_blocks(tuned_workspace: Path, tmp_path
     assert (w / "tuned2" / "index.json").is_file()
 
 
+@pytest.mark.xdist_group("faults-tuned")
 def test_tune_blocks_takes_one_writer_lock(tuned_workspace: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     from ctprune.fileio import locked
@@ -1220,6 +1253,7 @@ HF_CASES: list[tuple[str, list[str], Callable[[Path], None], str]] = [
 ]
 
 
+@pytest.mark.xdist_group("faults-hf")
 @pytest.mark.parametrize("args, corrupt, fragment", [c[1:] for c in HF_CASES], ids=[c[0] for c in HF_CASES])
 def test_hf_fault_is_refused_in_one_short_line(hf_workspace: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -1228,11 +1262,13 @@ def test_hf_fault_is_refused_in_one_short_line(hf_workspace: Path, tmp_path: Pat
     test_open_fault_is_refused_in_one_short_line(hf_workspace, tmp_path, capsys, monkeypatch, args, corrupt, fragment)
 
 
+@pytest.mark.xdist_group("faults-hf")
 @pytest.mark.parametrize("case", ["hf-config-no-model-type", "hf-sparse-linears-of-objects"])
 def test_hf_fault_through_a_subprocess_has_no_traceback(hf_workspace: Path, tmp_path: Path, case: str) -> None:
     refused_through_a_subprocess(hf_workspace, tmp_path, next(c for c in HF_CASES if c[0] == case))
 
 
+@pytest.mark.xdist_group("faults-hf")
 def test_a_pruned_hf_folder_reloads_exactly_without_building_the_full_model(hf_workspace: Path) -> None:
     """The pruned folder is built on the meta device and cut before it gets memory: the same logits
     as the model composed in memory, tied embeddings still tied."""

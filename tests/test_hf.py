@@ -256,16 +256,16 @@ CONFS = [{"model.encoder.layers.0.self_attn": 0.5, "model.decoder.layers.1.encod
 
 @pytest.fixture(scope="module")
 def marian_banks(marian_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from ctprune.stages.configs import write_plan
-    from ctprune.stages.prune import prune
-    from ctprune.stages.tune_blocks import tune_blocks
+    from ctprune.stages.configs import PlanArgs, write_plan
+    from ctprune.stages.prune import PruneArgs, prune
+    from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
 
     d = tmp_path_factory.mktemp("marian-banks")
     (d / "conf.json").write_text(json.dumps(CONFS))
-    write_plan(d / "conf.json", marian_folder, d / "plan.json")
-    prune(marian_folder, d / "pruned", plan_path=d / "plan.json")
-    tune_blocks(marian_folder, d / "pruned", d / "tuned", epochs=2, corpus="synthetic", lr=2e-3, max_tokens=1024,
-                device="cpu")
+    write_plan(PlanArgs(configurations=d / "conf.json", model=marian_folder, output=d / "plan.json"))
+    prune(PruneArgs(model=marian_folder, output=d / "pruned", plan=d / "plan.json"))
+    tune_blocks(TuneArgs(model=marian_folder, bank=d / "pruned", output=d / "tuned", epochs=2, corpus="synthetic",
+                         lr=2e-3, max_tokens=1024, device="cpu"))
     return {"dir": d, "conf": d / "conf.json", "pruned": d / "pruned", "tuned": d / "tuned"}
 
 
@@ -285,12 +285,13 @@ def test_marian_tune_blocks_lowers_every_variant_block_loss(marian_banks: dict[s
 
 def test_marian_compose_finetune_evaluate_translate(marian_folder: Path, marian_banks: dict[str, Path],
                                                     tmp_path: Path) -> None:
-    from ctprune.stages.compose import compose_to_folder
-    from ctprune.stages.evaluate import evaluate
-    from ctprune.stages.finetune import finetune
+    from ctprune.stages.compose import ComposeArgs, compose_to_folder
+    from ctprune.stages.evaluate import EvaluateArgs, evaluate
+    from ctprune.stages.finetune import FinetuneArgs, finetune
     from ctprune.training.loop import Recipe
 
-    out = compose_to_folder(marian_folder, marian_banks["tuned"], marian_banks["conf"], 0, tmp_path / "c0")
+    out = compose_to_folder(ComposeArgs(model=marian_folder, bank=marian_banks["tuned"],
+                                        configurations=marian_banks["conf"], n=0, output=tmp_path / "c0"))
     model, tok, hp = load_model_folder(out)
     assert type(model).__name__ == "MarianMTModel" and hp["configuration_index"] == 0
     assert model.model.encoder.layers[0].self_attn.num_heads == 2
@@ -298,13 +299,15 @@ def test_marian_compose_finetune_evaluate_translate(marian_folder: Path, marian_
     assert model.model.encoder.layers[1].fc1.out_features == 16
     fc1 = model.model.decoder.layers[0].fc1
     assert int((fc1.weight != 0).sum()) == int(0.2 * fc1.weight.numel() + 0.5)
-    result = finetune(marian_folder, marian_banks["tuned"], marian_banks["conf"], 1, tmp_path / "f1",
-                      Recipe.finetune(epochs=1, lr=1e-3, max_tokens=1024), corpus="synthetic", device="cpu")
+    recipe = Recipe.finetune(epochs=1, lr=1e-3, max_tokens=1024)
+    result = finetune(FinetuneArgs(model=marian_folder, bank=marian_banks["tuned"], configurations=marian_banks["conf"],
+                                   n=1, output=tmp_path / "f1", recipe=recipe, target_bleu=None, corpus="synthetic",
+                                   device="cpu"))
     assert result.epochs_done == 1 and (tmp_path / "f1" / "history.csv").is_file()
     tuned, _, _ = load_model_folder(tmp_path / "f1")
     q = tuned.model.decoder.layers[1].self_attn.q_proj
     assert int((q.weight != 0).sum()) == int(q.weight_mask.sum()) == q.weight.numel() // 2  # the mask held
-    report = evaluate(tmp_path / "f1", corpus="synthetic", split="test", device="cpu", quiet=True)
+    report = evaluate(EvaluateArgs(model=tmp_path / "f1", corpus="synthetic", split="test", device="cpu", quiet=True))
     assert report["sentences"] == 200 and 0 <= report["bleu"] <= 100
     r = run_cli("translate", str(tmp_path / "f1"), stdin="der Mann sieht einen Hund .\nheute schläft die Katze .\n")
     assert r.returncode == 0, r.stderr
@@ -318,7 +321,7 @@ def _one_line_error(call, match: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_unsupported_folders_are_refused_naming_what_is_supported(marian_folder: Path, tmp_path: Path) -> None:
-    from ctprune.stages.configs import inspect_model
+    from ctprune.stages.configs import InspectArgs, inspect_model
 
     junk = tmp_path / "junk"
     junk.mkdir()
@@ -334,25 +337,29 @@ def test_unsupported_folders_are_refused_naming_what_is_supported(marian_folder:
     shutil.copytree(marian_folder, pickled)
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     supported = "supported: ctprune's own Transformer, MarianMTModel .*T5ForConditionalGeneration"
-    _one_line_error(lambda: inspect_model(junk), "not a ctprune model folder nor a supported Hugging Face model.*"
-                    + supported)
-    _one_line_error(lambda: inspect_model(bart), "BartForConditionalGeneration .*does not support; " + supported)
-    _one_line_error(lambda: inspect_model(encoder_only),
+    _one_line_error(lambda: inspect_model(InspectArgs(model=junk)),
+                    "not a ctprune model folder nor a supported Hugging Face model.*" + supported)
+    _one_line_error(lambda: inspect_model(InspectArgs(model=bart)),
+                    "BartForConditionalGeneration .*does not support; " + supported)
+    _one_line_error(lambda: inspect_model(InspectArgs(model=encoder_only)),
                     "T5EncoderModel model; ctprune supports T5ForConditionalGeneration")
-    _one_line_error(lambda: inspect_model(pickled), "only pytorch_model.bin .*reads safetensors only")
+    _one_line_error(lambda: inspect_model(InspectArgs(model=pickled)),
+                    "only pytorch_model.bin .*reads safetensors only")
     r = run_cli("inspect", str(bart))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "MarianMTModel" in r.stderr
 
 
 def test_configuration_of_another_architecture_is_refused(marian_folder: Path, model_folder: Path,
                                                           tmp_path: Path) -> None:
-    from ctprune.stages.configs import write_plan
+    from ctprune.stages.configs import PlanArgs, write_plan
 
     (tmp_path / "native.json").write_text(json.dumps([{"encoder.layers.0.self_attn": 0.5}]))
-    _one_line_error(lambda: write_plan(tmp_path / "native.json", marian_folder, tmp_path / "p.json"),
+    _one_line_error(lambda: write_plan(PlanArgs(configurations=tmp_path / "native.json", model=marian_folder,
+                                                output=tmp_path / "p.json")),
                     "unknown module 'encoder.layers.0.self_attn'")
     (tmp_path / "marian.json").write_text(json.dumps(CONFS))
-    _one_line_error(lambda: write_plan(tmp_path / "marian.json", model_folder, tmp_path / "p.json"),
+    _one_line_error(lambda: write_plan(PlanArgs(configurations=tmp_path / "marian.json", model=model_folder,
+                                                output=tmp_path / "p.json")),
                     "unknown module 'model.encoder.layers.0.self_attn'")
     assert not (tmp_path / "p.json").exists()
 
@@ -360,30 +367,35 @@ def test_configuration_of_another_architecture_is_refused(marian_folder: Path, m
 def test_folder_without_tokenizer_serves_the_commands_that_need_no_text(marian_folder: Path,
                                                                         marian_banks: dict[str, Path],
                                                                         tmp_path: Path) -> None:
-    from ctprune.stages.compose import compose_to_folder
-    from ctprune.stages.configs import inspect_model, write_configs, write_plan
-    from ctprune.stages.evaluate import evaluate
-    from ctprune.stages.prune import prune
-    from ctprune.stages.tune_blocks import tune_blocks
+    from ctprune.stages.compose import ComposeArgs, compose_to_folder
+    from ctprune.stages.configs import ConfigsArgs, InspectArgs, PlanArgs, inspect_model, write_configs, write_plan
+    from ctprune.stages.evaluate import EvaluateArgs, evaluate
+    from ctprune.stages.prune import PruneArgs, prune
+    from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
 
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copyfile(marian_folder / f, bare / f)
-    assert any("model.decoder.layers.1.encoder_attn" in line and "4 heads" in line for line in inspect_model(bare))
-    confs = write_configs(bare, 2, tmp_path / "conf.json", attention=[0.5, 0.25], ffn=[0.5, 0.75])
+    assert any("model.decoder.layers.1.encoder_attn" in line and "4 heads" in line
+               for line in inspect_model(InspectArgs(model=bare)))
+    confs = write_configs(ConfigsArgs(model=bare, n=2, output=tmp_path / "conf.json", attention=[0.5, 0.25],
+                                      ffn=[0.5, 0.75]))
     assert confs[1]["model.decoder.layers.0.encoder_attn"] == 0.25 and confs[0]["model.encoder.layers.1.ffn"] == 0.5
-    write_plan(tmp_path / "conf.json", bare, tmp_path / "plan.json")
-    prune(bare, tmp_path / "bank", plan_path=tmp_path / "plan.json", criterion="l1")
-    out = compose_to_folder(bare, tmp_path / "bank", tmp_path / "conf.json", 1, tmp_path / "c1")
+    write_plan(PlanArgs(configurations=tmp_path / "conf.json", model=bare, output=tmp_path / "plan.json"))
+    prune(PruneArgs(model=bare, output=tmp_path / "bank", plan=tmp_path / "plan.json", criterion="l1"))
+    out = compose_to_folder(ComposeArgs(model=bare, bank=tmp_path / "bank", configurations=tmp_path / "conf.json", n=1,
+                                        output=tmp_path / "c1"))
     model, tok, _ = load_model_folder(out, tokenizer=False)
     assert tok is None and model.model.decoder.layers[0].encoder_attn.num_heads == 1
-    _one_line_error(lambda: evaluate(bare, corpus="synthetic", split="test", quiet=True), "has no tokenizer")
+    _one_line_error(lambda: evaluate(EvaluateArgs(model=bare, corpus="synthetic", split="test", quiet=True)),
+                    "has no tokenizer")
     assert not (bare / "eval").exists()
-    _one_line_error(lambda: tune_blocks(bare, marian_banks["pruned"], tmp_path / "tuned", epochs=1,
-                                        corpus="synthetic"), "has no tokenizer")
+    _one_line_error(lambda: tune_blocks(TuneArgs(model=bare, bank=marian_banks["pruned"], output=tmp_path / "tuned",
+                                                 epochs=1, corpus="synthetic")), "has no tokenizer")
     assert not (tmp_path / "tuned").exists()
-    _one_line_error(lambda: prune(bare, tmp_path / "b2", ratio=0.5, criterion="activation", corpus="synthetic"),
+    _one_line_error(lambda: prune(PruneArgs(model=bare, output=tmp_path / "b2", ratio=0.5, criterion="activation",
+                                            corpus="synthetic")),
                     "has no tokenizer")
 
 
@@ -404,21 +416,21 @@ def test_t5_prune_tune_compose_evaluate(t5_folder: Path, tmp_path: Path) -> None
     from safetensors.torch import load_file
 
     from ctprune.pruning.bank import load_index
-    from ctprune.stages.compose import compose_to_folder
-    from ctprune.stages.configs import write_plan
-    from ctprune.stages.evaluate import evaluate
-    from ctprune.stages.prune import prune
-    from ctprune.stages.tune_blocks import tune_blocks
+    from ctprune.stages.compose import ComposeArgs, compose_to_folder
+    from ctprune.stages.configs import PlanArgs, write_plan
+    from ctprune.stages.evaluate import EvaluateArgs, evaluate
+    from ctprune.stages.prune import PruneArgs, prune
+    from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
     from ctprune.training.loop import read_history
 
     layer0 = "encoder.block.0.layer.0.SelfAttention"
     confs = [{layer0: 0.5, "decoder.block.1.layer.1.EncDecAttention": 0.25,
               "encoder.block.1.layer.1.DenseReluDense": 0.5, "decoder.block.0.layer.2.DenseReluDense.wo": 0.5}]
     (tmp_path / "conf.json").write_text(json.dumps(confs))
-    write_plan(tmp_path / "conf.json", t5_folder, tmp_path / "plan.json")
-    prune(t5_folder, tmp_path / "pruned", plan_path=tmp_path / "plan.json", criterion="l1")
-    tune_blocks(t5_folder, tmp_path / "pruned", tmp_path / "tuned", epochs=1, corpus="synthetic", lr=2e-3,
-                max_tokens=1024, device="cpu")
+    write_plan(PlanArgs(configurations=tmp_path / "conf.json", model=t5_folder, output=tmp_path / "plan.json"))
+    prune(PruneArgs(model=t5_folder, output=tmp_path / "pruned", plan=tmp_path / "plan.json", criterion="l1"))
+    tune_blocks(TuneArgs(model=t5_folder, bank=tmp_path / "pruned", output=tmp_path / "tuned", epochs=1,
+                         corpus="synthetic", lr=2e-3, max_tokens=1024, device="cpu"))
     rows = read_history(tmp_path / "tuned" / "history.csv")
     index = load_index(tmp_path / "tuned")
     for key in index["variants"]:
@@ -428,7 +440,8 @@ def test_t5_prune_tune_compose_evaluate(t5_folder: Path, tmp_path: Path) -> None
     variant = load_file(str(tmp_path / "tuned" / index["variants"][f"{layer0}@0.5"]["file"]))
     table = variant["relative_attention_bias.weight"]  # tuned around, never itself: later layers read it
     torch.testing.assert_close(table, origin.get_submodule(layer0).relative_attention_bias.weight, atol=0, rtol=0)
-    out = compose_to_folder(t5_folder, tmp_path / "tuned", tmp_path / "conf.json", 0, tmp_path / "c0")
+    out = compose_to_folder(ComposeArgs(model=t5_folder, bank=tmp_path / "tuned", configurations=tmp_path / "conf.json",
+                                        n=0, output=tmp_path / "c0"))
     model, _, _ = load_model_folder(out)
     assert model.get_submodule(layer0).n_heads == 2 and len(model.get_submodule(layer0).heads) == 2
     data = tmp_path / "data"  # the user's own files: SPLIT.SRC / SPLIT.TGT
@@ -436,21 +449,21 @@ def test_t5_prune_tune_compose_evaluate(t5_folder: Path, tmp_path: Path) -> None
     for lang, side in (("de", 0), ("en", 1)):
         (data / f"test.{lang}").write_text("".join(p[side] + "\n" for p in synthetic_corpus("test")[:50]),
                                            encoding="utf-8")
-    report = evaluate(out, corpus="folder:de-en", data_dir=str(data), split="test", beam=2, device="cpu",
-                      quiet=True)
+    report = evaluate(EvaluateArgs(model=out, corpus="folder:de-en", data_dir=str(data), split="test", beam=2,
+                                   device="cpu", quiet=True))
     assert report["sentences"] == 50 and report["decoder"] == "beam2"
 
 
 def test_marian_grid_bank_scores_and_search(marian_folder: Path, tmp_path: Path) -> None:
     from ctprune.pruning.bank import compose, load_index
     from ctprune.pruning.configs import load_configurations, prunable_modules
-    from ctprune.stages.prune import prune
-    from ctprune.stages.score import score_bank
+    from ctprune.stages.prune import PruneArgs, prune
+    from ctprune.stages.score import ScoreArgs, score_bank
     from ctprune.stages.search import SearchArgs, parse_budget, search
 
-    prune(marian_folder, tmp_path / "grid", grid=[0.5], kinds=("attention", "ffn"))
-    scores = score_bank(marian_folder, tmp_path / "grid", corpus="synthetic", batches=2, max_tokens=1024,
-                        latency=True, latency_repeats=1, device="cpu")
+    prune(PruneArgs(model=marian_folder, output=tmp_path / "grid", grid=[0.5], kinds=("attention", "ffn")))
+    scores = score_bank(ScoreArgs(model=marian_folder, bank=tmp_path / "grid", corpus="synthetic", batches=2,
+                                  max_tokens=1024, latency=True, latency_repeats=1, device="cpu"))
     assert scores["scored"] == 10 and all(v["kl"] >= 0 for v in scores["variants"].values())
     assert "origin_ms" in scores["latency"]
     problem, report = search(SearchArgs(model=marian_folder, bank=tmp_path / "grid", output=tmp_path / "conf.json",
@@ -463,23 +476,24 @@ def test_marian_grid_bank_scores_and_search(marian_folder: Path, tmp_path: Path)
 
 
 def test_early_t5_checkpoints_name_the_same_class(t5_folder: Path, tmp_path: Path) -> None:
-    from ctprune.stages.configs import inspect_model
+    from ctprune.stages.configs import InspectArgs, inspect_model
 
     old = tmp_path / "t5-old"
     shutil.copytree(t5_folder, old)
     config = json.loads((old / "config.json").read_text())
     (old / "config.json").write_text(json.dumps({**config, "architectures": ["T5WithLMHeadModel"]}))
-    assert "decoder.block.1.layer.1.EncDecAttention" in "\n".join(inspect_model(old))
+    assert "decoder.block.1.layer.1.EncDecAttention" in "\n".join(inspect_model(InspectArgs(model=old)))
 
 
 @pytest.mark.parametrize("family", ["marian", "t5"])
 def test_activation_criterion_on_hf_models(family: str, marian_folder: Path, t5_folder: Path,
                                            tmp_path: Path) -> None:
     from ctprune.pruning.bank import load_index
-    from ctprune.stages.prune import prune
+    from ctprune.stages.prune import PruneArgs, prune
 
     folder = marian_folder if family == "marian" else t5_folder
-    prune(folder, tmp_path / "bank", ratio=0.5, criterion="activation", corpus="synthetic", calibration_batches=2)
+    prune(PruneArgs(model=folder, output=tmp_path / "bank", ratio=0.5, criterion="activation", corpus="synthetic",
+                    calibration_batches=2))
     index = load_index(tmp_path / "bank")
     blocks = [v for v in index["variants"].values() if v["kind"] != "linear"]
     assert len(blocks) == 10 and all(len(v["scores"]) == v["of"] and v["size"] == v["of"] // 2 for v in blocks)
@@ -526,7 +540,7 @@ target_bleu = "none"
 
 def test_t5_task_prefix_from_the_folder_goes_before_every_source_and_stays_with_derived_models(
         t5_folder: Path, tmp_path: Path) -> None:
-    from ctprune.stages.compose import compose_to_folder
+    from ctprune.stages.compose import ComposeArgs, compose_to_folder
 
     folder = tmp_path / "t5"
     shutil.copytree(t5_folder, folder)
@@ -537,7 +551,8 @@ def test_t5_task_prefix_from_the_folder_goes_before_every_source_and_stays_with_
     assert tok.encode(["ein Hund"]) != tok.hf(["ein Hund"], add_special_tokens=False)["input_ids"]
     assert tok.encode_target(["a dog"]) == tok.hf(text_target=["a dog"], add_special_tokens=False)["input_ids"]
     (tmp_path / "conf.json").write_text(json.dumps([{"encoder.block.0.layer.0.SelfAttention": 0.5}]))
-    out = compose_to_folder(folder, _t5_bank(folder, tmp_path), tmp_path / "conf.json", 0, tmp_path / "c0")
+    out = compose_to_folder(ComposeArgs(model=folder, bank=_t5_bank(folder, tmp_path),
+                                        configurations=tmp_path / "conf.json", n=0, output=tmp_path / "c0"))
     _, composed_tok, _ = load_model_folder(out)
     assert composed_tok.source_prefix == prefix
     (folder / "hparams.json").write_text(json.dumps({"source_prefix": 3}))
@@ -546,11 +561,11 @@ def test_t5_task_prefix_from_the_folder_goes_before_every_source_and_stays_with_
 
 
 def _t5_bank(folder: Path, tmp_path: Path) -> Path:
-    from ctprune.stages.configs import write_plan
-    from ctprune.stages.prune import prune
+    from ctprune.stages.configs import PlanArgs, write_plan
+    from ctprune.stages.prune import PruneArgs, prune
 
-    write_plan(tmp_path / "conf.json", folder, tmp_path / "plan.json")
-    prune(folder, tmp_path / "pruned", plan_path=tmp_path / "plan.json", criterion="l1")
+    write_plan(PlanArgs(configurations=tmp_path / "conf.json", model=folder, output=tmp_path / "plan.json"))
+    prune(PruneArgs(model=folder, output=tmp_path / "pruned", plan=tmp_path / "plan.json", criterion="l1"))
     return tmp_path / "pruned"
 
 

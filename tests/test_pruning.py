@@ -14,9 +14,9 @@ from ctprune.pruning import importance
 from ctprune.pruning.bank import compose, load_index
 from ctprune.pruning.configs import default_configurations, prunable_modules
 from ctprune.pruning.surgery import cut_heads, cut_neurons, l1_mask, mask_linear, n_keep, replace_module
-from ctprune.stages.compose import compose_to_folder
-from ctprune.stages.configs import write_configs, write_plan
-from ctprune.stages.prune import prune
+from ctprune.stages.compose import ComposeArgs, compose_to_folder
+from ctprune.stages.configs import ConfigsArgs, PlanArgs, write_configs, write_plan
+from ctprune.stages.prune import PruneArgs, prune
 
 from .conftest import random_batch, run_cli
 
@@ -105,8 +105,8 @@ def pipeline(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         {"encoder.layers.0.self_attn": 1.0},
     ]
     (d / "conf.json").write_text(json.dumps(confs))
-    write_plan(d / "conf.json", model_folder, d / "plan.json")
-    prune(model_folder, d / "bank", plan_path=d / "plan.json")
+    write_plan(PlanArgs(configurations=d / "conf.json", model=model_folder, output=d / "plan.json"))
+    prune(PruneArgs(model=model_folder, output=d / "bank", plan=d / "plan.json"))
     return {"dir": d, "conf": d / "conf.json", "plan": d / "plan.json", "bank": d / "bank"}
 
 
@@ -125,7 +125,8 @@ def test_plan_has_distinct_ratios_below_one(pipeline: dict[str, Path]) -> None:
 
 def test_compose_save_load_gives_identical_outputs(pipeline: dict[str, Path], model_folder: Path,
                                                    tmp_path: Path) -> None:
-    out = compose_to_folder(model_folder, pipeline["bank"], pipeline["conf"], 1, tmp_path / "c1")
+    out = compose_to_folder(ComposeArgs(model=model_folder, bank=pipeline["bank"], configurations=pipeline["conf"], n=1,
+                                        output=tmp_path / "c1"))
     model, _, hp = load_model_folder(out)
     assert model.cfg.encoder_heads == [1, 4] and model.cfg.decoder_cross_heads == [4, 3]
     assert model.cfg.decoder_ffn == [48, 12]
@@ -144,7 +145,8 @@ def test_compose_save_load_gives_identical_outputs(pipeline: dict[str, Path], mo
 
 def test_configuration_of_ratio_one_composes_the_origin(pipeline: dict[str, Path], model_folder: Path,
                                                         tmp_path: Path) -> None:
-    out = compose_to_folder(model_folder, pipeline["bank"], pipeline["conf"], 2, tmp_path / "c2")
+    out = compose_to_folder(ComposeArgs(model=model_folder, bank=pipeline["bank"], configurations=pipeline["conf"], n=2,
+                                        output=tmp_path / "c2"))
     a, _, _ = load_model_folder(out)
     b, _, _ = load_model_folder(model_folder)
     src, tgt = random_batch(vocab=a.cfg.vocab_size)
@@ -153,7 +155,8 @@ def test_configuration_of_ratio_one_composes_the_origin(pipeline: dict[str, Path
 
 
 def test_default_configurations_follow_the_template(model_folder: Path, tmp_path: Path) -> None:
-    confs = write_configs(model_folder, 2, tmp_path / "c.json", attention=[0.5, 0.25], linear=[0.2, 0.5])
+    confs = write_configs(ConfigsArgs(model=model_folder, n=2, output=tmp_path / "c.json", attention=[0.5, 0.25],
+                                      linear=[0.2, 0.5]))
     assert json.loads((tmp_path / "c.json").read_text()) == confs
     assert confs[1]["encoder.layers.0.self_attn"] == 0.25 and confs[0]["decoder.layers.1.ffn.linear2"] == 0.2
     assert "encoder.layers.0.ffn" not in confs[0]
@@ -174,7 +177,7 @@ def test_default_configurations_follow_the_template(model_folder: Path, tmp_path
 def test_bad_configurations_are_refused(conf: object, message: str, model_folder: Path, tmp_path: Path) -> None:
     (tmp_path / "c.json").write_text(json.dumps(conf))
     with pytest.raises(CtpruneError) as e:
-        write_plan(tmp_path / "c.json", model_folder, tmp_path / "plan.json")
+        write_plan(PlanArgs(configurations=tmp_path / "c.json", model=model_folder, output=tmp_path / "plan.json"))
     assert message in str(e.value)
     assert not (tmp_path / "plan.json").exists()
 
@@ -183,22 +186,25 @@ def test_not_json_and_mismatches_are_refused(pipeline: dict[str, Path], model_fo
                                              tmp_path: Path) -> None:
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(CtpruneError, match="is not valid JSON"):
-        write_plan(tmp_path / "c.json", model_folder, tmp_path / "p.json")
+        write_plan(PlanArgs(configurations=tmp_path / "c.json", model=model_folder, output=tmp_path / "p.json"))
     # A different model: same architecture, other weights.
     other, tok, _ = load_model_folder(model_folder)
     with torch.no_grad():
         other.generator.bias.add_(1.0)
     save_model_folder(tmp_path / "other", other, tok, {})
     with pytest.raises(CtpruneError, match="plan .* was made for another model"):
-        prune(tmp_path / "other", tmp_path / "bank", plan_path=pipeline["plan"])
+        prune(PruneArgs(model=tmp_path / "other", output=tmp_path / "bank", plan=pipeline["plan"]))
     assert not (tmp_path / "bank").exists()
     with pytest.raises(CtpruneError, match="was pruned from another model"):
-        compose_to_folder(tmp_path / "other", pipeline["bank"], pipeline["conf"], 0, tmp_path / "x")
+        compose_to_folder(ComposeArgs(model=tmp_path / "other", bank=pipeline["bank"], configurations=pipeline["conf"],
+                                      n=0, output=tmp_path / "x"))
     (tmp_path / "c2.json").write_text(json.dumps([{"encoder.layers.1.self_attn": 0.5}]))
     with pytest.raises(CtpruneError, match="has no variant encoder.layers.1.self_attn@0.5"):
-        compose_to_folder(model_folder, pipeline["bank"], tmp_path / "c2.json", 0, tmp_path / "x")
+        compose_to_folder(ComposeArgs(model=model_folder, bank=pipeline["bank"], configurations=tmp_path / "c2.json",
+                                      n=0, output=tmp_path / "x"))
     with pytest.raises(CtpruneError, match="out of range"):
-        compose_to_folder(model_folder, pipeline["bank"], pipeline["conf"], 7, tmp_path / "x")
+        compose_to_folder(ComposeArgs(model=model_folder, bank=pipeline["bank"], configurations=pipeline["conf"], n=7,
+                                      output=tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
 
@@ -265,8 +271,8 @@ def test_a_removed_block_round_trips_and_equals_a_zero_block(tiny_model, tmp_pat
 def test_keep_0_is_for_blocks_only(model_folder: Path, tmp_path: Path) -> None:
     assert n_keep(0, 4) == 0 and n_keep(0.125, 4) == 1
     with pytest.raises(CtpruneError, match="--ratio: keep ratio of a Linear must be in"):
-        prune(model_folder, tmp_path / "b", ratio=0)
-    index = prune(model_folder, tmp_path / "g", grid=[0, 0.125], kinds=("ffn", "linear"))
+        prune(PruneArgs(model=model_folder, output=tmp_path / "b", ratio=0))
+    index = prune(PruneArgs(model=model_folder, output=tmp_path / "g", grid=[0, 0.125], kinds=("ffn", "linear")))
     assert "encoder.layers.0.ffn@0" in index["variants"] and "encoder.layers.0.ffn.linear1@0" not in index["variants"]
     assert index["variants"]["encoder.layers.0.ffn@0"]["kept"] == []
     origin, _, _ = load_model_folder(model_folder)

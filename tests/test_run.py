@@ -12,7 +12,6 @@ import torch
 import ctprune.run.executors as executors
 import ctprune.run.graph as run_stage
 import ctprune.run.jobs as jobs
-import ctprune.stages.finetune as finetune_stage
 from ctprune.errors import CtpruneError
 from ctprune.pruning.configs import variant_key
 from ctprune.run.experiment import load_experiment
@@ -55,30 +54,17 @@ def _protocol_rows(run_dir: Path, run: dict, confs: list[dict[str, float]], targ
             for conf, c in zip(confs, run["configurations"])]
 
 
-def test_run_end_to_end_with_a_kill_and_resume(trained: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    exp = tmp_path / "exp.toml"
-    exp.write_text(EXPERIMENT.format(model=trained))
-    run_dir = tmp_path / "run"
-    real = finetune_stage.finetune
-    calls = {"n": 0}
-
-    def killed_on_third(*a, **k):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Killed
-        return real(*a, **k)
-
-    monkeypatch.setattr(finetune_stage, "finetune", killed_on_third)
-    with pytest.raises(_Killed):
-        run_stage.run_experiment(exp, run_dir)
-    finished = sorted((run_dir / "finetune").glob("*/config-*/model.safetensors"))
-    assert len(finished) == 2  # baseline and composed of configuration 0
-    stamps = {p: p.stat().st_mtime_ns for p in
-              finished + sorted(run_dir.glob("banks/*/index.json")) + sorted(run_dir.glob("banks/*/variants/*"))}
-    monkeypatch.setattr(finetune_stage, "finetune", real)
-    report = run_stage.run_experiment(exp, run_dir)
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing finished was redone
+# one worker builds `finished_run` and runs both tests that use it (the other worker goes on with other
+# tests instead of waiting for the build); test_executors reads only resume.json, which the edits leave alone
+@pytest.mark.xdist_group("finished-run")
+def test_run_end_to_end_with_a_kill_and_resume(trained: Path, finished_run: Path) -> None:
+    """The tiny experiment killed in its third finetuning and resumed (``finished_run``): files,
+    report numbers, the protocol's arithmetic; then the configurations edited in the same folder."""
+    exp, run_dir = finished_run / "exp.toml", finished_run / "run"
+    resume = json.loads((finished_run / "resume.json").read_text())
+    assert len(resume["finished_when_killed"]) == 2  # baseline and composed of configuration 0
+    assert resume["redone"] == []  # nothing finished was redone
+    report = run_dir / "report.md"
 
     summary = json.loads((run_dir / "summary.json").read_text())
     confs = json.loads((run_dir / "conf.json").read_text())
@@ -224,8 +210,12 @@ def test_shipped_examples_load() -> None:
     demo, m30k = load_experiment(root / "demo.toml"), load_experiment(root / "multi30k.toml")
     assert demo.data.corpus == "synthetic" and m30k.data.corpus == "multi30k" and m30k.origin.preset == "seed"
     assert m30k.configurations is not None and len(m30k.configurations.inline or []) == 3
-    assert demo.configurations is not None and len(demo.configurations.inline or []) == 8
+    # the demo is the frontier's sweep in miniature: two budgets, k = 3, uniform and scratch beside it
+    assert demo.search is not None and demo.search.flops == ("0.5", "0.4") and demo.search.k == 3
+    assert demo.finetuning.scratch and (demo.finetuning.eval_every, demo.finetuning.select) == (0.25, "val_loss")
     assert demo.finetuning.target_bleu == "origin-1" and demo.execution.executor == "local"
+    configs = load_experiment(root / "demo-configs.toml")  # the earlier demo: eight given configurations
+    assert configs.configurations is not None and len(configs.configurations.inline or []) == 8
     frontier = load_experiment(root / "multi30k-frontier.toml")  # a budget sweep, the finer protocol
     assert frontier.search is not None and frontier.search.flops == ("0.75", "0.5", "0.35")
     assert (frontier.finetuning.eval_every, frontier.finetuning.select) == (0.25, "val_loss")

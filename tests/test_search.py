@@ -20,9 +20,9 @@ from ctprune.pruning.bank import compose, load_index, load_variant, save_variant
 from ctprune.pruning.configs import load_configurations, prunable_modules
 from ctprune.pruning.solver import feasible, smallest_reachable, solve
 from ctprune.spec import SearchSpec, from_table
-from ctprune.stages.configs import write_plan
-from ctprune.stages.prune import prune
-from ctprune.stages.score import _origin_pass, _rerun_from, score_bank, validation_subset
+from ctprune.stages.configs import PlanArgs, write_plan
+from ctprune.stages.prune import PruneArgs, prune
+from ctprune.stages.score import ScoreArgs, _origin_pass, _rerun_from, score_bank, validation_subset
 from ctprune.stages.search import (
     SearchArgs,
     budget_points,
@@ -32,7 +32,7 @@ from ctprune.stages.search import (
     search,
     uniform_choices,
 )
-from ctprune.stages.tune_blocks import tune_blocks
+from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
 
 from .conftest import run_cli, tiny_config
 
@@ -117,8 +117,9 @@ def test_budgets_are_fractions_or_absolute(text: str, expected: tuple[float, boo
 @pytest.fixture(scope="module")
 def grid(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("search")
-    prune(model_folder, d / "bank", grid=[0.25, 0.5, 0.75])
-    score_bank(model_folder, d / "bank", latency=True, latency_repeats=2, **SUBSET)  # type: ignore[arg-type]
+    prune(PruneArgs(model=model_folder, output=d / "bank", grid=[0.25, 0.5, 0.75]))
+    score_bank(ScoreArgs(model=model_folder, bank=d / "bank", latency=True, latency_repeats=2,
+                         **SUBSET))  # type: ignore[arg-type]
     return {"dir": d, "bank": d / "bank"}
 
 
@@ -177,7 +178,7 @@ def test_every_solution_meets_its_budgets_on_the_composed_model(grid: dict[str, 
     modules = prunable_modules(origin)
     confs = load_configurations(out, modules)  # the configuration format plan/compose/finetune read
     assert len(confs) == 5 and json.loads((out.parent / "search.json").read_text())["solver"]["found"] == 5
-    write_plan(out, model_folder, grid["dir"] / "found" / "plan.json")
+    write_plan(PlanArgs(configurations=out, model=model_folder, output=grid["dir"] / "found" / "plan.json"))
     sl, tl = report["flops_at"]["src_len"], report["flops_at"]["tgt_len"]
     params_limit, flops_limit = report["budgets"]["params"]["limit"], report["budgets"]["flops"]["limit"]
     assert params_limit == pytest.approx(0.8 * parameter_counts(origin)[1])
@@ -243,7 +244,7 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(
     elif case == "unscored":
         bank = grid["dir"] / "unscored"
         if not bank.exists():
-            prune(model_folder, bank, grid=[0.5], kinds=("ffn",))
+            prune(PruneArgs(model=model_folder, output=bank, grid=[0.5], kinds=("ffn",)))
     elif case == "other model":
         model = other_model
     elif case == "k":
@@ -278,7 +279,7 @@ def test_scores_are_reused_then_recomputed_when_the_bank_changes(grid: dict[str,
                                                                  ) -> None:
     bank = grid["dir"] / "changed"
     shutil.copytree(grid["bank"], bank)
-    assert score_bank(model_folder, bank, **SUBSET)["scored"] == 0  # type: ignore[arg-type]
+    assert score_bank(ScoreArgs(model=model_folder, bank=bank, **SUBSET))["scored"] == 0  # type: ignore[arg-type]
     index = load_index(bank)
     key = "decoder.layers.1.ffn@0.5"
     origin, _, _ = load_model_folder(model_folder)
@@ -288,26 +289,27 @@ def test_scores_are_reused_then_recomputed_when_the_bank_changes(grid: dict[str,
     save_variant(bank, index, key, variant, index["variants"][key])
     args = ["search", str(model_folder), "--bank", str(bank), "--flops", "0.6", *SUBSET_CLI]
     assert main([*args, "-o", str(bank.parent / "stale" / "conf.json")]) == 2
-    s = score_bank(model_folder, bank, **SUBSET)  # type: ignore[arg-type]
+    s = score_bank(ScoreArgs(model=model_folder, bank=bank, **SUBSET))  # type: ignore[arg-type]
     assert (s["scored"], s["reused"]) == (1, 29) and "latency" not in s  # latency no longer matches
     assert s["variants"][key]["kl"] != load_index(grid["bank"])["scores"]["variants"][key]["kl"]
-    assert score_bank(model_folder, bank, **{**SUBSET, "batches": 1})["scored"] == 30  # type: ignore[arg-type]
+    assert score_bank(ScoreArgs(model=model_folder, bank=bank,
+                                **{**SUBSET, "batches": 1}))["scored"] == 30  # type: ignore[arg-type]
 
 
 def test_tune_blocks_works_on_a_grid_bank(grid: dict[str, Path], model_folder: Path) -> None:
     tuned = grid["dir"] / "tuned"
-    index = tune_blocks(model_folder, grid["bank"], tuned, epochs=1, corpus="synthetic", lr=2e-3,
-                        max_tokens=4096, device="cpu", patience=0)
+    index = tune_blocks(TuneArgs(model=model_folder, bank=grid["bank"], output=tuned, epochs=1, corpus="synthetic",
+                                 lr=2e-3, max_tokens=4096, device="cpu", patience=0))
     assert len(index["variants"]) == 30 and index["tuning"]["epochs_done"] == 1
-    s = score_bank(model_folder, tuned, **SUBSET)  # type: ignore[arg-type]
+    s = score_bank(ScoreArgs(model=model_folder, bank=tuned, **SUBSET))  # type: ignore[arg-type]
     changed = sum(e["provenance"]["stage"] == "tuned" for e in load_index(tuned)["variants"].values())
     assert changed > 0 and s["scored"] == changed
 
 
 def test_a_block_and_its_linears_are_alternatives_of_one_slot(grid: dict[str, Path], model_folder: Path) -> None:
     bank = grid["dir"] / "with-linears"
-    prune(model_folder, bank, grid=[0.5], kinds=("ffn", "linear"))
-    score_bank(model_folder, bank, **{**SUBSET, "batches": 1})  # type: ignore[arg-type]
+    prune(PruneArgs(model=model_folder, output=bank, grid=[0.5], kinds=("ffn", "linear")))
+    score_bank(ScoreArgs(model=model_folder, bank=bank, **{**SUBSET, "batches": 1}))  # type: ignore[arg-type]
     out = grid["dir"] / "linears" / "conf.json"
     args = SearchArgs(model=model_folder, bank=bank, output=out, k=6, min_distance=1,
                       budgets=(parse_budget("params", "0.9"),), **{**SUBSET, "batches": 1})  # type: ignore[arg-type]
@@ -417,11 +419,11 @@ def test_removed_blocks_reach_budgets_the_grid_could_not(grid: dict[str, Path], 
     """keep 0 (the block removed) and 0.125 in the grid: 0.35 of the FLOPs is reachable; block
     tuning, scoring and search run over the removed blocks; uniform can pick 0."""
     bank = grid["dir"] / "with-zero"
-    prune(model_folder, bank, grid=[0, 0.125, 0.5])
+    prune(PruneArgs(model=model_folder, output=bank, grid=[0, 0.125, 0.5]))
     tuned = grid["dir"] / "with-zero-tuned"
-    tune_blocks(model_folder, bank, tuned, epochs=1, corpus="synthetic", lr=2e-3, max_tokens=4096, device="cpu",
-                patience=0)
-    score_bank(model_folder, tuned, **{**SUBSET, "batches": 1})  # type: ignore[arg-type]
+    tune_blocks(TuneArgs(model=model_folder, bank=bank, output=tuned, epochs=1, corpus="synthetic", lr=2e-3,
+                         max_tokens=4096, device="cpu", patience=0))
+    score_bank(ScoreArgs(model=model_folder, bank=tuned, **{**SUBSET, "batches": 1}))  # type: ignore[arg-type]
     out = grid["dir"] / "zero" / "conf.json"
     _, report = search(SearchArgs(model=model_folder, bank=tuned, output=out, k=2,
                                   budgets=budget_sweep({"flops": ["0.35", "0.2"]}),

@@ -263,10 +263,10 @@ def test_optimize_falls_back_when_a_fusion_changes_outputs(
 
     real_fuse = export_module._fuse
 
-    def broken_fuse(path: Path, out: Path, disabled: set[str]) -> dict[str, int]:
+    def broken_fuse(path: Path, out: Path, disabled: set[str], model_type: str) -> dict[str, int]:
         """The real optimizer, with every SkipLayerNormalization's epsilon made wrong (or, for
         the decoder, every fused graph broken by a scaled output)."""
-        counts = real_fuse(path, out, disabled)
+        counts = real_fuse(path, out, disabled, model_type)
         m = onnx.load(str(out))
         for node in m.graph.node:
             if node.op_type == "SkipLayerNormalization":
@@ -311,7 +311,7 @@ def test_trained_model_bleu_through_onnxruntime_and_ctranslate2(trained: Path, t
     PyTorch's, its own beam search within 0.1 BLEU; int8's BLEU change is printed, not hidden."""
     from ctprune.pruning import importance
     from ctprune.serve.engines import evaluate_served
-    from ctprune.stages.evaluate import evaluate
+    from ctprune.stages.evaluate import EvaluateArgs, evaluate
 
     model, tok, hparams = load_model_folder(trained)
     for name, n in {"encoder.layers.1.self_attn": 3, "decoder.layers.0.cross_attn": 2,
@@ -331,7 +331,7 @@ def test_trained_model_bleu_through_onnxruntime_and_ctranslate2(trained: Path, t
     kw = dict(corpus="synthetic", split="test", quiet=True)
     lines, same = [], {}
     for beam in (1, 4):
-        ref = evaluate(trained, beam=beam, device="cpu", output=tmp_path / "eval-torch", **kw)
+        ref = evaluate(EvaluateArgs(model=trained, beam=beam, device="cpu", output=tmp_path / "eval-torch", **kw))
         decoder = ref["decoder"]
         bleu = {}
         for (engine, q), folder in folders.items():

@@ -54,7 +54,7 @@ def test_cli_defaults_are_the_specs() -> None:
     score = _defaults("score", "m", "--bank", "b")
     assert (score["batches"], score["max_tokens"], score["latency_repeats"]) == (SCORE_BATCHES, MAX_TOKENS,
                                                                                  LATENCY_REPEATS)
-    assert (train["recipe"], ft["recipe"]) == (RECIPES[0], "finetune")
+    assert (train["recipe_name"], ft["recipe_name"]) == (RECIPES[0], "finetune")
 
 
 def test_spec_lists_match_the_code() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,10 +12,10 @@ from safetensors.torch import load_file
 
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.pruning.bank import load_index
-from ctprune.stages.configs import write_plan
-from ctprune.stages.finetune import finetune, finetune_all
-from ctprune.stages.prune import prune
-from ctprune.stages.tune_blocks import tune_blocks
+from ctprune.stages.configs import PlanArgs, write_plan
+from ctprune.stages.finetune import FinetuneArgs, finetune, finetune_all
+from ctprune.stages.prune import PruneArgs, prune
+from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
 from ctprune.training.loop import Recipe, read_history
 
 CONFS = [
@@ -29,10 +30,10 @@ CONFS = [
 def banks(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("tune")
     (d / "conf.json").write_text(json.dumps(CONFS))
-    write_plan(d / "conf.json", trained, d / "plan.json")
-    prune(trained, d / "pruned", plan_path=d / "plan.json")
-    tune_blocks(trained, d / "pruned", d / "tuned", epochs=2, corpus="synthetic", lr=2e-3,
-                max_tokens=1024, device="cpu")
+    write_plan(PlanArgs(configurations=d / "conf.json", model=trained, output=d / "plan.json"))
+    prune(PruneArgs(model=trained, output=d / "pruned", plan=d / "plan.json"))
+    tune_blocks(TuneArgs(model=trained, bank=d / "pruned", output=d / "tuned", epochs=2, corpus="synthetic", lr=2e-3,
+                         max_tokens=1024, device="cpu"))
     return {"dir": d, "conf": d / "conf.json", "pruned": d / "pruned", "tuned": d / "tuned"}
 
 
@@ -66,8 +67,9 @@ def test_composed_starts_higher_than_baseline_and_finetuning_keeps_masks(
     recipe = Recipe.original(epochs=1, lr=1e-3)
     d = banks["dir"]
     for which in ("pruned", "tuned"):
-        finetune(trained, banks[which], banks["conf"], 0, d / f"ft-{which}", recipe, corpus="synthetic",
-                 device="cpu")
+        finetune(FinetuneArgs(model=trained, bank=banks[which], configurations=banks["conf"], n=0,
+                              output=d / f"ft-{which}", recipe=recipe, target_bleu=None, corpus="synthetic",
+                              device="cpu"))
     base = read_history(d / "ft-pruned/history.csv")
     comp = read_history(d / "ft-tuned/history.csv")
     assert [r["epoch"] for r in comp] == ["0", "1"]
@@ -83,31 +85,42 @@ def test_composed_starts_higher_than_baseline_and_finetuning_keeps_masks(
 def test_tune_blocks_resumes(trained: Path, banks: dict[str, Path]) -> None:
     d = banks["dir"]
     only = ["encoder.layers.0.self_attn@0.5", "decoder.layers.0.ffn.linear1@0.2"]
-    tune_blocks(trained, banks["pruned"], d / "r", epochs=1, corpus="synthetic", lr=2e-3, max_tokens=1024,
-                device="cpu", only=only)
+    tune_blocks(TuneArgs(model=trained, bank=banks["pruned"], output=d / "r", epochs=1, corpus="synthetic", lr=2e-3,
+                         max_tokens=1024, device="cpu", only=only))
     with pytest.raises(Exception, match="--resume"):
-        tune_blocks(trained, banks["pruned"], d / "r", epochs=2, corpus="synthetic", only=only)
-    tune_blocks(trained, banks["pruned"], d / "r", epochs=2, corpus="synthetic", lr=2e-3, max_tokens=1024,
-                device="cpu", only=only, resume=True)
+        tune_blocks(TuneArgs(model=trained, bank=banks["pruned"], output=d / "r", epochs=2, corpus="synthetic",
+                             only=only))
+    tune_blocks(TuneArgs(model=trained, bank=banks["pruned"], output=d / "r", epochs=2, corpus="synthetic", lr=2e-3,
+                         max_tokens=1024, device="cpu", only=only, resume=True))
     rows = read_history(d / "r/history.csv")
     assert sorted({int(r["epoch"]) for r in rows}) == [0, 1, 2]
     assert len([r for r in rows if r["epoch"] == "1"]) == 2  # epoch 1 not repeated
+    # the resumed run is the uninterrupted one: the optimizer state of the masked (parametrized)
+    # Linear and of the heads comes back in order, the files are those of a straight run
+    tune_blocks(TuneArgs(model=trained, bank=banks["pruned"], output=d / "straight", epochs=2, corpus="synthetic",
+                         lr=2e-3, max_tokens=1024, device="cpu", only=only))
+    resumed, straight = load_index(d / "r"), load_index(d / "straight")
+    assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in read_history(d / "straight/history.csv")]
+    for key in only:
+        assert resumed["variants"][key] == straight["variants"][key], key  # provenance, file and checksum
+        assert (d / "r" / resumed["variants"][key]["file"]).read_bytes() == \
+            (d / "straight" / straight["variants"][key]["file"]).read_bytes(), key
 
 
 def test_finetune_all_resumes_and_skips_finished(trained: Path, banks: dict[str, Path]) -> None:
     d = banks["dir"]
     recipe = Recipe.original(epochs=1, lr=1e-3)
-    first = finetune_all(trained, banks["tuned"], banks["conf"], d / "all", recipe, corpus="synthetic",
-                         device="cpu")
+    every = FinetuneArgs(model=trained, bank=banks["tuned"], configurations=banks["conf"], all=True, output=d / "all",
+                         recipe=recipe, target_bleu=None, corpus="synthetic", device="cpu")
+    first = finetune_all(every)
     assert len(first) == 2
     stamp = (d / "all/config-0/model.safetensors").stat().st_mtime_ns
-    again = finetune_all(trained, banks["tuned"], banks["conf"], d / "all", recipe, corpus="synthetic",
-                         device="cpu")
+    again = finetune_all(every)
     assert (d / "all/config-0/model.safetensors").stat().st_mtime_ns == stamp
     assert [r.best_bleu for r in again] == [r.best_bleu for r in first]
     # One more epoch on an existing run resumes it instead of starting over.
-    finetune(trained, banks["tuned"], banks["conf"], 1, d / "all/config-1", Recipe.original(epochs=2, lr=1e-3),
-             corpus="synthetic", device="cpu", resume=True)
+    finetune(dataclasses.replace(every, all=False, n=1, output=d / "all/config-1", resume=True,
+                                 recipe=Recipe.original(epochs=2, lr=1e-3)))
     assert [r["epoch"] for r in read_history(d / "all/config-1/history.csv")] == ["0", "1", "2"]
 
 
@@ -120,9 +133,9 @@ def test_tuning_counts_teacher_and_student_flops(banks: dict[str, Path]) -> None
 
 def test_bf16_tuning_keeps_masks_and_lowers_block_loss(trained: Path, banks: dict[str, Path],
                                                        tmp_path: Path) -> None:
-    index = tune_blocks(trained, banks["pruned"], tmp_path / "bf16", epochs=1, corpus="synthetic", lr=2e-3,
-                        max_tokens=1024, device="cpu", bf16=True, only=["decoder.layers.0.ffn.linear1@0.2",
-                                                                       "encoder.layers.0.self_attn@0.5"])
+    index = tune_blocks(TuneArgs(model=trained, bank=banks["pruned"], output=tmp_path / "bf16", epochs=1,
+                                 corpus="synthetic", lr=2e-3, max_tokens=1024, device="cpu", precision="bf16",
+                                 only=["decoder.layers.0.ffn.linear1@0.2", "encoder.layers.0.self_attn@0.5"]))
     assert index["tuning"]["bf16"] is True
     for key in ("decoder.layers.0.ffn.linear1@0.2", "encoder.layers.0.self_attn@0.5"):
         prov = index["variants"][key]["provenance"]

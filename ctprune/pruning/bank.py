@@ -2,13 +2,21 @@
 
 A variant is a pruned copy of one prunable module at one keep ratio. The index records, per
 variant, its module, kind, ratio, shape (kept heads/neurons or non-zero weights), what was
-removed, and provenance (pruned or tuned, criterion, epochs, block loss).
+removed, and provenance (pruned or tuned, criterion, epochs, block loss); beside the variants,
+the bank's cost (``prune_seconds``, ``tuning``) and its variants' ``scores``.
+
+``Bank`` is the one writer of ``index.json``: every stage adds variants, provenance, scores and
+cost through it, and ``Bank.merge`` moves tuned or pruned shards into one bank. The functions
+below it read a bank (``load_index``, ``load_variant``, ``compose``) for callers that hold an
+index dict.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +27,18 @@ from torch import nn
 from ctprune.arch import arch_of
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import atomic_write, brief, contained, file_record, read_json, verify_file, write_json
+from ctprune.pruning.block_history import plot_block_losses, write_block_history
 from ctprune.pruning.configs import KINDS, Configuration, check_ratio, variant_key
+from ctprune.pruning.masks import plain_state_dict
 from ctprune.pruning.surgery import mask_linear
+from ctprune.training.loop import read_history
 
 INDEX_FILE = "index.json"
 BANK_FORMAT = "ctprune-bank/1"
 # A module name as ctprune writes it: dotted identifiers, so a variant key can never be a path.
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
-
-
-def empty_index(model_fp: str, plan_fp: str) -> dict[str, Any]:
-    return {"format": BANK_FORMAT, "model_fingerprint": model_fp, "plan_fingerprint": plan_fp,
-            "variants": {}}
+# Tuning cost that adds up over the shards of one tuning (each shard pays its own teacher pass).
+_SUMMED_COST = ("train_tokens", "teacher_flops", "train_flops")
 
 
 def variant_file(key: str) -> str:
@@ -40,16 +48,181 @@ def variant_file(key: str) -> str:
     return "variants/" + key.replace("@", "__") + ".safetensors"
 
 
+class Bank:
+    """A bank folder and its index, held in memory: ``add`` writes a variant's weights file at
+    once and its entry in memory, the ``set_*`` / ``update_*`` methods change the index in memory,
+    and ``write`` stores the index atomically (once for many variants). For example::
+
+        bank = Bank.create(folder, model_fp, plan_fp, criterion="original")
+        bank.add("encoder.layers.0.self_attn@0.5", variant, entry)
+        bank.write()
+    """
+
+    def __init__(self, path: Path, index: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.index = index
+
+    # ---- opening ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path, model_fp: str, plan_fp: str, **fields: Any) -> Bank:
+        """An empty bank at ``path`` (nothing written until ``add`` / ``write``)."""
+        return cls(path, {"format": BANK_FORMAT, "model_fingerprint": model_fp, "plan_fingerprint": plan_fp,
+                          "variants": {}, **fields})
+
+    @classmethod
+    def open(cls, path: Path) -> Bank:
+        """The bank at ``path``, its index checked (see ``check_index``)."""
+        return cls(path, load_index(path))
+
+    @classmethod
+    def open_copy(cls, path: Path, copy_file: Path, what: str) -> Bank:
+        """The bank at ``path`` with the index kept in ``copy_file`` (a tuning state's copy)."""
+        return cls(path, check_index(read_json(copy_file, what), path))
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return (Path(path) / INDEX_FILE).is_file()
+
+    # ---- reading ---------------------------------------------------------------------------
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """Variant key -> its index entry."""
+        return self.index["variants"]
+
+    @property
+    def tuning(self) -> dict[str, Any]:
+        """What tuning this bank's variants cost (a tuned bank only)."""
+        return self.index["tuning"]
+
+    @property
+    def prune_seconds(self) -> float:
+        """Seconds spent pruning this bank's variants (0 when not recorded)."""
+        return float(self.index.get("prune_seconds", 0.0))
+
+    def select(self, keys: list[str] | None) -> list[str]:
+        """``keys`` (all of the bank's when None), each checked to be in the bank."""
+        chosen = list(self.variants) if keys is None else list(keys)
+        unknown = [k for k in chosen if k not in self.variants]
+        if unknown:
+            raise CtpruneError(f"bank {self.path} has no variant {unknown[0]}")
+        return chosen
+
+    def check_model(self, model_fp: str) -> None:
+        check_bank_model(self.index, model_fp, self.path)
+
+    def load_variant(self, key: str, origin: nn.Module) -> nn.Module:
+        return load_variant(self.path, self.index, key, origin)
+
+    def compose(self, origin: nn.Module, conf: Configuration) -> Any:
+        return compose(origin, self.path, conf, self.index)
+
+    # ---- writing ---------------------------------------------------------------------------
+    def add(self, key: str, module: nn.Module, entry: dict[str, Any]) -> None:
+        """Write variant ``key``'s weights (a parametrized module as its plain, masked state),
+        then record ``entry`` with the file's size and SHA-256. The index is written by ``write``."""
+        state = {k: v.detach().contiguous().clone() for k, v in plain_state_dict(module).items()}
+        path = self.path / variant_file(key)
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+        self.variants[key] = {**entry, "file": variant_file(key), "checksum": file_record(path)}
+
+    def update_provenance(self, key: str, **fields: Any) -> None:
+        self.variants[key]["provenance"].update(fields)
+
+    def set_prune_seconds(self, seconds: float) -> None:
+        self.index["prune_seconds"] = round(seconds, 3)
+
+    def set_scores(self, scores: dict[str, Any]) -> None:
+        self.index["scores"] = scores
+
+    def set_tuning(self, tuned_from: Path, tuning: dict[str, Any]) -> None:
+        self.index["tuned_from"] = str(tuned_from)
+        self.index["tuning"] = tuning
+
+    def write(self) -> None:
+        """Store the index as ``index.json``, atomically."""
+        write_json(self.path / INDEX_FILE, self.index)
+
+    def write_copy(self, path: Path) -> None:
+        """Store the index under another name (a tuning state keeps its output's index so)."""
+        write_json(path, self.index)
+
+    # ---- merging shards --------------------------------------------------------------------
+    @classmethod
+    def merge(cls, shards: list[tuple[Path, list[str]]], dst: Path) -> Bank:
+        """Move the variants ``keys`` of every shard bank into bank ``dst`` (made if absent), adding
+        up the shards' pruning or tuning cost and history, then delete the shards. ``dst``'s index
+        is written once, last, so a crash loses nothing and a re-run finishes the move."""
+        dst = Path(dst)
+        (dst / "variants").mkdir(parents=True, exist_ok=True)
+        merged = cls.open(dst) if cls.exists(dst) else None
+        rows = {(r["variant"], r["epoch"]): r for r in read_history(dst / "history.csv")}
+        for src, keys in shards:
+            if merged is not None and merged._holds(Path(src), keys):
+                continue  # merged before a kill stopped the clean-up: never count its cost twice
+            shard = cls.open(src)
+            if merged is None:
+                merged = cls(dst, {**{k: v for k, v in shard.index.items() if k != "tuning"}, "variants": {}})
+            elif "prune_seconds" in shard.index:
+                merged.set_prune_seconds(merged.index.get("prune_seconds", 0.0) + shard.index["prune_seconds"])
+            merged._move_variants(shard, keys)
+            if "tuning" in shard.index:
+                merged.index["tuning"] = added_tuning(merged.index.get("tuning"), shard.index["tuning"])
+                rows.update({(r["variant"], r["epoch"]): r for r in read_history(shard.path / "history.csv")})
+        if merged is None:
+            raise CtpruneError(f"nothing to merge into {dst}")
+        if "tuning" in merged.index:
+            merged.index["tuning"]["variants"] = len(merged.variants)
+            merged._write_history(list(rows.values()))
+        merged.write()
+        for src, _ in shards:
+            shutil.rmtree(src, ignore_errors=True)
+        return merged
+
+    def _holds(self, src: Path, keys: list[str]) -> bool:
+        """Whether shard ``src``'s variants ``keys`` are here already, as the shard has them."""
+        if not all(k in self.variants for k in keys):
+            return False
+        if not self.exists(src):
+            return True
+        theirs = load_index(src)["variants"]
+        return all(self.variants[k]["checksum"] == theirs[k].get("checksum") for k in keys)
+
+    def _move_variants(self, shard: Bank, keys: list[str]) -> None:
+        for key in keys:
+            entry = shard.variants[key]
+            if (shard.path / entry["file"]).exists():  # absent only if an earlier merge moved it already
+                os.replace(shard.path / entry["file"], self.path / entry["file"])
+            self.variants[key] = entry
+
+    def _write_history(self, rows: list[dict[str, Any]]) -> None:
+        """One row per (variant, epoch) of this bank's variants, epochs in order (a merge redone
+        after a kill sees its rows twice), and the plot of it."""
+        history = sorted((r for r in rows if r["variant"] in self.variants), key=lambda r: int(r["epoch"]))
+        write_block_history(self.path / "history.csv", history)
+        plot_block_losses(history, self.path / "block_loss.png")
+
+
+def added_tuning(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The ``tuning`` record of a bank holding the variants of tuning ``old`` and shard ``new``:
+    costs added up, epochs the longest, one more session."""
+    t = {**new, "sessions": 1}
+    if old:
+        t.update({k: old[k] + t[k] for k in _SUMMED_COST},
+                 wall_time_s=round(old["wall_time_s"] + t["wall_time_s"], 2),
+                 variant_flops={**old["variant_flops"], **t["variant_flops"]},
+                 epochs_done=max(old["epochs_done"], t["epochs_done"]), sessions=old["sessions"] + 1)
+        t["achieved_gflops"] = round(t["train_flops"] / max(t["wall_time_s"], 1e-9) / 1e9, 2)
+    return t
+
+
 def save_variant(bank: Path, index: dict[str, Any], key: str, module: nn.Module,
                  entry: dict[str, Any], write_index: bool = True) -> None:
-    """Write one variant's weights, then its entry in ``index`` with the file's size and SHA-256,
-    and (unless the caller writes the index once after many variants) the index, atomically."""
-    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    path = Path(bank) / variant_file(key)
-    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
-    index["variants"][key] = {**entry, "file": variant_file(key), "checksum": file_record(path)}
+    """``Bank(bank, index).add(key, module, entry)``, then (with ``write_index``) its ``write``:
+    for callers that hold an index dict."""
+    b = Bank(bank, index)
+    b.add(key, module, entry)
     if write_index:
-        write_json(Path(bank) / INDEX_FILE, index)
+        b.write()
 
 
 def load_index(bank: Path) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from ctprune import __version__
 from ctprune.data.corpus import DATA_DIR_ENV, corpus_languages, default_splits, resolve_data_dir, test_splits
 from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output, file_record, read_json, sha256_file, write_bytes, write_json, write_text
+from ctprune.pruning.bank import Bank
 from ctprune.pruning.configs import fingerprint, model_fingerprint, variant_ids, variant_key
 from ctprune.run.executors import Executor, cpu_threads, make_executor
 from ctprune.run.experiment import Experiment, load_experiment
@@ -269,7 +270,7 @@ def _search(r: Run, ex: Executor, spec: SearchSpec, plan: dict[str, Any]) -> flo
     jobs, _, tuned, _, _ = _bank_jobs(r, r.dir / "plan.json", plan, exp.seeds[0], ex.spec.tuning_shards(ex.workers))
     ex.run(jobs)
     kwargs = {"bank": str(tuned), "corpus": d.corpus, "data_dir": r.data_dir,
-              "bank_variants": sorted(read_json(tuned / "index.json")["variants"])}
+              "bank_variants": sorted(Bank.open(tuned).variants)}
     if spec.latency is not None:  # a latency budget needs the variants' measured latency
         kwargs["latency"] = True
     score = r.job("score", "score_job", kwargs, gpu=True, exclusive=spec.latency is not None)
@@ -371,10 +372,8 @@ def _scratch(r: Run, ex: Executor, comps: list[dict[str, Any]], composed: dict[i
 
 def _bank_cost(pruned: Path, tuned: Path, scoring_seconds: float) -> BankCost:
     """What the run's banks cost, from their indexes."""
-    tuning = read_json(tuned / "index.json")["tuning"]
-    pruned_index = read_json(pruned / "index.json")
-    return BankCost(prune_seconds=float(pruned_index.get("prune_seconds", 0.0)),
-                    n_pruned=len(pruned_index["variants"]),
+    tuning, pruned_bank = Bank.open(tuned).tuning, Bank.open(pruned)
+    return BankCost(prune_seconds=pruned_bank.prune_seconds, n_pruned=len(pruned_bank.variants),
                     tuning_seconds=tuning["wall_time_s"], teacher_flops=tuning["teacher_flops"],
                     variant_flops=tuning["variant_flops"], scoring_seconds=scoring_seconds)
 
@@ -404,7 +403,7 @@ def _seed_summary(exp: Experiment, run_dir: Path, plan: dict[str, Any], confs: l
     ``budgets``: each configuration's budget point; ``competitors``: (competitor, its sides)."""
     rows = [{"index": i, **_equal_quality(run_dir, sides[i], exp.finetuning.epochs)} for i in range(len(confs))]
     protocol_rows = [_protocol_row(conf, sides[i]) for i, conf in enumerate(confs)]
-    tuning = read_json(tuned / "index.json")["tuning"]
+    tuning = Bank.open(tuned).tuning
     bank = _bank_cost(pruned, tuned, scoring_seconds)
     whole = [variant_key(n, r) for n, r in variant_ids(plan)] if exp.search is not None else None
     out = {"seed": seed, "tuned_bank": str(tuned.relative_to(run_dir)),

@@ -178,12 +178,11 @@ def train_origin_job(output: str, preset: str, corpus: str, data_dir: str | None
                      device: str, arch: str = spec_default(OriginSpec, "arch")) -> dict[str, Any]:
     """The origin model (ctprune's Transformer or a Hugging Face ``arch``): trained (or resumed) into ``output``."""
     from ctprune.stages.train import TrainArgs, train_origin
-    from ctprune.training.loop import has_training_run, preset_recipe
+    from ctprune.training.loop import has_training_run
 
     out = Path(output)
     res = train_origin(TrainArgs(output=out, preset=preset, arch=arch, corpus=corpus, data_dir=data_dir, device=device,
-                                 resume=has_training_run(out),
-                                 recipe=preset_recipe(preset, epochs=epochs, seed=seed)))
+                                 resume=has_training_run(out), epochs=epochs, seed=seed))
     return {"best_val_bleu": res.best_bleu, "epochs_done": res.epochs_done}
 
 
@@ -249,23 +248,23 @@ def sub_plan(plan: dict[str, Any], keys: list[str]) -> dict[str, Any]:
 
 def missing_variants(plan: dict[str, Any], bank: Path) -> list[str]:
     """The plan's variant keys that ``bank`` does not hold (all of them when it does not exist)."""
-    from ctprune.pruning.bank import INDEX_FILE, load_index
+    from ctprune.pruning.bank import Bank
 
-    have = load_index(bank)["variants"] if (Path(bank) / INDEX_FILE).exists() else {}
+    have = Bank.open(bank).variants if Bank.exists(bank) else {}
     return [variant_key(n, r) for n, r in variant_ids(plan) if variant_key(n, r) not in have]
 
 
 def prune_job(origin: str, bank: str, plan: str, keys: list[str], corpus: str, data_dir: str | None,
               device: str) -> dict[str, Any]:
     """Prune the variants ``keys`` of the plan file and add them to ``bank`` (made if absent)."""
-    from ctprune.stages.prune import prune
+    from ctprune.stages.prune import PruneArgs, prune
     from ctprune.stages.tune_blocks import merge_shards
 
     bank_dir = Path(bank)
     tmp, sub = bank_dir.parent / f".pruning-{bank_dir.name}", bank_dir.parent / f".plan-{bank_dir.name}.json"
     write_json(sub, sub_plan(read_json(Path(plan), "plan"), keys))
     shutil.rmtree(tmp, ignore_errors=True)
-    prune(Path(origin), tmp, plan_path=sub, corpus=corpus, data_dir=data_dir)
+    prune(PruneArgs(model=Path(origin), output=tmp, plan=sub, corpus=corpus, data_dir=data_dir))
     merge_shards([(tmp, keys)], bank_dir)
     sub.unlink()
     return {"pruned": len(keys)}
@@ -275,12 +274,13 @@ def tune_job(origin: str, pruned: str, output: str, keys: list[str], epochs: int
              seed: int, max_tokens: int, bf16: bool, corpus: str, data_dir: str | None,
              device: str) -> dict[str, Any]:
     """Tune the variants ``keys`` of the pruned bank into the shard ``output`` (resumed if begun)."""
-    from ctprune.stages.tune_blocks import tune_blocks
+    from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
 
     out = Path(output)
-    index = tune_blocks(Path(origin), Path(pruned), out, epochs=epochs, corpus=corpus, data_dir=data_dir, lr=lr,
-                        patience=patience, resume=out.exists(), device=device, only=keys, seed=seed,
-                        max_tokens=max_tokens, bf16=bf16)
+    index = tune_blocks(TuneArgs(model=Path(origin), bank=Path(pruned), output=out, epochs=epochs, corpus=corpus,
+                                 data_dir=data_dir, lr=lr, patience=patience, resume=out.exists(), device=device,
+                                 only=tuple(keys), seed=seed, max_tokens=max_tokens,
+                                 precision="bf16" if bf16 else "fp32"))
     return {"variants": len(keys), "wall_time_s": index["tuning"]["wall_time_s"]}
 
 
@@ -297,9 +297,10 @@ def score_job(origin: str, bank: str, corpus: str, data_dir: str | None, bank_va
     """Replace-one-block scores of every variant of ``bank`` (stored in its index; the job's key
     follows ``bank_variants``, so a grown bank is scored again, reusing the scores it has), with
     each variant's measured latency when ``latency`` (a latency budget needs it)."""
-    from ctprune.stages.score import score_bank
+    from ctprune.stages.score import ScoreArgs, score_bank
 
-    s = score_bank(Path(origin), Path(bank), corpus=corpus, data_dir=data_dir, latency=latency, device=device)
+    s = score_bank(ScoreArgs(model=Path(origin), bank=Path(bank), corpus=corpus, data_dir=data_dir, latency=latency,
+                             device=device))
     return {"total_wall_time_s": float(s["total_wall_time_s"]), "subset": s["subset"],
             "digests": {k: v["digest"] for k, v in s["variants"].items()}}
 
@@ -307,12 +308,12 @@ def score_job(origin: str, bank: str, corpus: str, data_dir: str | None, bank_va
 def search_job(origin: str, bank: str, conf_out: str, search: dict[str, Any], corpus: str, data_dir: str | None,
                device: str) -> dict[str, Any]:
     """`ctprune search` on the scored bank: the configuration file and search.json beside it."""
-    from ctprune.stages.search import RESOURCES, SearchArgs, budget_sweep
+    from ctprune.stages.search import RESOURCES, SearchArgs
     from ctprune.stages.search import search as solve
 
-    budgets = budget_sweep({r: search.get(r) for r in RESOURCES})
-    _, found = solve(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(conf_out), budgets=budgets,
-                                k=search["k"], min_distance=search["min_distance"], objective=search["objective"],
+    _, found = solve(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(conf_out),
+                                **{r: search.get(r) for r in RESOURCES}, k=search["k"],
+                                min_distance=search["min_distance"], objective=search["objective"],
                                 time_limit=search["time_limit"], refine=search.get("refine", 0), corpus=corpus,
                                 data_dir=data_dir))
     return {"found": len(found["configurations"]), "solver_s": found["solver"]["total_s"]}
@@ -320,10 +321,9 @@ def search_job(origin: str, bank: str, conf_out: str, search: dict[str, Any], co
 
 def test_bleu(model: Any, tok: Any, tests: dict[str, Any]) -> dict[str, float]:
     """Test BLEU (greedy) on every test split."""
-    from ctprune.model.decode import translate
-    from ctprune.scoring import score
+    from ctprune.task import evaluate
 
-    return {name: round(score(translate(model, tok, t.src), t.tgt).bleu, 2) for name, t in tests.items()}
+    return {name: round(evaluate(model, tok, t), 2) for name, t in tests.items()}
 
 
 def _tests(corpus: str, data_dir: str | None, names: list[str]) -> dict[str, Any]:
@@ -345,16 +345,16 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
     from ctprune.pruning.bank import compose
     from ctprune.pruning.configs import load_configurations, prunable_modules
     from ctprune.run.protocol import epoch_of, time_to_target
-    from ctprune.stages.finetune import finetune
-    from ctprune.training.loop import Recipe, has_training_run, read_history
+    from ctprune.stages.finetune import FinetuneArgs, finetune
+    from ctprune.training.loop import has_training_run, read_history
 
     out = Path(output)
-    recipe = Recipe.finetune(epochs=epochs, lr=lr, seed=seed, bf16=bf16, max_tokens=max_tokens,
-                             eval_every=eval_every, select=select)
     if not (out / "train_summary.json").exists():
-        finetune(Path(origin), Path(bank), Path(conf_file), index, out, recipe, corpus=corpus, data_dir=data_dir,
-                 target_bleu=target, resume=has_training_run(out), device=device, min_epochs=budget_epochs,
-                 snapshot_epochs=(budget_epochs,))
+        finetune(FinetuneArgs(model=Path(origin), bank=Path(bank), configurations=Path(conf_file), n=index, output=out,
+                              recipe_name="finetune", epochs=epochs, lr=lr, seed=seed, max_tokens=max_tokens,
+                              precision="bf16" if bf16 else "fp32", eval_every=eval_every, select=select,
+                              corpus=corpus, data_dir=data_dir, target_bleu=target, resume=has_training_run(out),
+                              device=device, budget_epochs=budget_epochs, snapshot_epochs=(budget_epochs,)))
     metrics = out / "test_metrics.json"
     if not metrics.exists() or set(read_json(metrics)["test_bleu_best"]) != set(tests):
         splits = _tests(corpus, data_dir, tests)  # read only when the metrics are (re)computed
@@ -490,12 +490,10 @@ def val_bleu_job(origin: str, corpus: str, data_dir: str | None, device: str) ->
     ``train_summary.json`` speaks of the corpus it was trained on, which need not be this one)."""
     from ctprune.data.corpus import default_splits, load_split
     from ctprune.model.checkpoint import load_model_folder
-    from ctprune.model.decode import translate
-    from ctprune.scoring import score
+    from ctprune.task import evaluate
 
     model, tok, _ = load_model_folder(Path(origin), resolve_device(device))
-    val = load_split(corpus, default_splits(corpus)[1], data_dir)
-    return {"val_bleu": score(translate(model, tok, val.src), val.tgt).bleu}
+    return {"val_bleu": evaluate(model, tok, load_split(corpus, default_splits(corpus)[1], data_dir))}
 
 
 def random_job(origin: str, bank: str, search: dict[str, Any], point: int, n: int, seed: int, corpus: str,
@@ -508,13 +506,13 @@ def random_job(origin: str, bank: str, search: dict[str, Any], point: int, n: in
     from ctprune.data.batching import TokenizedSplit
     from ctprune.data.corpus import default_splits, load_split
     from ctprune.pruning.bank import compose
-    from ctprune.stages.search import RESOURCES, SearchArgs, budget_sweep, prepare
+    from ctprune.stages.search import RESOURCES, SearchArgs, prepare
     from ctprune.stages.search_verify import random_feasible
-    from ctprune.training.loop import evaluate_loss, val_bleu
+    from ctprune.task import evaluate
+    from ctprune.training.loop import evaluate_loss
 
-    budgets = budget_sweep({r: search.get(r) for r in RESOURCES})
-    p = prepare(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(bank) / "unused.json", budgets=budgets,
-                           corpus=corpus, data_dir=data_dir))
+    p = prepare(SearchArgs(model=Path(origin), bank=Path(bank), output=Path(bank) / "unused.json",
+                           **{r: search.get(r) for r in RESOURCES}, corpus=corpus, data_dir=data_dir))
     dev = resolve_device(device)
     val = load_split(corpus, default_splits(corpus)[1], data_dir)
     val_split = TokenizedSplit(val, p.tok, arch_of(p.origin).max_len(p.origin))
@@ -525,7 +523,7 @@ def random_job(origin: str, bank: str, search: dict[str, Any], point: int, n: in
         model = compose(p.origin, Path(bank), conf, p.index).to(dev).eval()
         rows.append({"configuration": conf, **p.describe(taken),
                      "val_loss": round(evaluate_loss(model, val_split, dev), 4),
-                     "val_bleu": round(val_bleu(model, p.tok, val), 2), "test_bleu": test_bleu(model, p.tok, splits)})
+                     "val_bleu": round(evaluate(model, p.tok, val), 2), "test_bleu": test_bleu(model, p.tok, splits)})
     return {"asked": n, "budget": point, "seed": seed, "rows": rows}
 
 

@@ -264,8 +264,7 @@ class Ct2Seq2Seq:
         time."""
         import ctranslate2
 
-        from ctprune.model.checkpoint import check_manifest
-        from ctprune.serve.export import MANIFEST_FILE
+        from ctprune.serve.export import MANIFEST_FILE, check_export_manifest
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -273,12 +272,7 @@ class Ct2Seq2Seq:
         if not (folder / MANIFEST_FILE).is_file() or not (folder / SPEC_FILE).is_file():
             raise CtpruneError(f"{folder} is not a CTranslate2 serving folder (no {MANIFEST_FILE} / {SPEC_FILE}); "
                                "write one with: ctprune export MODEL --format ctranslate2 -o DIR")
-        manifest = read_json(folder / MANIFEST_FILE, "export manifest")
-        listed = tuple(manifest.get("files", {})) if isinstance(manifest, dict) else ()
-        if not set(CT2_CORE) <= set(listed):
-            raise CtpruneError(f"export manifest {folder / MANIFEST_FILE} must list {', '.join(CT2_CORE)} and the "
-                               f"tokenizer's files; it lists {', '.join(sorted(listed)) or 'nothing'}")
-        check_manifest(folder, CT2_FORMAT, listed)
+        tok_listed = check_export_manifest(folder, CT2_FORMAT, CT2_CORE, tokenizer_files=True)
         self.info: dict[str, Any] = read_json(folder / SPEC_FILE, "CTranslate2 spec description")
         self.folder = folder
         try:
@@ -289,7 +283,7 @@ class Ct2Seq2Seq:
             tok_files = [str(f) for f in self.info["tokenizer_files"]]
         except (KeyError, TypeError, ValueError) as e:
             raise CtpruneError(f"{folder / SPEC_FILE} lacks or mistypes a field ({e})") from None
-        if self.arch not in ARCHITECTURES or set(listed) != {*CT2_CORE, *tok_files}:
+        if self.arch not in ARCHITECTURES or set(tok_listed) != set(tok_files):
             raise CtpruneError(f"{folder / SPEC_FILE} does not match its manifest (architecture {self.arch!r}, "
                                f"tokenizer files {tok_files})")
         self.threads = threads or torch.get_num_threads()

@@ -1,10 +1,13 @@
 """Stage `export`: a model folder -> a serving folder for ONNX Runtime or CTranslate2.
 
-``--format onnx``: the serving folder holds ``encoder.onnx`` and ``decoder_step.onnx`` (see
-``graphs.py``: each layer's key/value tensors carry that layer's own head count), the model's
-``tokenizer.model`` and ``config.json``, ``graphs.json`` (every graph's inputs and outputs with
-dtypes and shapes, the special token ids, the precision, versions and the source model's
-fingerprint) and ``manifest.json`` (size and SHA-256 of every other file). The folder is
+``--format onnx`` (ctprune's Transformer, MarianMT or T5): the serving folder holds
+``encoder.onnx`` and ``decoder_step.onnx`` (see ``graphs.py`` and ``graphs_hf.py``: each layer's
+key/value tensors carry that layer's own head count), the model's tokenizer files
+(``tokenizer.model``; MarianMT's ``source.spm`` / ``target.spm`` / ``vocab.json``, T5's
+``tokenizer.json`` with transformers 5: what ``save_pretrained`` writes) and ``config.json``, ``graphs.json`` (every
+graph's inputs and outputs with dtypes and shapes, the special token ids, the tokenizer's files,
+for a Hugging Face model its per-layer sizes and generation rules, the precision, versions and
+the source model's fingerprint) and ``manifest.json`` (size and SHA-256 of every other file). The folder is
 written beside the output under a temporary name and renamed into place, so it is whole or
 absent.
 
@@ -36,12 +39,16 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ctprune.errors import CtpruneError, first_line
-from ctprune.fileio import check_existing, check_output, read_json, write_json
+from ctprune.fileio import check_existing, check_output, read_json, write_json, write_text
+
+if TYPE_CHECKING:
+    from ctprune.arch import Architecture
+    from ctprune.serve.hfgen import GenerationRules
 
 FORMATS = ("onnx", "ctranslate2")
 QUANTIZE = ("none", "int8")
@@ -49,7 +56,11 @@ EXPORT_FORMAT = "ctprune-onnx/1"
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
 GRAPHS_FILE, MANIFEST_FILE, CONFIG_FILE, TOKENIZER_FILE = (
     "graphs.json", "manifest.json", "config.json", "tokenizer.model")
-FILES = (ENCODER_FILE, DECODER_FILE, TOKENIZER_FILE, CONFIG_FILE, GRAPHS_FILE)
+ONNX_CORE = (ENCODER_FILE, DECODER_FILE, CONFIG_FILE, GRAPHS_FILE)  # + the tokenizer's files
+# What each format exports, by architecture name.
+SUPPORTED = {"onnx": ("ctprune", "marian", "t5"), "ctranslate2": ("ctprune", "marian")}
+# ONNX Runtime's optimizer model type per architecture: its encoder-decoder fusions.
+OPTIMIZER_TYPES = {"ctprune": "bart", "marian": "bart", "t5": "t5"}
 OPSET = 20  # what torch 2.13's exporter emits by default; ONNX Runtime >= 1.17 runs it
 # The fused ops that get_fused_operator_statistics counts, and the FusionOptions switch of each:
 # a fused graph that changes the outputs is tried again without the fusions it used.
@@ -97,17 +108,25 @@ def is_export_folder(folder: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") in (EXPORT_FORMAT, CT2_FORMAT)
 
 
-def check_export_manifest(folder: Path, fmt: str, files: tuple[str, ...]) -> None:
-    """Refuse a serving folder whose manifest does not list exactly ``files``, each with the
-    size and SHA-256 it has."""
+def check_export_manifest(folder: Path, fmt: str, files: tuple[str, ...], tokenizer_files: bool = False
+                          ) -> tuple[str, ...]:
+    """Refuse a serving folder whose manifest does not list exactly ``files`` (with
+    ``tokenizer_files``: ``files`` and any more, the tokenizer's, which the caller matches against
+    its description), each with the size and SHA-256 it has. Return the further files listed."""
     from ctprune.model.checkpoint import check_manifest
 
     manifest = read_json(folder / MANIFEST_FILE, "export manifest")
-    listed = set(manifest.get("files", {})) if isinstance(manifest, dict) else set()
-    if listed != set(files):
-        raise CtpruneError(f"export manifest {folder / MANIFEST_FILE} must list {', '.join(files)}; "
+    listed = tuple(manifest.get("files", {})) if isinstance(manifest, dict) else ()
+    extra = tuple(f for f in listed if f not in files)
+    if not set(files) <= set(listed) or (extra and not tokenizer_files):
+        also = " and the tokenizer's files" if tokenizer_files else ""
+        raise CtpruneError(f"export manifest {folder / MANIFEST_FILE} must list {', '.join(files)}{also}; "
                            f"it lists {', '.join(sorted(listed)) or 'nothing'}")
-    check_manifest(folder, fmt, files)
+    bad = [f for f in extra if not isinstance(f, str) or Path(f).is_absolute() or ".." in Path(f).parts]
+    if bad:
+        raise CtpruneError(f"export manifest {folder / MANIFEST_FILE} lists a file outside its folder: {bad[0]!r}")
+    check_manifest(folder, fmt, listed)
+    return extra
 
 
 def layer_names(prefix: str, n_layers: int) -> list[str]:
@@ -133,37 +152,84 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_graphs(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
-    """Write ``encoder.onnx`` and ``decoder_step.onnx`` of a ctprune ``Seq2SeqTransformer``
-    into ``folder``; return their description (names, dtypes, shapes) for ``graphs.json``."""
+@dataclass(frozen=True)
+class Layout:
+    """What the step graph's inputs look like: per decoder layer the self- and cross-attention
+    head counts (each layer its own), the head size, the ids and the position limit."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int  # the decoder's start token
+    max_len: int
+    head_dim: int
+    decoder_self_heads: list[int]
+    decoder_cross_heads: list[int]
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return len(self.decoder_self_heads)
+
+
+def layout_of(arch: str, model: torch.nn.Module, max_len: int) -> Layout:
+    """The ``Layout`` of a ctprune, MarianMT or T5 model (``arch``: its architecture's name)."""
+    if arch == "ctprune":
+        cfg = model.cfg
+        return Layout(cfg.vocab_size, cfg.pad_id, cfg.bos_id, cfg.max_len, cfg.head_dim,
+                      list(cfg.decoder_self_heads), list(cfg.decoder_cross_heads))
+    from ctprune.serve.graphs_hf import GRAPHS
+
+    hd, self_heads, cross_heads = GRAPHS[arch][2](model)
+    cfg = model.config
+    # Probe inputs feed ids to both embeddings (Marian's may differ when not shared).
+    vocab = min(model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features)
+    return Layout(int(vocab), int(cfg.pad_token_id), int(cfg.decoder_start_token_id), max_len, hd,
+                  self_heads, cross_heads)
+
+
+def _graph_modules(arch: str, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(encoder graph, decoder-step graph) of ``model``, as modules to export."""
+    if arch == "ctprune":
+        from ctprune.serve.graphs import DecoderStepGraph, EncoderGraph
+
+        return EncoderGraph(model), DecoderStepGraph(model)
+    from ctprune.serve.graphs_hf import GRAPHS
+
+    encoder, step, _ = GRAPHS[arch]
+    return encoder(model), step(model)
+
+
+def export_graphs(model: torch.nn.Module, folder: Path, arch: str = "ctprune", max_len: int | None = None
+                  ) -> dict[str, Any]:
+    """Write ``encoder.onnx`` and ``decoder_step.onnx`` of ``model`` (``arch``: ctprune, marian or
+    t5; ``max_len``: its position limit, a Hugging Face model's from its architecture) into
+    ``folder``; return their description (names, dtypes, shapes) for ``graphs.json``."""
     from torch.export import Dim
 
-    from ctprune.serve.graphs import DecoderStepGraph, EncoderGraph
-
-    cfg = model.cfg
-    n_dec, hd = cfg.n_decoder_layers, cfg.head_dim
+    lay = layout_of(arch, model, max_len or 0)
+    n_dec, hd = lay.n_decoder_layers, lay.head_dim
     model = model.float().eval()
+    encoder, step = _graph_modules(arch, model)
     # Example sizes >= 2 so that no axis is specialised to 0 or 1; the graphs run any size.
     b, s, p = 2, 5, 3
     batch = Dim("batch")
-    src_len = Dim("src_len", max=cfg.max_len)
-    past_len = Dim("past_len", max=cfg.max_len - 1)
+    src_len = Dim("src_len", max=lay.max_len)
+    past_len = Dim("past_len", max=lay.max_len - 1)
     src = torch.full((b, s), 4, dtype=torch.long)
     cross_names, past_names = layer_names("cross", n_dec), layer_names("past", n_dec)
     present_names = layer_names("present", n_dec)
-    ids = torch.full((b, 1), cfg.bos_id, dtype=torch.long)
+    ids = torch.full((b, 1), lay.bos_id, dtype=torch.long)
     mask = torch.ones(b, s, dtype=torch.bool)
-    past = [torch.zeros(b, h, p, hd) for h in cfg.decoder_self_heads for _ in range(2)]
-    cross = [torch.zeros(b, h, s, hd) for h in cfg.decoder_cross_heads for _ in range(2)]
+    past = [torch.zeros(b, h, p, hd) for h in lay.decoder_self_heads for _ in range(2)]
+    cross = [torch.zeros(b, h, s, hd) for h in lay.decoder_cross_heads for _ in range(2)]
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(
-                EncoderGraph(model), (src,), str(folder / ENCODER_FILE), dynamo=True,
+                encoder, (src,), str(folder / ENCODER_FILE), dynamo=True,
                 external_data=False, opset_version=OPSET, verbose=False,
                 input_names=["src"], output_names=["src_mask", *cross_names],
                 dynamic_shapes=({0: batch, 1: src_len},))
             torch.onnx.export(
-                DecoderStepGraph(model), (ids, mask, past, cross), str(folder / DECODER_FILE),
+                step, (ids, mask, past, cross), str(folder / DECODER_FILE),
                 dynamo=True, external_data=False, opset_version=OPSET, verbose=False,
                 input_names=["input_ids", "src_mask", *past_names, *cross_names],
                 output_names=["logits", *present_names],
@@ -219,13 +285,16 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
     if not model_dir.is_dir():
         raise CtpruneError(f"model folder not found: {model_dir}")
     arch = detect(model_dir)
-    supported = {"onnx": ("ctprune",), "ctranslate2": ("ctprune", "marian")}[args.format]
-    if arch.name not in supported:
+    if arch.name not in SUPPORTED[args.format]:  # only T5 to CTranslate2 is left
         raise CtpruneError(f"{model_dir} is a {arch.model_class} folder; --format {args.format} supports "
-                           + ("ctprune's own Transformer so far" if args.format == "onnx"
-                              else "ctprune's own Transformer and MarianMT so far"))
+                           "ctprune's own Transformer and MarianMT so far")
     _import_engine(args.format)
     model, tok, _ = load_model_folder(model_dir, "cpu")
+    rules = None
+    if args.format == "onnx" and arch.name != "ctprune":  # refused here, before anything is written
+        from ctprune.serve.hfgen import GenerationRules
+
+        rules = GenerationRules.of(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # mkdtemp would make it 0700
     tmp.mkdir()
@@ -236,9 +305,8 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
             **_token_ids(arch, model)}
     try:
         if args.format == "onnx":
-            info = _write_onnx(model, tmp, args.quantize, args.optimize, head, say)
-            tok.save(tmp)
-            fmt, files, describe_file = EXPORT_FORMAT, FILES, GRAPHS_FILE
+            info = _write_onnx(arch, model, tok, tmp, args, head, say, rules)
+            fmt, files, describe_file = EXPORT_FORMAT, (*ONNX_CORE, *info["tokenizer_files"]), GRAPHS_FILE
         else:
             from ctprune.serve.ct2 import CT2_FORMAT, SPEC_FILE, write_ct2
 
@@ -283,24 +351,38 @@ def _import_engine(fmt: str) -> None:
             raise CtpruneError(f"--format {fmt} needs the package {name}: pip install -e '.[serve]'") from None
 
 
-def _write_onnx(model: torch.nn.Module, folder: Path, quantize: str, optimize: bool, head: dict[str, Any],
-                say: Any = print) -> dict[str, Any]:
-    """The two ONNX graphs (optimized, then quantized, as asked) and ``config.json`` into
-    ``folder``; return ``graphs.json``."""
+def _write_onnx(arch: Architecture, model: torch.nn.Module, tok: Any, folder: Path, args: ExportArgs,
+                head: dict[str, Any], say: Any = print, rules: GenerationRules | None = None) -> dict[str, Any]:
+    """The two ONNX graphs (optimized, then quantized, as ``args`` asks), the tokenizer's files and
+    ``config.json`` into ``folder``; return ``graphs.json``. ``rules``: a Hugging Face model's
+    ``GenerationRules``."""
     import onnx
     import onnxruntime
 
-    cfg = model.cfg
-    graphs = export_graphs(model, folder)
-    optimization = optimize_graphs(folder, cfg, say) if optimize else None
-    if quantize == "int8":
+    lay = layout_of(arch.name, model, head["max_len"])
+    graphs = export_graphs(model, folder, arch.name, head["max_len"])
+    optimization = optimize_graphs(folder, lay, say, OPTIMIZER_TYPES[arch.name]) if args.optimize else None
+    if args.quantize == "int8":
         quantize_int8(folder)
-    if optimize or quantize == "int8":
+    if args.optimize or args.quantize == "int8":
         graphs = {k: describe(folder / v["file"]) for k, v in graphs.items()}
-    write_json(folder / CONFIG_FILE, cfg.to_dict())
-    return {"format": EXPORT_FORMAT, **head, "n_decoder_layers": cfg.n_decoder_layers,
-            "decoder_self_heads": cfg.decoder_self_heads, "decoder_cross_heads": cfg.decoder_cross_heads,
-            "head_dim": cfg.head_dim, "opset": OPSET, "optimization": optimization,
+    before = {p.name for p in folder.iterdir()}
+    tok.save(folder)
+    tokenizer_files = sorted(p.name for p in folder.iterdir() if p.name not in before)
+    extra: dict[str, Any] = {}
+    if arch.name == "ctprune":
+        write_json(folder / CONFIG_FILE, model.cfg.to_dict())
+    else:  # Hugging Face's config (AutoTokenizer reads it too); the per-layer sizes in graphs.json
+        from ctprune.arch.hf import HFArchitecture
+
+        assert isinstance(arch, HFArchitecture) and rules is not None
+        write_text(folder / CONFIG_FILE, model.config.to_json_string(use_diff=True))
+        extra = {"layers": arch.layers(model), "generation": rules.to_json(),
+                 "source_prefix": getattr(tok, "source_prefix", "")}
+    return {"format": EXPORT_FORMAT, **head, "n_decoder_layers": lay.n_decoder_layers,
+            "decoder_self_heads": lay.decoder_self_heads, "decoder_cross_heads": lay.decoder_cross_heads,
+            "head_dim": lay.head_dim, "tokenizer_files": tokenizer_files, **extra, "opset": OPSET,
+            "optimization": optimization,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "graphs": graphs}
@@ -317,7 +399,7 @@ def _replace_dir(new: Path, out: Path) -> None:
         shutil.rmtree(old.parent, ignore_errors=True)
 
 
-def _probe_feeds(cfg: Any, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def _probe_feeds(cfg: Layout, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Inputs on which a fused graph must reproduce the unfused one: per graph, two feeds of
     different batch / length sizes, padded source rows (so a padding mask taken for a causal
     one shows), an empty and a filled self-attention cache, random keys/values of every layer's
@@ -375,27 +457,28 @@ def _max_difference(fused: Path, unfused: Path, feeds: list[dict[str, Any]]) -> 
     return worst
 
 
-def _fuse(path: Path, out: Path, disabled: set[str]) -> dict[str, int]:
+def _fuse(path: Path, out: Path, disabled: set[str], model_type: str = "bart") -> dict[str, int]:
     """ONNX Runtime's transformer optimizer on ``path`` into ``out``, the fusions in ``disabled``
     (FusionOptions attribute names) switched off; return its fused-operator counts.
 
-    ``model_type="bart"``: the encoder-decoder fusions (attention with and without a cache,
-    cross-attention on precomputed keys/values, SkipLayerNormalization around post-LN blocks).
+    ``model_type="bart"`` (ctprune's Transformer, MarianMT): the encoder-decoder fusions (attention
+    with and without a cache, cross-attention on precomputed keys/values, SkipLayerNormalization
+    around post-LN blocks); ``"t5"``: the same for T5's RMS norms (SimplifiedLayerNormalization).
     ``num_heads=0, hidden_size=0``: each attention's head count is read from its own reshape,
     so every layer keeps its own."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    options = FusionOptions("bart")
+    options = FusionOptions(model_type)
     for name in disabled:
         setattr(options, name, False)
-    opt = optimize_model(str(path), model_type="bart", num_heads=0, hidden_size=0,
+    opt = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0,
                          optimization_options=options)
     opt.save_model_to_file(str(out))
     return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
 
 
-def optimize_graphs(folder: Path, cfg: Any, say: Any = print) -> dict[str, Any]:
+def optimize_graphs(folder: Path, cfg: Layout, say: Any = print, model_type: str = "bart") -> dict[str, Any]:
     """Run ONNX Runtime's transformer optimizer on ``encoder.onnx`` and ``decoder_step.onnx`` of
     ``folder`` in place; return, per graph, what was fused (for ``graphs.json``).
 
@@ -408,7 +491,7 @@ def optimize_graphs(folder: Path, cfg: Any, say: Any = print) -> dict[str, Any]:
 
     feeds = _probe_feeds(cfg)
     result: dict[str, Any] = {"optimizer": "onnxruntime.transformers.optimizer.optimize_model",
-                              "model_type": "bart", "num_heads": 0, "hidden_size": 0,
+                              "model_type": model_type, "num_heads": 0, "hidden_size": 0,
                               "tolerance": OPTIMIZE_TOLERANCE, "graphs": {}}
     for key, name in (("encoder", ENCODER_FILE), ("decoder_step", DECODER_FILE)):
         path, fused = folder / name, folder / f"fused.{name}"
@@ -420,7 +503,7 @@ def optimize_graphs(folder: Path, cfg: Any, say: Any = print) -> dict[str, Any]:
         try:
             while True:
                 with _quiet_exporter():
-                    counts = _fuse(path, fused, disabled)
+                    counts = _fuse(path, fused, disabled, model_type)
                 made = _new_ops(before, fused)
                 difference = _max_difference(fused, path, feeds[key])
                 if difference <= OPTIMIZE_TOLERANCE:

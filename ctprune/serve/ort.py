@@ -2,9 +2,11 @@
 serving folder written by ``export`` (not optimum's ``ORTModelForSeq2SeqLM``, which sizes its
 key/value buffers from one head count per stack).
 
-The loops follow ``ctprune.model.decode`` step for step (same step limit, same tie-breaking
-argmax / topk in torch, same GNMT length penalty), so an fp32 export emits the same token ids
-as the PyTorch model it came from.
+For ctprune's Transformer the loops follow ``ctprune.model.decode`` step for step (same step
+limit, same tie-breaking argmax / topk in torch, same GNMT length penalty); for a MarianMT or T5
+they follow Hugging Face's ``generate`` as ``arch.generate`` calls it (``hfgen.py``: its logits
+processors, its beam search). Either way an fp32 export emits the same token ids as the PyTorch
+model it came from.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from torch import Tensor
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import read_json
 from ctprune.model.decode import beam_best, beam_start, beam_step
+from ctprune.serve import hfgen
 from ctprune.serve.export import (
     DECODER_FILE,
     ENCODER_FILE,
     EXPORT_FORMAT,
-    FILES,
     GRAPHS_FILE,
     MANIFEST_FILE,
+    ONNX_CORE,
+    TOKENIZER_FILE,
     check_export_manifest,
     layer_names,
 )
@@ -51,17 +55,24 @@ class OrtSeq2Seq:
         if not (folder / MANIFEST_FILE).is_file() or not (folder / GRAPHS_FILE).is_file():
             raise CtpruneError(f"{folder} is not an ONNX serving folder (no {MANIFEST_FILE} / {GRAPHS_FILE}); "
                                "write one with: ctprune export MODEL --format onnx -o DIR")
-        check_export_manifest(folder, EXPORT_FORMAT, FILES)
+        tok_listed = check_export_manifest(folder, EXPORT_FORMAT, ONNX_CORE, tokenizer_files=True)
         self.info: dict[str, Any] = read_json(folder / GRAPHS_FILE, "graphs description")
         self.folder = folder
         try:
+            self.arch = str(self.info.get("architecture", "ctprune"))
             self.n_layers = int(self.info["n_decoder_layers"])
             self.self_heads = [int(h) for h in self.info["decoder_self_heads"]]
             self.head_dim = int(self.info["head_dim"])
             self.max_len, self.pad_id = int(self.info["max_len"]), int(self.info["pad_id"])
             self.bos_id, self.eos_id = int(self.info["bos_id"]), int(self.info["eos_id"])
-        except (KeyError, TypeError, ValueError) as e:
+            tok_files = [str(f) for f in self.info.get("tokenizer_files", [TOKENIZER_FILE])]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CtpruneError(f"{folder / GRAPHS_FILE} lacks or mistypes a field ({e})") from None
+        if self.arch not in ("ctprune", "marian", "t5") or set(tok_listed) != set(tok_files):
+            raise CtpruneError(f"{folder / GRAPHS_FILE} does not match its manifest (architecture {self.arch!r}, "
+                               f"tokenizer files {tok_files})")
+        # A Hugging Face model decodes as its generate() does (hfgen.py); ctprune's as decode.py.
+        self.rules = None if self.arch == "ctprune" else hfgen.GenerationRules.from_json(self.info.get("generation"))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -73,9 +84,24 @@ class OrtSeq2Seq:
         except Exception as e:  # onnxruntime's own error types
             raise CtpruneError(f"ONNX Runtime cannot load {folder}: {first_line(e)}") from None
         self.threads = opts.intra_op_num_threads
-        self.tokenizer = Tokenizer.load(folder)
+        self.tokenizer = Tokenizer.load(folder) if self.arch == "ctprune" else self._hf_tokenizer()
         self.cross_names = layer_names("cross", self.n_layers)
         self.past_names = layer_names("past", self.n_layers)
+
+    def _hf_tokenizer(self) -> Any:
+        """The Hugging Face tokenizer of the folder, through the architecture's validating loader
+        (files present, JSON bounded), with the ids and source prefix of ``graphs.json``."""
+        from types import SimpleNamespace
+
+        from ctprune.arch import get
+
+        ids = SimpleNamespace(pad_token_id=self.pad_id, decoder_start_token_id=self.bos_id, eos_token_id=self.eos_id)
+        tok = get(self.arch).load_tokenizer(self.folder, SimpleNamespace(config=ids))  # it reads only model.config
+        prefix = self.info.get("source_prefix", "")
+        if not isinstance(prefix, str):
+            raise CtpruneError(f"{self.folder / GRAPHS_FILE}: source_prefix must be a string")
+        tok.source_prefix = prefix
+        return tok
 
     @property
     def precision(self) -> str:
@@ -101,7 +127,10 @@ class OrtSeq2Seq:
         return min(self.max_len - 1, int(src.shape[1] * 1.5) + 10)
 
     def greedy(self, src: Tensor, steps: int | None = None) -> list[list[int]]:
-        """src (B, S) -> B token-id lists (without BOS/EOS), as ``decode.greedy``."""
+        """src (B, S) -> B token-id lists (without BOS/EOS), as ``decode.greedy`` (a Hugging Face
+        model: as its ``generate``; ``steps``: EOS suppressed before, for timing)."""
+        if self.rules is not None:
+            return hfgen.greedy(self, src, self.rules, steps or self.max_steps(src), steps or 0)
         b = src.shape[0]
         mask, cross = self.encode(src)
         past = self.empty_past(b)
@@ -119,7 +148,10 @@ class OrtSeq2Seq:
         return [_trim(row, self.eos_id) for row in torch.stack(emitted, 1).tolist()]
 
     def beam_search(self, src: Tensor, beam: int, alpha: float = 0.6) -> list[list[int]]:
-        """src (B, S) -> B token-id lists, as ``decode.beam_search`` (GNMT length penalty)."""
+        """src (B, S) -> B token-id lists, as ``decode.beam_search`` (GNMT length penalty; a Hugging
+        Face model: as its ``generate``, with the length penalty of its generation config)."""
+        if self.rules is not None:
+            return hfgen.beam_search(self, src, beam, self.rules, self.max_steps(src))
         b, k = src.shape[0], beam
         mask, cross = self.encode(src)
         mask = np.repeat(mask, k, 0)  # (B*K, S)
@@ -137,6 +169,7 @@ class OrtSeq2Seq:
         return [_trim(row, self.eos_id) for row in beam_best(scores, seqs, lengths, alpha)]
 
     def generate(self, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
+        """src (B, S) -> B token-id lists, as the source model's architecture generates them."""
         return self.greedy(src, steps) if beam <= 1 else self.beam_search(src, beam)
 
 

@@ -16,10 +16,12 @@ from ctprune.pruning.configs import (
     model_fingerprint,
     prunable_modules,
 )
+from ctprune.stages.args import ConfigsArgs, InspectArgs, PlanArgs
 
 
-def inspect_model(model_dir: Path) -> list[str]:
+def inspect_model(args: InspectArgs) -> list[str]:
     """One line per prunable module: name, kind, parameters, heads/neurons/weights."""
+    model_dir = args.model
     model, _, _ = load_model_folder(model_dir, tokenizer=False)
     mods = prunable_modules(model)
     total = sum(p.numel() for p in model.parameters())
@@ -40,19 +42,21 @@ def _is_json_of(kind: type, fmt: str | None = None) -> Any:
     return own
 
 
-def write_configs(model_dir: Path, n: int, output: Path, attention: list[float] | None = None,
-                  linear: list[float] | None = None, ffn: list[float] | None = None) -> list[Configuration]:
-    check_output(output, {"model folder": model_dir})
-    check_existing(output, _is_json_of(list), "a configuration file")
-    model, _, _ = load_model_folder(model_dir, tokenizer=False)
-    confs = default_configurations(prunable_modules(model), n, attention, linear, ffn)
-    write_json(output, confs)
+def write_configs(args: ConfigsArgs) -> list[Configuration]:
+    """``args.n`` configurations of the prototype's template (or the ratios given) -> ``args.output``."""
+    check_output(args.output, {"model folder": args.model})
+    check_existing(args.output, _is_json_of(list), "a configuration file")
+    model, _, _ = load_model_folder(args.model, tokenizer=False)
+    confs = default_configurations(prunable_modules(model), args.n, *(None if r is None else list(r) for r in
+                                                                       (args.attention, args.linear, args.ffn)))
+    write_json(args.output, confs)
     return confs
 
 
-def write_plan(conf_path: Path, model_dir: Path, output: Path) -> dict[str, Any]:
+def write_plan(args: PlanArgs) -> dict[str, Any]:
     """The plan of a configuration file, checked against the origin model whose fingerprint it
     records, so that a bank or configuration from another model is refused later."""
+    conf_path, model_dir, output = args.configurations, args.model, args.output
     check_output(output, {"configuration file": conf_path, "model folder": model_dir})
     check_existing(output, _is_json_of(dict, "ctprune-plan/1"), "a plan")
     model, _, _ = load_model_folder(model_dir, tokenizer=False)

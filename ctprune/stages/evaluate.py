@@ -16,6 +16,7 @@ from ctprune.fileio import check_existing, check_output, write_json, write_text
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.decode import check_beam, translate
 from ctprune.scoring import score
+from ctprune.stages.args import EvaluateArgs, TranslateArgs
 
 # What `evaluate` writes into its folder: SPLIT.DECODER.en / .json (and its atomic writes' temp files).
 OWN_FILE = re.compile(r"\.?[^/]+\.(greedy|beam\d+)\.(en|json)(\.[^/]*\.tmp)?")
@@ -27,20 +28,25 @@ def _is_eval_folder(path: Path) -> bool:
         p.is_file() and not p.is_symlink() and OWN_FILE.fullmatch(p.name) for p in path.iterdir())
 
 
-def evaluate(model_dir: Path, corpus: str = "multi30k", split: str = "test_2016_flickr",
-             data_dir: str | None = None, beam: int = 1, device: str | None = None,
-             output: Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Translate ``split``, score it, write ``SPLIT.DECODER.en`` and ``SPLIT.DECODER.json``
-    into ``output`` (default MODEL/eval), print a summary, and return the report."""
-    check_beam(beam)
-    out = eval_output(model_dir, output, data_dir, "model folder")
-    dev = resolve_device(device)
-    data = load_split(corpus, split, data_dir)
-    model, tok, _ = load_model_folder(model_dir, dev)
+def evaluate(args: EvaluateArgs) -> dict[str, Any]:
+    """Translate ``args.split``, score it, write ``SPLIT.DECODER.en`` and ``SPLIT.DECODER.json``
+    into ``args.output`` (default MODEL/eval), print a summary unless ``quiet``, and return the
+    report. ``engine`` other than torch: the model is a serving folder (``ctprune export``)."""
+    if args.engine != "torch":
+        from ctprune.serve.engines import evaluate_served
+
+        return evaluate_served(args.engine, args.model, corpus=args.corpus, split=args.split, data_dir=args.data_dir,
+                               beam=args.beam, output=args.output, quiet=args.quiet)
+    check_beam(args.beam)
+    out = eval_output(args.model, args.output, args.data_dir, "model folder")
+    dev = resolve_device(args.device)
+    data = load_split(args.corpus, args.split, args.data_dir)
+    model, tok, _ = load_model_folder(args.model, dev)
     t0 = time.perf_counter()
-    hyps = translate(model, tok, data.src, beam=beam, progress=not quiet)
-    return write_report(out, {"model": str(model_dir), "corpus": corpus, "split": split}, hyps, data.tgt, beam,
-                        time.perf_counter() - t0, {"device": dev, "threads": torch.get_num_threads()}, quiet=quiet)
+    hyps = translate(model, tok, data.src, beam=args.beam, progress=not args.quiet)
+    return write_report(out, {"model": str(args.model), "corpus": args.corpus, "split": args.split}, hyps, data.tgt,
+                        args.beam, time.perf_counter() - t0, {"device": dev, "threads": torch.get_num_threads()},
+                        quiet=args.quiet)
 
 
 def eval_output(model_dir: Path, output: Path | None, data_dir: str | None, what: str) -> Path:
@@ -91,11 +97,15 @@ def read_source_lines(inp: TextIO | None, out: TextIO | None) -> tuple[list[str]
                            "per line") from None
 
 
-def translate_stream(model_dir: Path, inp: TextIO | None, out: TextIO | None, beam: int = 1,
-                     device: str | None = None) -> None:
+def translate_stream(args: TranslateArgs, inp: TextIO | None, out: TextIO | None) -> None:
     """Read German lines from ``inp``, write one English line per input line to ``out``."""
-    check_beam(beam)
-    model, tok, _ = load_model_folder(model_dir, resolve_device(device))
+    if args.engine != "torch":
+        from ctprune.serve.engines import translate_stream_served
+
+        translate_stream_served(args.engine, args.model, inp, out, beam=args.beam)
+        return
+    check_beam(args.beam)
+    model, tok, _ = load_model_folder(args.model, resolve_device(args.device))
     lines, out = read_source_lines(inp, out)
-    for hyp in translate(model, tok, lines, beam=beam) if lines else []:
+    for hyp in translate(model, tok, lines, beam=args.beam) if lines else []:
         out.write(hyp + "\n")

@@ -6,6 +6,7 @@ BLEU is measured (greedy, on the validation split) before the first epoch and af
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,56 +17,57 @@ from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output
 from ctprune.model.checkpoint import is_model_folder
 from ctprune.pruning.configs import load_configurations, prunable_modules
-from ctprune.spec import DataSpec, resolve_target
+from ctprune.spec import resolve_target
+from ctprune.stages.args import FinetuneArgs
 from ctprune.stages.compose import compose_configuration
-from ctprune.training.loop import FitResult, Recipe, fit
+from ctprune.training.loop import FitResult, fit
 
 
-def finetune(model_dir: Path, bank: Path, conf_path: Path, n: int, output: Path, recipe: Recipe,
-             corpus: str = DataSpec.corpus, data_dir: str | None = None, target_bleu: float | str | None = None,
-             resume: bool = False, device: str | None = None, min_epochs: int = 0,
-             snapshot_epochs: tuple[int, ...] = ()) -> FitResult:
-    """Finetune configuration ``n`` into the model folder ``output`` (history.csv, plots), until
-    ``target_bleu`` (a BLEU, "origin-X", or None) or the recipe's epochs."""
-    check_output(output, {"model folder": model_dir, "bank": bank, "configuration file": conf_path,
+def finetune(args: FinetuneArgs) -> FitResult:
+    """Finetune configuration ``args.n`` into the model folder ``args.output`` (history.csv,
+    plots), until ``target_bleu`` (a BLEU, "origin-X", or None) or the recipe's epochs, at least
+    ``budget_epochs``."""
+    output, data_dir = args.output, args.data_dir
+    check_output(output, {"model folder": args.model, "bank": args.bank, "configuration file": args.configurations,
                           "data folder": data_dir})
-    dev = resolve_device(device)
-    model, tok, provenance = compose_configuration(model_dir, bank, conf_path, n)
-    train_name, val_name, _ = default_splits(corpus)
-    train, val = (load_split(corpus, s, data_dir) for s in (train_name, val_name))
-    target_bleu = resolve_target(target_bleu, model_dir)
-    hparams: dict[str, Any] = {**provenance, "stage": "finetune", "corpus": corpus, "target_bleu": target_bleu}
-    result = fit(model, tok, train, val, recipe, output, hparams, resume=resume, device=dev,
+    recipe = args.training_recipe()
+    dev = resolve_device(args.device)
+    assert args.n is not None  # FinetuneArgs: -n or --all
+    model, tok, provenance = compose_configuration(args.model, args.bank, args.configurations, args.n)
+    train_name, val_name, _ = default_splits(args.corpus)
+    train, val = (load_split(args.corpus, s, data_dir) for s in (train_name, val_name))
+    target_bleu = resolve_target(args.target_bleu, args.model)
+    hparams: dict[str, Any] = {**provenance, "stage": "finetune", "corpus": args.corpus, "target_bleu": target_bleu}
+    result = fit(model, tok, train, val, recipe, output, hparams, resume=args.resume, device=dev,
                  eval_before=True, target_bleu=target_bleu, after_step=arch_of(model).apply_masks,
-                 min_epochs=min_epochs, snapshot_epochs=snapshot_epochs)
-    plot_history(output / "history.csv", output / "history.png", f"configuration {n}")
+                 min_epochs=args.budget_epochs, snapshot_epochs=args.snapshot_epochs)
+    plot_history(output / "history.csv", output / "history.png", f"configuration {args.n}")
     return result
 
 
-def finetune_all(model_dir: Path, bank: Path, conf_path: Path, output: Path, recipe: Recipe,
-                 **kwargs: Any) -> list[FitResult]:
-    """Every configuration, one after another, into ``output/config-I``; finished ones are kept,
-    an interrupted one resumes."""
+def finetune_all(args: FinetuneArgs) -> list[FitResult]:
+    """Every configuration, one after another, into ``args.output/config-I``; finished ones are
+    kept, an interrupted one resumes."""
+    from ctprune.fileio import read_json
     from ctprune.model.checkpoint import load_model_folder
 
-    check_output(output, {"model folder": model_dir, "bank": bank, "configuration file": conf_path,
-                          "data folder": kwargs.get("data_dir")})
-    if Path(output).exists() and not Path(output).is_dir():
+    output = args.output
+    check_output(output, {"model folder": args.model, "bank": args.bank, "configuration file": args.configurations,
+                          "data folder": args.data_dir})
+    if output.exists() and not output.is_dir():
         raise CtpruneError(f"output {output} exists and is not a folder (--all writes OUTPUT/config-I)")
-    origin, _, _ = load_model_folder(model_dir, tokenizer=False)
-    confs = load_configurations(conf_path, prunable_modules(origin))
+    origin, _, _ = load_model_folder(args.model, tokenizer=False)
+    confs = load_configurations(args.configurations, prunable_modules(origin))
     results = []
     for i in range(len(confs)):
-        out = Path(output) / f"config-{i}"
+        out = output / f"config-{i}"
         started = (out / "history.csv").exists()
         if started and (out / "train_summary.json").exists() and is_model_folder(out):
-            from ctprune.fileio import read_json
-
             s = read_json(out / "train_summary.json")
             results.append(FitResult(s["best_val_bleu"], s["epochs_done"], s["wall_time_s"],
                                      s["train_tokens"], s["stopped_early"]))
             continue
-        results.append(finetune(model_dir, bank, conf_path, i, out, recipe, resume=started, **kwargs))
+        results.append(finetune(dataclasses.replace(args, n=i, all=False, output=out, resume=started)))
     return results
 
 

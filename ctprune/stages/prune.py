@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,11 +12,11 @@ from ctprune.arch import arch_of
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.errors import CtpruneError
-from ctprune.fileio import check_output, read_json, temp_dir_beside, write_json
+from ctprune.fileio import check_output, read_json, temp_dir_beside
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.progress import progress
 from ctprune.pruning import importance
-from ctprune.pruning.bank import INDEX_FILE, empty_index, save_variant
+from ctprune.pruning.bank import Bank
 from ctprune.pruning.configs import (
     KINDS,
     Prunable,
@@ -30,9 +29,8 @@ from ctprune.pruning.configs import (
     variant_key,
 )
 from ctprune.pruning.surgery import l1_mask, mask_linear, n_keep
-from ctprune.spec import MAX_TOKENS, DataSpec
-
-CRITERIA = importance.HEAD_CRITERIA
+from ctprune.spec import MAX_TOKENS
+from ctprune.stages.args import PruneArgs
 
 
 def make_variant(model: torch.nn.Module, name: str, kind: str, ratio: float, criterion: str,
@@ -80,19 +78,14 @@ def grid_plan(modules: dict[str, Prunable], grid: list[float], kinds: tuple[str,
     return plan, f"grid-{'-'.join(f'{r:g}' for r in ratios)}-{'-'.join(sorted(kinds))}"
 
 
-def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: float | None = None,
-          criterion: str = "original", corpus: str = DataSpec.corpus, data_dir: str | None = None,
-          calibration_batches: int = 8, grid: list[float] | None = None,
-          kinds: tuple[str, ...] = ("attention", "ffn")) -> dict[str, Any]:
-    """Write a bank with every variant of the plan (or every prunable module at ``ratio``, or a
-    grid bank: every prunable module of ``kinds`` at every ratio of ``grid``).
+def prune(args: PruneArgs) -> dict[str, Any]:
+    """Write the bank ``args.output`` with every variant of the plan (or every prunable module at
+    ``ratio``, or a grid bank: every prunable module of ``kinds`` at every ratio of ``grid``) and
+    return its index.
 
     The bank is built in a temporary folder and renamed into place when complete."""
-    if criterion not in CRITERIA:
-        raise CtpruneError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if sum(x is not None for x in (plan_path, ratio, grid)) != 1:
-        raise CtpruneError("give one of --plan PLAN, --ratio R or --grid R [R ...]")
-    output = check_output(output, {"model folder": model_dir, "plan": plan_path, "data folder": data_dir})
+    model_dir, plan_path, ratio, grid, criterion = args.model, args.plan, args.ratio, args.grid, args.criterion
+    output = check_output(args.output, {"model folder": model_dir, "plan": plan_path, "data folder": args.data_dir})
     if output.exists() or output.is_symlink():
         raise CtpruneError(f"{output} already exists; choose another -o or remove it")
     model, tok, _ = load_model_folder(model_dir, tokenizer=criterion == "activation")
@@ -105,7 +98,7 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
                                f"{plan['model_fingerprint']}, {model_dir} is {model_fp})")
         plan_fp = fingerprint(plan)
     elif grid is not None:
-        plan, plan_fp = grid_plan(modules, grid, kinds)
+        plan, plan_fp = grid_plan(modules, list(grid), args.kinds)
     else:
         r = check_ratio(ratio, "--ratio", zero=False)
         if r == 1:
@@ -118,21 +111,20 @@ def prune(model_dir: Path, output: Path, plan_path: Path | None = None, ratio: f
                            f"not yet for {arch_of(model).model_class}; use ratios in (0, 1]")
     stats: dict[str, torch.Tensor] = {}
     if criterion == "activation":
-        train = load_split(corpus, default_splits(corpus)[0], data_dir)
+        train = load_split(args.corpus, default_splits(args.corpus)[0], args.data_dir)
         batches = TokenizedSplit(train, tok, arch_of(model).max_len(model)).batches(MAX_TOKENS, shuffle_seed=0)
-        stats = importance.activation_stats(model, batches[:calibration_batches])
+        stats = importance.activation_stats(model, batches[:args.calibration_batches])
     tmp = temp_dir_beside(output)
     try:
-        index = empty_index(model_fp, plan_fp)
-        index["criterion"] = criterion
+        bank = Bank.create(tmp, model_fp, plan_fp, criterion=criterion)
         t0 = time.perf_counter()
         for name, r in progress(variant_ids(plan), desc="prune", unit="variant", leave=False):
             variant, entry = make_variant(model, name, modules[name].kind, r, criterion, stats)
-            save_variant(tmp, index, variant_key(name, r), variant, entry, write_index=False)
-        index["prune_seconds"] = round(time.perf_counter() - t0, 3)
-        write_json(tmp / INDEX_FILE, index)
+            bank.add(variant_key(name, r), variant, entry)
+        bank.set_prune_seconds(time.perf_counter() - t0)
+        bank.write()
         tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return index
+    return bank.index

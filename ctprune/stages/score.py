@@ -29,15 +29,15 @@ from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.data.tokenizer import Tokenizer
 from ctprune.device import resolve_device
-from ctprune.errors import CtpruneError
-from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.ops import autocast_input
 from ctprune.model.transformer import Seq2SeqTransformer
-from ctprune.pruning.bank import INDEX_FILE, check_bank_model, load_index, load_variant
+from ctprune.pruning.bank import Bank
 from ctprune.pruning.configs import model_fingerprint
 from ctprune.pruning.surgery import swapped
-from ctprune.spec import LATENCY_REPEATS, MAX_TOKENS, SCORE_BATCHES, DataSpec
+from ctprune.spec import MAX_TOKENS, SCORE_BATCHES
+from ctprune.stages.args import ScoreArgs
+from ctprune.task import kl_per_token
 
 SCORES_FORMAT = "ctprune-scores/1"
 
@@ -54,11 +54,8 @@ class Subset:
 def validation_subset(tok: Tokenizer, max_len: int, corpus: str, data_dir: str | None = None,
                       batches: int = SCORE_BATCHES, max_tokens: int = MAX_TOKENS) -> Subset:
     """The first ``batches`` token-budget batches of the validation split in a fixed shuffled
-    order (so short and long sentences both appear)."""
-    if batches < 1:
-        raise CtpruneError(f"--batches must be at least 1, got {batches}")
-    if max_tokens < 1:
-        raise CtpruneError(f"--max-tokens must be at least 1, got {max_tokens}")
+    order (so short and long sentences both appear). ``batches`` and ``max_tokens`` are checked
+    by the stage's Args (``ScoreArgs``, ``SearchArgs``)."""
     split = default_splits(corpus)[1]
     chosen = TokenizedSplit(load_split(corpus, split, data_dir), tok, max_len).batches(
         max_tokens, shuffle_seed=0)[:batches]
@@ -133,7 +130,7 @@ def _kl_and_loss(logits: Tensor, origin_logp: Tensor, tgt_out: Tensor, pad_id: i
     real = tgt_out != pad_id  # (B, T)
     logp = logits.float().log_softmax(-1)[real]  # (N, V)
     ref = origin_logp[real]
-    kl = (ref.exp() * (ref - logp)).sum(-1).sum()
+    kl = kl_per_token(ref, logp).sum()
     return float(kl), float(F.nll_loss(logp, tgt_out[real], reduction="sum"))
 
 
@@ -148,9 +145,8 @@ def measure_latency(origin: nn.Module, variants: dict[str, tuple[str, nn.Module]
                     subset: Subset, repeats: int) -> dict[str, Any]:
     """Milliseconds of batched greedy decoding (the subset's first batch, a fixed number of
     steps) of the origin and, per variant, the origin with that variant swapped in. Origin and
-    variant runs alternate, so slow drifts of the machine cancel in the difference."""
-    if repeats < 1:
-        raise CtpruneError(f"--latency-repeats must be at least 1, got {repeats}")
+    variant runs alternate, so slow drifts of the machine cancel in the difference. ``repeats``
+    (at least 1) is checked by ``ScoreArgs``."""
     src, steps = subset.batches[0].src, subset.batches[0].tgt_in.shape[1]
     _timed(origin, src, steps)  # warm-up
     out: dict[str, Any] = {"unit": "ms per greedy decoding of the latency batch",
@@ -173,29 +169,26 @@ def measure_latency(origin: nn.Module, variants: dict[str, tuple[str, nn.Module]
     return out
 
 
-def score_bank(model_dir: Path, bank: Path, corpus: str = DataSpec.corpus, data_dir: str | None = None,
-               batches: int = SCORE_BATCHES, max_tokens: int = MAX_TOKENS, latency: bool = False,
-               latency_repeats: int = LATENCY_REPEATS, force: bool = False, device: str | None = None
-               ) -> dict[str, Any]:
-    """Score every variant of ``bank`` whose score is missing or stale (all with ``force``),
+def score_bank(args: ScoreArgs) -> dict[str, Any]:
+    """Score every variant of ``args.bank`` whose score is missing or stale (all with ``force``),
     store the scores in the bank's index and return them (``scored``: how many were computed)."""
-    bank = Path(bank)
-    index = load_index(bank)
+    model_dir, corpus, data_dir = args.model, args.corpus, args.data_dir
+    store = Bank.open(args.bank)
     model_fp = model_fingerprint(model_dir)
-    check_bank_model(index, model_fp, bank)
-    dev = resolve_device(device)
+    store.check_model(model_fp)
+    dev = resolve_device(args.device)
     origin, tok, _ = load_model_folder(model_dir, dev)
-    subset = validation_subset(tok, arch_of(origin).max_len(origin), corpus, data_dir, batches, max_tokens)
-    digests = {k: variant_digest(bank, e) for k, e in index["variants"].items()}
-    old = index.get("scores") or {}
-    same_ground = (not force and old.get("model_fingerprint") == model_fp
+    subset = validation_subset(tok, arch_of(origin).max_len(origin), corpus, data_dir, args.batches,
+                               args.max_tokens)
+    digests = {k: variant_digest(store.path, e) for k, e in store.variants.items()}
+    old = store.index.get("scores") or {}
+    same_ground = (not args.force and old.get("model_fingerprint") == model_fp
                    and old.get("subset", {}).get("fingerprint") == subset.fingerprint)
     kept = {k: s for k, s in (old.get("variants", {}) if same_ground else {}).items()
             if digests.get(k) == s.get("digest")}
-    todo = [k for k in index["variants"] if k not in kept]
-    modules = {k: index["variants"][k]["module"] for k in todo}
-    variants = {k: load_variant(bank, index, k, origin).to(dev).eval()
-                for k in todo}
+    todo = [k for k in store.variants if k not in kept]
+    modules = {k: store.variants[k]["module"] for k in todo}
+    variants = {k: store.load_variant(k, origin).to(dev).eval() for k in todo}
     t0 = time.perf_counter()
     sums = {k: [0.0, 0.0] for k in todo}
     origin_loss = 0.0
@@ -216,21 +209,21 @@ def score_bank(model_dir: Path, bank: Path, corpus: str = DataSpec.corpus, data_
     scores: dict[str, Any] = {
         "format": SCORES_FORMAT, "model_fingerprint": model_fp, "subset": subset.meta,
         "origin": {"loss": round(origin_loss / n, 6)}, "device": dev,
-        "variants": {k: kept.get(k) or fresh[k] for k in index["variants"]},
+        "variants": {k: kept.get(k) or fresh[k] for k in store.variants},
         "scored": len(todo), "reused": len(kept), "wall_time_s": round(seconds, 3),
         # every second ever spent scoring this bank (a rerun that reuses every score adds nothing)
         "total_wall_time_s": round(old.get("total_wall_time_s", old.get("wall_time_s", 0.0))
                                    + (seconds if todo else 0.0), 3),
     }
     old_latency = old.get("latency") if same_ground else None
-    if latency and not (old_latency and old_latency.get("digests") == digests):
+    if args.latency and not (old_latency and old_latency.get("digests") == digests):
         t1 = time.perf_counter()
-        every = {k: (e["module"], load_variant(bank, index, k, origin).to(dev).eval())
-                 for k, e in index["variants"].items()}
-        scores["latency"] = {**measure_latency(origin, every, subset, latency_repeats),
+        every = {k: (e["module"], store.load_variant(k, origin).to(dev).eval())
+                 for k, e in store.variants.items()}
+        scores["latency"] = {**measure_latency(origin, every, subset, args.latency_repeats),
                              "digests": digests, "wall_time_s": round(time.perf_counter() - t1, 3)}
     elif old_latency and old_latency.get("digests") == digests:
         scores["latency"] = old_latency
-    index["scores"] = scores
-    write_json(bank / INDEX_FILE, index)
+    store.set_scores(scores)
+    store.write()
     return scores

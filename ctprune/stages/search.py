@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ctprune.arch import arch_of
-from ctprune.budget import RESOURCES, Budget, Point, describe_point
+from ctprune.budget import RESOURCES, Budget, describe_point
 from ctprune.budget import budget_sweep as budget_sweep  # the grammar's home is ctprune.budget; kept importable
 from ctprune.budget import parse_budget as parse_budget  # from here for the callers that import it so
 from ctprune.errors import CtpruneError
@@ -34,7 +34,8 @@ from ctprune.pruning.bank import check_bank_model, load_index, load_variant
 from ctprune.pruning.configs import Configuration, model_fingerprint, prunable_modules
 from ctprune.pruning.solver import HEURISTICS, PRESOLVE, feasible, smallest_reachable, solve
 from ctprune.pruning.surgery import swapped
-from ctprune.spec import MAX_TOKENS, OBJECTIVES, SCORE_BATCHES, DataSpec, SearchSpec, check_option, spec_default
+from ctprune.spec import OBJECTIVES, spec_default
+from ctprune.stages.args import ScoreArgs, SearchArgs
 from ctprune.stages.score import validation_subset, variant_digest
 
 if TYPE_CHECKING:
@@ -132,39 +133,6 @@ def check_scores(index: dict[str, Any], bank: Path, model_fp: str, subset_meta: 
                            f"{stale[0]}); rerun `ctprune score MODEL --bank {bank}`")
 
 
-@dataclass(frozen=True)
-class SearchArgs:
-    model: Path
-    bank: Path
-    output: Path
-    # Budget points (``budget_sweep``), k configurations each; a flat tuple of Budgets is one point.
-    budgets: tuple[Point, ...]
-    k: int = spec_default(SearchSpec, "k")
-    min_distance: int = spec_default(SearchSpec, "min_distance")
-    objective: str = spec_default(SearchSpec, "objective")
-    time_limit: float = spec_default(SearchSpec, "time_limit")
-    refine: int = spec_default(SearchSpec, "refine")
-    # The validation subset; None: the one the bank was scored on (its fingerprint is checked).
-    corpus: str | None = None
-    data_dir: str | None = None
-    batches: int | None = None
-    max_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.budgets and all(isinstance(b, Budget) for b in self.budgets):
-            object.__setattr__(self, "budgets", (tuple(self.budgets),))
-        if not self.budgets or not all(self.budgets):
-            raise CtpruneError("give at least one budget: --flops F, --params P or --latency L")
-        for point in self.budgets:
-            if len({b.resource for b in point}) != len(point):
-                raise CtpruneError("give each of --flops, --params, --latency at most once per budget")
-        if len({tuple(b.resource for b in point) for point in self.budgets}) != 1:
-            raise CtpruneError("every budget of a sweep must limit the same resources")
-        for name, flag in (("k", "-k"), ("min_distance", "--min-distance"), ("objective", "--objective"),
-                           ("time_limit", "--time-limit"), ("refine", "--refine")):
-            check_option(SearchSpec, name, getattr(self, name), flag)
-
-
 @dataclass
 class Problem:
     """A search ready to solve: the origin, the choices as arrays, the limits of each budget point."""
@@ -217,10 +185,9 @@ def prepare(a: SearchArgs) -> Problem:
     model_fp = model_fingerprint(a.model)
     check_bank_model(index, model_fp, a.bank)
     scored = (index.get("scores") or {}).get("subset", {})
-    a = dataclasses.replace(a, **{f: scored.get(f, default) for f, default in
-                                  (("corpus", DataSpec.corpus), ("batches", SCORE_BATCHES),
-                                   ("max_tokens", MAX_TOKENS))
-                                  if getattr(a, f) is None})
+    # Not given: the subset the bank was scored on (else `ctprune score`'s defaults).
+    a = dataclasses.replace(a, **{f: scored.get(f, spec_default(ScoreArgs, f))
+                                  for f in ("corpus", "batches", "max_tokens") if getattr(a, f) is None})
     subset = validation_subset(tok, arch_of(origin).max_len(origin), a.corpus, a.data_dir, a.batches, a.max_tokens)
     check_scores(index, a.bank, model_fp, subset.meta)
     if any(b.resource == "latency" for b in a.budgets[0]) and not index["scores"].get("latency"):

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctprune.arch import arch_of
 from ctprune.pruning.bank import compose
 from ctprune.pruning.solver import feasible
 from ctprune.stages.search import Problem
+from ctprune.task import TRANSLATION, kl_per_token
 
 
 @dataclass(frozen=True)
@@ -47,24 +47,22 @@ class Measurer:
         self.batches = p.batches
         self.real = [b.tgt_out != b.pad_id for b in self.batches]
         self.tokens = sum(int(r.sum()) for r in self.real)
-        self.origin_logp = [self._logp(p.origin, b, r) for b, r in zip(self.batches, self.real)] \
-            if p.choices.objective == "kl" else []
+        self.origin_logp = [self._logp(p.origin, b) for b in self.batches] if p.choices.objective == "kl" else []
         self.cache: dict[tuple[int, ...], float] = {}
 
     @staticmethod
     @torch.no_grad()
-    def _logp(model: torch.nn.Module, b: Any, real: torch.Tensor) -> torch.Tensor:
-        return arch_of(model).logits(model.eval(), b.src, b.tgt_in)[real].float().log_softmax(-1)
+    def _logp(model: torch.nn.Module, b: Any) -> torch.Tensor:
+        return TRANSLATION.log_probs(model.eval(), b)
 
     def __call__(self, taken: tuple[int, ...]) -> float:
         if taken not in self.cache:
             model = compose(self.p.origin, self.p.args.bank, self.p.configuration(taken), self.p.index)
             total = 0.0
             for i, (b, real) in enumerate(zip(self.batches, self.real)):
-                logp = self._logp(model, b, real)
+                logp = self._logp(model, b)
                 if self.origin_logp:
-                    ref = self.origin_logp[i]
-                    total += float((ref.exp() * (ref - logp)).sum())
+                    total += float(kl_per_token(self.origin_logp[i], logp).sum())
                 else:
                     total += float(F.nll_loss(logp, b.tgt_out[real], reduction="sum"))
             self.cache[taken] = total / max(self.tokens, 1)

@@ -18,15 +18,15 @@ import torch
 
 from ctprune.arch import arch_of
 from ctprune.data.batching import Batch, TokenizedSplit
-from ctprune.data.corpus import default_splits, load_split
+from ctprune.data.corpus import Parallel, default_splits, load_split
 from ctprune.fileio import write_json
-from ctprune.model.decode import translate
 from ctprune.model.flops import parameter_counts
 from ctprune.pruning.bank import compose
 from ctprune.pruning.solver import feasible
-from ctprune.scoring import bleu_score, spearman
+from ctprune.scoring import spearman
 from ctprune.spec import OBJECTIVES
 from ctprune.stages.search import Problem, search_json_path
+from ctprune.task import evaluate
 
 
 def random_feasible(p: Problem, n: int, seed: int = 0, attempts: int = 200_000, point: int = 0
@@ -75,7 +75,7 @@ def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
     def measure(conf: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
         model = compose(p.origin, a.bank, conf, p.index).eval()
         return {**extra, "val_loss": round(val_loss(model, batches), 4),
-                "val_bleu": round(bleu_score(translate(model, p.tok, src), refs).score, 2),
+                "val_bleu": round(evaluate(model, p.tok, Parallel(src, refs)), 2),
                 "params_on_model": parameter_counts(model)[1],
                 "flops_on_model": arch_of(model).forward_flops(model, sl, tl)}
 
@@ -87,7 +87,7 @@ def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
                                               "configuration": p.configuration(t)})
                  for t in random_feasible(p, n_random, seed, point=point)]
     origin_row = {"val_loss": round(val_loss(p.origin, batches), 4),
-                  "val_bleu": round(bleu_score(translate(p.origin, p.tok, src), refs).score, 2)}
+                  "val_bleu": round(evaluate(p.origin, p.tok, Parallel(src, refs)), 2)}
     per_budget = [_summary(rows, point) for point in range(len(p.limits))]
     result: dict[str, Any] = {
         "corpus": a.corpus, "split": default_splits(a.corpus)[1], "bleu_sentences": len(src),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,38 +14,18 @@ from ctprune.arch import get as get_arch
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.data.tokenizer import Tokenizer
 from ctprune.device import resolve_device
-from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output
 from ctprune.model.checkpoint import is_model_folder, load_model_folder
 from ctprune.model.transformer import PRESETS
-from ctprune.spec import OriginSpec, spec_default
-from ctprune.training.loop import FitResult, Recipe, fit
+from ctprune.stages.args import TrainArgs
+from ctprune.training.loop import FitResult, fit
 
 DEFAULT_VOCAB = {"multi30k": 8000, "synthetic": 1000}
 
 
-@dataclass
-class TrainArgs:
-    output: Path
-    preset: str = "seed"
-    arch: str = spec_default(OriginSpec, "arch")
-    corpus: str = "multi30k"
-    data_dir: str | None = None
-    vocab_size: int | None = None
-    device: str | None = None
-    resume: bool = False
-    recipe: Recipe = field(default_factory=Recipe)
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise CtpruneError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.vocab_size is not None and not 50 <= self.vocab_size <= 64000:
-            raise CtpruneError(f"vocab size must be in [50, 64000], got {self.vocab_size}")
-        get_arch(self.arch)  # an unknown name, or transformers missing, fails here
-
-
 def train_origin(args: TrainArgs) -> FitResult:
     """Train the origin model into ``args.output``; ``resume`` continues after the last epoch."""
+    recipe = args.training_recipe()
     check_output(args.output, {"data folder": args.data_dir})
     device = resolve_device(args.device)
     train_name, val_name, _ = default_splits(args.corpus)
@@ -57,7 +37,7 @@ def train_origin(args: TrainArgs) -> FitResult:
     else:
         vocab = args.vocab_size or DEFAULT_VOCAB.get(args.corpus, DEFAULT_VOCAB["multi30k"])
         tok = arch.tokenizer_from_spm(Tokenizer.train(train.src + train.tgt, vocab).proto)
-    torch.manual_seed(args.recipe.seed)
+    torch.manual_seed(recipe.seed)
     model = arch.from_scratch(PRESETS[args.preset], tok)
     hparams = {
         "stage": "train", "preset": args.preset, "arch": args.arch, "corpus": args.corpus,
@@ -66,5 +46,5 @@ def train_origin(args: TrainArgs) -> FitResult:
         "machine": platform.machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "args": {k: str(v) for k, v in asdict(args).items() if k != "recipe"},
     }
-    return fit(model, tok, train, val, args.recipe, out, hparams, resume=args.resume,
+    return fit(model, tok, train, val, recipe, out, hparams, resume=args.resume,
                device=device)

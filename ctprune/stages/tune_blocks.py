@@ -9,14 +9,12 @@ configuration can use any of them.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
-import math
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,28 +33,22 @@ from ctprune.fileio import (
     check_output,
     commit_dir,
     locked,
-    read_json,
     refuse_symlinks,
     sweep_commits,
     write_json,
-    write_text,
 )
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.flops import BACKWARD_FACTOR
-from ctprune.progress import progress
-from ctprune.pruning.bank import (
-    INDEX_FILE,
-    check_bank_model,
-    check_index,
-    load_index,
-    load_variant,
-    save_variant,
-)
+from ctprune.progress import progress as progress_bar
+from ctprune.pruning.bank import INDEX_FILE, Bank
+from ctprune.pruning.block_history import plot_block_losses, write_block_history
 from ctprune.pruning.configs import model_fingerprint
-from ctprune.spec import TuningSpec
+from ctprune.pruning.masks import enforce_masks
+from ctprune.stages.args import TuneArgs
 from ctprune.training.loop import Recipe, make_optimizer, optimizer_step, preset_max_tokens, read_history
 
-HISTORY_FIELDS = ("epoch", "variant", "train_loss", "val_loss", "wall_time_s")
+# A bank's shards are merged by the bank; the name stays importable here for its callers.
+merge_shards = Bank.merge
 
 
 class Recorder:
@@ -131,34 +123,6 @@ def tuning_step_flops(origin: nn.Module, variants: dict[str, nn.Module], modules
                      for k, v in variants.items()}
 
 
-def write_block_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
-
-
-def plot_block_losses(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in dict.fromkeys(r["variant"] for r in history):
-        rows = [r for r in history if r["variant"] == key]
-        ax.plot([int(r["epoch"]) for r in rows], [float(r["val_loss"]) for r in rows], marker="o",
-                lw=1, ms=3, label=key)
-    ax.set(xlabel="block-tuning epoch (0 = merely pruned)", ylabel="normalised block MSE (val)",
-           yscale="log", title="Block tuning: every variant against the frozen origin")
-    if len({r["variant"] for r in history}) <= 12:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
 @torch.no_grad()
 def _validate(origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
               rec: Recorder, batches: list[Batch], bf16: bool) -> dict[str, float]:
@@ -223,228 +187,266 @@ def _copy_bank(bank: Path, output: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_state(index: dict[str, Any], variants: dict[str, nn.Module], state: dict[str, Any],
+OUTPUT_INDEX = "output_index.json"  # in a tuning state: the output bank's index at that epoch
+
+
+def _write_state(out: Bank, variants: dict[str, nn.Module], state: dict[str, Any],
                  history: list[dict[str, Any]], folder: Path) -> None:
     """One tuning checkpoint in ``folder``: latest variant weights (a bank of its own), the
     output's index, optimizer and counters, history; committed whole by ``commit_dir``."""
-    state_index = {k: index[k] for k in ("format", "model_fingerprint", "plan_fingerprint")}
-    state_index["variants"] = {}
+    latest = Bank.create(folder, out.index["model_fingerprint"], out.index["plan_fingerprint"])
     for k, v in variants.items():
-        save_variant(folder, state_index, k, v, dict(index["variants"][k]), write_index=False)
-    write_json(folder / INDEX_FILE, state_index)
-    write_json(folder / "output_index.json", index)
+        latest.add(k, v, dict(out.variants[k]))
+    latest.write()
+    out.write_copy(folder / OUTPUT_INDEX)
     write_block_history(folder / "history.csv", history)
     atomic_write(folder / "state.pt", functools.partial(torch.save, state))
 
 
-def tune_blocks(model_dir: Path, bank: Path, output: Path, epochs: int = TuningSpec.epochs,
-                corpus: str = "multi30k", data_dir: str | None = None, lr: float = TuningSpec.lr,
-                max_tokens: int | None = None, patience: int = TuningSpec.patience, resume: bool = False,
-                device: str | None = None,
-                only: list[str] | None = None, seed: int = 0, bf16: bool | None = None) -> dict[str, Any]:
-    """Tune every variant of ``bank`` (or those in ``only``) and write the tuned bank ``output``.
+@dataclass
+class TuningProgress:
+    """Where block tuning stands after ``epoch``: what a tuning state stores (with the optimizer's
+    state) and ``--resume`` restores."""
 
-    Each step is the training loop's ``optimizer_step`` (same precision policy and fused Adam as
-    finetuning); ``bf16=None`` follows the origin model's own training recipe. The output holds
-    the best epoch of every variant (by validation block loss); ``.state/`` beside it keeps the
-    latest weights and optimizer for ``resume``."""
-    if epochs < 0:
-        raise CtpruneError(f"epochs must be a non-negative integer, got {epochs}")
-    if max_tokens is not None and max_tokens < 64:
-        raise CtpruneError(f"--max-tokens must be at least 64, got {max_tokens}")
-    if patience < 0:
-        raise CtpruneError(f"--patience must be at least 0 (0: never stop early), got {patience}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise CtpruneError(f"--lr must be a positive number, got {lr}")
-    output, bank = Path(output), Path(bank)
-    state_dir = output / ".state"
+    epoch: int = 0
+    wall: float = 0.0
+    tokens: int = 0
+    best: dict[str, float] = field(default_factory=dict)  # per variant: its best val block loss
+    stale: dict[str, int] = field(default_factory=dict)  # per variant: epochs since it improved
+    flops: dict[str, Any] = field(default_factory=dict)  # {"teacher": n, "variants": {key: n}}
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, keys: list[str]) -> TuningProgress:
+        return cls(stale=dict.fromkeys(keys, 0), flops={"teacher": 0, "variants": dict.fromkeys(keys, 0)})
+
+    def active(self, keys: list[str], patience: int) -> list[str]:
+        """The variants still tuned: all of them, or (``patience`` > 0) those that improved lately."""
+        return [k for k in keys if not patience or self.stale[k] < patience]
+
+    def state(self, opt: torch.optim.Optimizer, options: dict[str, Any]) -> dict[str, Any]:
+        return {"optimizer": opt.state_dict(), "epoch": self.epoch, "wall": self.wall, "tokens": self.tokens,
+                "best": self.best, "stale": self.stale, "flops": self.flops, "options": options}
+
+    @classmethod
+    def resume(cls, state_dir: Path, opt: torch.optim.Optimizer, options: dict[str, Any]) -> TuningProgress:
+        """The progress kept in ``state_dir`` (its optimizer state loaded into ``opt``), refused when
+        unreadable or recorded with other ``options``."""
+        path = state_dir / "state.pt"
+        unreadable = f"--resume: {path} is not a readable tuning state"
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # a corrupt or foreign state file fails in many ways
+            raise CtpruneError(f"{unreadable} ({type(e).__name__})") from None
+        check_same_options(state.get("options") if isinstance(state, dict) else None, options, path)
+        try:
+            opt.load_state_dict(state["optimizer"])
+            progress = cls(int(state["epoch"]), float(state["wall"]), int(state["tokens"]), dict(state["best"]),
+                           dict(state["stale"]), {"teacher": int(state["flops"]["teacher"]),
+                                                  "variants": dict(state["flops"]["variants"])})
+        except Exception as e:  # a corrupt or foreign state file fails in many ways
+            raise CtpruneError(f"{unreadable} ({type(e).__name__})") from None
+        progress.history = read_history(state_dir / "history.csv")
+        return progress
+
+
+@dataclass
+class TuningSession:
+    """What one block tuning holds fixed: the frozen origin with its recorder, the students (the
+    variants being tuned) and their optimizer, the data."""
+
+    origin: nn.Module
+    rec: Recorder
+    modules: dict[str, str]  # variant key -> its module
+    variants: dict[str, nn.Module]
+    opt: torch.optim.Optimizer
+    recipe: Recipe
+    train: TokenizedSplit
+    val_batches: list[Batch]
+    max_tokens: int
+    device: str
+
+    def validate(self, keys: list[str]) -> dict[str, float]:
+        students = {k: self.variants[k] for k in keys}
+        return _validate(self.origin, students, self.modules, self.rec, self.val_batches, self.recipe.bf16)
+
+    def train_epoch(self, keys: list[str], epoch: int, progress: TuningProgress) -> list[float]:
+        """One epoch of steps on the variants ``keys`` (their FLOPs and tokens counted into
+        ``progress``); their mean train losses."""
+        students = {k: self.variants[k] for k in keys}
+        sums = torch.zeros(len(keys))
+        batches = self.train.batches(self.max_tokens, shuffle_seed=self.recipe.seed * 1000 + epoch)
+        for batch in progress_bar(batches, desc=f"tune-blocks {epoch}/{self.recipe.epochs}", unit="batch",
+                                  leave=False):
+            batch = batch.to(self.device)
+            losses: list[Tensor] = []
+            loss = functools.partial(_summed_loss, losses, self.origin, students, self.modules, self.rec, batch)
+            optimizer_step(self.opt, loss, self.recipe, self.recipe.lr, self.device)
+            sums += torch.stack(losses).detach().cpu()
+            teacher, per_variant = tuning_step_flops(self.origin, students, self.modules, batch)
+            progress.flops["teacher"] += teacher
+            for k, f in per_variant.items():
+                progress.flops["variants"][k] = progress.flops["variants"].get(k, 0) + f
+            progress.tokens += batch.n_src_tokens + batch.n_tgt_tokens
+        return (sums / len(batches)).tolist()
+
+
+def _students(store: Bank, keys: list[str], origin: nn.Module, device: str
+              ) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
+    """The variants ``keys`` of ``store`` on ``device``, ready to tune, and the parameters tuning
+    trains, in the order a tuning state's optimizer keeps them. The teacher runs without dropout,
+    so do its students; masked Linears are parametrized, so their masks hold through every step."""
+    arch = arch_of(origin)
+    variants = {k: store.load_variant(k, origin).to(device) for k in keys}
+    trained = [p for v in variants.values() for p in arch.tuning_parameters(v)]  # before the parametrizations
+    for v in variants.values():
+        v.eval()
+        v.requires_grad_(False)  # variants are copies of the frozen origin's modules
+        enforce_masks(v)
+    for p in trained:
+        p.requires_grad_(True)
+    return variants, trained
+
+
+def _tuning_data(corpus: str, data_dir: str | None, tok: Any, max_len: int, device: str
+                 ) -> tuple[TokenizedSplit, list[Batch]]:
+    train_name, val_name, _ = default_splits(corpus)
+    train = TokenizedSplit(load_split(corpus, train_name, data_dir), tok, max_len)
+    val = TokenizedSplit(load_split(corpus, val_name, data_dir), tok, max_len)
+    return train, [b.to(device) for b in val.batches(8192)]
+
+
+def _check_paths(model_dir: Path, bank: Path, output: Path, data_dir: str | None, resume: bool) -> None:
     check_output(output, {"model folder": model_dir, "bank": bank, "data folder": data_dir})
     if output.exists() and not resume:
         raise CtpruneError(f"{output} already exists; pass --resume to continue tuning it or choose another -o")
     check_existing(output, _is_tuning_output, "a (partial) `tune-blocks` output")
-    dev = resolve_device(device)
-    origin, tok, origin_hparams = load_model_folder(model_dir, dev)
-    origin.requires_grad_(False)
-    if bf16 is None:
-        bf16 = bool((origin_hparams.get("recipe") or {}).get("bf16", False))
-    if max_tokens is None:  # the origin preset's batches (1024 tokens for tiny, 4096 for seed)
-        max_tokens = preset_max_tokens(str(origin_hparams.get("preset", "seed")))
-    recipe = Recipe.original(lr=lr, bf16=bf16, epochs=epochs, seed=seed)
-    src_index = load_index(bank)
-    check_bank_model(src_index, model_fingerprint(model_dir), bank)
-    keys = list(src_index["variants"]) if only is None else only
-    unknown = [k for k in keys if k not in src_index["variants"]]
-    if unknown:
-        raise CtpruneError(f"bank {bank} has no variant {unknown[0]}")
-    modules = {k: src_index["variants"][k]["module"] for k in keys}
-    refuse_symlinks(bank, "bank", own_links=(".state", "..state.link"))  # the copy would follow them
-    if output.is_dir():  # its writes would follow them
-        refuse_symlinks(output, "tune-blocks output", own_links=(".state", "..state.link"))
-    options = tuning_options(lr=lr, seed=seed, max_tokens=max_tokens, patience=patience, bf16=bf16, corpus=corpus,
-                             data_dir=data_dir and str(Path(data_dir).resolve()), variants=keys)
-    foreign = _foreign_entries(output, bank) if output.is_dir() else []
-    if foreign and not (state_dir / "state.pt").is_file():  # it would be deleted and made again below
+
+
+def _check_folders(bank: Path, output: Path) -> None:
+    """Refuse links in the bank or the output (the copy and the writes would follow them) and an
+    output holding files that tune-blocks did not write and would delete."""
+    refuse_symlinks(bank, "bank", own_links=(".state", "..state.link"))
+    if not output.is_dir():
+        return
+    refuse_symlinks(output, "tune-blocks output", own_links=(".state", "..state.link"))
+    foreign = _foreign_entries(output, bank)
+    if foreign and not (output / ".state" / "state.pt").is_file():  # it would be deleted and made again
         raise CtpruneError(f"{output} holds files tune-blocks did not write ({', '.join(foreign[:3])}"
                            f"{', ...' if len(foreign) > 3 else ''}); it is never deleted: move them out or "
                            "choose another -o")
+
+
+def _open_output(src: Bank, output: Path, resuming: bool) -> Bank:
+    """The output bank: as the tuning state left it, or a fresh copy of ``src``."""
+    if resuming:
+        return Bank.open_copy(output, output / ".state" / OUTPUT_INDEX, "tuning state")
+    if output.exists():
+        shutil.rmtree(output)  # our own interrupted output (checked before), not yet tuned
+    _copy_bank(src.path, output)  # untouched variants stay as they were
+    return Bank.open(output)
+
+
+def _start(s: TuningSession, out: Bank, keys: list[str]) -> TuningProgress:
+    """Epoch 0: every variant's block loss as merely pruned."""
+    progress = TuningProgress.new(keys)
+    for k, loss in s.validate(keys).items():
+        progress.best[k] = loss
+        progress.history.append(dict(epoch=0, variant=k, train_loss="", val_loss=f"{loss:.6g}", wall_time_s=0))
+        out.update_provenance(k, block_loss_pruned=round(loss, 6))
+    return progress
+
+
+def _epoch(s: TuningSession, out: Bank, progress: TuningProgress, active: list[str], epoch: int
+           ) -> dict[str, float]:
+    """Tune the ``active`` variants one epoch; each one that beats its best val block loss is
+    written to ``out`` (the index in memory). Their val block losses."""
+    t0 = time.perf_counter()
+    train_losses = s.train_epoch(active, epoch, progress)
+    progress.wall += time.perf_counter() - t0
+    val = s.validate(active)
+    for k, train_loss in zip(active, train_losses):
+        progress.history.append(dict(epoch=epoch, variant=k, train_loss=f"{train_loss:.6g}",
+                                     val_loss=f"{val[k]:.6g}", wall_time_s=f"{progress.wall:.1f}"))
+        if val[k] < progress.best[k]:
+            progress.best[k], progress.stale[k] = val[k], 0
+            out.update_provenance(k, stage="tuned", epochs=epoch, block_loss=round(val[k], 6))
+            out.add(k, s.variants[k], out.variants[k])
+        else:
+            progress.stale[k] += 1
+    progress.epoch = epoch
+    return val
+
+
+def _finish(out: Bank, bank: Path, progress: TuningProgress, s: TuningSession, corpus: str) -> dict[str, Any]:
+    """Record the tuning's cost in ``out`` and write its index, history and plot."""
+    flops, wall = progress.flops, progress.wall
+    total = flops["teacher"] + sum(flops["variants"].values())
+    out.set_tuning(bank, {
+        "epochs_done": max(int(r["epoch"]) for r in progress.history), "wall_time_s": round(wall, 2),
+        "train_tokens": progress.tokens, "lr": s.recipe.lr, "variants": len(s.variants), "corpus": corpus,
+        "bf16": s.recipe.bf16, "train_flops": total, "teacher_flops": flops["teacher"],
+        "variant_flops": flops["variants"], "achieved_gflops": round(total / max(wall, 1e-9) / 1e9, 2)})
+    out.write()
+    write_block_history(out.path / "history.csv", progress.history)
+    plot_block_losses(progress.history, out.path / "block_loss.png")
+    return out.index
+
+
+def tune_blocks(args: TuneArgs) -> dict[str, Any]:
+    """Tune every variant of ``args.bank`` (or those in ``only``) and write the tuned bank ``output``.
+
+    Each step is the training loop's ``optimizer_step`` (same precision policy and fused Adam as
+    finetuning); ``precision="auto"`` follows the origin model's own training recipe, and
+    ``max_tokens=None`` its preset's batches. The output holds the best epoch of every variant (by
+    validation block loss); ``.state/`` beside it keeps the latest weights and optimizer for ``resume``."""
+    output, bank, model_dir, corpus, data_dir = args.output, args.bank, args.model, args.corpus, args.data_dir
+    state_dir = output / ".state"
+    _check_paths(model_dir, bank, output, data_dir, args.resume)
+    dev = resolve_device(args.device)
+    origin, tok, origin_hparams = load_model_folder(model_dir, dev)
+    origin.requires_grad_(False)
+    bf16 = args.precision == "bf16"
+    if args.precision == "auto":  # the precision the origin model was trained with
+        bf16 = bool((origin_hparams.get("recipe") or {}).get("bf16", False))
+    max_tokens = args.max_tokens
+    if max_tokens is None:  # the origin preset's batches (1024 tokens for tiny, 4096 for seed)
+        max_tokens = preset_max_tokens(str(origin_hparams.get("preset", "seed")))
+    recipe = Recipe.original(lr=args.lr, bf16=bf16, epochs=args.epochs, seed=args.seed)
+    src = Bank.open(bank)
+    src.check_model(model_fingerprint(model_dir))
+    keys = src.select(None if args.only is None else list(args.only))
+    modules = {k: src.variants[k]["module"] for k in keys}
+    options = tuning_options(lr=args.lr, seed=args.seed, max_tokens=max_tokens, patience=args.patience, bf16=bf16,
+                             corpus=corpus, data_dir=data_dir and str(Path(data_dir).resolve()), variants=keys)
+    _check_folders(bank, output)
     with locked(output, "tune-blocks"):  # one writer; held until the tuned bank is written
         sweep_commits(state_dir)  # what a kill inside a state commit left
-        resuming = resume and (state_dir / "state.pt").is_file()
-        if not resuming:
-            if output.exists():
-                shutil.rmtree(output)  # our own interrupted output (checked above), not yet tuned
-            _copy_bank(bank, output)  # untouched variants stay as they were
-        index = check_index(read_json(state_dir / "output_index.json", "tuning state"), output) if resuming \
-            else load_index(output)
-        variants = {k: load_variant(state_dir if resuming else bank, load_index(state_dir)
-                                    if resuming else src_index, k, origin).to(dev)
-                    for k in keys}
-        arch = arch_of(origin)
-        trained = [p for v in variants.values() for p in arch.tuning_parameters(v)]
-        for v in variants.values():
-            v.eval()  # the teacher runs without dropout; so do its students
-            v.requires_grad_(False)  # variants are copies of the frozen origin's modules
-        for p in trained:
-            p.requires_grad_(True)
+        resuming = args.resume and (state_dir / "state.pt").is_file()
+        out = _open_output(src, output, resuming)
+        variants, trained = _students(Bank.open(state_dir) if resuming else src, keys, origin, dev)
         opt = make_optimizer(trained, recipe)
-        train_name, val_name, _ = default_splits(corpus)
-        max_len = arch.max_len(origin)
-        train = TokenizedSplit(load_split(corpus, train_name, data_dir), tok, max_len)
-        val_batches = [b.to(dev) for b in
-                       TokenizedSplit(load_split(corpus, val_name, data_dir), tok, max_len).batches(8192)]
-        rec = Recorder(origin, sorted(set(modules.values())))
-        history: list[dict[str, Any]] = []
-        start, wall, tokens = 1, 0.0, 0
-        best: dict[str, float] = {}
-        stale = dict.fromkeys(keys, 0)
-        flops: dict[str, Any] = {"teacher": 0, "variants": dict.fromkeys(keys, 0)}  # 0 epochs: nothing spent
-        if resuming:
-            try:
-                state = torch.load(state_dir / "state.pt", weights_only=True)
-            except Exception as e:  # a corrupt or foreign state file fails in many ways
-                raise CtpruneError(f"--resume: {state_dir / 'state.pt'} is not a readable tuning state "
-                                   f"({type(e).__name__})") from None
-            check_same_options(state.get("options") if isinstance(state, dict) else None, options,
-                               state_dir / "state.pt")
-            try:
-                opt.load_state_dict(state["optimizer"])
-                start, wall, tokens = int(state["epoch"]) + 1, float(state["wall"]), int(state["tokens"])
-                best, stale = dict(state["best"]), dict(state["stale"])
-                flops = {"teacher": int(state["flops"]["teacher"]), "variants": dict(state["flops"]["variants"])}
-            except Exception as e:  # a corrupt or foreign state file fails in many ways
-                raise CtpruneError(f"--resume: {state_dir / 'state.pt'} is not a readable tuning state "
-                                   f"({type(e).__name__})") from None
-            history = read_history(state_dir / "history.csv")
-            tqdm.write(f"resuming block tuning in {output} after epoch {start - 1}")
-        else:
-            before = _validate(origin, variants, modules, rec, val_batches, bf16)
-            for k, loss in before.items():
-                best[k] = loss
-                history.append(dict(epoch=0, variant=k, train_loss="", val_loss=f"{loss:.6g}", wall_time_s=0))
-                index["variants"][k]["provenance"].update(block_loss_pruned=round(loss, 6))
+        max_len = arch_of(origin).max_len(origin)
+        train, val_batches = _tuning_data(corpus, data_dir, tok, max_len, dev)
+        s = TuningSession(origin, Recorder(origin, sorted(set(modules.values()))), modules, variants, opt, recipe,
+                          train, val_batches, max_tokens, dev)
         try:
-            for epoch in range(start, epochs + 1):
-                active = [k for k in keys if not patience or stale[k] < patience]
+            if resuming:
+                progress = TuningProgress.resume(state_dir, opt, options)
+                tqdm.write(f"resuming block tuning in {output} after epoch {progress.epoch}")
+            else:
+                progress = _start(s, out, keys)
+            for epoch in range(progress.epoch + 1, args.epochs + 1):
+                active = progress.active(keys, args.patience)
                 if not active:
                     break
-                t0 = time.perf_counter()
-                students = {k: variants[k] for k in active}
-                masked = [v for v in students.values() if hasattr(v, "weight_mask")]
-                sums = torch.zeros(len(active))
-                batches = train.batches(max_tokens, shuffle_seed=seed * 1000 + epoch)
-                for batch in progress(batches, desc=f"tune-blocks {epoch}/{epochs}", unit="batch", leave=False):
-                    batch = batch.to(dev)
-                    losses: list[Tensor] = []
-                    optimizer_step(opt, functools.partial(_summed_loss, losses, origin, students, modules, rec, batch),
-                                   recipe, lr, dev)
-                    with torch.no_grad():
-                        for v in masked:
-                            v.weight.mul_(v.weight_mask)
-                        sums += torch.stack(losses).detach().cpu()
-                    teacher, per_variant = tuning_step_flops(origin, students, modules, batch)
-                    flops["teacher"] += teacher
-                    for k, f in per_variant.items():
-                        flops["variants"][k] = flops["variants"].get(k, 0) + f
-                    tokens += batch.n_src_tokens + batch.n_tgt_tokens
-                wall += time.perf_counter() - t0
-                val = _validate(origin, students, modules, rec, val_batches, bf16)
-                for k, train_loss in zip(active, (sums / len(batches)).tolist()):
-                    history.append(dict(epoch=epoch, variant=k, train_loss=f"{train_loss:.6g}",
-                                        val_loss=f"{val[k]:.6g}", wall_time_s=f"{wall:.1f}"))
-                    if val[k] < best[k]:
-                        best[k], stale[k] = val[k], 0
-                        prov = index["variants"][k]["provenance"]
-                        prov.update(stage="tuned", epochs=epoch, block_loss=round(val[k], 6))
-                        save_variant(output, index, k, variants[k], index["variants"][k], write_index=False)
-                    else:
-                        stale[k] += 1
-                state = {"optimizer": opt.state_dict(), "epoch": epoch, "wall": wall, "tokens": tokens,
-                         "best": best, "stale": stale, "flops": flops, "options": options}
-                commit_dir(state_dir, functools.partial(_write_state, index, variants, state, history))
-                write_json(output / INDEX_FILE, index)  # once per epoch, not once per saved variant
-                write_block_history(output / "history.csv", history)
+                val = _epoch(s, out, progress, active, epoch)
+                commit_dir(state_dir, functools.partial(_write_state, out, variants, progress.state(opt, options),
+                                                        progress.history))
+                out.write()  # once per epoch, not once per saved variant
+                write_block_history(output / "history.csv", progress.history)
                 tqdm.write(f"tune-blocks epoch {epoch}: mean val block loss "
-                           f"{sum(val.values()) / len(val):.4g} over {len(active)} variants ({wall:.0f}s)")
+                           f"{sum(val.values()) / len(val):.4g} over {len(active)} variants ({progress.wall:.0f}s)")
         finally:
-            rec.remove()
-        index["tuned_from"] = str(bank)
-        total = flops["teacher"] + sum(flops["variants"].values())
-        index["tuning"] = {"epochs_done": max(int(r["epoch"]) for r in history), "wall_time_s": round(wall, 2),
-                           "train_tokens": tokens, "lr": lr, "variants": len(keys), "corpus": corpus, "bf16": bf16,
-                           "train_flops": total, "teacher_flops": flops["teacher"], "variant_flops": flops["variants"],
-                           "achieved_gflops": round(total / max(wall, 1e-9) / 1e9, 2)}
-        write_json(output / INDEX_FILE, index)
-        write_block_history(output / "history.csv", history)
-        plot_block_losses(history, output / "block_loss.png")
-        return index
-
-
-
-def merge_shards(shards: list[tuple[Path, list[str]]], dst: Path) -> None:
-    """Move the variants ``keys`` of every shard bank into bank ``dst`` (made if absent), adding
-    up the shards' pruning or tuning cost and history; ``dst``'s index is written once, last (its
-    single writer), so a crash loses nothing and a re-run finishes the move."""
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "variants").mkdir(exist_ok=True)
-    dst_existed = (dst / INDEX_FILE).exists()
-    index = load_index(dst) if dst_existed else None
-    rows = {(r["variant"], r["epoch"]): r for r in read_history(dst / "history.csv")}
-    for src, keys in shards:
-        if index is not None and all(k in index["variants"] for k in keys) and (
-                not (src / INDEX_FILE).exists()
-                or all(index["variants"][k]["checksum"] == load_index(src)["variants"][k].get("checksum")
-                       for k in keys)):
-            continue  # merged before a kill stopped the clean-up: never count its cost twice
-        new = load_index(src)
-        if index is None:
-            index = {**{k: v for k, v in new.items() if k != "tuning"}, "variants": {}}
-        elif "prune_seconds" in new:
-            index["prune_seconds"] = round(index.get("prune_seconds", 0.0) + new["prune_seconds"], 3)
-        for key in keys:
-            entry = new["variants"][key]
-            if (src / entry["file"]).exists():  # absent only if an earlier merge moved it already
-                os.replace(src / entry["file"], dst / entry["file"])
-            index["variants"][key] = entry
-        if "tuning" in new:
-            t, old = {**new["tuning"], "sessions": 1}, index.get("tuning")
-            if old:
-                t.update(wall_time_s=round(old["wall_time_s"] + t["wall_time_s"], 2),
-                         train_tokens=old["train_tokens"] + t["train_tokens"],
-                         teacher_flops=old["teacher_flops"] + t["teacher_flops"],
-                         train_flops=old["train_flops"] + t["train_flops"],
-                         variant_flops={**old["variant_flops"], **t["variant_flops"]},
-                         epochs_done=max(old["epochs_done"], t["epochs_done"]), sessions=old["sessions"] + 1)
-                t["achieved_gflops"] = round(t["train_flops"] / max(t["wall_time_s"], 1e-9) / 1e9, 2)
-            index["tuning"] = t
-            rows.update({(r["variant"], r["epoch"]): r for r in read_history(src / "history.csv")})
-    if index is None:
-        raise CtpruneError(f"nothing to merge into {dst}")
-    if "tuning" in index:
-        index["tuning"]["variants"] = len(index["variants"])
-        # one row per (variant, epoch), epochs in order (a merge redone after a kill sees its rows twice)
-        history = sorted((r for r in rows.values() if r["variant"] in index["variants"]), key=lambda r: int(r["epoch"]))
-        write_block_history(dst / "history.csv", history)
-        plot_block_losses(history, dst / "block_loss.png")
-    write_json(dst / INDEX_FILE, index)
-    for src, _ in shards:
-        shutil.rmtree(src, ignore_errors=True)
+            s.rec.remove()
+        return _finish(out, bank, progress, s, corpus)

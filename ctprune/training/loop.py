@@ -195,10 +195,6 @@ def evaluate_loss(model: Seq2SeqTransformer, split: TokenizedSplit, device: str,
     return total / max(1, n)
 
 
-def val_bleu(model: Seq2SeqTransformer, tok: Tokenizer, val: Parallel) -> float:
-    return evaluate(model, tok, val)
-
-
 def _batches(split: TokenizedSplit, recipe: Recipe, epoch: int) -> list[Any]:
     seed = recipe.seed * 1000 + epoch
     if recipe.batch_sentences:
