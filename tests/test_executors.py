@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from ctprune.errors import CtpruneError
+from ctprune.pruning.bank import Bank
 from ctprune.run.executors import RETRY, Executor, LocalExecutor, ProcessExecutor, make_executor
 from ctprune.run.jobs import FAULT_ENV, Job
 from ctprune.spec import ExecutionSpec
 from ctprune.stages.prune import PruneArgs, prune
-from ctprune.stages.tune_blocks import TuneArgs, merge_shards, tune_blocks
+from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
 
 from .test_run import EXPERIMENT, _numbers
 from .test_tuning import CONFS
@@ -219,7 +220,7 @@ def test_sharded_tuning_merged_equals_one_shard(trained: Path, tmp_path: Path) -
     for shard, part in shards:
         tune_blocks(TuneArgs(model=trained, bank=tmp_path / "pruned", output=shard, only=part,
                              **kw))  # type: ignore[arg-type]
-    merge_shards(shards, tmp_path / "merged")
+    Bank.merge(shards, tmp_path / "merged")
     whole = json.loads((tmp_path / "whole" / "index.json").read_text())
     merged = json.loads((tmp_path / "merged" / "index.json").read_text())
     assert sorted(merged["variants"]) == keys and not any(s.exists() for s, _ in shards)

@@ -504,7 +504,7 @@ def test_ct2_bad_requests_refused(pruned: Path, fp32: Path, ct2_fp32: Path, tmp_
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
     with pytest.raises(CtpruneError, match="is a T5ForConditionalGeneration folder; --format ctranslate2 supports "
-                                           "ctprune's own Transformer and MarianMT so far"):
+                                           "the architectures ctprune, marian so far"):
         export(ExportArgs(model=hf, output=tmp_path / "hf-ct2", format="ctranslate2"))
     assert not (tmp_path / "hf-ct2").exists() and not list(tmp_path.glob(".hf-ct2-*"))
     with pytest.raises(CtpruneError, match="not a CTranslate2 serving folder"):

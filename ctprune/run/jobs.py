@@ -257,15 +257,15 @@ def missing_variants(plan: dict[str, Any], bank: Path) -> list[str]:
 def prune_job(origin: str, bank: str, plan: str, keys: list[str], corpus: str, data_dir: str | None,
               device: str) -> dict[str, Any]:
     """Prune the variants ``keys`` of the plan file and add them to ``bank`` (made if absent)."""
+    from ctprune.pruning.bank import Bank
     from ctprune.stages.prune import PruneArgs, prune
-    from ctprune.stages.tune_blocks import merge_shards
 
     bank_dir = Path(bank)
     tmp, sub = bank_dir.parent / f".pruning-{bank_dir.name}", bank_dir.parent / f".plan-{bank_dir.name}.json"
     write_json(sub, sub_plan(read_json(Path(plan), "plan"), keys))
     shutil.rmtree(tmp, ignore_errors=True)
     prune(PruneArgs(model=Path(origin), output=tmp, plan=sub, corpus=corpus, data_dir=data_dir))
-    merge_shards([(tmp, keys)], bank_dir)
+    Bank.merge([(tmp, keys)], bank_dir)
     sub.unlink()
     return {"pruned": len(keys)}
 
@@ -286,9 +286,9 @@ def tune_job(origin: str, pruned: str, output: str, keys: list[str], epochs: int
 
 def merge_job(shards: list[list[Any]], bank: str, device: str) -> dict[str, Any]:
     """Move the tuned variants of every shard ([folder, keys]) into ``bank``: its single writer."""
-    from ctprune.stages.tune_blocks import merge_shards
+    from ctprune.pruning.bank import Bank
 
-    merge_shards([(Path(p), list(k)) for p, k in shards], Path(bank))
+    Bank.merge([(Path(p), list(k)) for p, k in shards], Path(bank))
     return {"variants": sum(len(k) for _, k in shards)}
 
 

@@ -287,7 +287,7 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
     arch = detect(model_dir)
     if arch.name not in SUPPORTED[args.format]:  # only T5 to CTranslate2 is left
         raise CtpruneError(f"{model_dir} is a {arch.model_class} folder; --format {args.format} supports "
-                           "ctprune's own Transformer and MarianMT so far")
+                           f"the architectures {', '.join(SUPPORTED[args.format])} so far")
     _import_engine(args.format)
     model, tok, _ = load_model_folder(model_dir, "cpu")
     rules = None

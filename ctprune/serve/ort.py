@@ -29,6 +29,7 @@ from ctprune.serve.export import (
     GRAPHS_FILE,
     MANIFEST_FILE,
     ONNX_CORE,
+    SUPPORTED,
     TOKENIZER_FILE,
     check_export_manifest,
     layer_names,
@@ -68,7 +69,7 @@ class OrtSeq2Seq:
             tok_files = [str(f) for f in self.info.get("tokenizer_files", [TOKENIZER_FILE])]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CtpruneError(f"{folder / GRAPHS_FILE} lacks or mistypes a field ({e})") from None
-        if self.arch not in ("ctprune", "marian", "t5") or set(tok_listed) != set(tok_files):
+        if self.arch not in SUPPORTED["onnx"] or set(tok_listed) != set(tok_files):
             raise CtpruneError(f"{folder / GRAPHS_FILE} does not match its manifest (architecture {self.arch!r}, "
                                f"tokenizer files {tok_files})")
         # A Hugging Face model decodes as its generate() does (hfgen.py); ctprune's as decode.py.

@@ -203,7 +203,7 @@ class ExportCommandArgs(Args):
     """`ctprune export`'s options: ``ctprune.serve.export.ExportArgs`` (whose defaults these are, a
     test checks) checks format and quantization when the command builds it."""
 
-    model: Path = _model("model folder (ctprune's own Transformer; also MarianMT for ctranslate2)")
+    model: Path = _model("model folder: ctprune's own Transformer, a MarianMT or a T5 (ctranslate2: not T5)")
     format: str = opt("onnx", "onnx or ctranslate2")
     quantize: str = opt("none", "none or int8 (ONNX Runtime: dynamic, per channel; CTranslate2: int8 weights per row)")
     optimize: bool = opt(False, "onnx only: ONNX Runtime's transformer fusions (heads read per layer), each fused "

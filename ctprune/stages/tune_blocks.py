@@ -47,9 +47,6 @@ from ctprune.pruning.masks import enforce_masks
 from ctprune.stages.args import TuneArgs
 from ctprune.training.loop import Recipe, make_optimizer, optimizer_step, preset_max_tokens, read_history
 
-# A bank's shards are merged by the bank; the name stays importable here for its callers.
-merge_shards = Bank.merge
-
 
 class Recorder:
     """Hooks on the origin that keep each unit's last call: the inputs of the module that receives
