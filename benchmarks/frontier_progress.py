@@ -96,7 +96,7 @@ def _line(r: dict[str, Any]) -> str:
     reached = "censored" if ett is None else f"target at epoch {ett:g}"
     test = "/".join(f"{v:.2f}" for v in (r["test_bleu_best"] or {}).values())
     return (f"budget {r['budget']} {label:<12} {r['side']:<8} {r['flops_fraction']:.3f} of the FLOPs  val BLEU "
-            f"ep0 {r['val_bleu_epoch0']:.2f} -> best {r['val_bleu_best']:.2f}  {reached:<20} "
+            f"ep0 {r['val_bleu_epoch0']:.2f} -> kept {r['val_bleu_best']:.2f}  {reached:<20} "
             f"{r['cost_flops'] / 1e12:7.1f} TFLOP  test (kept) {test}")
 
 
