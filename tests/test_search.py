@@ -16,7 +16,7 @@ from ctprune.errors import CtpruneError
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
 from ctprune.model.flops import forward_flops, parameter_counts
 from ctprune.model.transformer import Seq2SeqTransformer
-from ctprune.pruning.bank import compose, load_index, load_variant, save_variant
+from ctprune.pruning.bank import Bank, compose, load_index
 from ctprune.pruning.configs import load_configurations, prunable_modules
 from ctprune.pruning.solver import feasible, smallest_reachable, solve
 from ctprune.spec import SearchSpec, from_table
@@ -280,13 +280,14 @@ def test_scores_are_reused_then_recomputed_when_the_bank_changes(grid: dict[str,
     bank = grid["dir"] / "changed"
     shutil.copytree(grid["bank"], bank)
     assert score_bank(ScoreArgs(model=model_folder, bank=bank, **SUBSET))["scored"] == 0  # type: ignore[arg-type]
-    index = load_index(bank)
+    changed = Bank.open(bank)
     key = "decoder.layers.1.ffn@0.5"
     origin, _, _ = load_model_folder(model_folder)
-    variant = load_variant(bank, index, key, origin)
+    variant = changed.load_variant(key, origin)
     with torch.no_grad():
         variant.linear1.weight.mul_(0.5)
-    save_variant(bank, index, key, variant, index["variants"][key])
+    changed.add(key, variant, changed.variants[key])
+    changed.write()
     args = ["search", str(model_folder), "--bank", str(bank), "--flops", "0.6", *SUBSET_CLI]
     assert main([*args, "-o", str(bank.parent / "stale" / "conf.json")]) == 2
     s = score_bank(ScoreArgs(model=model_folder, bank=bank, **SUBSET))  # type: ignore[arg-type]

@@ -215,16 +215,6 @@ def added_tuning(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
     return t
 
 
-def save_variant(bank: Path, index: dict[str, Any], key: str, module: nn.Module,
-                 entry: dict[str, Any], write_index: bool = True) -> None:
-    """``Bank(bank, index).add(key, module, entry)``, then (with ``write_index``) its ``write``:
-    for callers that hold an index dict."""
-    b = Bank(bank, index)
-    b.add(key, module, entry)
-    if write_index:
-        b.write()
-
-
 def load_index(bank: Path) -> dict[str, Any]:
     bank = Path(bank)
     if not (bank / INDEX_FILE).is_file():
