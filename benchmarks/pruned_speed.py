@@ -76,8 +76,8 @@ def main() -> None:
     tgt_len = round(sum(steps) / len(steps))
     with tempfile.TemporaryDirectory() as tmp:
         models = {"origin": origin, **composed_models(a.model, Path(tmp))}
-    batched = latencies(list(models.values()), ids, steps, a.repeats, batch_size=64, pad_id=tok.pad_id)
-    single = latencies(list(models.values()), ids[:a.single], steps[:a.single], a.repeats, batch_size=1,
+    batched = latencies(arch, list(models.values()), ids, steps, a.repeats, batch_size=64, pad_id=tok.pad_id)
+    single = latencies(arch, list(models.values()), ids[:a.single], steps[:a.single], a.repeats, batch_size=1,
                        pad_id=tok.pad_id)
     results = []
     for (name, model), b, s in zip(models.items(), batched, single):

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ctprune.arch import arch_of
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split, test_splits
 from ctprune.fileio import write_json
@@ -58,11 +57,11 @@ def main() -> None:
     val = load_split(a.corpus, default_splits(a.corpus)[1], a.data_dir)
     test_name = test_splits(a.corpus, a.data_dir)[0]
     test = load_split(a.corpus, test_name, a.data_dir)
-    batches = TokenizedSplit(val, p.tok, arch_of(p.origin).max_len(p.origin)).batches(MAX_TOKENS)
+    batches = TokenizedSplit(val, p.tok, p.arch.max_len(p.origin)).batches(MAX_TOKENS)
 
     def measure(conf: dict[str, float] | None) -> dict[str, float]:
         model = (p.origin if conf is None else compose(p.origin, Path(a.bank), conf, p.index)).eval()
-        return {"val_loss": round(val_loss(model, batches), 4),
+        return {"val_loss": round(val_loss(p.arch, model, batches), 4),
                 "val_bleu": round(evaluate(model, p.tok, val), 2),
                 f"{test_name}_bleu": round(evaluate(model, p.tok, test), 2)}
 

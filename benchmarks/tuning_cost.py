@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ctprune.arch import Architecture, arch_of
 from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import load_split
 from ctprune.fileio import write_json
@@ -33,17 +34,17 @@ from ctprune.stages.prune import PruneArgs, prune
 from ctprune.stages.tune_blocks import Recorder, block_losses
 
 
-def seconds_per_batch(origin: Seq2SeqTransformer, variants: dict[str, nn.Module], modules: dict[str, str],
-                      batches: list[Batch], lr: float) -> float:
+def seconds_per_batch(arch: Architecture, origin: Seq2SeqTransformer, variants: dict[str, nn.Module],
+                      modules: dict[str, str], batches: list[Batch], lr: float) -> float:
     """Train ``variants`` (all at once) on ``batches``; the first batch is a warm-up, not timed."""
     params = [p for v in variants.values() for p in v.parameters()]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9)
-    rec = Recorder(origin, sorted({modules[k] for k in variants}))
+    rec = Recorder(arch, origin, sorted({modules[k] for k in variants}))
     try:
         for i, batch in enumerate(batches):
             if i == 1:
                 t0 = time.perf_counter()
-            losses = block_losses(origin, variants, modules, rec, batch)
+            losses = block_losses(arch, origin, variants, modules, rec, batch)
             opt.zero_grad(set_to_none=True)
             torch.stack(list(losses.values())).sum().backward()
             opt.step()
@@ -62,6 +63,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     origin, tok, _ = load_model_folder(a.model)
+    arch = arch_of(origin)
     origin.requires_grad_(False)
     exp = load_experiment(Path(a.experiment))
     if exp.configurations is None or exp.configurations.inline is None:
@@ -85,8 +87,8 @@ def main() -> None:
 
         keys = list(index["variants"])
         modules = {k: index["variants"][k]["module"] for k in keys}
-        joint = seconds_per_batch(origin, fresh(keys), modules, batches, exp.tuning.lr)
-        single = {k: seconds_per_batch(origin, fresh([k]), modules, batches, exp.tuning.lr) for k in keys}
+        joint = seconds_per_batch(arch, origin, fresh(keys), modules, batches, exp.tuning.lr)
+        single = {k: seconds_per_batch(arch, origin, fresh([k]), modules, batches, exp.tuning.lr) for k in keys}
     n = len(all_batches)
     result = {"variants": len(keys), "timed_batches": a.batches, "epoch_batches": n,
               "joint_s_per_batch": round(joint, 4), "one_at_a_time_s_per_batch": round(sum(single.values()), 4),

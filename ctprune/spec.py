@@ -23,11 +23,12 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctprune.arch import names as arch_names
 from ctprune.budget import budget_sweep
 from ctprune.errors import CtpruneError
 
 PRESETS = ("seed", "tiny")
-ARCHS = ("ctprune", "marian", "t5")  # ctprune.arch registers each
+ARCHS = arch_names()  # the families ctprune.arch registers
 KINDS = ("attention", "ffn", "linear")
 EXECUTORS = ("local", "process", "ray")
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -53,6 +53,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
+@pytest.fixture(autouse=True)
+def _short_latency_measurements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctprune run`'s latency job, where it runs in the test's process (the local executor), times
+    2 interleaved rounds over 16 sentences instead of 5 over up to 256: the tests check what the job
+    computes and reports (ratio, spread, flag, the report's columns), not how steady the clock is.
+    The job reads these module names; a refactor that moves them fails here, loudly."""
+    import ctprune.run.jobs as jobs
+
+    for name, value in (("LATENCY_REPEATS", 2), ("LATENCY_SENTENCES", 16)):
+        monkeypatch.setattr(jobs, name, value)  # raising: the name must exist
+
+
 def tiny_config(**overrides: object) -> ModelConfig:
     base = dict(vocab_size=99, d_model=32, n_heads=4, d_ff=48, n_encoder_layers=2,
                 n_decoder_layers=2, dropout=0.0, max_len=64)
@@ -118,6 +130,32 @@ def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Cal
     return folder
 
 
+def write_corpus(folder: Path, train: int | None = None, val: int | None = None, test: int | None = None) -> Path:
+    """The synthetic corpus as a folder of SPLIT.de / SPLIT.en files (corpus "folder:de-en"), a split
+    cut to its first ``train`` / ``val`` / ``test`` pairs where that is given."""
+    from ctprune.data.synthetic import SPLITS, synthetic_corpus
+
+    sizes = {"train": train, "val": val, "test": test}
+    folder.mkdir(parents=True)
+    for split in SPLITS:
+        pairs = synthetic_corpus(split)[:sizes[split]]
+        for i, lang in enumerate(("de", "en")):
+            (folder / f"{split}.{lang}").write_text("".join(p[i] + "\n" for p in pairs), encoding="utf-8")
+    return folder
+
+
+# The corpus of the `ctprune run` tests: the synthetic corpus's first 1000 training pairs (of 4000),
+# 100 val and 64 test pairs (of 200 each). Every job of a run still runs on it; a finetuning epoch,
+# a tuning epoch, a BLEU and a latency measurement each take a fraction of the time.
+SMALL = {"train": 1000, "val": 100, "test": 64}
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data folder of SMALL (corpus "folder:de-en"), written once per test run."""
+    return once_per_run(tmp_path_factory, "small-corpus", lambda folder: write_corpus(folder, **SMALL))
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny origin model trained briefly on the synthetic corpus (shared by several tests and,
@@ -133,16 +171,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def finished_run(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One finished `ctprune run` of tests/test_run.py's EXPERIMENT (two seeds) on ``trained``,
+def finished_run(trained: Path, small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished `ctprune run` of tests/test_run.py's EXPERIMENT (two seeds) on ``trained`` and
+    ``small_corpus``,
     made the hard way: killed in its third finetuning, then resumed. Returns its folder: ``exp.toml``,
     the run folder ``run`` and ``resume.json`` (what the resume redid, the run's numbers and its
     summary as they were when it finished). test_run_end_to_end_with_a_kill_and_resume goes on to
     edit the run; other tests read only ``resume.json``."""
-    return once_per_run(tmp_path_factory, "finished-run", lambda folder: _finish_run(trained, folder))
+    return once_per_run(tmp_path_factory, "finished-run", lambda folder: _finish_run(trained, small_corpus, folder))
 
 
-def _finish_run(trained: Path, folder: Path) -> None:
+def _finish_run(trained: Path, data: Path, folder: Path) -> None:
     import json
 
     import ctprune.run.graph as run_stage
@@ -152,7 +191,7 @@ def _finish_run(trained: Path, folder: Path) -> None:
 
     folder.mkdir()
     exp, run_dir = folder / "exp.toml", folder / "run"
-    exp.write_text(EXPERIMENT.format(model=trained))
+    exp.write_text(EXPERIMENT.format(model=trained, data=data))
     real, calls = finetune_stage.finetune, {"n": 0}
 
     class Killed(Exception):

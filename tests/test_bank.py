@@ -7,17 +7,19 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_model
 
+from ctprune.arch import arch_of
+from ctprune.model.weights import enforce_masks, plain_state_dict, save_weights
 from ctprune.pruning.bank import INDEX_FILE, Bank, load_index
 from ctprune.pruning.block_history import write_block_history
-from ctprune.pruning.masks import enforce_masks, plain_state_dict
 from ctprune.pruning.surgery import l1_mask, mask_linear
 from ctprune.stages.prune import make_variant
-from ctprune.training.loop import read_history
+from ctprune.training.history import read_history
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ctprune"
 WRITERS = {"write_json", "write_json_strict", "write_text", "write_bytes", "atomic_write", "open", "save_file",
@@ -50,8 +52,9 @@ def test_no_module_but_the_bank_writes_an_index() -> None:
     writes = {str(p.relative_to(PACKAGE)): index_writes(p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))}
     assert writes.pop("pruning/bank.py")  # the writer itself is found
     assert {p: w for p, w in writes.items() if w} == {}
-    # nor does any stage re-apply a mask by hand: the parametrization holds it
-    assert "weight_mask" not in (PACKAGE / "stages" / "tune_blocks.py").read_text()
+    # nor does block tuning or training re-apply a mask by hand: the parametrization holds it
+    for path in ("stages/tune_blocks.py", "stages/finetune.py", "training/loop.py"):
+        assert "weight_mask" not in (PACKAGE / path).read_text() and "apply_masks" not in (PACKAGE / path).read_text()
 
 
 def _bank(path: Path, origin: torch.nn.Module, keys: list[str], seconds: float | None = None) -> Bank:
@@ -59,7 +62,7 @@ def _bank(path: Path, origin: torch.nn.Module, keys: list[str], seconds: float |
     for key in keys:
         name = key.partition("@")[0]
         kind, ratio = VARIANTS[key]
-        variant, entry = make_variant(origin, name, kind, ratio, "original", {})
+        variant, entry = make_variant(arch_of(origin), origin, name, kind, ratio, "original", {})
         bank.add(key, variant, entry)
     if seconds is not None:
         bank.set_prune_seconds(seconds)
@@ -175,6 +178,31 @@ def test_a_masked_variant_stays_masked_through_optimizer_steps(tiny_model, tmp_p
     assert (tmp_path / "bank" / f).read_bytes() == (tmp_path / "other" / f).read_bytes()
     saved = load_file(str(tmp_path / "bank" / f))
     assert torch.equal(saved["weight"], variant.weight.detach()) and bool((saved["weight"][removed] == 0).all())
+
+
+def test_a_model_is_saved_as_before_masks_were_parametrizations(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``save_weights`` writes what safetensors' ``save_model`` wrote of the unparametrized model,
+    byte for byte: tied embeddings once, a masked weight under its own name beside its mask."""
+    name = "encoder.layers.0.ffn.linear1"
+    model = copy.deepcopy(tiny_model)
+    arch = arch_of(model)
+    linear = arch.block(model, name)
+    arch.set_block(model, name, mask_linear(linear, l1_mask(linear.weight, 0.3)))
+    save_model(model, str(tmp_path / "before.safetensors"))
+    save_weights(model, str(tmp_path / "plain.safetensors"))
+    save_weights(enforce_masks(model), str(tmp_path / "enforced.safetensors"))
+    before = _header_and_data(tmp_path / "before.safetensors")
+    assert _header_and_data(tmp_path / "plain.safetensors") == before
+    assert _header_and_data(tmp_path / "enforced.safetensors") == before
+    assert f"{name}.weight_mask" in before[0] and "src_embed.weight" in before[0]["__metadata__"]
+
+
+def _header_and_data(path: Path) -> tuple[dict[str, Any], bytes]:
+    """A safetensors file's header (parsed: safetensors writes the metadata of tied names in a
+    random order, ``save_model`` too) and its data bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
 def _unparametrized(linear: torch.nn.Module) -> torch.nn.Linear:

@@ -20,9 +20,10 @@ def test_help_explains_every_command() -> None:
         assert sub.returncode == 0 and "usage: ctprune " + cmd in sub.stdout
 
 
-def test_train_tiny_synthetic_one_epoch(tmp_path: Path) -> None:
-    out = tmp_path / "tiny"
-    r = run_cli("train", "--preset", "tiny", "--corpus", "synthetic", "--epochs", "1", "-o", str(out))
+def test_train_tiny_synthetic_one_epoch(small_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny"  # on conftest's small_corpus: the synthetic corpus cut to its first 1000 training pairs
+    r = run_cli("train", "--preset", "tiny", "--corpus", "folder:de-en", "--data-dir", str(small_corpus), "--epochs",
+                "1", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "best val BLEU" in r.stdout
     assert (out / "model.safetensors").is_file() and (out / "history.csv").is_file()

@@ -206,14 +206,15 @@ def test_threads_are_shared_out_among_the_jobs_that_run_at_once(tmp_path: Path,
     assert started == {"first": 4, "a": 2, "b": 2, "alone": 4}
 
 
-def test_sharded_tuning_merged_equals_one_shard(trained: Path, tmp_path: Path) -> None:
+def test_sharded_tuning_merged_equals_one_shard(trained: Path, small_corpus: Path, tmp_path: Path) -> None:
     from ctprune.stages.configs import PlanArgs, write_plan
 
     (tmp_path / "conf.json").write_text(json.dumps(CONFS))
     write_plan(PlanArgs(configurations=tmp_path / "conf.json", model=trained, output=tmp_path / "plan.json"))
     prune(PruneArgs(model=trained, output=tmp_path / "pruned", plan=tmp_path / "plan.json"))
     keys = sorted(json.loads((tmp_path / "pruned" / "index.json").read_text())["variants"])
-    kw = dict(epochs=1, corpus="synthetic", lr=2e-3, max_tokens=1024, device="cpu", seed=3)
+    kw = dict(epochs=1, corpus="folder:de-en", data_dir=str(small_corpus), lr=2e-3, max_tokens=1024, device="cpu",
+              seed=3)
     tune_blocks(TuneArgs(model=trained, bank=tmp_path / "pruned", output=tmp_path / "whole", only=keys,
                          **kw))  # type: ignore[arg-type]
     shards = [(tmp_path / f"shard-{i}", keys[i::2]) for i in range(2)]
@@ -238,7 +239,8 @@ def test_sharded_tuning_merged_equals_one_shard(trained: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("finished-run")  # beside the test that builds and edits it (test_run)
-def test_run_gives_the_same_numbers_on_the_process_executor(trained: Path, finished_run: Path, tmp_path: Path,
+def test_run_gives_the_same_numbers_on_the_process_executor(trained: Path, small_corpus: Path, finished_run: Path,
+                                                            tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """The tiny experiment on the process executor (2 workers, tuning in 2 shards; one worker
@@ -252,7 +254,7 @@ def test_run_gives_the_same_numbers_on_the_process_executor(trained: Path, finis
     local = resume["summary"]
     assert local["execution"]["executor"] == "local" and [r["seed"] for r in local["runs"]] == [0, 1]
     exp = tmp_path / "exp.toml"
-    exp.write_text(EXPERIMENT.format(model=trained).replace("seeds = [0, 1]", "seeds = [0]"))
+    exp.write_text(EXPERIMENT.format(model=trained, data=small_corpus).replace("seeds = [0, 1]", "seeds = [0]"))
     monkeypatch.setenv(FAULT_ENV, f"finetune composed 1:1.5:{tmp_path / 'killed'}")
     run_stage.run_experiment(exp, tmp_path / "process", execution={"executor": "process", "workers": 2, "shards": 2})
     assert (tmp_path / "killed").read_text() == "finetune composed 1 (seed 0)"
@@ -269,13 +271,13 @@ def test_run_gives_the_same_numbers_on_the_process_executor(trained: Path, finis
     assert sharded["runs"][0]["tuning"]["teacher_flops"] == 2 * local["runs"][0]["tuning"]["teacher_flops"]
 
 
-def _run_jobs(origin: Path, conf: Path, pruned: Path, out: Path) -> list[Job]:
-    """Real jobs of a `ctprune run` graph (as ctprune/run/graph.py builds them), writing under
-    ``out``: the origin's val BLEU, block tuning of the pruned bank in one shard (what Ray on one
-    machine gets) and its merge, one side of configuration 0 finetuned from the tuned bank, and the
-    origin and configurations described."""
+def _run_jobs(origin: Path, conf: Path, pruned: Path, out: Path, data_dir: Path) -> list[Job]:
+    """Real jobs of a `ctprune run` graph (as ctprune/run/graph.py builds them) on the corpus of
+    ``data_dir``, writing under ``out``: the origin's val BLEU, block tuning of the pruned bank in one
+    shard (what Ray on one machine gets) and its merge, one side of configuration 0 finetuned from the
+    tuned bank, and the origin and configurations described."""
     keys = sorted(json.loads((pruned / "index.json").read_text())["variants"])
-    data = {"corpus": "synthetic", "data_dir": None}
+    data = {"corpus": "folder:de-en", "data_dir": str(data_dir)}
     shard, tuned, ft = str(out / "shard"), str(out / "tuned"), str(out / "composed")
     return [
         Job("origin val BLEU", "val_bleu_job", {"origin": str(origin), **data}),
@@ -298,7 +300,8 @@ CLOCK = ("wall_time_s", "cost_seconds", "train_seconds")  # read off the clock: 
 
 @pytest.mark.slow
 @RAY
-def test_the_jobs_of_a_run_give_the_same_results_on_local_and_ray(trained: Path, tmp_path: Path) -> None:
+def test_the_jobs_of_a_run_give_the_same_results_on_local_and_ray(trained: Path, small_corpus: Path,
+                                                                   tmp_path: Path) -> None:
     """The jobs of a run (``_run_jobs``: BLEU, tuning, merging, finetuning, describing) on the local
     executor and on Ray (a local cluster of this machine's cores, the jobs' device "auto"):
     identical results but for the clock, and the same tuned variants, byte for byte."""
@@ -311,7 +314,7 @@ def test_the_jobs_of_a_run_give_the_same_results_on_local_and_ray(trained: Path,
     for executor, device in (("local", "cpu"), ("ray", "auto")):
         out = tmp_path / executor
         with make_executor(ExecutionSpec(executor=executor, workers=2, device=device), out) as ex:
-            got = ex.run(_run_jobs(trained, tmp_path / "conf.json", tmp_path / "pruned", out))
+            got = ex.run(_run_jobs(trained, tmp_path / "conf.json", tmp_path / "pruned", out, small_corpus))
         results[executor] = {name: {k: v for k, v in r.items() if k not in CLOCK} for name, r in got.items()}
         assert json.loads((out / "tuned" / "index.json").read_text())["tuning"]["sessions"] == 1
     assert results["ray"] == results["local"]

@@ -550,11 +550,11 @@ def test_fault_through_a_subprocess_has_no_traceback(workspace: Path, tmp_path: 
 
 def _finished_history(folder: Path) -> Path:
     from ctprune.fileio import file_record, write_json
-    from ctprune.training.loop import _write_history
+    from ctprune.training.history import write_history
 
     rows = [dict(epoch=e, train_loss="1.0", val_loss="1.0", val_bleu=f"{10 * e}.00", lr="0.001",
                  epoch_time_s="1.0", wall_time_s=f"{e}.0", train_tokens=100 * e) for e in (1, 2, 3)]
-    _write_history(folder / "history.csv", rows)
+    write_history(folder / "history.csv", rows)
     write_json(folder / "train_summary.json", {"best_val_bleu": 30.0, "history": file_record(folder / "history.csv")})
     return folder / "history.csv"
 
@@ -564,7 +564,7 @@ def _finished_history(folder: Path) -> Path:
     (lambda t: t.replace("30.00", "90.00"), "altered or swapped"),
 ])
 def test_a_damaged_finished_history_is_refused(tmp_path: Path, damage: Callable[[str], str], fragment: str) -> None:
-    from ctprune.training.loop import read_history
+    from ctprune.training.history import read_history
 
     path = _finished_history(tmp_path)
     assert [r["epoch"] for r in read_history(path)] == ["1", "2", "3"]
@@ -581,7 +581,7 @@ def test_a_damaged_finished_history_is_refused(tmp_path: Path, damage: Callable[
     ("val_bleu\n3.0\n", 'no "epoch" column'),
 ])
 def test_a_malformed_history_is_refused(tmp_path: Path, text: str, fragment: str) -> None:
-    from ctprune.training.loop import read_history
+    from ctprune.training.history import read_history
 
     (tmp_path / "h.csv").write_text(text)
     with pytest.raises(CtpruneError, match=fragment):
@@ -636,7 +636,7 @@ def _fit(out: Path, tok_dir: Path, resume: bool) -> None:
 
 def _numbers(out: Path) -> tuple[list[tuple[str, ...]], dict[str, list[float]], float]:
     from ctprune.fileio import read_json
-    from ctprune.training.loop import read_history
+    from ctprune.training.history import read_history
 
     rows = [(r["epoch"], r["train_loss"], r["val_loss"], r["val_bleu"], r["train_tokens"])
             for r in read_history(out / "history.csv")]
@@ -998,17 +998,20 @@ def test_evaluate_adds_to_its_own_folder_and_writes_nothing_through_links(worksp
 
 
 @pytest.fixture(scope="module")
-def tuned_workspace(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The workspace with ``tuned``: one epoch of block tuning (its state kept for --resume)."""
+def tuned_workspace(workspace: Path, small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workspace with ``tuned``: one epoch of block tuning (its state kept for --resume) on
+    ``corpus``, a link to conftest's small_corpus (a copy of the workspace links the same folder, so
+    a resume in the copy reads the data folder the tuning recorded)."""
     w = tmp_path_factory.mktemp("tuned") / "w"
     shutil.copytree(workspace, w, symlinks=True)
+    (w / "corpus").symlink_to(small_corpus, target_is_directory=True)
     assert main(_tune_args(w)) == 0
     return w
 
 
 def _tune_args(w: Path) -> list[str]:
-    return ["tune-blocks", str(w / "origin"), "--bank", str(w / "bank"), "--corpus", "synthetic",
-            "--max-tokens", "256", "-e", "1", "-o", str(w / "tuned")]
+    return ["tune-blocks", str(w / "origin"), "--bank", str(w / "bank"), "--corpus", "folder:de-en", "--data-dir",
+            str(w / "corpus"), "--max-tokens", "256", "-e", "1", "-o", str(w / "tuned")]
 
 
 @pytest.mark.xdist_group("faults-tuned")

@@ -255,7 +255,7 @@ CONFS = [{"model.encoder.layers.0.self_attn": 0.5, "model.decoder.layers.1.encod
 
 
 @pytest.fixture(scope="module")
-def marian_banks(marian_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def marian_banks(marian_folder: Path, small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from ctprune.stages.configs import PlanArgs, write_plan
     from ctprune.stages.prune import PruneArgs, prune
     from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
@@ -264,14 +264,14 @@ def marian_banks(marian_folder: Path, tmp_path_factory: pytest.TempPathFactory) 
     (d / "conf.json").write_text(json.dumps(CONFS))
     write_plan(PlanArgs(configurations=d / "conf.json", model=marian_folder, output=d / "plan.json"))
     prune(PruneArgs(model=marian_folder, output=d / "pruned", plan=d / "plan.json"))
-    tune_blocks(TuneArgs(model=marian_folder, bank=d / "pruned", output=d / "tuned", epochs=2, corpus="synthetic",
-                         lr=2e-3, max_tokens=1024, device="cpu"))
+    tune_blocks(TuneArgs(model=marian_folder, bank=d / "pruned", output=d / "tuned", epochs=2, corpus="folder:de-en",
+                         data_dir=str(small_corpus), lr=2e-3, max_tokens=1024, device="cpu"))
     return {"dir": d, "conf": d / "conf.json", "pruned": d / "pruned", "tuned": d / "tuned"}
 
 
 def test_marian_tune_blocks_lowers_every_variant_block_loss(marian_banks: dict[str, Path]) -> None:
     from ctprune.pruning.bank import load_index
-    from ctprune.training.loop import read_history
+    from ctprune.training.history import read_history
 
     index = load_index(marian_banks["tuned"])
     assert len(index["variants"]) == 7
@@ -284,7 +284,7 @@ def test_marian_tune_blocks_lowers_every_variant_block_loss(marian_banks: dict[s
 
 
 def test_marian_compose_finetune_evaluate_translate(marian_folder: Path, marian_banks: dict[str, Path],
-                                                    tmp_path: Path) -> None:
+                                                    small_corpus: Path, tmp_path: Path) -> None:
     from ctprune.stages.compose import ComposeArgs, compose_to_folder
     from ctprune.stages.evaluate import EvaluateArgs, evaluate
     from ctprune.stages.finetune import FinetuneArgs, finetune
@@ -301,8 +301,8 @@ def test_marian_compose_finetune_evaluate_translate(marian_folder: Path, marian_
     assert int((fc1.weight != 0).sum()) == int(0.2 * fc1.weight.numel() + 0.5)
     recipe = Recipe.finetune(epochs=1, lr=1e-3, max_tokens=1024)
     result = finetune(FinetuneArgs(model=marian_folder, bank=marian_banks["tuned"], configurations=marian_banks["conf"],
-                                   n=1, output=tmp_path / "f1", recipe=recipe, target_bleu=None, corpus="synthetic",
-                                   device="cpu"))
+                                   n=1, output=tmp_path / "f1", recipe=recipe, target_bleu=None, corpus="folder:de-en",
+                                   data_dir=str(small_corpus), device="cpu"))
     assert result.epochs_done == 1 and (tmp_path / "f1" / "history.csv").is_file()
     tuned, _, _ = load_model_folder(tmp_path / "f1")
     q = tuned.model.decoder.layers[1].self_attn.q_proj
@@ -399,9 +399,9 @@ def test_folder_without_tokenizer_serves_the_commands_that_need_no_text(marian_f
                     "has no tokenizer")
 
 
-def test_train_arch_marian_builds_and_trains_a_marian_of_the_preset(tmp_path: Path) -> None:
-    r = run_cli("train", "--arch", "marian", "--preset", "tiny", "--corpus", "synthetic", "-e", "1",
-                "-o", str(tmp_path / "m"))
+def test_train_arch_marian_builds_and_trains_a_marian_of_the_preset(small_corpus: Path, tmp_path: Path) -> None:
+    r = run_cli("train", "--arch", "marian", "--preset", "tiny", "--corpus", "folder:de-en", "--data-dir",
+                str(small_corpus), "-e", "1", "-o", str(tmp_path / "m"))
     assert r.returncode == 0, r.stderr
     model, tok, hp = load_model_folder(tmp_path / "m")
     cfg = model.config
@@ -412,7 +412,7 @@ def test_train_arch_marian_builds_and_trains_a_marian_of_the_preset(tmp_path: Pa
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 1, r.stderr
 
 
-def test_t5_prune_tune_compose_evaluate(t5_folder: Path, tmp_path: Path) -> None:
+def test_t5_prune_tune_compose_evaluate(t5_folder: Path, small_corpus: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from ctprune.pruning.bank import load_index
@@ -421,7 +421,7 @@ def test_t5_prune_tune_compose_evaluate(t5_folder: Path, tmp_path: Path) -> None
     from ctprune.stages.evaluate import EvaluateArgs, evaluate
     from ctprune.stages.prune import PruneArgs, prune
     from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
-    from ctprune.training.loop import read_history
+    from ctprune.training.history import read_history
 
     layer0 = "encoder.block.0.layer.0.SelfAttention"
     confs = [{layer0: 0.5, "decoder.block.1.layer.1.EncDecAttention": 0.25,
@@ -430,7 +430,7 @@ def test_t5_prune_tune_compose_evaluate(t5_folder: Path, tmp_path: Path) -> None
     write_plan(PlanArgs(configurations=tmp_path / "conf.json", model=t5_folder, output=tmp_path / "plan.json"))
     prune(PruneArgs(model=t5_folder, output=tmp_path / "pruned", plan=tmp_path / "plan.json", criterion="l1"))
     tune_blocks(TuneArgs(model=t5_folder, bank=tmp_path / "pruned", output=tmp_path / "tuned", epochs=1,
-                         corpus="synthetic", lr=2e-3, max_tokens=1024, device="cpu"))
+                         corpus="folder:de-en", data_dir=str(small_corpus), lr=2e-3, max_tokens=1024, device="cpu"))
     rows = read_history(tmp_path / "tuned" / "history.csv")
     index = load_index(tmp_path / "tuned")
     for key in index["variants"]:
@@ -501,7 +501,8 @@ def test_activation_criterion_on_hf_models(family: str, marian_folder: Path, t5_
 
 
 @pytest.mark.parametrize("origin", ["given", "trained"])
-def test_run_end_to_end_on_a_marian_origin(origin: str, marian_folder: Path, tmp_path: Path) -> None:
+def test_run_end_to_end_on_a_marian_origin(origin: str, marian_folder: Path, small_corpus: Path,
+                                           tmp_path: Path) -> None:
     """`ctprune run` with a Hugging Face origin, given as a folder or trained by the run
     ([origin] arch = "marian"): both sides finetuned under the protocol, the describe and latency
     jobs through the architecture seam, a report."""
@@ -511,7 +512,8 @@ def test_run_end_to_end_on_a_marian_origin(origin: str, marian_folder: Path, tmp
     given = f'model = "{marian_folder}"' if origin == "given" else 'arch = "marian"\nepochs = 1'
     exp.write_text(f"""
 [data]
-corpus = "synthetic"
+corpus = "folder:de-en"
+data_dir = "{small_corpus}"
 [origin]
 preset = "tiny"
 {given}

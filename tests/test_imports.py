@@ -106,3 +106,23 @@ def test_the_graph_imports_the_experiment_the_jobs_and_the_executors() -> None:
     stages = {d for d in deps if d.startswith("ctprune.stages") or d.startswith("ctprune.model")
               or d.startswith("ctprune.training")}
     assert not stages, stages  # stage logic lives in the jobs, not in the graph
+
+
+def test_the_spec_and_the_history_reader_load_without_torch() -> None:
+    """The experiment spec and the history reader (the bank, the report and the experiment graph
+    read histories) import nothing of torch or the training loop."""
+    import subprocess
+    import sys
+
+    code = "import sys, ctprune.spec, ctprune.training.history; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, check=True)
+    assert r.stdout.strip() == "False"
+
+
+def test_the_model_package_never_imports_pruning() -> None:
+    """``ctprune.pruning`` is built on ``ctprune.model`` (masks and their weights files live in
+    ``ctprune.model.weights``), not the reverse, not even from inside a function."""
+    model = ROOT / "model"
+    upward = {str(p.relative_to(ROOT)): sorted(d for d in imports_anywhere(p) if _within(d, ("ctprune.pruning",)))
+              for p in model.rglob("*.py")}
+    assert not any(upward.values()), upward

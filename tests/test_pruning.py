@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctprune.arch import arch_of
 from ctprune.errors import CtpruneError
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
 from ctprune.pruning import importance
@@ -89,7 +90,7 @@ def test_importance_criteria_give_one_score_per_head_or_neuron(tiny_model) -> No
     assert importance.neuron_l1(ffn).shape == (48,)
     from ctprune.data.batching import Batch
     src, tgt = random_batch()
-    stats = importance.activation_stats(tiny_model, [Batch(src, tgt, tgt, torch.arange(3))])
+    stats = importance.activation_stats(arch_of(tiny_model), tiny_model, [Batch(src, tgt, tgt, torch.arange(3))])
     assert stats["decoder.layers.1.cross_attn"].shape == (4,) and stats["encoder.layers.1.ffn"].shape == (48,)
     assert bool((stats["encoder.layers.0.self_attn"] > 0).all())
 

@@ -18,15 +18,17 @@ from ctprune.run.experiment import load_experiment
 from ctprune.run.jobs import check_configurations_early
 from ctprune.run.protocol import BankCost, Configuration, flops_at, saving, saving_curve, time_to_target
 from ctprune.run.report import METHODS, FrontierRow, frontier, pareto
+from ctprune.run.summary import REQUIRED, Summary
 from ctprune.scoring import spearman
-from ctprune.training.loop import read_history
+from ctprune.training.history import read_history
 
-from .conftest import run_cli
+from .conftest import SMALL, run_cli, write_corpus
 
 EXPERIMENT = """
 seeds = [0, 1]
 [data]
-corpus = "synthetic"
+corpus = "folder:de-en"
+data_dir = "{data}"
 [origin]
 model = "{model}"
 [configurations]
@@ -57,7 +59,7 @@ def _protocol_rows(run_dir: Path, run: dict, confs: list[dict[str, float]], targ
 # one worker builds `finished_run` and runs both tests that use it (the other worker goes on with other
 # tests instead of waiting for the build); test_executors reads only resume.json, which the edits leave alone
 @pytest.mark.xdist_group("finished-run")
-def test_run_end_to_end_with_a_kill_and_resume(trained: Path, finished_run: Path) -> None:
+def test_run_end_to_end_with_a_kill_and_resume(trained: Path, small_corpus: Path, finished_run: Path) -> None:
     """The tiny experiment killed in its third finetuning and resumed (``finished_run``): files,
     report numbers, the protocol's arithmetic; then the configurations edited in the same folder."""
     exp, run_dir = finished_run / "exp.toml", finished_run / "run"
@@ -108,7 +110,8 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, finished_run: Path
               + sorted(run_dir.glob("finetune/*/config-*/model.safetensors"))}
     tuned_dir = run_dir / summary["runs"][0]["tuned_bank"]
     tuned_before = json.loads((tuned_dir / "index.json").read_text())
-    exp.write_text(EXPERIMENT.format(model=trained).replace("attention = [0.5, 0.25]", "attention = [0.5, 0.75]"))
+    text = EXPERIMENT.format(model=trained, data=small_corpus)
+    exp.write_text(text.replace("attention = [0.5, 0.25]", "attention = [0.5, 0.75]"))
     run_stage.run_experiment(exp, run_dir)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     edited = json.loads((run_dir / "summary.json").read_text())
@@ -128,7 +131,7 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, finished_run: Path
     assert edited["runs"][0]["tuning"]["wall_time_s"] > summary["runs"][0]["tuning"]["wall_time_s"]
     # A third tuning session (FFN Linears 0.5 -> 0.3) merges into the same banks; the block history
     # stays one row per (variant, epoch), in epoch order.
-    exp.write_text(EXPERIMENT.format(model=trained).replace("attention = [0.5, 0.25]", "attention = [0.5, 0.75]")
+    exp.write_text(text.replace("attention = [0.5, 0.25]", "attention = [0.5, 0.75]")
                    .replace("linear = [0.2, 0.5]", "linear = [0.2, 0.3]"))
     run_stage.run_experiment(exp, run_dir)
     third = json.loads((tuned_dir / "index.json").read_text())["tuning"]
@@ -227,12 +230,14 @@ def test_shipped_examples_load() -> None:
                                str(marian.path))
 
 
-def test_run_with_search_picks_configurations_from_a_scored_grid_bank(trained: Path, tmp_path: Path) -> None:
+def test_run_with_search_picks_configurations_from_a_scored_grid_bank(trained: Path, small_corpus: Path,
+                                                                      tmp_path: Path) -> None:
     exp = tmp_path / "exp.toml"
     exp.write_text(f"""
 seeds = [0]
 [data]
-corpus = "synthetic"
+corpus = "folder:de-en"
+data_dir = "{small_corpus}"
 [origin]
 model = "{trained}"
 [search]
@@ -275,12 +280,13 @@ target_bleu = "origin-20"
 
 
 def test_run_with_a_budget_sweep_searches_once_and_finetunes_uniform_per_budget(
-        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        trained: Path, small_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     exp = tmp_path / "exp.toml"
     exp.write_text(f"""
 seeds = [0]
 [data]
-corpus = "synthetic"
+corpus = "folder:de-en"
+data_dir = "{small_corpus}"
 [origin]
 model = "{trained}"
 [search]
@@ -393,10 +399,13 @@ select = "val_loss"
         assert (run_dir / plot).is_file() and f"]({plot})" in report
 
 
+# The run of the kill test trains its own origin: on 2000 training pairs (SMALL's 1000 leave the tiny
+# recipe's 100 warm-up steps unfinished in 2 epochs) it reaches a val BLEU of about 5.5.
 KILLED_RUN = """
 seeds = [0]
 [data]
-corpus = "synthetic"
+corpus = "folder:de-en"
+data_dir = "{data}"
 [origin]
 preset = "tiny"
 epochs = 2
@@ -409,7 +418,7 @@ lr = 2e-3
 [finetuning]
 epochs = 1
 lr = 1e-3
-target_bleu = "origin-5"
+target_bleu = "origin-1"
 """
 
 
@@ -434,7 +443,7 @@ def test_a_run_killed_inside_every_stage_resumes_to_the_same_numbers(tmp_path: P
     training, pruning, tuning, each finetuning, latency, report): each re-run resumes the stage that
     was cut, and the last one ends with the numbers of an uninterrupted run."""
     exp = tmp_path / "exp.toml"
-    exp.write_text(KILLED_RUN)
+    exp.write_text(KILLED_RUN.format(data=write_corpus(tmp_path / "data", **{**SMALL, "train": 2000})))
     real, real_say = os.replace, run_stage._say
     calls: dict = {"stage": "start", "stages": {}, "kill": None, "seen": 0}
 
@@ -477,15 +486,10 @@ def _tree(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
-def _write_corpus(folder: Path, val_lines: int | None = None) -> None:
-    """The synthetic corpus as a folder of SPLIT.de / SPLIT.en files (``val_lines``: a shorter val)."""
-    from ctprune.data.synthetic import SPLITS, synthetic_corpus
-
-    folder.mkdir()
-    for split in SPLITS:
-        pairs = synthetic_corpus(split)[:val_lines if split == "val" else None]
-        for i, lang in enumerate(("de", "en")):
-            (folder / f"{split}.{lang}").write_text("".join(p[i] + "\n" for p in pairs), encoding="utf-8")
+def _write_corpus(folder: Path, val_lines: int | None = None, train_lines: int | None = None) -> None:
+    """The run tests' corpus (conftest's SMALL) as a folder of SPLIT.de / SPLIT.en files (``val_lines``:
+    a shorter val, ``train_lines``: a shorter train)."""
+    write_corpus(folder, **{**SMALL, "val": val_lines or SMALL["val"], "train": train_lines or SMALL["train"]})
 
 
 FILE_CORPUS = """
@@ -526,8 +530,9 @@ def test_a_changed_data_folder_or_origin_redoes_every_job_that_reads_it(trained:
 
     origin = tmp_path / "origin"
     copytree(trained, origin)
-    _write_corpus(tmp_path / "data1")
-    _write_corpus(tmp_path / "data2", val_lines=60)
+    # what is checked is which jobs run again, not what they learn: 256 training pairs are enough
+    _write_corpus(tmp_path / "data1", train_lines=256)
+    _write_corpus(tmp_path / "data2", val_lines=60, train_lines=256)
     exp, run_dir = tmp_path / "exp.toml", tmp_path / "run"
     text = FILE_CORPUS.format(data="data1", model=origin, configurations="attention = [0.5]", target='"none"')
     exp.write_text(text)
@@ -634,7 +639,7 @@ def test_frontier_rows_and_pareto_points_from_a_summary_with_missing_numbers() -
                    "scratch": [{"method": "scratch", "budget": 0, "flops_ratio": 0.52, "params": 11,
                                 "val_bleu_best": 12.0, "test_bleu_best": {"test": 11.0}}]},
                   {"configurations": [{"composed": {**ft, "val_bleu_best": 23.0}}], "competitors": [uniform]}]}
-    rows = {r.method: r for r in frontier(s)}
+    rows = {r.method: r for r in frontier(Summary(**{**dict.fromkeys(REQUIRED), **s}))}
     assert list(rows) == ["searched", "uniform baseline", "uniform composed", "random", "scratch"]
     assert rows["searched"].val_bleu_best == 22.0 and rows["searched"].latency is None  # mean over seeds; flagged
     assert (rows["uniform baseline"].name, rows["uniform baseline"].val_bleu_best) == ("0.5/0.75", 15.0)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctprune.arch import arch_of
 from ctprune.cli import main
 from ctprune.errors import CtpruneError
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
@@ -22,7 +23,7 @@ from ctprune.pruning.solver import feasible, smallest_reachable, solve
 from ctprune.spec import SearchSpec, from_table
 from ctprune.stages.configs import PlanArgs, write_plan
 from ctprune.stages.prune import PruneArgs, prune
-from ctprune.stages.score import ScoreArgs, _origin_pass, _rerun_from, score_bank, validation_subset
+from ctprune.stages.score import ScoreArgs, score_bank, validation_subset
 from ctprune.stages.search import (
     SearchArgs,
     budget_points,
@@ -142,9 +143,11 @@ def test_score_of_a_variant_equals_the_composed_model(grid: dict[str, Path], mod
     index = load_index(grid["bank"])
     subset = validation_subset(tok, origin.cfg.max_len, **SUBSET)  # type: ignore[arg-type]
     b = subset.batches[0]
-    cached = _origin_pass(origin, b)
-    for name in ("encoder.layers.0.ffn", "decoder.layers.1.cross_attn"):
-        torch.testing.assert_close(_rerun_from(origin, name, b, cached).log_softmax(-1), cached["logp"])
+    arch = arch_of(origin)
+    with torch.no_grad():
+        logits, trace = arch.traced_logits(origin, b.src, b.tgt_in)
+        for name in ("encoder.layers.0.ffn", "decoder.layers.1.cross_attn"):
+            torch.testing.assert_close(arch.logits_after(origin, name, b.src, b.tgt_in, trace), logits)
     for key in ("encoder.layers.1.self_attn@0.25", "decoder.layers.0.ffn@0.5"):
         entry = index["variants"][key]
         model = compose(origin, grid["bank"], {entry["module"]: entry["ratio"]}).eval()
@@ -481,3 +484,14 @@ def test_refinement_returns_the_best_measured_under_the_budget(grid: dict[str, P
             kl += float((ref.exp() * (ref - logp)).sum())
             tokens += int(real.sum())
     assert rows[0]["measured"] == pytest.approx(kl / tokens, rel=1e-4)
+
+
+def test_the_origin_pass_of_scoring_keeps_no_graph(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """``traced_logits`` runs without grad even when called with grad on: its trace (every
+    layer's input) holds no autograd graph."""
+    arch = arch_of(tiny_model)
+    src = torch.randint(4, 99, (2, 6))
+    tgt = torch.randint(4, 99, (2, 5))
+    logits, trace = arch.traced_logits(tiny_model.eval(), src, tgt)
+    assert not logits.requires_grad and not trace["memory"].requires_grad
+    assert not any(x.requires_grad for x in trace["inputs"].values())

@@ -39,8 +39,7 @@ def pruned(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         surgery.replace_module(model, name, surgery.cut_neurons(model.get_submodule(name), torch.randperm(48)[:n]))
     name = "decoder.layers.1.ffn.linear2"
     linear = model.get_submodule(name)
-    surgery.replace_module(model, name, surgery.mask_linear(linear, surgery.l1_mask(linear.weight, 0.5)))
-    model.apply_masks()
+    surgery.replace_module(model, name, surgery.mask_linear(linear, surgery.l1_mask(linear.weight, 0.5)))  # zeroed
     folder = tmp_path_factory.mktemp("serve") / "pruned"
     save_model_folder(folder, model, tok, {"stage": "test"})
     return folder
@@ -610,3 +609,31 @@ def test_a_fused_graph_with_nans_fails_the_check(tmp_path: Path) -> None:
     feeds = [{"x": np.array([1.0, 2.0, 3.0], dtype=np.float32)}]
     assert _max_difference(nan_out, identity, feeds) == math.inf
     assert _max_difference(identity, identity, [{"x": np.array([1.0, np.nan, 3.0], dtype=np.float32)}]) == 0.0
+
+
+def test_serving_comes_from_the_family_registration() -> None:
+    """What export supports, the graph builder and the optimizer type are the family's
+    registration (``arch.Family.serving``): a family registered with a ``Serving`` is exportable
+    with no serve table to edit; one registered without is refused in one line."""
+    from ctprune import arch
+    from ctprune.arch import Family, Serving
+    from ctprune.serve.export import exportable, graphs_of, serving
+    from ctprune.serve.graphs import NATIVE, Graphs
+
+    assert exportable("onnx") == ("ctprune", "marian", "t5") and exportable("ctranslate2") == ("ctprune", "marian")
+    assert serving("ctprune").optimizer_type == "bart" and serving("t5").optimizer_type == "t5"
+    assert all(isinstance(graphs_of(n), Graphs) for n in exportable("onnx"))
+    base = arch.family("ctprune")
+    try:
+        arch.register("toy-served", Family(base.module, base.cls, "toy", "toy-served", ("ToyServed",),
+                                           Serving(("onnx",), "ctprune.serve.graphs:NATIVE", "bart")))
+        arch.register("toy-unserved", Family(base.module, base.cls, "toy", "toy-unserved", ("ToyUnserved",)))
+        assert "toy-served" in exportable("onnx") and "toy-served" not in exportable("ctranslate2")
+        assert graphs_of("toy-served") is NATIVE
+        assert "toy-unserved" not in exportable("onnx")
+        with pytest.raises(CtpruneError, match="no serving registration"):
+            serving("toy-unserved")
+    finally:
+        for name in ("toy-served", "toy-unserved"):
+            arch._REGISTRY.pop(name, None)
+            arch._loaded.pop(name, None)

@@ -14,7 +14,8 @@ from ctprune.model.checkpoint import load_model_folder, save_model_folder
 from ctprune.model.decode import translate
 from ctprune.scoring import bleu_score
 from ctprune.stages.train import TrainArgs, train_origin
-from ctprune.training.loop import Recipe, read_history
+from ctprune.training.history import read_history
+from ctprune.training.loop import Recipe
 
 
 def test_training_reaches_a_bleu_far_above_untrained(trained: Path) -> None:
@@ -70,11 +71,11 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(small_corpus: Path, tmp_path: Path) -> None:
     recipe = dict(epochs=2, lr=3e-3, warmup_steps=20, max_tokens=1024, seed=3)
 
     def args(out: Path, resume: bool = False) -> TrainArgs:
-        return TrainArgs(output=out, preset="tiny", corpus="synthetic", device="cpu",
+        return TrainArgs(output=out, preset="tiny", corpus="folder:de-en", data_dir=str(small_corpus), device="cpu",
                          vocab_size=300, resume=resume, recipe=Recipe(**recipe))
 
     train_origin(args(tmp_path / "straight"))
@@ -83,23 +84,22 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path: Pat
     import ctprune.training.loop as loop
 
     steps = {"n": 0}
-    real_fit = loop.fit
+    real_step = loop.train_step
 
-    def fit_with_kill(*a, **k):  # type: ignore[no-untyped-def]
-        def after_step(_model):  # type: ignore[no-untyped-def]
-            if (tmp_path / "resumed/history.csv").exists():  # epoch 1 is finished
-                steps["n"] += 1
-                if steps["n"] == 10:
-                    raise _Interrupt
-        return real_fit(*a, **k, after_step=after_step)
+    def step_with_kill(*a, **k):  # type: ignore[no-untyped-def]
+        loss = real_step(*a, **k)
+        if (tmp_path / "resumed/history.csv").exists():  # epoch 1 is finished
+            steps["n"] += 1
+            if steps["n"] == 10:
+                raise _Interrupt
+        return loss
 
-    import ctprune.stages.train as train_stage
-    train_stage.fit = fit_with_kill  # type: ignore[assignment]
+    loop.train_step = step_with_kill  # type: ignore[assignment]
     try:
         with pytest.raises(_Interrupt):
             train_origin(args(tmp_path / "resumed"))
     finally:
-        train_stage.fit = real_fit  # type: ignore[assignment]
+        loop.train_step = real_step  # type: ignore[assignment]
     assert [r["epoch"] for r in read_history(tmp_path / "resumed/history.csv")] == ["1"]
     with pytest.raises(CtpruneError, match="--resume"):
         train_origin(args(tmp_path / "resumed"))

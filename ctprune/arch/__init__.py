@@ -9,7 +9,8 @@ Hugging Face plumbing of ``hf.py``. A fourth architecture is one new module and 
 ``register`` call (``tests/test_arch_family.py`` registers a test-only family).
 
 Every implementation is imported lazily, so that ``transformers`` is loaded only for a Hugging
-Face model.
+Face model, and this module imports no torch: ``ctprune.spec`` (torch-free) takes the families'
+names from the registry.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from ctprune.errors import CtpruneError
 from ctprune.fileio import brief, read_json, shorten
-from ctprune.model.flops import BACKWARD_FACTOR
+
+if TYPE_CHECKING:  # annotations only: the registry stays importable without torch
+    import torch
+    from torch import Tensor, nn
 
 KINDS = ("attention", "ffn", "linear")
 SIZE_UNITS = {"attention": "heads", "ffn": "neurons", "linear": "weights"}
@@ -124,6 +125,22 @@ class Architecture(ABC):
     def logits(self, model: nn.Module, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src (B, S), tgt_in (B, T) token ids, padded with the model's pad id -> (B, T, V)."""
 
+    def traced_logits(self, model: nn.Module, src: Tensor, tgt_in: Tensor) -> tuple[Tensor, Any]:
+        """(``logits``, a trace of the pass from which ``logits_after`` reruns part of it): what
+        scoring runs on the origin once per batch. It runs without grad (an implementation
+        decorates it with ``torch.no_grad()``: the trace keeps no graph). This default keeps no
+        trace."""
+        import torch
+
+        with torch.no_grad():
+            return self.logits(model, src, tgt_in), None
+
+    def logits_after(self, model: nn.Module, name: str, src: Tensor, tgt_in: Tensor, trace: Any) -> Tensor:
+        """``logits`` of ``model`` after unit ``name`` alone changed since ``trace`` was taken
+        (scoring's "replace one block"), recomputing only what depends on that unit where the
+        trace allows. This default reruns the whole model."""
+        return self.logits(model, src, tgt_in)
+
     @abstractmethod
     def generate(self, model: nn.Module, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
         """src (B, S) token ids (ending with EOS, padded) -> B hypotheses as token ids without
@@ -137,6 +154,8 @@ class Architecture(ABC):
 
     def train_step_flops(self, model: nn.Module, batch_size: int, src_len: int, tgt_len: int) -> int:
         """Forward + backward FLOPs of one end-to-end training step on a padded batch."""
+        from ctprune.model.flops import BACKWARD_FACTOR  # ctprune.model imports torch
+
         return (1 + BACKWARD_FACTOR) * batch_size * self.forward_flops(model, src_len, tgt_len)
 
     @abstractmethod
@@ -154,37 +173,49 @@ class Architecture(ABC):
         them (d_model, n_heads, d_ff, n_encoder_layers, n_decoder_layers), the vocabulary and
         special ids of ``tok``."""
 
-    def apply_masks(self, model: nn.Module) -> None:
-        """Zero the pruned weights of every masked Linear (after each optimizer step)."""
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Linear) and hasattr(m, "weight_mask"):
-                    m.weight.mul_(m.weight_mask)
+
+@dataclass(frozen=True)
+class Serving:
+    """How ``ctprune export`` and the serving engines (``ctprune.serve``) handle a family. Plain
+    strings, so that the registry imports nothing of onnx, onnxruntime or ctranslate2."""
+
+    formats: tuple[str, ...]  # the export formats it supports: "onnx", "ctranslate2"
+    graphs: str  # "module:attribute" of its ONNX graph builder (a ``ctprune.serve.graphs.Graphs``)
+    optimizer_type: str  # ``model_type`` of ONNX Runtime's transformer optimizer for its graphs
 
 
 @dataclass(frozen=True)
 class Family:
     """One registered model family: where its :class:`Architecture` lives (imported on first
     use), how its folders say they are of it (a Hugging Face config's ``model_type``; None for a
-    ctprune folder, which has none) and the class names of its loaded models (for ``arch_of``)."""
+    ctprune folder, which has none), the class names of its loaded models (for ``arch_of``) and,
+    if it can be exported for serving, how (:class:`Serving`; None: ``ctprune export`` refuses it)."""
 
     module: str
     cls: str
     label: str  # how messages name it
     model_type: str | None
     model_classes: tuple[str, ...]
+    serving: Serving | None = None
+
+
+def family(name: str) -> Family:
+    """The registration of family ``name``."""
+    if name not in _REGISTRY:
+        raise CtpruneError(f"unknown architecture {brief(name)}; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 _REGISTRY: dict[str, Family] = {}
 _loaded: dict[str, Architecture] = {}
 
 
-def register(name: str, family: Family) -> None:
+def register(name: str, registration: Family) -> None:
     """Make family ``name`` known to ``get``, ``detect`` and ``arch_of``: the one registration a
     new family needs (besides its module)."""
-    if name in _REGISTRY and _REGISTRY[name] != family:
+    if name in _REGISTRY and _REGISTRY[name] != registration:
         raise CtpruneError(f"architecture {brief(name)} is registered already")
-    _REGISTRY[name] = family
+    _REGISTRY[name] = registration
     _loaded.pop(name, None)
 
 
@@ -199,11 +230,14 @@ def supported() -> str:
 
 
 register("ctprune", Family("ctprune.arch.native", "NativeArchitecture", "ctprune's own Transformer",
-                           None, ("Seq2SeqTransformer",)))
+                           None, ("Seq2SeqTransformer",),
+                           Serving(("onnx", "ctranslate2"), "ctprune.serve.graphs:NATIVE", "bart")))
 register("marian", Family("ctprune.arch.marian", "MarianArchitecture", "MarianMTModel (model_type marian)",
-                          "marian", ("MarianMTModel",)))
+                          "marian", ("MarianMTModel",),
+                          Serving(("onnx", "ctranslate2"), "ctprune.serve.graphs_hf:MARIAN", "bart")))
 register("t5", Family("ctprune.arch.t5", "T5Architecture", "T5ForConditionalGeneration (model_type t5)",
-                      "t5", ("T5ForConditionalGeneration",)))
+                      "t5", ("T5ForConditionalGeneration",),
+                      Serving(("onnx",), "ctprune.serve.graphs_hf:T5", "t5")))
 # Keys of a Hugging Face config that ctprune's own config.json never has.
 _HF_MARKS = ("architectures", "transformers_version", "encoder_layers", "num_layers", "d_kv",
              "encoder_attention_heads", "num_heads", "is_encoder_decoder")
@@ -215,12 +249,10 @@ def _family_of_class(cls: str) -> str | None:
 
 def get(name: str) -> Architecture:
     """The architecture registered as ``name`` (ctprune, marian, t5)."""
-    if name not in _REGISTRY:
-        raise CtpruneError(f"unknown architecture {brief(name)}; choose one of {', '.join(_REGISTRY)}")
+    registration = family(name)
     if name not in _loaded:
-        family = _REGISTRY[name]
         try:
-            _loaded[name] = getattr(importlib.import_module(family.module), family.cls)()
+            _loaded[name] = getattr(importlib.import_module(registration.module), registration.cls)()
         except ImportError as e:
             raise CtpruneError(f"the {name} architecture needs {e.name or 'a package'}; install ctprune's "
                                "Hugging Face extra: pip install -e \".[hf]\"") from None
@@ -249,10 +281,11 @@ def detect(folder: str | Path) -> Architecture:
         if isinstance(archs, list) else []
     named = ", ".join(shorten(a, 60) for a in archs[:3])  # for messages: cut, never a 10 MB echo
     # The family the config's architectures name, if a supported one (MarianMTModel -> marian).
-    family = next((f for a in archs if (f := _family_of_class(a)) and _REGISTRY[f].model_type), None)
+    named_family = next((f for a in archs if (f := _family_of_class(a)) and _REGISTRY[f].model_type), None)
+    named_type = _REGISTRY[named_family].model_type if named_family else None
     if model_type is None:
-        if family is not None or any(k in config for k in _HF_MARKS):
-            hint = f"; for {named} it is \"model_type\": \"{_REGISTRY[family].model_type}\"" if family else ""
+        if named_family is not None or any(k in config for k in _HF_MARKS):
+            hint = f"; for {named} it is \"model_type\": \"{named_type}\"" if named_family else ""
             raise CtpruneError(f"{path} looks like a Hugging Face config but has no model_type, which names the "
                                f"model family{hint}; supported: {supported()}")
         for name, f in _REGISTRY.items():  # the families whose folders have no model_type
@@ -263,9 +296,9 @@ def detect(folder: str | Path) -> Architecture:
     if not isinstance(model_type, str):
         raise CtpruneError(f"{path}: model_type must be a string, got {brief(model_type)}; supported: {supported()}")
     name = next((n for n, f in _REGISTRY.items() if f.model_type == model_type), None)
-    if family is not None and family != name:
+    if named_family is not None and named_family != name:
         raise CtpruneError(f"{path}: model_type {brief(model_type)} contradicts its architectures ({named}, "
-                           f"model_type \"{_REGISTRY[family].model_type}\"); correct one of them; "
+                           f"model_type \"{named_type}\"); correct one of them; "
                            f"supported: {supported()}")
     if name is None:
         raise CtpruneError(f"{folder} holds a Hugging Face {named or 'model'} (model_type {brief(model_type)}), "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from ctprune.arch import Architecture, Prunable
@@ -35,6 +35,7 @@ from ctprune.model.checkpoint import (
     write_manifest,
 )
 from ctprune.model.flops import attention_flops, ffn_flops
+from ctprune.model.weights import save_weights
 from ctprune.progress import bars_on
 
 CONFIG_FILE, WEIGHTS_FILE, LAYERS_FILE = "config.json", "model.safetensors", "ctprune_layers.json"
@@ -273,7 +274,7 @@ class HFArchitecture(Architecture):
             if tok.source_prefix:  # the model reads its sources with it: every derived folder keeps it
                 hparams = {**hparams, "source_prefix": tok.source_prefix}
         write_json(folder / HPARAMS_FILE, hparams)
-        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp)))
+        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_weights(model, str(tmp)))  # masked weights as stored
         write_json(folder / LAYERS_FILE, self.layers(model))
         gen = getattr(model, "generation_config", None)
         if gen is not None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ctprune.arch import Architecture, Prunable
 from ctprune.data.tokenizer import Tokenizer
 from ctprune.model import checkpoint, decode, flops
+from ctprune.model.ops import autocast_input
 from ctprune.model.transformer import Attention, FeedForward, ModelConfig, Seq2SeqTransformer
 from ctprune.pruning import importance, surgery
 
@@ -90,6 +91,37 @@ class NativeArchitecture(Architecture):
     def logits(self, model: nn.Module, src: Tensor, tgt_in: Tensor) -> Tensor:
         return model(src, tgt_in)
 
+    @torch.no_grad()
+    def traced_logits(self, model: nn.Module, src: Tensor, tgt_in: Tensor) -> tuple[Tensor, Any]:
+        """The trace keeps every layer's input, the memory and the source mask, so that a variant
+        in layer i reruns only layers i.. (a decoder variant never recomputes the encoder)."""
+        inputs: dict[tuple[str, int], Tensor] = {}
+        handles = [layer.register_forward_pre_hook(
+            lambda _m, args, key=(side, i): inputs.__setitem__(key, args[0]))
+            for side, stack in (("encoder", model.encoder), ("decoder", model.decoder))
+            for i, layer in enumerate(stack.layers)]
+        try:
+            memory, mask = model.encode(src)
+            logits = model.generator(model.decode(tgt_in, memory, mask))
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, {"inputs": inputs, "memory": memory, "mask": mask}
+
+    def logits_after(self, model: nn.Module, name: str, src: Tensor, tgt_in: Tensor, trace: Any) -> Tensor:
+        side, _, i, *_ = name.split(".")  # encoder|decoder.layers.I...
+        start, mask, memory = int(i), trace["mask"], trace["memory"]
+        if side == "encoder":
+            x = trace["inputs"]["encoder", start]
+            for layer in model.encoder.layers[start:]:
+                x = layer(x, mask)
+            memory = model.encoder.norm(x)
+            return model.generator(model.decode(tgt_in, memory, mask))
+        y, memory = trace["inputs"]["decoder", start], autocast_input(memory)
+        for layer in model.decoder.layers[start:]:
+            y = layer(y, memory, mask)
+        return model.generator(model.decoder.norm(y))
+
     def generate(self, model: nn.Module, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
         if beam <= 1:
             return decode.greedy(model, src, steps)  # type: ignore[arg-type]
@@ -100,6 +132,3 @@ class NativeArchitecture(Architecture):
 
     def block_flops(self, model: nn.Module, name: str, block: nn.Module, src_len: int, tgt_len: int) -> int:
         return flops.module_flops(name, block, src_len, tgt_len)
-
-    def apply_masks(self, model: nn.Module) -> None:
-        model.apply_masks()  # type: ignore[operator]

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 
 from ctprune.arch import arch_of, detect
 from ctprune.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import atomic_write, brief, file_record, read_json, shorten, verify_file, write_json, write_text
 from ctprune.model.transformer import ModelConfig, Seq2SeqTransformer
+from ctprune.model.weights import save_weights
 
 CONFIG_FILE, WEIGHTS_FILE, HPARAMS_FILE = "config.json", "model.safetensors", "hparams.json"
 MANIFEST_FILE, MODEL_FORMAT = "manifest.json", "ctprune-model/1"
@@ -104,7 +105,7 @@ def save_native_folder(folder: Path, model: Seq2SeqTransformer, tok: Tokenizer,
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(folder)
     write_json(folder / HPARAMS_FILE, hparams)
-    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp)))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_weights(model, str(tmp)))  # masked weights as stored
     config = json.dumps(model.cfg.to_dict(), indent=2) + "\n"
     write_manifest(folder, MODEL_FORMAT, (WEIGHTS_FILE, TOKENIZER_FILE, HPARAMS_FILE), {CONFIG_FILE: config})
     write_text(folder / CONFIG_FILE, config)

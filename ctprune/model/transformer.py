@@ -268,13 +268,6 @@ class Seq2SeqTransformer(nn.Module):
             linear = self.get_submodule(name)
             linear.register_buffer("weight_mask", torch.ones_like(linear.weight))
 
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        """Zero the pruned weights of every masked Linear (called after each optimizer step)."""
-        for name in self.cfg.sparse_linears:
-            linear = self.get_submodule(name)
-            linear.weight.mul_(linear.weight_mask)
-
     def _init_weights(self) -> None:
         """normal(0, ``init_std``) for every Linear and the embeddings, zero biases, a zero
         padding row: Hugging Face's BART/Marian initialisation. The Xavier-uniform init of

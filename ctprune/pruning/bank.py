@@ -27,11 +27,11 @@ from torch import nn
 from ctprune.arch import arch_of
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import atomic_write, brief, contained, file_record, read_json, verify_file, write_json
+from ctprune.model.weights import plain_state_dict
 from ctprune.pruning.block_history import plot_block_losses, write_block_history
 from ctprune.pruning.configs import KINDS, Configuration, check_ratio, variant_key
-from ctprune.pruning.masks import plain_state_dict
 from ctprune.pruning.surgery import mask_linear
-from ctprune.training.loop import read_history
+from ctprune.training.history import read_history
 
 INDEX_FILE = "index.json"
 BANK_FORMAT = "ctprune-bank/1"
@@ -321,9 +321,9 @@ def compose(origin: nn.Module, bank: Path, conf: Configuration, index: dict[str,
         raise CtpruneError(f"bank {bank} has no variant {missing[0]}"
                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                            "was it pruned from a plan of this configuration file?")
+    arch = arch_of(origin)
+    device = next(origin.parameters()).device  # variants load on the CPU; the model may not be
     for name, ratio in conf.items():
         if ratio < 1:
-            key = variant_key(name, ratio)
-            device = next(origin.parameters()).device  # variants load on the CPU; the model may not be
-            arch_of(model).set_block(model, name, load_variant(bank, index, key, origin).to(device))
+            arch.set_block(model, name, load_variant(bank, index, variant_key(name, ratio), origin).to(device))
     return model.train(origin.training)  # new variant modules would otherwise be in training mode

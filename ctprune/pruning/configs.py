@@ -28,7 +28,8 @@ Configuration = dict[str, float]
 
 
 def prunable_modules(model: nn.Module) -> dict[str, Prunable]:
-    """Every prunable module of ``model`` by name, in model order."""
+    """Every prunable module of ``model`` by name, in model order: ``arch.units(model)`` for a
+    caller that has no architecture at hand (one that has calls ``units`` itself)."""
     return arch_of(model).units(model)
 
 

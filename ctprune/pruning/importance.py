@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ctprune.arch import arch_of
+from ctprune.arch import Architecture
 from ctprune.data.batching import Batch
 from ctprune.model.transformer import Attention, FeedForward
 
@@ -63,12 +63,11 @@ def neuron_l1(ffn: FeedForward) -> Tensor:
 
 
 @torch.no_grad()
-def activation_stats(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tensor]:
+def activation_stats(arch: Architecture, model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tensor]:
     """Data-driven scores for every attention block and FFN of ``model`` (any architecture: the
     hooks sit on each unit's output Linear, ``output_linear`` of ``ctprune.arch``):
     attention -> mean L2 norm of each head's contribution to the block output (nh,);
     ffn -> mean |activation| x L2 norm of the neuron's output column (d_ff,)."""
-    arch = arch_of(model)
     model.eval()
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ctprune.arch import Architecture
 from ctprune.model.transformer import Attention, FeedForward, Seq2SeqTransformer
 
 
@@ -130,12 +131,9 @@ def replace_module(model: Seq2SeqTransformer, name: str, new: nn.Module) -> None
 
 
 @contextmanager
-def swapped(model: nn.Module, name: str, new: nn.Module) -> Iterator[nn.Module]:
-    """``model`` (any architecture) with ``new`` at unit ``name`` (sizes updated) inside the
-    block, restored after it: "replace one block" without copying the model."""
-    from ctprune.arch import arch_of
-
-    arch = arch_of(model)
+def swapped(arch: Architecture, model: nn.Module, name: str, new: nn.Module) -> Iterator[nn.Module]:
+    """``model`` (of architecture ``arch``) with ``new`` at unit ``name`` (sizes updated) inside
+    the block, restored after it: "replace one block" without copying the model."""
     old = arch.block(model, name)
     arch.set_block(model, name, new)
     try:

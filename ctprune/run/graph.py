@@ -345,7 +345,7 @@ def _scratch(r: Run, ex: Executor, comps: list[dict[str, Any]], composed: dict[i
     ``scratch_flops`` (the seed's whole tuned bank + the budget's uniform composed finetuning to the
     equal budget, ``composed[seed][j]`` its folder), and with scratch_ceiling for the origin's epochs
     (first seed). Returns per seed ``[{method, budget, dir, ...the job's result}]``."""
-    from ctprune.training.loop import read_history
+    from ctprune.training.history import read_history
 
     f = r.exp.finetuning
     jobs: dict[int, list[tuple[dict[str, Any], Job]]] = {}
@@ -386,7 +386,7 @@ def _protocol_row(conf: dict[str, float], sides: dict[str, dict[str, Any]]) -> C
 
 def _equal_quality(run_dir: Path, sides: dict[str, dict[str, Any]], cap: int) -> dict[str, Any]:
     """``sides``, with the time to equal quality when both sides missed the target within the cap."""
-    from ctprune.training.loop import read_history
+    from ctprune.training.history import read_history
 
     if any(sides[s]["epochs_to_target"] is not None for s in SIDES):
         return sides
@@ -663,7 +663,7 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Exe
                  "threads": cpu_threads()},
     )
     if exp.search is not None:
-        summary = dataclasses.replace(summary, frontier=[dataclasses.asdict(row) for row in frontier(summary.raw)])
+        summary = dataclasses.replace(summary, frontier=[dataclasses.asdict(row) for row in frontier(summary)])
     _say("report: summary.json, report.md, report.html")
     write_json_strict(run_dir / "summary.json", summary.to_json(), "run summary")
     report = write_report(run_dir)

@@ -24,16 +24,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import read_json, write_json, write_text
 from ctprune.pruning.configs import fingerprint, variant_ids, variant_key
-from ctprune.spec import FinetuningSpec, OriginSpec, spec_default
+from ctprune.spec import LATENCY_REPEATS, FinetuningSpec, OriginSpec, spec_default
+
+if TYPE_CHECKING:
+    from ctprune.arch import Architecture
 
 RECORDS = "jobs"
-LATENCY_REPEATS = 5  # interleaved rounds; the median is reported with the spread
 LATENCY_SENTENCES = 256  # the first sentences of the first test split
 FAULT_ENV = "CTPRUNE_FAULT_KILL_JOB"  # tests: "NAME_PART:SECONDS:MARKER" kills the worker once, mid-job
 
@@ -206,10 +208,10 @@ def check_configurations_early(preset: str, arch: str, c: dict[str, Any], where:
 
     from ctprune.arch import get
     from ctprune.model.transformer import PRESETS
-    from ctprune.pruning.configs import prunable_modules
 
     tok = SimpleNamespace(vocab_size=64, pad_id=0, bos_id=0, eos_id=3)  # the vocabulary changes no module name
-    resolve_configurations(prunable_modules(get(arch).from_scratch(PRESETS[preset], tok)), c, where)
+    family = get(arch)
+    resolve_configurations(family.units(family.from_scratch(PRESETS[preset], tok)), c, where)
 
 
 def configurations_job(origin: str, conf_out: str, plan_out: str, configurations: dict[str, Any],
@@ -346,7 +348,8 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
     from ctprune.pruning.configs import load_configurations, prunable_modules
     from ctprune.run.protocol import epoch_of, time_to_target
     from ctprune.stages.finetune import FinetuneArgs, finetune
-    from ctprune.training.loop import has_training_run, read_history
+    from ctprune.training.history import read_history
+    from ctprune.training.loop import has_training_run
 
     out = Path(output)
     if not (out / "train_summary.json").exists():
@@ -378,14 +381,13 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
             **({"kept": kept} if kept is not None else {})}
 
 
-def latencies(models: list[Any], ids: list[list[int]], steps: list[int], repeats: int = 5,
+def latencies(arch: Architecture, models: list[Any], ids: list[list[int]], steps: list[int], repeats: int = 5,
               batch_size: int = 64, pad_id: int = 0) -> list[list[float]]:
-    """Seconds of batched greedy decoding with fixed step counts (the same work for every model),
-    ``repeats`` rounds in which every model runs once (interleaved, so drifts hit all alike),
-    after one untimed warm-up round (allocator and kernel caches)."""
+    """Seconds of batched greedy decoding with fixed step counts (the same work for every model,
+    all of architecture ``arch``), ``repeats`` rounds in which every model runs once (interleaved,
+    so drifts hit all alike), after one untimed warm-up round (allocator and kernel caches)."""
     import torch
 
-    from ctprune.arch import arch_of
     from ctprune.data.batching import pad
     from ctprune.progress import progress
 
@@ -399,7 +401,7 @@ def latencies(models: list[Any], ids: list[list[int]], steps: list[int], repeats
             for m, model in enumerate(models):
                 t0 = time.perf_counter()
                 for src, n in srcs:
-                    arch_of(model).generate(model, src, steps=n)
+                    arch.generate(model, src, steps=n)
                 if r:
                     times[m].append(time.perf_counter() - t0)
     return times
@@ -417,19 +419,19 @@ def latency_job(output: str, origin: str, bank: str, configurations: list[dict[s
     from ctprune.data.corpus import load_split
     from ctprune.model.checkpoint import load_model_folder
     from ctprune.pruning.bank import compose
-    from ctprune.pruning.configs import prunable_modules, validate_configurations
+    from ctprune.pruning.configs import validate_configurations
 
     dev = resolve_device(device)
     origin_model, tok, _ = load_model_folder(Path(origin), dev)
-    confs = validate_configurations(configurations, prunable_modules(origin_model), "latency job")
-    sentences = load_split(corpus, test, data_dir).src[:LATENCY_SENTENCES]
     arch = arch_of(origin_model)
+    confs = validate_configurations(configurations, arch.units(origin_model), "latency job")
+    sentences = load_split(corpus, test, data_dir).src[:LATENCY_SENTENCES]
     ids = [s[:arch.max_len(origin_model) - 1] + [tok.eos_id] for s in tok.encode(sentences)]
     with torch.inference_mode():
         steps = [len(h) + 1 for k in range(0, len(ids), 128)
                  for h in arch.generate(origin_model, pad(ids[k:k + 128], tok.pad_id).to(dev))]
     models = [origin_model] + [compose(origin_model, Path(bank), c).eval() for c in confs]
-    times = latencies(models, ids, steps, LATENCY_REPEATS, pad_id=tok.pad_id)
+    times = latencies(arch, models, ids, steps, LATENCY_REPEATS, pad_id=tok.pad_id)
     med = [statistics.median(t) for t in times]
     spread = [(max(t) - min(t)) / m for t, m in zip(times, med)]
     rows = []
@@ -459,15 +461,15 @@ def describe_job(origin: str, pruned: str, configurations: list[dict[str, float]
     from ctprune.model.decode import translate
     from ctprune.model.flops import parameter_counts
     from ctprune.pruning.bank import compose
-    from ctprune.pruning.configs import prunable_modules, validate_configurations
+    from ctprune.pruning.configs import validate_configurations
     from ctprune.scoring import score
 
     model, tok, _ = load_model_folder(Path(origin), resolve_device(device))
-    confs = validate_configurations(configurations, prunable_modules(model), "describe job")
+    arch = arch_of(model)
+    confs = validate_configurations(configurations, arch.units(model), "describe job")
     splits = _tests(corpus, data_dir, tests)
     first = splits[tests[0]]
     src_len, tgt_len = mean_lengths(tok, first)
-    arch = arch_of(model)
     origin_flops = arch.forward_flops(model, src_len, tgt_len) / tgt_len
     shapes = []
     for conf in confs:
@@ -502,7 +504,6 @@ def random_job(origin: str, bank: str, search: dict[str, Any], point: int, n: in
     ``n`` distinct configurations drawn at random (one choice per slot, ``seed``) that meet it, each
     composed from the scored tuned bank ``bank`` and measured before any finetuning: val loss and
     val BLEU (greedy, the whole val split), test BLEU on every split of ``tests``."""
-    from ctprune.arch import arch_of
     from ctprune.data.batching import TokenizedSplit
     from ctprune.data.corpus import default_splits, load_split
     from ctprune.pruning.bank import compose
@@ -515,7 +516,7 @@ def random_job(origin: str, bank: str, search: dict[str, Any], point: int, n: in
                            **{r: search.get(r) for r in RESOURCES}, corpus=corpus, data_dir=data_dir))
     dev = resolve_device(device)
     val = load_split(corpus, default_splits(corpus)[1], data_dir)
-    val_split = TokenizedSplit(val, p.tok, arch_of(p.origin).max_len(p.origin))
+    val_split = TokenizedSplit(val, p.tok, p.arch.max_len(p.origin))
     splits = _tests(corpus, data_dir, tests)
     rows = []
     for taken in random_feasible(p, n, seed, point=point):
@@ -548,7 +549,8 @@ def scratch_job(origin: str, pruned: str, configuration: dict[str, float], outpu
     from ctprune.model.transformer import Seq2SeqTransformer
     from ctprune.pruning.bank import compose
     from ctprune.pruning.configs import prunable_modules, validate_configurations
-    from ctprune.training.loop import Recipe, epochs_for_flops, fit, has_training_run, read_history
+    from ctprune.training.history import read_history
+    from ctprune.training.loop import Recipe, epochs_for_flops, fit, has_training_run
 
     out, dev = Path(output), resolve_device(device)
     origin_model, tok, hp = load_model_folder(Path(origin))

@@ -20,7 +20,7 @@ from ctprune.fileio import atomic_write, contained, read_json, write_text
 from ctprune.run.summary import Summary
 from ctprune.scoring import spearman
 from ctprune.stages.search import budget_points, describe_table
-from ctprune.training.loop import read_history
+from ctprune.training.history import read_history
 
 SIDES = ("baseline", "composed")
 
@@ -120,7 +120,7 @@ def _mean(xs: Sequence[float]) -> str:
     return f"{statistics.mean(xs):.2f}"
 
 
-def _plots(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, Path]]:
+def _plots(run_dir: Path, s: Summary) -> list[tuple[str, Path]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +136,7 @@ def _plots(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, Path]]:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for unit, ax in zip(("seconds", "flops"), axes):
-        for run in s["runs"]:
+        for run in s.runs:
             ks = range(1, len(run["curve"]) + 1)
             ax.plot(ks, [c[f"ratio_{unit}"] for c in run["curve"]], marker="o", ms=3, label=f"seed {run['seed']}")
         ax.axhline(1.0, color="k", lw=0.8, ls=":")
@@ -146,7 +146,7 @@ def _plots(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, Path]]:
     save(fig, "saving curve: baseline cost / (bank + composed cost) for the first k configurations",
          "plot_saving_curve.png")
 
-    run = s["runs"][0]
+    run = s.runs[0]
     n = len(run["configurations"])
     cols = min(4, n)
     rows = (n + cols - 1) // cols
@@ -157,8 +157,8 @@ def _plots(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, Path]]:
             hist = read_history(contained(run_dir, c[side]["dir"], "summary.json") / "history.csv")
             x = [float(r["wall_time_s"]) + (bank_s if side == "composed" else 0.0) for r in hist]
             ax.plot(x, [float(r["val_bleu"]) for r in hist], marker="o", ms=3, color=color, label=side)
-        if s["target_bleu"] is not None:
-            ax.axhline(s["target_bleu"], ls="--", color="tab:red", lw=1, label="target")
+        if s.target_bleu is not None:
+            ax.axhline(s.target_bleu, ls="--", color="tab:red", lw=1, label="target")
         ax.set_title(f"configuration {c['index']}", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
@@ -170,15 +170,15 @@ def _plots(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, Path]]:
          "plot_bleu_vs_time.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    first = s["test_splits"][0]
-    o = s["origin"]
+    first = s.test_splits[0]
+    o = s.origin
     ax.scatter([1.0], [o["test_bleu"][first]], marker="*", s=150, color="k", label="origin")
     for side, color in (("baseline", "tab:gray"), ("composed", "tab:blue")):
-        ax.scatter([c["flops_ratio"] for c in s["configurations"]],
-                   [statistics.mean(r["configurations"][i][side]["test_bleu_budget"][first] for r in s["runs"])
-                    for i in range(len(s["configurations"]))], color=color, label=side)
+        ax.scatter([c["flops_ratio"] for c in s.configurations],
+                   [statistics.mean(r["configurations"][i][side]["test_bleu_budget"][first] for r in s.runs)
+                    for i in range(len(s.configurations))], color=color, label=side)
     ax.set(xlabel="FLOPs per token / origin's", ylabel=f"test BLEU ({first})",
-           title=f"Quality after {s['protocol']['budget_epochs']} finetuning epoch(s)")
+           title=f"Quality after {s.protocol['budget_epochs']} finetuning epoch(s)")
     ax.legend(fontsize=7)
     save(fig, "FLOPs vs test BLEU at equal finetuning budget (mean over seeds)", "plot_flops_vs_bleu.png")
     block = contained(run_dir, run["tuned_bank"], "summary.json") / "block_loss.png"
@@ -192,10 +192,10 @@ def _latency(c: dict[str, Any]) -> str:
     return "flagged" if lat["flagged"] else f"{lat['ratio']:.2f}x ± {lat['spread']:.2f}"
 
 
-def _equal_quality(doc: Doc, s: dict[str, Any]) -> None:
+def _equal_quality(doc: Doc, s: Summary) -> None:
     """The configurations (and competitors) whose both sides missed the target: the time to equal quality."""
     lines = []
-    for r in s["runs"]:
+    for r in s.runs:
         named = [(f"configuration {c['index']}", c) for c in r["configurations"]]
         named += [(f"{c['method']} at budget {c['budget']}", c) for c in r.get("competitors", [])]
         for name, c in named:
@@ -272,19 +272,19 @@ def _trained(budget: int, method: str, name: str, shape: dict[str, Any], per: li
                        _avg_splits([x.get("test_bleu_best") for x in per]))
 
 
-def frontier(s: dict[str, Any]) -> list[FrontierRow]:
+def frontier(s: Summary) -> list[FrontierRow]:
     """Every model of a budget sweep's summary as a frontier row, by budget and method (an older summary
     gives the rows it has numbers for)."""
-    runs = s["runs"]
+    runs = s.runs
     rows = [_trained(c.get("budget", 0), "searched", f"#{i}", c, [r["configurations"][i]["composed"] for r in runs])
-            for i, c in enumerate(s["configurations"])]
-    uniform = {c["budget"]: c for c in s.get("competitors", []) if c.get("method") == "uniform"}
-    for j, c in enumerate(s.get("competitors", [])):
+            for i, c in enumerate(s.configurations)]
+    uniform = {c["budget"]: c for c in (s.competitors or []) if c.get("method") == "uniform"}
+    for j, c in enumerate(s.competitors or []):
         name = "/".join(f"{x:g}" for x in c.get("ratios", []))
         for side in SIDES:
             rows.append(_trained(c["budget"], f"{c['method']} {side}", name, c,
                                  [r["competitors"][j][side] for r in runs if j < len(r.get("competitors", []))]))
-    for i, c in enumerate(s.get("random", [])):
+    for i, c in enumerate(s.random or []):
         rows.append(FrontierRow(c["budget"], "random", f"r{i}", c.get("flops_ratio"), c.get("params"),
                                 _latency_ratio(c), _latency_ratio(c, "single_ratio"), c.get("val_bleu"), None, None,
                                 dict(c.get("test_bleu", {}))))
@@ -314,12 +314,12 @@ def _num(x: float | None, fmt: str = ".2f", suffix: str = "") -> str:
     return "n/a" if x is None else f"{x:{fmt}}{suffix}"
 
 
-def _frontier(doc: Doc, run_dir: Path, s: dict[str, Any]) -> None:
+def _frontier(doc: Doc, run_dir: Path, s: Summary) -> None:
     """The frontier: per budget and method, cost (FLOPs, parameters, latency) against quality (val BLEU
     before finetuning, after the equal budget, best; test BLEU on every split); plots with Pareto points."""
-    if "competitors" not in s and "random" not in s and "budgets" not in s["runs"][0]:
+    if s.competitors is None and s.random is None and "budgets" not in s.runs[0]:
         return
-    rows, splits, p = frontier(s), s["test_splits"], s["protocol"]
+    rows, splits, p = frontier(s), s.test_splits, s.protocol
     first = splits[0]
     placed = [i for i, x in enumerate(rows) if x.flops_ratio is not None and x.quality(first) is not None]
     front = pareto([(rows[i].flops_ratio or 0.0, rows[i].quality(first) or 0.0) for i in placed])
@@ -348,7 +348,7 @@ def _frontier(doc: Doc, run_dir: Path, s: dict[str, Any]) -> None:
     doc.table(header, table)
     if not single:
         doc.p("Single-sentence latency: not in this run's latency.json (batched decoding only).")
-    asked = s["protocol"].get("random", 0)
+    asked = s.protocol.get("random", 0)
     short = [f"budget {b}: {n} of {asked}" for b in sorted({x.budget for x in rows})
              if (n := sum(x.method == "random" and x.budget == b for x in rows)) < asked]
     if short:
@@ -359,14 +359,14 @@ def _frontier(doc: Doc, run_dir: Path, s: dict[str, Any]) -> None:
                + f", {x['epochs_trained']:.2f} epochs, {x['train_seconds']:.0f} s"
                + (" (**short of its budget**: the epochs' cap ended it first)" if x.get("budget_reached") is False
                   else "")
-               for r in s["runs"] for x in r.get("scratch", [])]
+               for r in s.runs for x in r.get("scratch", [])]
     if trained:
         doc.p("Scratch training (TFLOP, its FLOPs budget, epochs, wall seconds): " + "; ".join(trained) + ".")
     for title, path in _frontier_plots(run_dir, s, rows, first):
         doc.img(title, path)
 
 
-def _frontier_plots(run_dir: Path, s: dict[str, Any], rows: list[FrontierRow], split: str) -> list[tuple[str, Path]]:
+def _frontier_plots(run_dir: Path, s: Summary, rows: list[FrontierRow], split: str) -> list[tuple[str, Path]]:
     """BLEU against FLOPs and against batched latency: one line per method (through each budget's best
     model of it), every model a point, the Pareto points ringed; PNGs beside the report."""
     import matplotlib
@@ -383,7 +383,7 @@ def _frontier_plots(run_dir: Path, s: dict[str, Any], rows: list[FrontierRow], s
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        origin = s["origin"].get("test_bleu", {}).get(split)
+        origin = s.origin.get("test_bleu", {}).get(split)
         if origin is not None:
             ax.scatter([1.0], [origin], marker="*", s=150, color="k", label="origin")
         for method in dict.fromkeys(t[2] for t in pts):
@@ -407,21 +407,21 @@ def _frontier_plots(run_dir: Path, s: dict[str, Any], rows: list[FrontierRow], s
     return out
 
 
-def _budgets(doc: Doc, s: dict[str, Any]) -> None:
+def _budgets(doc: Doc, s: Summary) -> None:
     """Per budget point and method (searched, and each competitor): shape, latency and the protocol's
     numbers side by side (mean over seeds), and the saving of the budget's searched configurations."""
-    if "competitors" not in s and "budgets" not in s["runs"][0]:
+    if s.competitors is None and "budgets" not in s.runs[0]:
         return
-    runs, p, first = s["runs"], s["protocol"], s["test_splits"][0]
-    tables = budget_points(s["search"]) if s.get("search") else []
+    runs, p, first = s.runs, s.protocol, s.test_splits[0]
+    tables = budget_points(s.search) if s.search else []
     doc.h(3, "Per budget and method")
     doc.p(f"Each model finetuned from plain pruning (base) and from the tuned bank (comp) under the same protocol; "
           f"test BLEU on {first}; the search's configurations by index, `uniform`: every module of the grid's "
           "kinds at one keep ratio (or the nearest pair of grid ratios) that meets the budget.")
     entries = [(c.get("budget", 0), "search", f"#{i}", c, [r["configurations"][i] for r in runs])
-               for i, c in enumerate(s["configurations"])]
+               for i, c in enumerate(s.configurations)]
     entries += [(c["budget"], c["method"], "/".join(f"{x:g}" for x in c["ratios"]), c,
-                 [r["competitors"][j] for r in runs]) for j, c in enumerate(s.get("competitors", []))]
+                 [r["competitors"][j] for r in runs]) for j, c in enumerate(s.competitors or [])]
     rows = []
     for b, method, name, c, per in sorted(entries, key=lambda e: (e[0], e[1] != "search")):
         def both(f: Any, per: list[dict[str, Any]] = per) -> str:
@@ -444,12 +444,12 @@ def _budgets(doc: Doc, s: dict[str, Any]) -> None:
               + "; ".join(one(k, x["budget"]) for k, x in enumerate(runs[0]["budgets"])) + ".")
 
 
-def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
+def _build(run_dir: Path, s: Summary) -> Doc:
     doc = Doc([])
-    p, o, runs = s["protocol"], s["origin"], s["runs"]
-    cap, splits = p["cap_epochs"], s["test_splits"]
-    doc.h(1, f"ctprune experiment report: {s['experiment']}")
-    doc.p(PROTOCOL.format(cap=cap, budget=p["budget_epochs"], seeds=", ".join(map(str, s["seeds"])),
+    p, o, runs = s.protocol, s.origin, s.runs
+    cap, splits = p["cap_epochs"], s.test_splits
+    doc.h(1, f"ctprune experiment report: {s.experiment}")
+    doc.p(PROTOCOL.format(cap=cap, budget=p["budget_epochs"], seeds=", ".join(map(str, s.seeds)),
                           repeats=p["latency_repeats"]))
     every = p.get("eval_every", 1.0)  # summaries before eval_every: whole epochs, kept by val BLEU
     doc.p(f"Val BLEU and loss were measured {'after every epoch' if every == 1 else f'every {every:g} of an epoch'} "
@@ -462,12 +462,12 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     tests = ", ".join(f"{k} {v}" for k, v in o["test_bleu"].items())
     doc.p(f"Origin model: val BLEU {o['val_bleu']}, test BLEU {tests}, {o['params']:,} parameters, "
           f"{o['flops_per_token'] / 1e6:.2f} MFLOPs per target token. " + (
-              f"Target: val BLEU >= **{s['target_bleu']}** ({p['target']})." if s["target_bleu"] is not None else
+              f"Target: val BLEU >= **{s.target_bleu}** ({p['target']})." if s.target_bleu is not None else
               f"No target (`target_bleu = \"none\"`): every run trains the cap of {cap} epochs, and its cost is "
               "the cost of those epochs."))
 
-    if s.get("search"):
-        q = s["search"]
+    if s.search:
+        q = s.search
         budgets = "; ".join(f"budget {i}: {describe_table(t)}" for i, t in enumerate(budget_points(q)))
         doc.p(f"Configurations found by `ctprune search` ({budgets}; k = {q['k']} per budget, at least "
               f"{q['min_distance']} slots apart) among {q['choices']} choices in {q['slots']} slots of a grid bank "
@@ -480,7 +480,7 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     sec = [r["saving"]["ratio_seconds"] for r in runs]
     flo = [r["saving"]["ratio_flops"] for r in runs]
     bounds = {r["saving"]["bound"] for r in runs} - {""}
-    doc.p(f"All {len(s['configurations'])} configurations, over {len(runs)} seed(s): **saving {_mean_sd(sec)} in "
+    doc.p(f"All {len(s.configurations)} configurations, over {len(runs)} seed(s): **saving {_mean_sd(sec)} in "
           f"wall time, {_mean_sd(flo)} in training FLOPs**"
           + (f" ({', '.join(sorted(bounds))} in some seeds: see the censored columns)" if bounds else "") + ".")
     doc.table(["seed", "baseline s", "bank s (prune + tune)", "composed finetuning s", "saving (time)",
@@ -490,21 +490,21 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
                 _tflop(v["composed_flops"]), f"**{v['ratio_flops']:.2f}x**",
                 f"{v['censored_baselines']} / {v['censored_composed']}"]
                for r in runs for v in [r["saving"]]])
-    ks = range(1, len(s["configurations"]) + 1)
+    ks = range(1, len(s.configurations) + 1)
     doc.p("Saving for the first k configurations (mean over seeds; time / FLOPs):")
     doc.table(["k"] + [str(k) for k in ks],
               [["time"] + [f"{statistics.mean(r['curve'][k - 1]['ratio_seconds'] for r in runs):.2f}x" for k in ks],
                ["FLOPs"] + [f"{statistics.mean(r['curve'][k - 1]['ratio_flops'] for r in runs):.2f}x" for k in ks]])
     t = runs[0]["tuning"]
     doc.p(f"Efficiency: block tuning ran at {t['achieved_gflops']} GFLOP/s (seed {runs[0]['seed']}, "
-          f"{'bf16' if t.get('bf16') else 'fp32'}), finetuning at {s['finetune_achieved_gflops']} GFLOP/s "
+          f"{'bf16' if t.get('bf16') else 'fp32'}), finetuning at {s.finetune_achieved_gflops} GFLOP/s "
           f"(all finetuning epochs of the run).")
 
     doc.h(2, "Configurations")
     doc.p("Architecture of each configuration (the same for both sides and all seeds). Latency: median "
           "ratio to the origin ± spread.")
-    estimates = [c["estimate"] for c in s["search"]["configurations"]] if s.get("search") else None
-    sweep = any("budget" in c for c in s["configurations"])
+    estimates = [c["estimate"] for c in s.search["configurations"]] if s.search else None
+    sweep = any("budget" in c for c in s.configurations)
     doc.table(["#"] + (["budget"] if sweep else []) + ["params", "non-zero", "FLOPs/token", "latency vs origin",
                                                        "modules pruned"]
               + (["search estimate"] if estimates else []),
@@ -514,7 +514,7 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
                 else f"{c['latency']['ratio']:.2f}x ± {c['latency']['spread']:.2f}",
                 sum(1 for r in c["configuration"].values() if r < 1)]
                + ([f"{estimates[i]:.4f}"] if estimates else [])
-               for i, c in enumerate(s["configurations"])])
+               for i, c in enumerate(s.configurations)])
     _budgets(doc, s)
     _frontier(doc, run_dir, s)
     doc.p(f"Finetuning results, mean over seeds; epochs to target per seed. Test BLEU after "
@@ -523,7 +523,7 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
     header += [f"test BLEU ({x}) after {p['budget_epochs']} ep. base / comp" for x in splits]
     header += [f"test BLEU ({x}) best base / comp" for x in splits]
     rows = []
-    for i in range(len(s["configurations"])):
+    for i in range(len(s.configurations)):
         per = [r["configurations"][i] for r in runs]
 
         def both(f: Any, per: list[dict[str, Any]] = per) -> str:
@@ -554,13 +554,13 @@ def _build(run_dir: Path, s: dict[str, Any]) -> Doc:
         f"{r['tuning']['wall_time_s']} s, {r['tuning']['train_tokens']:,} tokens"
         f"{', ' + str(r['tuning']['sessions']) + ' shards or sessions' if r['tuning'].get('sessions', 1) > 1 else ''}"
         for r in runs) + ".")
-    if "execution" in s:  # summaries written before executors existed have none
-        e = s["execution"]
+    if s.execution is not None:  # summaries written before executors existed have none
+        e = s.execution
         doc.p(f"Executed by the {e['executor']} executor: {e['workers']} worker(s) sharing {e['cores']} CPU "
               f"thread(s) (a job alone gets them all), device {e['device']}. Wall seconds are comparable only "
               "within one run.")
-    doc.p(f"sacreBLEU signature `{s['bleu_signature']}`; chrF `{s['chrf_signature']}`. Corpus {s['corpus']}; "
-          f"versions {s['versions']}; machine {s['machine']}.")
+    doc.p(f"sacreBLEU signature `{s.bleu_signature}`; chrF `{s.chrf_signature}`. Corpus {s.corpus}; "
+          f"versions {s.versions}; machine {s.machine}.")
     return doc
 
 
@@ -572,9 +572,8 @@ def write_report(run_dir: Path) -> Path:
     if not path.exists():
         raise CtpruneError(f"{run_dir} has no summary.json; is it a finished `ctprune run` folder?")
     summary = Summary.from_json(read_json(path, "run summary"), path)
-    s = summary.raw
     try:
-        doc = _build(run_dir, s)
+        doc = _build(run_dir, summary)
     except (KeyError, IndexError, TypeError, ValueError) as e:  # a field below what from_json checks
         raise CtpruneError(f"{path}: not a complete run summary ({type(e).__name__}: {e}); re-run "
                            "`ctprune run` to rewrite it") from None

@@ -75,11 +75,6 @@ class Summary:
             out[f.name] = value
         return {**out, **self.extra}
 
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The summary as the dict of its file (what the report renders)."""
-        return self.to_json()
-
     @classmethod
     def from_json(cls, obj: Any, path: Path | str) -> Summary:
         """The summary of ``obj`` (summary.json's content, read from ``path``), checked: a missing

@@ -38,7 +38,6 @@ SPEC_FILE, MODEL_FILE, CT2_CONFIG_FILE, VOCAB_FILE = (
     "spec.json", "model.bin", "config.json", "shared_vocabulary.json")
 CT2_CORE = (MODEL_FILE, CT2_CONFIG_FILE, VOCAB_FILE, SPEC_FILE)  # + the tokenizer's files
 HF_TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer's files, apart from CTranslate2's config.json
-ARCHITECTURES = ("ctprune", "marian")
 COMPUTE_TYPE = {"fp32": "float32", "int8": "int8"}  # precision -> CTranslate2 compute type on the CPU
 ACTIVATIONS = {"relu": "RELU", "swish": "SWISH", "silu": "SWISH", "gelu": "GELU", "gelu_new": "GELUTanh"}
 
@@ -264,7 +263,7 @@ class Ct2Seq2Seq:
         time."""
         import ctranslate2
 
-        from ctprune.serve.export import MANIFEST_FILE, check_export_manifest
+        from ctprune.serve.export import MANIFEST_FILE, check_export_manifest, exportable
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -283,7 +282,7 @@ class Ct2Seq2Seq:
             tok_files = [str(f) for f in self.info["tokenizer_files"]]
         except (KeyError, TypeError, ValueError) as e:
             raise CtpruneError(f"{folder / SPEC_FILE} lacks or mistypes a field ({e})") from None
-        if self.arch not in ARCHITECTURES or set(tok_listed) != set(tok_files):
+        if self.arch not in exportable("ctranslate2") or set(tok_listed) != set(tok_files):
             raise CtpruneError(f"{folder / SPEC_FILE} does not match its manifest (architecture {self.arch!r}, "
                                f"tokenizer files {tok_files})")
         self.threads = threads or torch.get_num_threads()

@@ -47,7 +47,8 @@ from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import check_existing, check_output, read_json, write_json, write_text
 
 if TYPE_CHECKING:
-    from ctprune.arch import Architecture
+    from ctprune.arch import Architecture, Serving
+    from ctprune.serve.graphs import Graphs
     from ctprune.serve.hfgen import GenerationRules
 
 FORMATS = ("onnx", "ctranslate2")
@@ -57,10 +58,6 @@ ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder_step.onnx"
 GRAPHS_FILE, MANIFEST_FILE, CONFIG_FILE, TOKENIZER_FILE = (
     "graphs.json", "manifest.json", "config.json", "tokenizer.model")
 ONNX_CORE = (ENCODER_FILE, DECODER_FILE, CONFIG_FILE, GRAPHS_FILE)  # + the tokenizer's files
-# What each format exports, by architecture name.
-SUPPORTED = {"onnx": ("ctprune", "marian", "t5"), "ctranslate2": ("ctprune", "marian")}
-# ONNX Runtime's optimizer model type per architecture: its encoder-decoder fusions.
-OPTIMIZER_TYPES = {"ctprune": "bart", "marian": "bart", "t5": "t5"}
 OPSET = 20  # what torch 2.13's exporter emits by default; ONNX Runtime >= 1.17 runs it
 # The fused ops that get_fused_operator_statistics counts, and the FusionOptions switch of each:
 # a fused graph that changes the outputs is tried again without the fusions it used.
@@ -170,42 +167,59 @@ class Layout:
         return len(self.decoder_self_heads)
 
 
-def layout_of(arch: str, model: torch.nn.Module, max_len: int) -> Layout:
-    """The ``Layout`` of a ctprune, MarianMT or T5 model (``arch``: its architecture's name)."""
-    if arch == "ctprune":
-        cfg = model.cfg
-        return Layout(cfg.vocab_size, cfg.pad_id, cfg.bos_id, cfg.max_len, cfg.head_dim,
-                      list(cfg.decoder_self_heads), list(cfg.decoder_cross_heads))
-    from ctprune.serve.graphs_hf import GRAPHS
+def exportable(fmt: str) -> tuple[str, ...]:
+    """The registered families that export to ``fmt`` (their ``Serving.formats`` name it)."""
+    from ctprune.arch import family, names
 
-    hd, self_heads, cross_heads = GRAPHS[arch][2](model)
-    cfg = model.config
-    # Probe inputs feed ids to both embeddings (Marian's may differ when not shared).
-    vocab = min(model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features)
-    return Layout(int(vocab), int(cfg.pad_token_id), int(cfg.decoder_start_token_id), max_len, hd,
-                  self_heads, cross_heads)
+    return tuple(n for n in names() if (s := family(n).serving) is not None and fmt in s.formats)
+
+
+def serving(arch: str) -> Serving:
+    """The serving registration of family ``arch``; a family without one is refused."""
+    from ctprune.arch import family
+
+    s = family(arch).serving
+    if s is None:
+        raise CtpruneError(f"the {arch} architecture has no serving registration; ctprune export supports "
+                           f"{', '.join(exportable('onnx'))}")
+    return s
+
+
+def graphs_of(arch: str) -> Graphs:
+    """Family ``arch``'s ONNX graph builder, imported from where its registration names it."""
+    import importlib
+
+    module, _, attr = serving(arch).graphs.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def layout_of(arch: str, model: torch.nn.Module, max_len: int | None = None) -> Layout:
+    """The ``Layout`` of a model of family ``arch`` (its architecture's name), from its registered
+    ``Graphs``; ``max_len``: the position limit (default: the one ``Graphs.ids`` gives)."""
+    from ctprune.arch import get
+
+    graphs = graphs_of(arch)
+    hd, self_heads, cross_heads = graphs.heads(model)
+    ids = graphs.ids(get(arch), model)
+    return Layout(graphs.probe_vocab(model), int(ids["pad_id"]), int(ids["bos_id"]),
+                  int(ids["max_len"] if max_len is None else max_len), hd, self_heads, cross_heads)
 
 
 def _graph_modules(arch: str, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(encoder graph, decoder-step graph) of ``model``, as modules to export."""
-    if arch == "ctprune":
-        from ctprune.serve.graphs import DecoderStepGraph, EncoderGraph
-
-        return EncoderGraph(model), DecoderStepGraph(model)
-    from ctprune.serve.graphs_hf import GRAPHS
-
-    encoder, step, _ = GRAPHS[arch]
-    return encoder(model), step(model)
+    graphs = graphs_of(arch)
+    return graphs.encoder(model), graphs.step(model)
 
 
 def export_graphs(model: torch.nn.Module, folder: Path, arch: str = "ctprune", max_len: int | None = None
                   ) -> dict[str, Any]:
-    """Write ``encoder.onnx`` and ``decoder_step.onnx`` of ``model`` (``arch``: ctprune, marian or
-    t5; ``max_len``: its position limit, a Hugging Face model's from its architecture) into
-    ``folder``; return their description (names, dtypes, shapes) for ``graphs.json``."""
+    """Write ``encoder.onnx`` and ``decoder_step.onnx`` of ``model`` (``arch``: its registered
+    family's name, ctprune, marian or t5; ``max_len``: its position limit, by default the one its
+    ``Graphs.ids`` gives) into ``folder``; return their description (names, dtypes, shapes) for
+    ``graphs.json``."""
     from torch.export import Dim
 
-    lay = layout_of(arch, model, max_len or 0)
+    lay = layout_of(arch, model, max_len)
     n_dec, hd = lay.n_decoder_layers, lay.head_dim
     model = model.float().eval()
     encoder, step = _graph_modules(arch, model)
@@ -285,13 +299,13 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
     if not model_dir.is_dir():
         raise CtpruneError(f"model folder not found: {model_dir}")
     arch = detect(model_dir)
-    if arch.name not in SUPPORTED[args.format]:  # only T5 to CTranslate2 is left
+    if arch.name not in exportable(args.format):  # only T5 to CTranslate2 is left
         raise CtpruneError(f"{model_dir} is a {arch.model_class} folder; --format {args.format} supports "
-                           f"the architectures {', '.join(SUPPORTED[args.format])} so far")
+                           f"the architectures {', '.join(exportable(args.format))} so far")
     _import_engine(args.format)
     model, tok, _ = load_model_folder(model_dir, "cpu")
     rules = None
-    if args.format == "onnx" and arch.name != "ctprune":  # refused here, before anything is written
+    if args.format == "onnx" and is_hf(arch):  # refused here, before anything is written
         from ctprune.serve.hfgen import GenerationRules
 
         rules = GenerationRules.of(model)
@@ -302,7 +316,7 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
     say = (lambda line: None) if quiet else print
     head = {"architecture": arch.name, "precision": precision,
             "source": {"model": str(model_dir), "fingerprint": arch.fingerprint(model_dir)},
-            **_token_ids(arch, model)}
+            **graphs_of(arch.name).ids(arch, model)}
     try:
         if args.format == "onnx":
             info = _write_onnx(arch, model, tok, tmp, args, head, say, rules)
@@ -327,18 +341,14 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
     return info
 
 
-def _token_ids(arch: Any, model: torch.nn.Module) -> dict[str, Any]:
-    """Vocabulary size, position limit, special ids (``bos_id``: the decoder's start) and, for a
-    Hugging Face model, what its ``generate`` does that a serving engine must copy."""
-    if arch.name == "ctprune":
-        cfg = model.cfg
-        return {"vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "pad_id": cfg.pad_id,
-                "bos_id": cfg.bos_id, "eos_id": cfg.eos_id}
-    cfg, gen = model.config, model.generation_config
-    return {"vocab_size": int(cfg.vocab_size), "max_len": arch.max_len(model), "pad_id": int(cfg.pad_token_id),
-            "bos_id": int(cfg.decoder_start_token_id), "eos_id": int(cfg.eos_token_id),
-            "forced_eos": gen.forced_eos_token_id is not None,
-            "length_penalty": float(1.0 if gen.length_penalty is None else gen.length_penalty)}
+def is_hf(arch: Architecture) -> bool:
+    """Whether ``arch`` is a Hugging Face family (an ``HFArchitecture``): its export records the
+    generation rules of its ``generate`` and writes its own config and tokenizer files; any other
+    family is exported as ctprune's Transformer is (``model.cfg``, a ctprune ``Tokenizer``,
+    ``ctprune.model.decode``'s decoding)."""
+    from ctprune.arch.hf import HFArchitecture
+
+    return isinstance(arch, HFArchitecture)
 
 
 def _import_engine(fmt: str) -> None:
@@ -361,7 +371,7 @@ def _write_onnx(arch: Architecture, model: torch.nn.Module, tok: Any, folder: Pa
 
     lay = layout_of(arch.name, model, head["max_len"])
     graphs = export_graphs(model, folder, arch.name, head["max_len"])
-    optimization = optimize_graphs(folder, lay, say, OPTIMIZER_TYPES[arch.name]) if args.optimize else None
+    optimization = optimize_graphs(folder, lay, say, serving(arch.name).optimizer_type) if args.optimize else None
     if args.quantize == "int8":
         quantize_int8(folder)
     if args.optimize or args.quantize == "int8":
@@ -370,7 +380,7 @@ def _write_onnx(arch: Architecture, model: torch.nn.Module, tok: Any, folder: Pa
     tok.save(folder)
     tokenizer_files = sorted(p.name for p in folder.iterdir() if p.name not in before)
     extra: dict[str, Any] = {}
-    if arch.name == "ctprune":
+    if not is_hf(arch):  # ctprune's own config (any family that is not a Hugging Face one)
         write_json(folder / CONFIG_FILE, model.cfg.to_dict())
     else:  # Hugging Face's config (AutoTokenizer reads it too); the per-layer sizes in graphs.json
         from ctprune.arch.hf import HFArchitecture

@@ -10,14 +10,41 @@
 Each layer's tensors carry its own head count (Hs_i, Hc_i), so a model pruned unevenly exports
 as is; only batch and length axes are dynamic. The position of the new token is the cache
 length P, read from the shape of the first cache with heads, so the step needs no position input.
+
+A family's graphs are a :class:`Graphs` (``NATIVE`` here, ``MARIAN`` and ``T5`` in ``graphs_hf.py``),
+named by its registration in ``ctprune.arch`` (``Serving.graphs``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
 from ctprune.errors import CtpruneError
 from ctprune.model.transformer import Seq2SeqTransformer
+
+
+@dataclass(frozen=True)
+class Graphs:
+    """What export reads of a family's model: its two graph modules, the per-layer head counts,
+    the token ids and sizes ``graphs.json`` records, and the vocabulary the probe inputs draw from.
+
+    ``encoder`` / ``step``: model -> encoder graph module / decoder-step graph module.
+    ``heads``: model -> (head_dim, per decoder layer self-attention heads, cross-attention heads).
+    ``ids``: (architecture, model) -> ``vocab_size``, ``max_len``, ``pad_id``, ``bos_id`` (the
+    decoder's start), ``eos_id`` and whatever else the engines must copy (a Hugging Face model:
+    ``forced_eos``, ``length_penalty``), in the order ``graphs.json`` lists them.
+    ``probe_vocab``: model -> the ids below it feed every embedding (probe inputs of ``--optimize``).
+    """
+
+    encoder: Callable[[nn.Module], nn.Module]
+    step: Callable[[nn.Module], nn.Module]
+    heads: Callable[[nn.Module], tuple[int, list[int], list[int]]]
+    ids: Callable[[Any, nn.Module], dict[str, Any]]
+    probe_vocab: Callable[[nn.Module], int]
 
 
 class EncoderGraph(nn.Module):
@@ -64,3 +91,23 @@ class DecoderStepGraph(nn.Module):
             present += [cache["self"]["k"], cache["self"]["v"]]
         logits = m.generator(m.decoder.norm(y)[:, -1])  # (B, V)
         return (logits, *present)
+
+
+def native_heads(model: nn.Module) -> tuple[int, list[int], list[int]]:
+    """(head_dim, per decoder layer self-attention heads, cross-attention heads)."""
+    cfg = model.cfg
+    return cfg.head_dim, list(cfg.decoder_self_heads), list(cfg.decoder_cross_heads)
+
+
+def native_ids(arch: Any, model: nn.Module) -> dict[str, Any]:
+    """``Graphs.ids`` of ctprune's Transformer: its config's."""
+    cfg = model.cfg
+    return {"vocab_size": cfg.vocab_size, "max_len": cfg.max_len, "pad_id": cfg.pad_id,
+            "bos_id": cfg.bos_id, "eos_id": cfg.eos_id}
+
+
+def native_vocab(model: nn.Module) -> int:
+    return int(model.cfg.vocab_size)
+
+
+NATIVE = Graphs(EncoderGraph, DecoderStepGraph, native_heads, native_ids, native_vocab)

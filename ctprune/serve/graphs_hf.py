@@ -25,10 +25,13 @@ scores = q k^T x scaling (+ T5's position bias) + mask, softmax, x v.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ctprune.errors import CtpruneError
+from ctprune.serve.graphs import Graphs
 
 
 def _split(x: Tensor, head_dim: int) -> Tensor:
@@ -222,5 +225,23 @@ class T5DecoderStepGraph(nn.Module):
         return (t5.lm_head(x[:, -1]), *present)
 
 
-GRAPHS = {"marian": (MarianEncoderGraph, MarianDecoderStepGraph, marian_heads),
-          "t5": (T5EncoderGraph, T5DecoderStepGraph, t5_heads)}
+# ---- both ------------------------------------------------------------------------------------
+
+def hf_ids(arch: Any, model: nn.Module) -> dict[str, Any]:
+    """``Graphs.ids`` of a Hugging Face model: its config's ids (the decoder starts with
+    ``decoder_start_token_id``), the architecture's position limit, and what its ``generate``
+    does that a serving engine must copy."""
+    cfg, gen = model.config, model.generation_config
+    return {"vocab_size": int(cfg.vocab_size), "max_len": arch.max_len(model), "pad_id": int(cfg.pad_token_id),
+            "bos_id": int(cfg.decoder_start_token_id), "eos_id": int(cfg.eos_token_id),
+            "forced_eos": gen.forced_eos_token_id is not None,
+            "length_penalty": float(1.0 if gen.length_penalty is None else gen.length_penalty)}
+
+
+def hf_vocab(model: nn.Module) -> int:
+    """The ids both embeddings take (Marian's may differ when not shared)."""
+    return int(min(model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features))
+
+
+MARIAN = Graphs(MarianEncoderGraph, MarianDecoderStepGraph, marian_heads, hf_ids, hf_vocab)
+T5 = Graphs(T5EncoderGraph, T5DecoderStepGraph, t5_heads, hf_ids, hf_vocab)

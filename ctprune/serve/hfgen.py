@@ -76,6 +76,12 @@ class GenerationRules:
                    length_penalty=float(1.0 if gen.length_penalty is None else gen.length_penalty),
                    early_stopping=gen.early_stopping if gen.early_stopping == "never" else bool(gen.early_stopping))
 
+    @classmethod
+    def neutral(cls, pad_id: int, bos_id: int, eos_id: int) -> GenerationRules:
+        """No logits processor at all: the raw argmax of ctprune's own ``decode.greedy``."""
+        return cls(pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, forced_eos=False, suppressed=(), min_length=0,
+                   renormalize=False, length_penalty=1.0, early_stopping=False)
+
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "suppressed": list(self.suppressed)}
 
@@ -93,7 +99,10 @@ class GenerationRules:
 
     def process(self, scores: Tensor, t: int, limit: int, min_new: int = 0) -> Tensor:
         """The logits processors at step ``t`` (0-based; ``limit`` steps at most): scores (N, V),
-        logits (greedy) or log-probabilities (beam search) -> processed copy."""
+        logits (greedy) or log-probabilities (beam search) -> processed copy (``scores`` itself
+        when no processor applies)."""
+        if not (self.suppressed or self.min_length or min_new or self.forced_eos or self.renormalize):
+            return scores
         scores = scores.clone()
         if self.suppressed:
             scores[:, list(self.suppressed)] = float("-inf")
@@ -114,26 +123,37 @@ def _one_id(value: Any, field: str) -> int:
 
 
 class StepModel(Protocol):
-    def encode(self, src: Tensor) -> tuple[np.ndarray, list[np.ndarray]]: ...
+    """A served model's encoder and decoder step on numpy arrays (ONNX Runtime's inputs and
+    outputs). The loops pass the mask, cross and past arrays back as they came, and leave
+    repeating them per beam (``encode(src, repeat)``) and reordering the cache (``reorder``) to
+    the engine."""
+
+    def encode(self, src: Tensor, repeat: int = 1) -> tuple[np.ndarray, list[np.ndarray]]: ...
 
     def empty_past(self, batch: int) -> list[np.ndarray]: ...
 
     def step(self, ids: Tensor, mask: np.ndarray, past: list[np.ndarray], cross: list[np.ndarray]
              ) -> tuple[Tensor, list[np.ndarray]]: ...
 
+    def reorder(self, past: list[np.ndarray], order: np.ndarray) -> list[np.ndarray]: ...
 
-def _clean(rows: list[list[int]], rules: GenerationRules) -> list[list[int]]:
-    """As ``arch.generate``: cut at the first EOS, drop PAD."""
+
+def clean(rows: list[list[int]], rules: GenerationRules, drop_pad: bool = True) -> list[list[int]]:
+    """As ``arch.generate``: cut at the first EOS, drop PAD (``drop_pad``)."""
     out = []
     for row in rows:
         row = row[:row.index(rules.eos_id)] if rules.eos_id in row else row
-        out.append([t for t in row if t != rules.pad_id])
+        out.append([t for t in row if t != rules.pad_id] if drop_pad else row)
     return out
 
 
-def greedy(eng: StepModel, src: Tensor, rules: GenerationRules, limit: int, min_new: int = 0) -> list[list[int]]:
+def greedy(eng: StepModel, src: Tensor, rules: GenerationRules, limit: int, min_new: int = 0,
+           fixed: bool = False, drop_pad: bool = True) -> list[list[int]]:
     """src (B, S) -> B token-id lists, as ``generate(num_beams=1, max_new_tokens=limit,
-    min_new_tokens=min_new)``: argmax of the processed logits, PAD after a row's EOS."""
+    min_new_tokens=min_new)``: argmax of the processed logits, PAD after a row's EOS, stop when
+    every row has ended. ctprune's own ``decode.greedy`` is this loop with ``GenerationRules.neutral``
+    (raw argmax), ``drop_pad=False`` (it keeps a PAD emitted before EOS) and, for its ``steps``,
+    ``fixed=True`` (all ``limit`` steps run whatever is emitted)."""
     b = src.shape[0]
     mask, cross = eng.encode(src)
     past = eng.empty_past(b)
@@ -145,10 +165,10 @@ def greedy(eng: StepModel, src: Tensor, rules: GenerationRules, limit: int, min_
         nxt = rules.process(logits.float(), t, limit, min_new).argmax(-1).masked_fill(done, rules.pad_id)  # (B,)
         emitted.append(nxt)
         done |= nxt == rules.eos_id
-        if bool(done.all()):
+        if not fixed and bool(done.all()):
             break
         tok = nxt[:, None]
-    return _clean(torch.stack(emitted, 1).tolist(), rules)
+    return clean(torch.stack(emitted, 1).tolist(), rules, drop_pad)
 
 
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
@@ -164,9 +184,7 @@ def beam_search(eng: StepModel, src: Tensor, beam: int, rules: GenerationRules, 
     keep = 2 * k  # transformers keeps max(2, 1 + number of EOS tokens) x K candidates
     max_length = 1 + limit  # the decoder start token, then at most ``limit`` new tokens
     lp, stop_early = rules.length_penalty, rules.early_stopping
-    mask, cross = eng.encode(src)
-    mask = np.repeat(mask, k, 0)  # (B*K, S): row b*K + j is beam j of sentence b
-    cross = [np.repeat(c, k, 0) for c in cross]
+    mask, cross = eng.encode(src, k)  # (B*K, S): row b*K + j is beam j of sentence b
     past = eng.empty_past(b * k)
     running = torch.full((b, k, max_length), rules.pad_id, dtype=torch.long)
     running[:, :, 0] = rules.bos_id
@@ -204,7 +222,7 @@ def beam_search(eng: StepModel, src: Tensor, beam: int, rules: GenerationRules, 
         scores = _gather(torch.cat([scores, fin], 1), merged)
         finished = _gather(torch.cat([finished, done_now], 1), merged)
         order = (src_beam + torch.arange(b)[:, None] * k).view(-1).numpy()
-        past = [p[order] for p in past]
+        past = eng.reorder(past, order)
         cur += 1
         length = (max_length - 1) if stop_early == "never" and lp > 0 else (cur - 1)
         best_running = running_scores[:, :1] / float(length ** lp)
@@ -213,4 +231,4 @@ def beam_search(eng: StepModel, src: Tensor, beam: int, rules: GenerationRules, 
         if not (bool(improvable.any()) and not (bool(finished.all()) and stop_early is True)
                 and not bool(hits.all())):
             break
-    return _clean(sequences[:, 0, 1:cur].tolist(), rules)
+    return clean(sequences[:, 0, 1:cur].tolist(), rules)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ctprune.arch import get
 from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import read_json
 from ctprune.model.decode import beam_best, beam_start, beam_step
@@ -29,15 +30,12 @@ from ctprune.serve.export import (
     GRAPHS_FILE,
     MANIFEST_FILE,
     ONNX_CORE,
-    SUPPORTED,
     TOKENIZER_FILE,
     check_export_manifest,
+    exportable,
+    is_hf,
     layer_names,
 )
-
-
-def _trim(seq: list[int], eos_id: int) -> list[int]:
-    return seq[:seq.index(eos_id)] if eos_id in seq else seq
 
 
 class OrtSeq2Seq:
@@ -69,11 +67,12 @@ class OrtSeq2Seq:
             tok_files = [str(f) for f in self.info.get("tokenizer_files", [TOKENIZER_FILE])]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CtpruneError(f"{folder / GRAPHS_FILE} lacks or mistypes a field ({e})") from None
-        if self.arch not in SUPPORTED["onnx"] or set(tok_listed) != set(tok_files):
+        if self.arch not in exportable("onnx") or set(tok_listed) != set(tok_files):
             raise CtpruneError(f"{folder / GRAPHS_FILE} does not match its manifest (architecture {self.arch!r}, "
                                f"tokenizer files {tok_files})")
         # A Hugging Face model decodes as its generate() does (hfgen.py); ctprune's as decode.py.
-        self.rules = None if self.arch == "ctprune" else hfgen.GenerationRules.from_json(self.info.get("generation"))
+        hf = is_hf(get(self.arch))
+        self.rules = hfgen.GenerationRules.from_json(self.info.get("generation")) if hf else None
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -85,7 +84,7 @@ class OrtSeq2Seq:
         except Exception as e:  # onnxruntime's own error types
             raise CtpruneError(f"ONNX Runtime cannot load {folder}: {first_line(e)}") from None
         self.threads = opts.intra_op_num_threads
-        self.tokenizer = Tokenizer.load(folder) if self.arch == "ctprune" else self._hf_tokenizer()
+        self.tokenizer = self._hf_tokenizer() if hf else Tokenizer.load(folder)
         self.cross_names = layer_names("cross", self.n_layers)
         self.past_names = layer_names("past", self.n_layers)
 
@@ -93,8 +92,6 @@ class OrtSeq2Seq:
         """The Hugging Face tokenizer of the folder, through the architecture's validating loader
         (files present, JSON bounded), with the ids and source prefix of ``graphs.json``."""
         from types import SimpleNamespace
-
-        from ctprune.arch import get
 
         ids = SimpleNamespace(pad_token_id=self.pad_id, decoder_start_token_id=self.bos_id, eos_token_id=self.eos_id)
         tok = get(self.arch).load_tokenizer(self.folder, SimpleNamespace(config=ids))  # it reads only model.config
@@ -108,9 +105,12 @@ class OrtSeq2Seq:
     def precision(self) -> str:
         return str(self.info.get("precision", "fp32"))
 
-    def encode(self, src: Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
-        """src (B, S) ids -> src_mask (B, S) bool, cross keys/values [(B, Hc_i, S, hd)] * 2L."""
+    def encode(self, src: Tensor, repeat: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
+        """src (B, S) ids -> src_mask (B*repeat, S) bool, cross keys/values [(B*repeat, Hc_i, S, hd)] * 2L
+        (each row repeated ``repeat`` times in a row: one per beam)."""
         out = self.encoder.run(None, {"src": src.numpy().astype(np.int64)})
+        if repeat > 1:
+            out = [np.repeat(x, repeat, 0) for x in out]
         return out[0], out[1:]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -124,29 +124,23 @@ class OrtSeq2Seq:
         out = self.decoder.run(None, feeds)
         return torch.from_numpy(out[0]), out[1:]
 
+    def reorder(self, past: list[np.ndarray], order: np.ndarray) -> list[np.ndarray]:
+        """Each cache's rows in ``order`` (beam search: the beam each new one extends)."""
+        return [p[order] for p in past]
+
     def max_steps(self, src: Tensor) -> int:
         return min(self.max_len - 1, int(src.shape[1] * 1.5) + 10)
 
     def greedy(self, src: Tensor, steps: int | None = None) -> list[list[int]]:
         """src (B, S) -> B token-id lists (without BOS/EOS), as ``decode.greedy`` (a Hugging Face
-        model: as its ``generate``; ``steps``: EOS suppressed before, for timing)."""
+        model: as its ``generate``; ``steps``: EOS suppressed before, for timing). One loop,
+        ``hfgen.greedy``: ctprune's Transformer takes it with neutral rules (raw argmax), all of
+        ``steps`` run whatever is emitted, and a PAD emitted before EOS kept, as ``decode.greedy``."""
+        limit = steps or self.max_steps(src)
         if self.rules is not None:
-            return hfgen.greedy(self, src, self.rules, steps or self.max_steps(src), steps or 0)
-        b = src.shape[0]
-        mask, cross = self.encode(src)
-        past = self.empty_past(b)
-        tok = torch.full((b, 1), self.bos_id, dtype=torch.long)
-        done = torch.zeros(b, dtype=torch.bool)
-        emitted: list[Tensor] = []
-        for _ in range(steps or self.max_steps(src)):
-            logits, past = self.step(tok, mask, past, cross)
-            nxt = logits.argmax(-1).masked_fill(done, self.pad_id)  # (B,)
-            emitted.append(nxt)
-            done |= nxt == self.eos_id
-            if steps is None and bool(done.all()):
-                break
-            tok = nxt[:, None]
-        return [_trim(row, self.eos_id) for row in torch.stack(emitted, 1).tolist()]
+            return hfgen.greedy(self, src, self.rules, limit, steps or 0)
+        rules = hfgen.GenerationRules.neutral(self.pad_id, self.bos_id, self.eos_id)
+        return hfgen.greedy(self, src, rules, limit, fixed=steps is not None, drop_pad=False)
 
     def beam_search(self, src: Tensor, beam: int, alpha: float = 0.6) -> list[list[int]]:
         """src (B, S) -> B token-id lists, as ``decode.beam_search`` (GNMT length penalty; a Hugging
@@ -154,20 +148,18 @@ class OrtSeq2Seq:
         if self.rules is not None:
             return hfgen.beam_search(self, src, beam, self.rules, self.max_steps(src))
         b, k = src.shape[0], beam
-        mask, cross = self.encode(src)
-        mask = np.repeat(mask, k, 0)  # (B*K, S)
-        cross = [np.repeat(c, k, 0) for c in cross]
+        mask, cross = self.encode(src, k)  # (B*K, S)
         past = self.empty_past(b * k)
         scores, seqs, finished, lengths = beam_start(b, k, self.bos_id)
         for _ in range(self.max_steps(src)):
             logits, past = self.step(seqs[:, -1:], mask, past, cross)
             scores, src_beam, seqs, finished, lengths = beam_step(
                 logits, scores, seqs, finished, lengths, self.pad_id, self.eos_id)
-            order = src_beam.numpy()
-            past = [p[order] for p in past]
+            past = self.reorder(past, src_beam.numpy())
             if bool(finished.all()):
                 break
-        return [_trim(row, self.eos_id) for row in beam_best(scores, seqs, lengths, alpha)]
+        neutral = hfgen.GenerationRules.neutral(self.pad_id, self.bos_id, self.eos_id)
+        return hfgen.clean(beam_best(scores, seqs, lengths, alpha), neutral, drop_pad=False)  # cut at EOS
 
     def generate(self, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
         """src (B, S) -> B token-id lists, as the source model's architecture generates them."""

@@ -10,7 +10,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ctprune.arch import arch_of
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
@@ -39,8 +38,8 @@ def finetune(args: FinetuneArgs) -> FitResult:
     target_bleu = resolve_target(args.target_bleu, args.model)
     hparams: dict[str, Any] = {**provenance, "stage": "finetune", "corpus": args.corpus, "target_bleu": target_bleu}
     result = fit(model, tok, train, val, recipe, output, hparams, resume=args.resume, device=dev,
-                 eval_before=True, target_bleu=target_bleu, after_step=arch_of(model).apply_masks,
-                 min_epochs=args.budget_epochs, snapshot_epochs=args.snapshot_epochs)
+                 eval_before=True, target_bleu=target_bleu, min_epochs=args.budget_epochs,
+                 snapshot_epochs=args.snapshot_epochs)
     plot_history(output / "history.csv", output / "history.png", f"configuration {args.n}")
     return result
 
@@ -78,7 +77,7 @@ def plot_history(csv_path: Path, png: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     from ctprune.fileio import atomic_write
-    from ctprune.training.loop import read_history
+    from ctprune.training.history import read_history
 
     rows = read_history(csv_path)
     if not rows:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ctprune.arch import arch_of
+from ctprune.arch import Architecture, arch_of
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.errors import CtpruneError
@@ -24,7 +24,6 @@ from ctprune.pruning.configs import (
     check_ratio,
     fingerprint,
     model_fingerprint,
-    prunable_modules,
     variant_ids,
     variant_key,
 )
@@ -33,10 +32,9 @@ from ctprune.spec import MAX_TOKENS
 from ctprune.stages.args import PruneArgs
 
 
-def make_variant(model: torch.nn.Module, name: str, kind: str, ratio: float, criterion: str,
+def make_variant(arch: Architecture, model: torch.nn.Module, name: str, kind: str, ratio: float, criterion: str,
                  stats: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """One pruned copy of module ``name`` and its index entry."""
-    arch = arch_of(model)
+    """One pruned copy of module ``name`` of ``model`` (of architecture ``arch``) and its index entry."""
     module = arch.block(model, name)
     entry: dict[str, Any] = {"module": name, "kind": kind, "ratio": ratio,
                              "provenance": {"stage": "pruned", "criterion": criterion,
@@ -89,7 +87,8 @@ def prune(args: PruneArgs) -> dict[str, Any]:
     if output.exists() or output.is_symlink():
         raise CtpruneError(f"{output} already exists; choose another -o or remove it")
     model, tok, _ = load_model_folder(model_dir, tokenizer=criterion == "activation")
-    modules = prunable_modules(model)
+    arch = arch_of(model)
+    modules = arch.units(model)
     model_fp = model_fingerprint(model_dir)
     if plan_path is not None:
         plan = check_plan(read_json(plan_path, "plan"), modules, str(plan_path))
@@ -106,20 +105,20 @@ def prune(args: PruneArgs) -> dict[str, Any]:
         plan = {"modules": {n: {"kind": m.kind, "ratios": [r] if r < 1 else []}
                             for n, m in modules.items()}}
         plan_fp = f"ratio-{r:g}"
-    if arch_of(model).name != "ctprune" and any(0 in e["ratios"] for e in plan["modules"].values()):
+    if arch.name != "ctprune" and any(0 in e["ratios"] for e in plan["modules"].values()):
         raise CtpruneError(f"keep ratio 0 (the block removed) is supported for ctprune's own Transformer, "
-                           f"not yet for {arch_of(model).model_class}; use ratios in (0, 1]")
+                           f"not yet for {arch.model_class}; use ratios in (0, 1]")
     stats: dict[str, torch.Tensor] = {}
     if criterion == "activation":
         train = load_split(args.corpus, default_splits(args.corpus)[0], args.data_dir)
-        batches = TokenizedSplit(train, tok, arch_of(model).max_len(model)).batches(MAX_TOKENS, shuffle_seed=0)
-        stats = importance.activation_stats(model, batches[:args.calibration_batches])
+        batches = TokenizedSplit(train, tok, arch.max_len(model)).batches(MAX_TOKENS, shuffle_seed=0)
+        stats = importance.activation_stats(arch, model, batches[:args.calibration_batches])
     tmp = temp_dir_beside(output)
     try:
         bank = Bank.create(tmp, model_fp, plan_fp, criterion=criterion)
         t0 = time.perf_counter()
         for name, r in progress(variant_ids(plan), desc="prune", unit="variant", leave=False):
-            variant, entry = make_variant(model, name, modules[name].kind, r, criterion, stats)
+            variant, entry = make_variant(arch, model, name, modules[name].kind, r, criterion, stats)
             bank.add(variant_key(name, r), variant, entry)
         bank.set_prune_seconds(time.perf_counter() - t0)
         bank.write()

@@ -3,8 +3,9 @@
 A variant's score is the damage it does alone ("replace one block", as in Puzzle): swap it into
 the otherwise intact origin and measure, teacher-forced on a fixed validation subset, the mean
 KL divergence of the next-token distribution from the origin's, and the cross-entropy loss.
-The origin runs once per batch; each layer's input is kept, so a variant in layer i reruns only
-layers i.. (a decoder variant never recomputes the encoder).
+The origin runs once per batch, traced (``Architecture.traced_logits``), and each variant reruns
+only what follows it (``logits_after``: for ctprune's own Transformer, a variant in layer i reruns
+layers i.., a decoder variant never the encoder; other architectures rerun the whole model).
 
 Scores carry the fingerprints of the origin, the subset (its token ids) and each variant's
 weights; they are reused while all three match and recomputed, per variant, when one changes.
@@ -24,14 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctprune.arch import arch_of
+from ctprune.arch import Architecture, arch_of
 from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.data.tokenizer import Tokenizer
 from ctprune.device import resolve_device
 from ctprune.model.checkpoint import load_model_folder
-from ctprune.model.ops import autocast_input
-from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import Bank
 from ctprune.pruning.configs import model_fingerprint
 from ctprune.pruning.surgery import swapped
@@ -80,51 +79,6 @@ def variant_digest(bank: Path, entry: dict[str, Any]) -> str:
     return hashlib.sha256((Path(bank) / entry["file"]).read_bytes()).hexdigest()[:16]
 
 
-def _layer_of(name: str) -> tuple[str, int]:
-    """("encoder"|"decoder", layer index) of a prunable module name."""
-    side, _, i, *_ = name.split(".")
-    return side, int(i)
-
-
-@torch.no_grad()
-def _origin_pass(model: nn.Module, b: Batch) -> dict[str, Any]:
-    """The origin's log-probs (B, T, V) and, for ctprune's own Transformer, every layer's input,
-    kept for the partial reruns (another architecture reruns its whole model per variant)."""
-    if not isinstance(model, Seq2SeqTransformer):
-        return {"logp": arch_of(model).logits(model, b.src, b.tgt_in).float().log_softmax(-1)}
-    inputs: dict[tuple[str, int], Tensor] = {}
-    handles = [layer.register_forward_pre_hook(
-        lambda _m, args, key=(side, i): inputs.__setitem__(key, args[0]))
-        for side, stack in (("encoder", model.encoder), ("decoder", model.decoder))
-        for i, layer in enumerate(stack.layers)]
-    try:
-        memory, mask = model.encode(b.src)
-        logits = model.generator(model.decode(b.tgt_in, memory, mask))
-    finally:
-        for h in handles:
-            h.remove()
-    return {"inputs": inputs, "memory": memory, "mask": mask, "logp": logits.float().log_softmax(-1)}
-
-
-@torch.no_grad()
-def _rerun_from(model: nn.Module, name: str, b: Batch, cached: dict[str, Any]) -> Tensor:
-    """Logits (B, T, V) of ``model`` (a variant swapped in at ``name``) from that layer on."""
-    if "inputs" not in cached:
-        return arch_of(model).logits(model, b.src, b.tgt_in)
-    side, start = _layer_of(name)
-    mask, memory = cached["mask"], cached["memory"]
-    if side == "encoder":
-        x = cached["inputs"]["encoder", start]
-        for layer in model.encoder.layers[start:]:
-            x = layer(x, mask)
-        memory = model.encoder.norm(x)
-        return model.generator(model.decode(b.tgt_in, memory, mask))
-    y, memory = cached["inputs"]["decoder", start], autocast_input(memory)
-    for layer in model.decoder.layers[start:]:
-        y = layer(y, memory, mask)
-    return model.generator(model.decoder.norm(y))
-
-
 def _kl_and_loss(logits: Tensor, origin_logp: Tensor, tgt_out: Tensor, pad_id: int) -> tuple[float, float]:
     """Summed (over real target tokens) KL(origin || variant) and cross-entropy."""
     real = tgt_out != pad_id  # (B, T)
@@ -134,36 +88,36 @@ def _kl_and_loss(logits: Tensor, origin_logp: Tensor, tgt_out: Tensor, pad_id: i
     return float(kl), float(F.nll_loss(logp, tgt_out[real], reduction="sum"))
 
 
-def _timed(model: nn.Module, src: Tensor, steps: int) -> float:
+def _timed(arch: Architecture, model: nn.Module, src: Tensor, steps: int) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
-        arch_of(model).generate(model, src, steps=steps)
+        arch.generate(model, src, steps=steps)
     return time.perf_counter() - t0
 
 
-def measure_latency(origin: nn.Module, variants: dict[str, tuple[str, nn.Module]],
+def measure_latency(arch: Architecture, origin: nn.Module, variants: dict[str, tuple[str, nn.Module]],
                     subset: Subset, repeats: int) -> dict[str, Any]:
     """Milliseconds of batched greedy decoding (the subset's first batch, a fixed number of
     steps) of the origin and, per variant, the origin with that variant swapped in. Origin and
     variant runs alternate, so slow drifts of the machine cancel in the difference. ``repeats``
     (at least 1) is checked by ``ScoreArgs``."""
     src, steps = subset.batches[0].src, subset.batches[0].tgt_in.shape[1]
-    _timed(origin, src, steps)  # warm-up
+    _timed(arch, origin, src, steps)  # warm-up
     out: dict[str, Any] = {"unit": "ms per greedy decoding of the latency batch",
                            "batch": list(src.shape), "steps": steps, "repeats": repeats, "variants": {}}
     origin_all: list[float] = []
     for key, (name, module) in variants.items():
         diffs = []
         for _ in range(repeats):
-            o = _timed(origin, src, steps)
-            with swapped(origin, name, module):
-                v = _timed(origin, src, steps)
+            o = _timed(arch, origin, src, steps)
+            with swapped(arch, origin, name, module):
+                v = _timed(arch, origin, src, steps)
             origin_all.append(o)
             diffs.append(1000 * (v - o))
         out["variants"][key] = {"delta_ms": round(statistics.median(diffs), 4),
                                 "spread_ms": round(max(diffs) - min(diffs), 4)}
     if not origin_all:
-        origin_all = [_timed(origin, src, steps) for _ in range(repeats)]
+        origin_all = [_timed(arch, origin, src, steps) for _ in range(repeats)]
     out["origin_ms"] = round(1000 * statistics.median(origin_all), 4)
     out["origin_spread_ms"] = round(1000 * (max(origin_all) - min(origin_all)), 4)
     return out
@@ -178,8 +132,8 @@ def score_bank(args: ScoreArgs) -> dict[str, Any]:
     store.check_model(model_fp)
     dev = resolve_device(args.device)
     origin, tok, _ = load_model_folder(model_dir, dev)
-    subset = validation_subset(tok, arch_of(origin).max_len(origin), corpus, data_dir, args.batches,
-                               args.max_tokens)
+    arch = arch_of(origin)
+    subset = validation_subset(tok, arch.max_len(origin), corpus, data_dir, args.batches, args.max_tokens)
     digests = {k: variant_digest(store.path, e) for k, e in store.variants.items()}
     old = store.index.get("scores") or {}
     same_ground = (not args.force and old.get("model_fingerprint") == model_fp
@@ -193,15 +147,18 @@ def score_bank(args: ScoreArgs) -> dict[str, Any]:
     sums = {k: [0.0, 0.0] for k in todo}
     origin_loss = 0.0
     for b in [b.to(dev) for b in subset.batches]:
-        cached = _origin_pass(origin, b)
-        real = b.tgt_out != b.pad_id
-        origin_loss += float(F.nll_loss(cached["logp"][real], b.tgt_out[real], reduction="sum"))
-        for k in todo:
-            with swapped(origin, modules[k], variants[k]):
-                kl, loss = _kl_and_loss(_rerun_from(origin, modules[k], b, cached), cached["logp"], b.tgt_out,
-                                        b.pad_id)
-            sums[k][0] += kl
-            sums[k][1] += loss
+        with torch.no_grad():
+            logits, trace = arch.traced_logits(origin, b.src, b.tgt_in)  # the origin once per batch
+            logp = logits.float().log_softmax(-1)  # (B, T, V)
+            del logits  # not B x T x V twice while the variants run
+            real = b.tgt_out != b.pad_id
+            origin_loss += float(F.nll_loss(logp[real], b.tgt_out[real], reduction="sum"))
+            for k in todo:
+                with swapped(arch, origin, modules[k], variants[k]):
+                    after = arch.logits_after(origin, modules[k], b.src, b.tgt_in, trace)
+                kl, loss = _kl_and_loss(after, logp, b.tgt_out, b.pad_id)
+                sums[k][0] += kl
+                sums[k][1] += loss
     n = subset.meta["target_tokens"]
     fresh = {k: {"kl": round(sums[k][0] / n, 6), "loss": round(sums[k][1] / n, 6), "digest": digests[k]}
              for k in todo}
@@ -220,7 +177,7 @@ def score_bank(args: ScoreArgs) -> dict[str, Any]:
         t1 = time.perf_counter()
         every = {k: (e["module"], store.load_variant(k, origin).to(dev).eval())
                  for k, e in store.variants.items()}
-        scores["latency"] = {**measure_latency(origin, every, subset, args.latency_repeats),
+        scores["latency"] = {**measure_latency(arch, origin, every, subset, args.latency_repeats),
                              "digests": digests, "wall_time_s": round(time.perf_counter() - t1, 3)}
     elif old_latency and old_latency.get("digests") == digests:
         scores["latency"] = old_latency

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ctprune.arch import arch_of
+from ctprune.arch import Architecture, arch_of
 from ctprune.budget import RESOURCES, Budget, describe_point
 from ctprune.budget import budget_sweep as budget_sweep  # the grammar's home is ctprune.budget; kept importable
 from ctprune.budget import parse_budget as parse_budget  # from here for the callers that import it so
@@ -31,7 +31,7 @@ from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.flops import parameter_counts
 from ctprune.model.transformer import Seq2SeqTransformer
 from ctprune.pruning.bank import check_bank_model, load_index, load_variant
-from ctprune.pruning.configs import Configuration, model_fingerprint, prunable_modules
+from ctprune.pruning.configs import Configuration, model_fingerprint
 from ctprune.pruning.solver import HEURISTICS, PRESOLVE, feasible, smallest_reachable, solve
 from ctprune.pruning.surgery import swapped
 from ctprune.spec import OBJECTIVES, spec_default
@@ -66,20 +66,19 @@ class Choices:
             self.costs[r].append(costs.get(r, 0.0))
 
 
-def build_choices(origin: Seq2SeqTransformer, bank: Path, index: dict[str, Any], objective: str,
+def build_choices(arch: Architecture, origin: Seq2SeqTransformer, bank: Path, index: dict[str, Any], objective: str,
                   src_len: int, tgt_len: int) -> tuple[Choices, dict[str, float]]:
     """Every slot's choices with their scores and cost changes, and the origin's costs."""
     scores, lat = index["scores"], index["scores"].get("latency")
     origin_nonzero = parameter_counts(origin)[1]
-    arch = arch_of(origin)
     origin_flops = arch.forward_flops(origin, src_len, tgt_len)
     base = {"params": float(origin_nonzero), "flops": float(origin_flops),
             "latency": float(lat["origin_ms"]) if lat else math.nan}
-    modules = prunable_modules(origin)
+    modules = arch.units(origin)
     per_variant: dict[str, tuple[str, float, dict[str, float], dict[str, float]]] = {}
     for key, e in index["variants"].items():
         variant = load_variant(bank, index, key, origin)
-        with swapped(origin, e["module"], variant):
+        with swapped(arch, origin, e["module"], variant):
             cost = {"params": float(parameter_counts(origin)[1] - origin_nonzero),
                     "flops": float(arch.forward_flops(origin, src_len, tgt_len) - origin_flops)}
         if lat:
@@ -137,6 +136,7 @@ def check_scores(index: dict[str, Any], bank: Path, model_fp: str, subset_meta: 
 class Problem:
     """A search ready to solve: the origin, the choices as arrays, the limits of each budget point."""
 
+    arch: Architecture  # the origin's
     origin: Seq2SeqTransformer
     tok: Any
     index: dict[str, Any]
@@ -181,6 +181,7 @@ class Problem:
 def prepare(a: SearchArgs) -> Problem:
     """Load and check everything; refuse bad input before anything is solved or written."""
     origin, tok, _ = load_model_folder(a.model)
+    arch = arch_of(origin)
     index = load_index(a.bank)
     model_fp = model_fingerprint(a.model)
     check_bank_model(index, model_fp, a.bank)
@@ -188,12 +189,12 @@ def prepare(a: SearchArgs) -> Problem:
     # Not given: the subset the bank was scored on (else `ctprune score`'s defaults).
     a = dataclasses.replace(a, **{f: scored.get(f, spec_default(ScoreArgs, f))
                                   for f in ("corpus", "batches", "max_tokens") if getattr(a, f) is None})
-    subset = validation_subset(tok, arch_of(origin).max_len(origin), a.corpus, a.data_dir, a.batches, a.max_tokens)
+    subset = validation_subset(tok, arch.max_len(origin), a.corpus, a.data_dir, a.batches, a.max_tokens)
     check_scores(index, a.bank, model_fp, subset.meta)
     if any(b.resource == "latency" for b in a.budgets[0]) and not index["scores"].get("latency"):
         raise CtpruneError(f"bank {a.bank} has no latency measurements; make them with "
                            f"`ctprune score MODEL --bank {a.bank} --latency`")
-    choices, base = build_choices(origin, a.bank, index, a.objective, subset.meta["src_len"],
+    choices, base = build_choices(arch, origin, a.bank, index, a.objective, subset.meta["src_len"],
                                   subset.meta["tgt_len"])
     if a.min_distance > len(choices.slots):
         raise CtpruneError(f"--min-distance {a.min_distance} is larger than the number of module slots "
@@ -210,7 +211,7 @@ def prepare(a: SearchArgs) -> Problem:
                     f"{f' ({describe_point(point)})' if len(a.budgets) > 1 else ''}: the smallest reachable "
                     f"value with this bank is {_show(resource, least, base)}")
     limits = limits - np.array([base[r] for r in resources])  # limits on the summed changes
-    return Problem(origin, tok, index, choices, base, resources, limits, subset.meta, a, subset.batches)
+    return Problem(arch, origin, tok, index, choices, base, resources, limits, subset.meta, a, subset.batches)
 
 
 def _show(resource: str, value: float, base: dict[str, float]) -> str:
@@ -228,7 +229,7 @@ def uniform_choices(p: Problem, kinds: tuple[str, ...], point: int) -> tuple[lis
 
     Returns (one choice index per slot, the ratios used: [r] or [r, higher r]), or None when
     even every module at the smallest ratio misses the budgets."""
-    ch, units = p.choices, prunable_modules(p.origin)
+    ch, units = p.choices, p.arch.units(p.origin)
     _, slot, costs = p.arrays()
     limits = p.limits[point]
     at: list[dict[float, int]] = []  # per slot: keep ratio -> its uniform choice

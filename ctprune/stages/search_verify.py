@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctprune.arch import arch_of
+from ctprune.arch import Architecture
 from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import Parallel, default_splits, load_split
 from ctprune.fileio import write_json
@@ -48,12 +48,12 @@ def random_feasible(p: Problem, n: int, seed: int = 0, attempts: int = 200_000, 
 
 
 @torch.no_grad()
-def val_loss(model: torch.nn.Module, batches: list[Batch]) -> float:
+def val_loss(arch: Architecture, model: torch.nn.Module, batches: list[Batch]) -> float:
     """Mean teacher-forced cross-entropy per target token over ``batches``."""
     total, tokens = 0.0, 0
     for b in batches:
         real = b.tgt_out != b.pad_id  # (B, T)
-        logits = arch_of(model).logits(model, b.src, b.tgt_in)[real].float()  # (N, V)
+        logits = arch.logits(model, b.src, b.tgt_in)[real].float()  # (N, V)
         total += float(torch.nn.functional.cross_entropy(logits, b.tgt_out[real], reduction="sum"))
         tokens += int(real.sum())
     return total / max(tokens, 1)
@@ -67,17 +67,17 @@ def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
     level, as single-budget results have it."""
     a = p.args
     val = load_split(a.corpus, default_splits(a.corpus)[1], a.data_dir)
-    batches = TokenizedSplit(val, p.tok, arch_of(p.origin).max_len(p.origin)).batches(a.max_tokens)
+    batches = TokenizedSplit(val, p.tok, p.arch.max_len(p.origin)).batches(a.max_tokens)
     src, refs = val.src[:sentences], val.tgt[:sentences]
     sl, tl = report["flops_at"]["src_len"], report["flops_at"]["tgt_len"]
     t0 = time.perf_counter()
 
     def measure(conf: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
         model = compose(p.origin, a.bank, conf, p.index).eval()
-        return {**extra, "val_loss": round(val_loss(model, batches), 4),
+        return {**extra, "val_loss": round(val_loss(p.arch, model, batches), 4),
                 "val_bleu": round(evaluate(model, p.tok, Parallel(src, refs)), 2),
                 "params_on_model": parameter_counts(model)[1],
-                "flops_on_model": arch_of(model).forward_flops(model, sl, tl)}
+                "flops_on_model": p.arch.forward_flops(model, sl, tl)}
 
     rows = [measure(dict(r["configuration"]), {"kind": "found", "budget": r.get("budget", 0),
                                                "estimate": r["estimate"], "estimates": r["estimates"]})
@@ -86,7 +86,7 @@ def verify(p: Problem, report: dict[str, Any], n_random: int = 16,
         rows += [measure(p.configuration(t), {"kind": "random", "budget": point, **p.describe(t),
                                               "configuration": p.configuration(t)})
                  for t in random_feasible(p, n_random, seed, point=point)]
-    origin_row = {"val_loss": round(val_loss(p.origin, batches), 4),
+    origin_row = {"val_loss": round(val_loss(p.arch, p.origin, batches), 4),
                   "val_bleu": round(evaluate(p.origin, p.tok, Parallel(src, refs)), 2)}
     per_budget = [_summary(rows, point) for point in range(len(p.limits))]
     result: dict[str, Any] = {

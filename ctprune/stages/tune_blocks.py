@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ctprune.arch import arch_of
+from ctprune.arch import Architecture, arch_of
 from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.device import resolve_device
@@ -39,13 +39,14 @@ from ctprune.fileio import (
 )
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.flops import BACKWARD_FACTOR
+from ctprune.model.weights import enforce_masks
 from ctprune.progress import progress as progress_bar
 from ctprune.pruning.bank import INDEX_FILE, Bank
 from ctprune.pruning.block_history import plot_block_losses, write_block_history
 from ctprune.pruning.configs import model_fingerprint
-from ctprune.pruning.masks import enforce_masks
 from ctprune.stages.args import TuneArgs
-from ctprune.training.loop import Recipe, make_optimizer, optimizer_step, preset_max_tokens, read_history
+from ctprune.training.history import read_history
+from ctprune.training.loop import Recipe, make_optimizer, optimizer_step, preset_max_tokens
 
 
 class Recorder:
@@ -53,8 +54,7 @@ class Recorder:
     the unit's input and the output of the module that returns its output (the unit's own block,
     or e.g. a Marian FFN's fc1 and fc2), and the side (encoder/decoder) whose tokens it sees."""
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        arch = arch_of(model)
+    def __init__(self, arch: Architecture, model: nn.Module, names: list[str]) -> None:
         units = arch.units(model)
         self.sides = {n: units[n].side for n in names}
         self.inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -86,12 +86,12 @@ class Recorder:
             h.remove()
 
 
-def block_losses(origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
+def block_losses(arch: Architecture, origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
                  rec: Recorder, batch: Batch) -> dict[str, Tensor]:
     """One teacher pass, then each variant's normalised MSE on its module's recorded call
     (computed in fp32 whatever precision the passes ran in)."""
     with torch.no_grad():
-        arch_of(origin).logits(origin, batch.src, batch.tgt_in)
+        arch.logits(origin, batch.src, batch.tgt_in)
     keep = {"encoder": batch.src != batch.pad_id, "decoder": batch.tgt_out != batch.pad_id}  # (B, T) real tokens
     losses = {}
     for key, variant in variants.items():
@@ -109,24 +109,23 @@ def _summed_loss(out: list[Tensor], *args: Any) -> Tensor:
     return torch.stack(out).sum()
 
 
-def tuning_step_flops(origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
+def tuning_step_flops(arch: Architecture, origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
                       batch: Batch) -> tuple[int, dict[str, int]]:
     """Analytic FLOPs of one tuning step on the padded batch: the teacher's forward pass, and per
     variant its forward and backward pass."""
     (b, s), t = batch.src.shape, batch.tgt_in.shape[1]
-    arch = arch_of(origin)
     teacher = b * arch.forward_flops(origin, s, t)
     return teacher, {k: (1 + BACKWARD_FACTOR) * b * arch.block_flops(origin, modules[k], v, s, t)
                      for k, v in variants.items()}
 
 
 @torch.no_grad()
-def _validate(origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
+def _validate(arch: Architecture, origin: nn.Module, variants: dict[str, nn.Module], modules: dict[str, str],
               rec: Recorder, batches: list[Batch], bf16: bool) -> dict[str, float]:
     totals = torch.zeros(len(variants))
     for b in batches:
         with torch.autocast(b.src.device.type, dtype=torch.bfloat16, enabled=bf16):
-            totals += torch.stack(list(block_losses(origin, variants, modules, rec, b).values())).cpu()
+            totals += torch.stack(list(block_losses(arch, origin, variants, modules, rec, b).values())).cpu()
     return dict(zip(variants, (totals / max(1, len(batches))).tolist()))
 
 
@@ -252,6 +251,7 @@ class TuningSession:
     """What one block tuning holds fixed: the frozen origin with its recorder, the students (the
     variants being tuned) and their optimizer, the data."""
 
+    arch: Architecture  # the origin's
     origin: nn.Module
     rec: Recorder
     modules: dict[str, str]  # variant key -> its module
@@ -265,7 +265,7 @@ class TuningSession:
 
     def validate(self, keys: list[str]) -> dict[str, float]:
         students = {k: self.variants[k] for k in keys}
-        return _validate(self.origin, students, self.modules, self.rec, self.val_batches, self.recipe.bf16)
+        return _validate(self.arch, self.origin, students, self.modules, self.rec, self.val_batches, self.recipe.bf16)
 
     def train_epoch(self, keys: list[str], epoch: int, progress: TuningProgress) -> list[float]:
         """One epoch of steps on the variants ``keys`` (their FLOPs and tokens counted into
@@ -277,10 +277,11 @@ class TuningSession:
                                   leave=False):
             batch = batch.to(self.device)
             losses: list[Tensor] = []
-            loss = functools.partial(_summed_loss, losses, self.origin, students, self.modules, self.rec, batch)
+            loss = functools.partial(_summed_loss, losses, self.arch, self.origin, students, self.modules, self.rec,
+                                     batch)
             optimizer_step(self.opt, loss, self.recipe, self.recipe.lr, self.device)
             sums += torch.stack(losses).detach().cpu()
-            teacher, per_variant = tuning_step_flops(self.origin, students, self.modules, batch)
+            teacher, per_variant = tuning_step_flops(self.arch, self.origin, students, self.modules, batch)
             progress.flops["teacher"] += teacher
             for k, f in per_variant.items():
                 progress.flops["variants"][k] = progress.flops["variants"].get(k, 0) + f
@@ -288,12 +289,11 @@ class TuningSession:
         return (sums / len(batches)).tolist()
 
 
-def _students(store: Bank, keys: list[str], origin: nn.Module, device: str
+def _students(arch: Architecture, store: Bank, keys: list[str], origin: nn.Module, device: str
               ) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
     """The variants ``keys`` of ``store`` on ``device``, ready to tune, and the parameters tuning
     trains, in the order a tuning state's optimizer keeps them. The teacher runs without dropout,
     so do its students; masked Linears are parametrized, so their masks hold through every step."""
-    arch = arch_of(origin)
     variants = {k: store.load_variant(k, origin).to(device) for k in keys}
     trained = [p for v in variants.values() for p in arch.tuning_parameters(v)]  # before the parametrizations
     for v in variants.values():
@@ -402,6 +402,7 @@ def tune_blocks(args: TuneArgs) -> dict[str, Any]:
     _check_paths(model_dir, bank, output, data_dir, args.resume)
     dev = resolve_device(args.device)
     origin, tok, origin_hparams = load_model_folder(model_dir, dev)
+    arch = arch_of(origin)
     origin.requires_grad_(False)
     bf16 = args.precision == "bf16"
     if args.precision == "auto":  # the precision the origin model was trained with
@@ -421,12 +422,11 @@ def tune_blocks(args: TuneArgs) -> dict[str, Any]:
         sweep_commits(state_dir)  # what a kill inside a state commit left
         resuming = args.resume and (state_dir / "state.pt").is_file()
         out = _open_output(src, output, resuming)
-        variants, trained = _students(Bank.open(state_dir) if resuming else src, keys, origin, dev)
+        variants, trained = _students(arch, Bank.open(state_dir) if resuming else src, keys, origin, dev)
         opt = make_optimizer(trained, recipe)
-        max_len = arch_of(origin).max_len(origin)
-        train, val_batches = _tuning_data(corpus, data_dir, tok, max_len, dev)
-        s = TuningSession(origin, Recorder(origin, sorted(set(modules.values()))), modules, variants, opt, recipe,
-                          train, val_batches, max_tokens, dev)
+        train, val_batches = _tuning_data(corpus, data_dir, tok, arch.max_len(origin), dev)
+        s = TuningSession(arch, origin, Recorder(arch, origin, sorted(set(modules.values()))), modules, variants, opt,
+                          recipe, train, val_batches, max_tokens, dev)
         try:
             if resuming:
                 progress = TuningProgress.resume(state_dir, opt, options)

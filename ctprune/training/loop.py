@@ -9,9 +9,7 @@ best model (by val BLEU) as the output folder itself, and ``history.csv`` beside
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import math
 import random
@@ -22,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from ctprune.arch import arch_of
+from ctprune.arch import Architecture, arch_of
 from ctprune.data.batching import TokenizedSplit
 from ctprune.data.corpus import Parallel
 from ctprune.data.tokenizer import Tokenizer
@@ -36,21 +35,18 @@ from ctprune.fileio import (
     file_record,
     locked,
     read_json,
-    read_text,
     sweep_commits,
-    verify_file,
     write_json,
-    write_text,
 )
-from ctprune.model.checkpoint import is_model_folder, load_model_folder, save_model_folder
+from ctprune.model.checkpoint import is_model_folder, load_model_folder
 from ctprune.model.transformer import Seq2SeqTransformer
+from ctprune.model.weights import enforce_masks, masked_linears, release_masks
 from ctprune.progress import progress
 from ctprune.spec import MAX_TOKENS, SELECTS, FinetuningSpec, OriginSpec, spec_default
 from ctprune.task import TRANSLATION, Task, evaluate
+from ctprune.training.history import epoch_text, read_history, write_history
 
 RECIPES = ("fast", "original")  # and "finetune": the original optimizer on token-budget batches
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_bleu", "lr", "epoch_time_s",
-                  "wall_time_s", "train_tokens", "train_flops")
 
 
 # Recipe defaults that differ for the tiny preset (measured on the synthetic corpus: 8 epochs,
@@ -206,68 +202,17 @@ def _batches(split: TokenizedSplit, recipe: Recipe, epoch: int) -> list[Any]:
     return split.batches(recipe.max_tokens, shuffle_seed=seed)
 
 
-def _epoch_flops(model: torch.nn.Module, split: TokenizedSplit, recipe: Recipe) -> int:
+def _epoch_flops(arch: Architecture, model: torch.nn.Module, split: TokenizedSplit, recipe: Recipe) -> int:
     """Training FLOPs of the first epoch's batches (later epochs differ only by padding)."""
-    arch = arch_of(model)
     return sum(arch.train_step_flops(model, *b.src.shape, b.tgt_in.shape[1]) for b in _batches(split, recipe, 1))
 
 
 def epochs_for_flops(model: torch.nn.Module, tok: Tokenizer, train: Parallel, recipe: Recipe, flops: float) -> int:
     """Whole epochs of ``recipe`` on ``train`` that ``flops`` training FLOPs surely reach into: one more
     than the first epoch's FLOPs say, since later epochs' batches pad differently."""
-    split = TokenizedSplit(train, tok, arch_of(model).max_len(model))
-    return math.ceil(flops / _epoch_flops(model, split, recipe)) + 1
-
-
-def read_history(path: Path) -> list[dict[str, str]]:
-    """Rows of a history CSV (training or block tuning), validated before any number is derived
-    from them: complete rows, numeric columns that parse, epochs in order (a training history:
-    increasing, no whole epoch skipped, fractional where evaluated within an epoch, ``eval_every``;
-    block tuning: whole epochs). A history beside a ``train_summary.json`` must match the size and SHA-256 it
-    records, so a truncated or edited finished history is refused. A missing file: no rows."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    summary = path.parent / "train_summary.json"
-    if path.name == "history.csv" and summary.is_file():
-        record = read_json(summary, "training summary")
-        if isinstance(record, dict) and "history" in record:
-            verify_file(path, record["history"], "history", str(summary))
-    rows = list(csv.DictReader(io.StringIO(read_text(path, "history"), newline="")))
-    fields = list(rows[0]) if rows else []
-    if rows and "epoch" not in fields:
-        raise CtpruneError(f"history {path} has no \"epoch\" column")
-    prev = None
-    for i, row in enumerate(rows, start=2):
-        if None in row or any(v is None for v in row.values()):
-            raise CtpruneError(f"history {path}, line {i}: truncated or extra fields")
-        for col, value in row.items():
-            if col == "variant" or value == "":
-                continue
-            try:
-                float(value)
-            except ValueError:
-                raise CtpruneError(f"history {path}, line {i}: {col} {value!r} is not a number") from None
-        training = "variant" not in row
-        if not row["epoch"].isdigit() and not (training and _is_fraction(row["epoch"])):
-            raise CtpruneError(f"history {path}, line {i}: epoch {row['epoch']!r} is not a whole number"
-                               + (" or a fraction of epochs (1.25)" if training else ""))
-        epoch = float(row["epoch"])
-        if prev is not None and (not prev < epoch <= math.floor(prev) + 1 if training else epoch < prev):
-            raise CtpruneError(f"history {path}, line {i}: epoch {row['epoch']} after epoch {prev:g}")
-        prev = epoch
-    return rows
-
-
-def _is_fraction(text: str) -> bool:
-    """``1.25``: digits, a point, digits (a sub-epoch evaluation's epoch)."""
-    whole, point, frac = text.partition(".")
-    return whole.isdigit() and point == "." and frac.isdigit()
-
-
-def _epoch_text(epoch: float) -> str:
-    """A history's epoch: ``2`` at the end of an epoch, ``1.25`` within one."""
-    return str(int(epoch)) if float(epoch).is_integer() else f"{epoch:.6f}".rstrip("0")
+    arch = arch_of(model)
+    split = TokenizedSplit(train, tok, arch.max_len(model))
+    return math.ceil(flops / _epoch_flops(arch, model, split, recipe)) + 1
 
 
 # What ``fit`` (and `ctprune run` beside it) writes into its output folder.
@@ -291,14 +236,6 @@ def is_fit_output(path: Path) -> bool:
 def has_training_run(out: Path) -> bool:
     """Whether ``out`` holds a committed training checkpoint (or the history of one)."""
     return (out / "last").exists() or (out / "history.csv").exists()
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def _reached(history: list[dict[str, Any]], target: float | None, min_epochs: int) -> bool:
@@ -331,11 +268,9 @@ def _check_same_recipe(recorded: Any, now: dict[str, Any], last: Path) -> None:
 def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parallel,
         recipe: Recipe, out: Path, hparams: dict[str, Any], resume: bool = False,
         device: str = "cpu", eval_before: bool = False, target_bleu: float | None = None,
-        after_step: Callable[[Seq2SeqTransformer], None] | None = None, min_epochs: int = 0,
-        snapshot_epochs: tuple[int, ...] = (), max_flops: float | None = None) -> FitResult:
+        min_epochs: int = 0, snapshot_epochs: tuple[int, ...] = (), max_flops: float | None = None) -> FitResult:
     """Train ``model`` for ``recipe.epochs`` epochs and write the model folder ``out``.
 
-    ``after_step`` runs after every optimizer step (pruning masks are re-applied there).
     ``eval_before`` records epoch 0 (the model as given) in the history. Reaching
     ``target_bleu`` stops training, but not before ``min_epochs``. After each epoch K in
     ``snapshot_epochs`` the model is also saved as ``out/epoch-K`` (equal-budget comparisons).
@@ -346,22 +281,31 @@ def fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Paralle
     evaluation that ``recipe.select`` prefers: the highest val BLEU or the lowest val loss.
     With ``max_flops`` training stops after the step that reaches that many training FLOPs (the
     last evaluation at that fraction of an epoch) and the lr schedule ends there
-    (``epochs_for_flops`` gives the epochs it needs).
+    (``epochs_for_flops`` gives the epochs it needs). A pruned model's masked Linears are
+    parametrized while ``fit`` runs (``ctprune.model.weights``): their removed weights stay zero
+    through every step, and every checkpoint stores them as before parametrizations (the masked
+    weight beside its mask). When ``fit`` returns or raises, the parametrizations it added are
+    removed again (``release_masks``): ``model`` is left a plain module, its weights those of the
+    last step (not the kept evaluation's), masked, each the same Parameter object in the same
+    order as before, so an optimizer the caller builds afterwards lists them as it would have.
     """
     out = Path(out)
     check_existing(out, is_fit_output, "a training run's folder")
     if not resume and has_training_run(out):
         raise CtpruneError(f"{out} already holds a training run; pass --resume to continue it "
                            "or choose another output folder")
-    with locked(out, "train/finetune"):  # one writer per output: a second resume is refused
-        return _fit(model, tok, train, val, recipe, out, hparams, resume, device, eval_before, target_bleu,
-                    after_step, min_epochs, snapshot_epochs, max_flops)
+    ours = [m for m in masked_linears(model) if not parametrize.is_parametrized(m, "weight")]
+    try:
+        with locked(out, "train/finetune"):  # one writer per output: a second resume is refused
+            return _fit(model, tok, train, val, recipe, out, hparams, resume, device, eval_before, target_bleu,
+                        min_epochs, snapshot_epochs, max_flops)
+    finally:  # the caller's model as it came, its masked weights at their trained (masked) values
+        release_masks(ours)
 
 
 def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parallel, recipe: Recipe, out: Path,
          hparams: dict[str, Any], resume: bool, device: str, eval_before: bool, target_bleu: float | None,
-         after_step: Callable[[Seq2SeqTransformer], None] | None, min_epochs: int,
-         snapshot_epochs: tuple[int, ...], max_flops: float | None = None) -> FitResult:
+         min_epochs: int, snapshot_epochs: tuple[int, ...], max_flops: float | None = None) -> FitResult:
     """``fit``'s work, under its lock."""
     last = out / "last"
     state_path = last / "trainer_state.pt"
@@ -374,11 +318,15 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
     arch = arch_of(model)
     train_split = TokenizedSplit(train, tok, arch.max_len(model))
     val_split = TokenizedSplit(val, tok, arch.max_len(model))
-    opt = make_optimizer(model.parameters(), recipe)
+    # The parameters in the module's own order, taken once, before ``enforce_masks`` below: a
+    # parametrized weight is listed after its bias, and the optimizer's state (which every
+    # checkpoint stores, those written before masks were parametrizations too) is by position.
+    params = list(model.parameters())
+    opt = make_optimizer(params, recipe)
     steps_per_epoch = len(_batches(train_split, recipe, 0))
     total_steps = steps_per_epoch * max(1, recipe.epochs)
     if max_flops is not None:  # the schedule ends where the FLOPs do
-        total_steps = min(total_steps, math.ceil(max_flops / _epoch_flops(model, train_split, recipe)
+        total_steps = min(total_steps, math.ceil(max_flops / _epoch_flops(arch, model, train_split, recipe)
                                                  * steps_per_epoch))
     hparams = {**hparams, "recipe": asdict(recipe)}
     history: list[dict[str, Any]] = []
@@ -415,6 +363,9 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
         history = read_history(out / "history.csv")  # only epoch 0 was recorded (older runs)
         best = max((float(r["val_bleu"]) for r in history), default=best)
         kept = best if recipe.select == "val_bleu" else max((-float(r["val_loss"]) for r in history), default=kept)
+    # After the resumed weights, which load by the stored names (a masked weight as ``weight``);
+    # ``fit`` takes the parametrizations off again when it returns.
+    enforce_masks(model)
 
     def commit(epoch: int) -> None:
         """Checkpoint ``last/`` (weights, optimizer, step, RNG, history) as one unit, then the
@@ -425,29 +376,30 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
                  "torch_rng": torch.get_rng_state()}
 
         def write(folder: Path) -> None:
-            save_model_folder(folder, model, tok, {**hparams, "epoch": epoch})
+            arch.save(folder, model, tok, {**hparams, "epoch": epoch})
             atomic_write(folder / "trainer_state.pt", functools.partial(torch.save, state))
-            _write_history(folder / "history.csv", history)
+            write_history(folder / "history.csv", history)
 
         commit_dir(last, write)
-        _write_history(out / "history.csv", history)
+        write_history(out / "history.csv", history)
 
     def record(epoch: float, train_loss: float, epoch_time: float, lr: float, wall_s: float) -> float:
         """Evaluate, append the history row (``wall_s``: training seconds so far) and keep the
         weights when ``recipe.select`` prefers them; returns the val BLEU."""
         nonlocal best, kept, kept_row
-        bleu = evaluate(model, tok, val)
-        vloss = evaluate_loss(model, val_split, device)
-        history.append(dict(epoch=_epoch_text(epoch), train_loss=f"{train_loss:.4f}", val_loss=f"{vloss:.4f}",
+        with parametrize.cached():  # a masked weight computed once per evaluation, not per forward
+            bleu = evaluate(model, tok, val)
+            vloss = evaluate_loss(model, val_split, device)
+        history.append(dict(epoch=epoch_text(epoch), train_loss=f"{train_loss:.4f}", val_loss=f"{vloss:.4f}",
                             val_bleu=f"{bleu:.2f}", lr=f"{lr:.3g}", epoch_time_s=f"{epoch_time:.1f}",
                             wall_time_s=f"{wall_s:.1f}", train_tokens=tokens, train_flops=flops))
         best = max(best, bleu)
         score = bleu if recipe.select == "val_bleu" else -vloss
         if score > kept:
-            kept, kept_row = score, {"epoch": _epoch_text(epoch), "val_bleu": round(bleu, 2),
+            kept, kept_row = score, {"epoch": epoch_text(epoch), "val_bleu": round(bleu, 2),
                                      "val_loss": round(vloss, 4)}
-            save_model_folder(out, model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
-        head = "epoch 0 (before training)" if epoch == 0 else f"epoch {_epoch_text(epoch)}: train loss {train_loss:.3f}"
+            arch.save(out, model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
+        head = "epoch 0 (before training)" if epoch == 0 else f"epoch {epoch_text(epoch)}: train loss {train_loss:.3f}"
         tqdm.write(f"{head}  val loss {vloss:.3f}  val BLEU {bleu:.2f}  ({epoch_time:.0f}s)")
         return bleu
 
@@ -472,8 +424,6 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
             batch = batch.to(device)
             lr = recipe.lr_at(step, total_steps)
             loss = train_step(model, opt, batch, recipe, lr)
-            if after_step is not None:
-                after_step(model)
             flops += arch.train_step_flops(model, *batch.src.shape, batch.tgt_in.shape[1])
             step += 1
             n = batch.n_tgt_tokens
@@ -496,7 +446,7 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
         bleu = record(at, loss_sum / max(1, loss_tokens), epoch_time, lr, wall)
         since_best = 0 if best > best_before or bleu >= best else since_best + 1
         if epoch in snapshot_epochs and at == epoch:  # before the commit: a kill in between redoes the epoch
-            save_model_folder(out / f"epoch-{epoch}", model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
+            arch.save(out / f"epoch-{epoch}", model, tok, {**hparams, "epoch": epoch, "val_bleu": bleu})
         commit(epoch)
         if stopped_early:
             break
@@ -507,8 +457,8 @@ def _fit(model: Seq2SeqTransformer, tok: Tokenizer, train: Parallel, val: Parall
         elif recipe.patience and since_best >= recipe.patience:
             stopped_early = True
     if not is_model_folder(out):  # zero epochs and no eval: still leave a usable folder
-        save_model_folder(out, model, tok, {**hparams, "epoch": 0})
-    _write_history(out / "history.csv", history)  # a kill may have come between commit and copy
+        arch.save(out, model, tok, {**hparams, "epoch": 0})
+    write_history(out / "history.csv", history)  # a kill may have come between commit and copy
     write_json(out / "train_summary.json", {
         "best_val_bleu": best, "epochs_done": int(float(history[-1]["epoch"])) if history else 0,
         "wall_time_s": round(wall, 2), "train_tokens": tokens, "stopped_early": stopped_early,
