@@ -24,9 +24,9 @@ from ctprune.arch import arch_of
 from ctprune.data.batching import pad
 from ctprune.data.corpus import load_split
 from ctprune.fileio import write_json
+from ctprune.latency import latencies
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.flops import parameter_counts
-from ctprune.run.jobs import latencies
 from ctprune.spec import LATENCY_REPEATS
 from ctprune.stages.compose import compose_configuration
 from ctprune.stages.configs import ConfigsArgs, PlanArgs, write_configs, write_plan

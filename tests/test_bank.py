@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from ctprune.arch import arch_of
 from ctprune.model.weights import enforce_masks, plain_state_dict, save_weights
@@ -181,20 +181,31 @@ def test_a_masked_variant_stays_masked_through_optimizer_steps(tiny_model, tmp_p
 
 
 def test_a_model_is_saved_as_before_masks_were_parametrizations(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """``save_weights`` writes what safetensors' ``save_model`` wrote of the unparametrized model,
-    byte for byte: tied embeddings once, a masked weight under its own name beside its mask."""
+    """``save_weights`` stores the tensors safetensors' ``save_model`` stored of the unparametrized
+    model (tied embeddings once, under the name it keeps; a masked weight under its own name beside
+    its mask), byte for byte the same file each time (``save_model``'s tied-name metadata came out
+    in a random order, so the same model had two fingerprints), and ``load_model`` reads it."""
     name = "encoder.layers.0.ffn.linear1"
     model = copy.deepcopy(tiny_model)
     arch = arch_of(model)
     linear = arch.block(model, name)
     arch.set_block(model, name, mask_linear(linear, l1_mask(linear.weight, 0.3)))
     save_model(model, str(tmp_path / "before.safetensors"))
-    save_weights(model, str(tmp_path / "plain.safetensors"))
+    for i in range(5):
+        save_weights(model, str(tmp_path / f"plain{i}.safetensors"))
     save_weights(enforce_masks(model), str(tmp_path / "enforced.safetensors"))
-    before = _header_and_data(tmp_path / "before.safetensors")
-    assert _header_and_data(tmp_path / "plain.safetensors") == before
-    assert _header_and_data(tmp_path / "enforced.safetensors") == before
-    assert f"{name}.weight_mask" in before[0] and "src_embed.weight" in before[0]["__metadata__"]
+    before = load_file(str(tmp_path / "before.safetensors"))
+    plain = load_file(str(tmp_path / "plain0.safetensors"))
+    assert list(plain) == sorted(before) and all(torch.equal(plain[k], before[k]) for k in before)
+    assert f"{name}.weight_mask" in plain and "src_embed.weight" not in plain  # tied: stored once
+    files = {(tmp_path / f"plain{i}.safetensors").read_bytes() for i in range(5)}
+    assert files == {(tmp_path / "enforced.safetensors").read_bytes()}
+    fresh = copy.deepcopy(tiny_model)
+    arch.set_block(fresh, name, mask_linear(arch.block(fresh, name), l1_mask(linear.weight, 0.3)))
+    load_model(fresh, str(tmp_path / "plain0.safetensors"), strict=True)
+    stored = plain_state_dict(model)
+    assert fresh.state_dict().keys() == stored.keys()
+    assert all(torch.equal(v, stored[k]) for k, v in fresh.state_dict().items())
 
 
 def _header_and_data(path: Path) -> tuple[dict[str, Any], bytes]:

@@ -1328,7 +1328,7 @@ def test_disk_full_in_compose_leaves_no_half_written_folder(workspace: Path, tmp
     if existing:  # an earlier compose output stays whole when its replacement fails
         assert main(COMPOSE + ["out"]) == 0
     before = snapshot(tmp_path)
-    _fill_disk(monkeypatch, "ctprune.model.checkpoint", "save_model", kind)
+    _fill_disk(monkeypatch, "ctprune.model.weights", "save_file", kind)
     capsys.readouterr()
     assert main(COMPOSE + ["out"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -1361,10 +1361,10 @@ def test_disk_full_through_a_subprocess_has_no_traceback(workspace: Path, tmp_pa
     w = tmp_path / "w"
     shutil.copytree(workspace, w, symlinks=True)
     before = snapshot(tmp_path)
-    script = ("import sys, ctprune.model.checkpoint as c\n"
+    script = ("import sys, ctprune.model.weights as c\n"
               "from tests.test_faults import _disk_full\n"
               "def full(*a, **k): raise _disk_full('safetensors')\n"
-              "c.save_model = full\n"
+              "c.save_file = full\n"
               "from ctprune.cli import main\n"
               f"sys.exit(main({COMPOSE + ['out']!r}))\n")
     r = subprocess.run([sys.executable, "-c", script], cwd=w, capture_output=True, text=True, timeout=300,

@@ -5,9 +5,9 @@ every optimizer step without a caller re-applying it. A masked Linear carries it
 ``weight_mask`` buffer (what variant files and model folders store). ``enforce_masks``
 parametrizes such Linears for training (block tuning and model finetuning) and
 ``release_masks`` takes the parametrization off again; ``plain_state_dict`` gives the state dict
-in the stored form (``weight`` masked, ``bias``, ``weight_mask``) and ``save_weights`` writes it,
-so files written from a parametrized module are the files written before masks were
-parametrizations.
+in the stored form (``weight`` masked, ``bias``, ``weight_mask``) and ``save_weights`` writes it
+(the same bytes for the same weights), so files written from a parametrized module hold what was
+written before masks were parametrizations.
 
 Here, not in ``ctprune.pruning``: model folders (``checkpoint.py``) write through
 ``save_weights``, and ``ctprune.pruning`` imports ``ctprune.model``, not the reverse.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -83,25 +83,19 @@ def plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-class _Stored(nn.Module):
-    """A module whose state dict is the given one: ``save_model`` writes it as it would write the
-    module it came from (tied names deduplicated by its own rule)."""
-
-    def __init__(self, state: dict[str, Tensor]) -> None:
-        super().__init__()
-        self._state = state
-
-    def state_dict(self, *args: object, **kwargs: object) -> dict[str, Tensor]:  # type: ignore[override]
-        return dict(self._state)
-
-
 def save_weights(module: nn.Module, path: str) -> None:
-    """Write ``plain_state_dict(module)`` to the safetensors file ``path`` through
-    ``safetensors.torch.save_model``: the same as ``save_model(module, path)`` of the module
-    without parametrizations, up to header order (safetensors writes the metadata of tied names,
-    a tensor shared under several names stored once, in a random order). A module with no
-    parametrization is handed to ``save_model`` itself."""
-    if not any(parametrize.is_parametrized(m) for m in module.modules()):
-        save_model(module, path)
-    else:
-        save_model(_Stored(plain_state_dict(module)), path)
+    """Write ``plain_state_dict(module)`` to the safetensors file ``path``, the same file for the
+    same weights: a tensor tied under several names (shared embeddings) is stored once, under the
+    first of its names in sorted order (the name ``safetensors.torch.save_model`` keeps and
+    ``load_model`` expects). Unlike ``save_model``, no metadata lists the other names:
+    safetensors writes metadata in a random order, and a model's fingerprint is its file's SHA-256."""
+    stored: dict[str, Tensor] = {}
+    seen: set[tuple[str, int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    for name, tensor in sorted(plain_state_dict(module).items()):
+        view = (str(tensor.device), tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and view in seen:
+            continue
+        seen.add(view)
+        stored[name] = tensor.detach().contiguous()
+    save_file(stored, path)

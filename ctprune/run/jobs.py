@@ -24,16 +24,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ctprune.device import resolve_device
 from ctprune.errors import CtpruneError
 from ctprune.fileio import read_json, write_json, write_text
 from ctprune.pruning.configs import fingerprint, variant_ids, variant_key
 from ctprune.spec import LATENCY_REPEATS, FinetuningSpec, OriginSpec, spec_default
-
-if TYPE_CHECKING:
-    from ctprune.arch import Architecture
 
 RECORDS = "jobs"
 LATENCY_SENTENCES = 256  # the first sentences of the first test split
@@ -381,32 +378,6 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
             **({"kept": kept} if kept is not None else {})}
 
 
-def latencies(arch: Architecture, models: list[Any], ids: list[list[int]], steps: list[int], repeats: int = 5,
-              batch_size: int = 64, pad_id: int = 0) -> list[list[float]]:
-    """Seconds of batched greedy decoding with fixed step counts (the same work for every model,
-    all of architecture ``arch``), ``repeats`` rounds in which every model runs once (interleaved,
-    so drifts hit all alike), after one untimed warm-up round (allocator and kernel caches)."""
-    import torch
-
-    from ctprune.data.batching import pad
-    from ctprune.progress import progress
-
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    device = next(models[0].parameters()).device
-    srcs = [(pad([ids[i] for i in c], pad_id).to(device), max(steps[i] for i in c)) for c in chunks]
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for r in progress(range(repeats + 1), desc="latency", unit="round", leave=False):
-            for m, model in enumerate(models):
-                t0 = time.perf_counter()
-                for src, n in srcs:
-                    arch.generate(model, src, steps=n)
-                if r:
-                    times[m].append(time.perf_counter() - t0)
-    return times
-
-
 def latency_job(output: str, origin: str, bank: str, configurations: list[dict[str, float]],
                 flops_ratios: list[float], corpus: str, data_dir: str | None, test: str, device: str) -> dict[str, Any]:
     """Decoding latency ratio to the origin per configuration: median of interleaved repeats with
@@ -417,6 +388,7 @@ def latency_job(output: str, origin: str, bank: str, configurations: list[dict[s
     from ctprune.arch import arch_of
     from ctprune.data.batching import pad
     from ctprune.data.corpus import load_split
+    from ctprune.latency import latencies
     from ctprune.model.checkpoint import load_model_folder
     from ctprune.pruning.bank import compose
     from ctprune.pruning.configs import validate_configurations

@@ -30,6 +30,7 @@ from ctprune.data.batching import Batch, TokenizedSplit
 from ctprune.data.corpus import default_splits, load_split
 from ctprune.data.tokenizer import Tokenizer
 from ctprune.device import resolve_device
+from ctprune.latency import greedy_seconds
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.pruning.bank import Bank
 from ctprune.pruning.configs import model_fingerprint
@@ -88,13 +89,6 @@ def _kl_and_loss(logits: Tensor, origin_logp: Tensor, tgt_out: Tensor, pad_id: i
     return float(kl), float(F.nll_loss(logp, tgt_out[real], reduction="sum"))
 
 
-def _timed(arch: Architecture, model: nn.Module, src: Tensor, steps: int) -> float:
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        arch.generate(model, src, steps=steps)
-    return time.perf_counter() - t0
-
-
 def measure_latency(arch: Architecture, origin: nn.Module, variants: dict[str, tuple[str, nn.Module]],
                     subset: Subset, repeats: int) -> dict[str, Any]:
     """Milliseconds of batched greedy decoding (the subset's first batch, a fixed number of
@@ -102,22 +96,22 @@ def measure_latency(arch: Architecture, origin: nn.Module, variants: dict[str, t
     variant runs alternate, so slow drifts of the machine cancel in the difference. ``repeats``
     (at least 1) is checked by ``ScoreArgs``."""
     src, steps = subset.batches[0].src, subset.batches[0].tgt_in.shape[1]
-    _timed(arch, origin, src, steps)  # warm-up
+    greedy_seconds(arch, origin, src, steps)  # warm-up
     out: dict[str, Any] = {"unit": "ms per greedy decoding of the latency batch",
                            "batch": list(src.shape), "steps": steps, "repeats": repeats, "variants": {}}
     origin_all: list[float] = []
     for key, (name, module) in variants.items():
         diffs = []
         for _ in range(repeats):
-            o = _timed(arch, origin, src, steps)
+            o = greedy_seconds(arch, origin, src, steps)
             with swapped(arch, origin, name, module):
-                v = _timed(arch, origin, src, steps)
+                v = greedy_seconds(arch, origin, src, steps)
             origin_all.append(o)
             diffs.append(1000 * (v - o))
         out["variants"][key] = {"delta_ms": round(statistics.median(diffs), 4),
                                 "spread_ms": round(max(diffs) - min(diffs), 4)}
     if not origin_all:
-        origin_all = [_timed(arch, origin, src, steps) for _ in range(repeats)]
+        origin_all = [greedy_seconds(arch, origin, src, steps) for _ in range(repeats)]
     out["origin_ms"] = round(1000 * statistics.median(origin_all), 4)
     out["origin_spread_ms"] = round(1000 * (max(origin_all) - min(origin_all)), 4)
     return out
