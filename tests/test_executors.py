@@ -13,7 +13,7 @@ import pytest
 from ctprune.errors import CtpruneError
 from ctprune.pruning.bank import Bank
 from ctprune.run.executors import RETRY, Executor, LocalExecutor, ProcessExecutor, make_executor
-from ctprune.run.jobs import FAULT_ENV, Job
+from ctprune.run.runtime import FAULT_ENV, Job
 from ctprune.spec import ExecutionSpec
 from ctprune.stages.prune import PruneArgs, prune
 from ctprune.stages.tune_blocks import TuneArgs, tune_blocks
@@ -124,7 +124,7 @@ def test_an_edited_or_incomplete_job_record_is_run_again_never_read(edit: str, t
 
 
 def test_no_json_file_gets_nan_or_infinity(tmp_path: Path) -> None:
-    from ctprune.run.jobs import write_json_strict
+    from ctprune.run.runtime import write_json_strict
 
     with pytest.raises(CtpruneError, match=r"summary .*: origin.val_bleu is not a finite number; nothing written"):
         write_json_strict(tmp_path / "s.json", {"origin": {"val_bleu": float("-inf")}}, "summary")

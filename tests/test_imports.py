@@ -49,7 +49,7 @@ def imports_anywhere(path: Path) -> set[str]:
 
 
 UPPER = ("ctprune.stages", "ctprune.cli")  # the commands and their stage functions
-RUN = "ctprune.run"  # the job runtime, executors, experiment graph and report: built on the stages
+RUN = "ctprune.run"  # the job runtime and bodies, executors, experiment graph and report: built on the stages
 # What the stages are built on: it never reaches up into them, not even from inside a function
 # (the budget grammar once lived in the search stage and the spec imported it from there).
 BELOW = ("ctprune.spec", "ctprune.budget", "ctprune.errors", "ctprune.fileio", "ctprune.run.experiment",
@@ -100,12 +100,20 @@ def test_no_import_cycles() -> None:
     assert not cycles, cycles
 
 
-def test_the_graph_imports_the_experiment_the_jobs_and_the_executors() -> None:
+def test_the_graph_imports_the_experiment_the_runtime_and_the_executors() -> None:
     deps = module_imports()["ctprune.run.graph"]
-    assert {"ctprune.run.experiment", "ctprune.run.jobs", "ctprune.run.executors"} <= deps
+    assert {"ctprune.run.experiment", "ctprune.run.runtime", "ctprune.run.executors"} <= deps
     stages = {d for d in deps if d.startswith("ctprune.stages") or d.startswith("ctprune.model")
               or d.startswith("ctprune.training")}
     assert not stages, stages  # stage logic lives in the jobs, not in the graph
+
+
+def test_nothing_of_run_imports_the_job_bodies() -> None:
+    """The job runtime, the executors and the graph name job functions; only a worker running a
+    job imports ``ctprune.run.jobs`` (by the name the job carries), not even inside a function."""
+    for name in ("runtime", "executors", "graph", "experiment", "protocol", "summary", "report"):
+        found = imports_anywhere(ROOT / "run" / f"{name}.py")
+        assert not {m for m in found if _within(m, ("ctprune.run.jobs",))}, name
 
 
 def test_the_spec_and_the_history_reader_load_without_torch() -> None:

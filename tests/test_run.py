@@ -14,8 +14,7 @@ import ctprune.run.graph as run_stage
 import ctprune.run.jobs as jobs
 from ctprune.errors import CtpruneError
 from ctprune.pruning.configs import variant_key
-from ctprune.run.experiment import load_experiment
-from ctprune.run.jobs import check_configurations_early
+from ctprune.run.experiment import check_configurations_early, load_experiment
 from ctprune.run.protocol import BankCost, Configuration, flops_at, saving, saving_curve, time_to_target
 from ctprune.run.report import METHODS, FrontierRow, frontier, pareto
 from ctprune.run.summary import REQUIRED, Summary

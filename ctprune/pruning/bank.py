@@ -29,7 +29,7 @@ from ctprune.errors import CtpruneError, first_line
 from ctprune.fileio import atomic_write, brief, contained, file_record, read_json, verify_file, write_json
 from ctprune.model.weights import plain_state_dict
 from ctprune.pruning.block_history import plot_block_losses, write_block_history
-from ctprune.pruning.configs import KINDS, Configuration, check_ratio, variant_key
+from ctprune.pruning.configs import KINDS, Configuration, check_ratio, variant_ids, variant_key
 from ctprune.pruning.surgery import mask_linear
 from ctprune.training.history import read_history
 
@@ -327,3 +327,9 @@ def compose(origin: nn.Module, bank: Path, conf: Configuration, index: dict[str,
         if ratio < 1:
             arch.set_block(model, name, load_variant(bank, index, variant_key(name, ratio), origin).to(device))
     return model.train(origin.training)  # new variant modules would otherwise be in training mode
+
+
+def missing_variants(plan: dict[str, Any], bank: Path) -> list[str]:
+    """The plan's variant keys that ``bank`` does not hold (all of them when it does not exist)."""
+    have = Bank.open(bank).variants if Bank.exists(bank) else {}
+    return [variant_key(n, r) for n, r in variant_ids(plan) if variant_key(n, r) not in have]

@@ -1,4 +1,4 @@
-"""Executors: run a graph of jobs (ctprune/run/jobs.py) in this process, in worker processes, or as
+"""Executors: run a graph of jobs (ctprune/run/runtime.py) in this process, in worker processes, or as
 Ray tasks. Every executor starts a job once its dependencies have records, never runs anything
 beside an ``exclusive`` job (latency is timed alone), shares the CPU threads out among the jobs
 that run at once (a job alone gets them all; never more threads than cores in use: two processes
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ctprune.errors import CtpruneError
-from ctprune.run.jobs import Job, read_record, run_job
+from ctprune.run.runtime import Job, read_record, run_job
 from ctprune.spec import ExecutionSpec
 
 MAX_ATTEMPTS = 3  # a job whose worker dies (while it runs alone) is run at most this many times

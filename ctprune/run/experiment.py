@@ -117,3 +117,29 @@ def load_experiment(path: Path) -> Experiment:
     if "search" not in specs:
         specs.setdefault("configurations", ConfigurationsSpec()).check(str(path))
     return Experiment(path=path, seeds=seeds, **specs)
+
+
+def resolve_configurations(modules: dict[str, Any], c: dict[str, Any], where: str) -> list[dict[str, float]]:
+    """The configurations of a [configurations] section (as a dict) checked against ``modules``."""
+    from ctprune.pruning.configs import default_configurations, load_configurations, validate_configurations
+
+    if c.get("file") is not None:
+        return load_configurations(Path(c["file"]), modules)
+    if c.get("inline") is not None:
+        return validate_configurations(list(c["inline"]), modules, f"{where} [configurations].inline")
+    n = len(c["attention"] or c["linear"] or c["ffn"])
+    return default_configurations(modules, n, c["attention"], c["linear"], c["ffn"],
+                                  label=f"{where}: configurations.")
+
+
+def check_configurations_early(preset: str, arch: str, c: dict[str, Any], where: str) -> None:
+    """Refuse configurations that name no module of the preset's architecture before the origin
+    model is trained (hours, at the seed size), on an untrained model of the same shape."""
+    from types import SimpleNamespace
+
+    from ctprune.arch import get
+    from ctprune.model.transformer import PRESETS
+
+    tok = SimpleNamespace(vocab_size=64, pad_id=0, bos_id=0, eos_id=3)  # the vocabulary changes no module name
+    family = get(arch)
+    resolve_configurations(family.units(family.from_scratch(PRESETS[preset], tok)), c, where)

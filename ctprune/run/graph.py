@@ -1,5 +1,6 @@
-"""`ctprune run`: the whole composability experiment as a graph of jobs (ctprune/run/jobs.py) handed
-to an executor (ctprune/run/executors.py), resumable; then the protocol's arithmetic and the report.
+"""`ctprune run`: the whole composability experiment as a graph of jobs (ctprune/run/runtime.py;
+their functions in ctprune/run/jobs.py) handed to an executor (ctprune/run/executors.py),
+resumable; then the protocol's arithmetic and the report.
 
 RUN_DIR/
   .ctprune-run            written first: `run -o` takes only a new or empty folder or one with this marker
@@ -41,11 +42,10 @@ from ctprune import __version__
 from ctprune.data.corpus import DATA_DIR_ENV, corpus_languages, default_splits, resolve_data_dir, test_splits
 from ctprune.errors import CtpruneError
 from ctprune.fileio import check_output, file_record, read_json, sha256_file, write_bytes, write_json, write_text
-from ctprune.pruning.bank import Bank
+from ctprune.pruning.bank import Bank, missing_variants
 from ctprune.pruning.configs import fingerprint, model_fingerprint, variant_ids, variant_key
 from ctprune.run.executors import Executor, cpu_threads, make_executor
-from ctprune.run.experiment import Experiment, load_experiment
-from ctprune.run.jobs import RECORDS, Job, check_configurations_early, missing_variants, write_json_strict
+from ctprune.run.experiment import Experiment, check_configurations_early, load_experiment
 from ctprune.run.protocol import (
     BankCost,
     Configuration,
@@ -57,6 +57,7 @@ from ctprune.run.protocol import (
     scratch_flops,
     time_to_equal_quality,
 )
+from ctprune.run.runtime import RECORDS, Job, write_json_strict
 from ctprune.run.summary import Summary
 from ctprune.spec import ExecutionSpec, FinetuningSpec, OriginSpec, SearchSpec, TuningSpec, check_option, spec_default
 
