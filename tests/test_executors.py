@@ -255,7 +255,7 @@ def test_run_gives_the_same_numbers_on_the_process_executor(trained: Path, small
     assert local["execution"]["executor"] == "local" and [r["seed"] for r in local["runs"]] == [0, 1]
     exp = tmp_path / "exp.toml"
     exp.write_text(EXPERIMENT.format(model=trained, data=small_corpus).replace("seeds = [0, 1]", "seeds = [0]"))
-    monkeypatch.setenv(FAULT_ENV, f"finetune composed 1:1.5:{tmp_path / 'killed'}")
+    monkeypatch.setenv(FAULT_ENV, f"finetune composed 1:0.3:{tmp_path / 'killed'}")  # the job: ~1 s
     run_stage.run_experiment(exp, tmp_path / "process", execution={"executor": "process", "workers": 2, "shards": 2})
     assert (tmp_path / "killed").read_text() == "finetune composed 1 (seed 0)"
     out = capsys.readouterr().out  # the job ran alone when its worker died, or beside another job

@@ -125,17 +125,21 @@ def read_record(job: Job, run_dir: Path) -> dict[str, Any] | None:
 
 def _fault_hook(name: str) -> threading.Timer | None:
     """For tests only: ``$CTPRUNE_FAULT_KILL_JOB`` = NAME_PART:SECONDS:MARKER kills this worker
-    process SECONDS into the first job whose name contains NAME_PART (MARKER records that it
-    happened, so the retry runs through; "always" kills every attempt)."""
+    process SECONDS into the first job whose name contains NAME_PART and lasts that long (MARKER,
+    written as the kill fires, records that it happened, so the retry runs through; "always"
+    kills every attempt)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
     part, seconds, marker = spec.split(":", 2)
     if part not in name or (marker != "always" and Path(marker).exists()):
         return None
-    if marker != "always":
-        Path(marker).write_text(name)
-    timer = threading.Timer(float(seconds), lambda: os._exit(137))
+    def kill() -> None:
+        if marker != "always":
+            Path(marker).write_text(name)
+        os._exit(137)
+
+    timer = threading.Timer(float(seconds), kill)
     timer.start()
     return timer
 
