@@ -73,6 +73,7 @@ class OrtSeq2Seq:
         # A Hugging Face model decodes as its generate() does (hfgen.py); ctprune's as decode.py.
         hf = is_hf(get(self.arch))
         self.rules = hfgen.GenerationRules.from_json(self.info.get("generation")) if hf else None
+        self.neutral = hfgen.GenerationRules.neutral(self.pad_id, self.bos_id, self.eos_id)  # ctprune's: raw argmax
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -139,8 +140,7 @@ class OrtSeq2Seq:
         limit = steps or self.max_steps(src)
         if self.rules is not None:
             return hfgen.greedy(self, src, self.rules, limit, steps or 0)
-        rules = hfgen.GenerationRules.neutral(self.pad_id, self.bos_id, self.eos_id)
-        return hfgen.greedy(self, src, rules, limit, fixed=steps is not None, drop_pad=False)
+        return hfgen.greedy(self, src, self.neutral, limit, fixed=steps is not None, drop_pad=False)
 
     def beam_search(self, src: Tensor, beam: int, alpha: float = 0.6) -> list[list[int]]:
         """src (B, S) -> B token-id lists, as ``decode.beam_search`` (GNMT length penalty; a Hugging
@@ -158,8 +158,7 @@ class OrtSeq2Seq:
             past = self.reorder(past, src_beam.numpy())
             if bool(finished.all()):
                 break
-        neutral = hfgen.GenerationRules.neutral(self.pad_id, self.bos_id, self.eos_id)
-        return hfgen.clean(beam_best(scores, seqs, lengths, alpha), neutral, drop_pad=False)  # cut at EOS
+        return hfgen.clean(beam_best(scores, seqs, lengths, alpha), self.neutral, drop_pad=False)  # cut at EOS
 
     def generate(self, src: Tensor, beam: int = 1, steps: int | None = None) -> list[list[int]]:
         """src (B, S) -> B token-id lists, as the source model's architecture generates them."""
