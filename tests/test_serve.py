@@ -499,13 +499,6 @@ def test_ct2_bad_requests_refused(pruned: Path, fp32: Path, ct2_fp32: Path, tmp_
     with pytest.raises(CtpruneError, match="is inside the model folder"):
         export(ExportArgs(model=pruned, output=pruned / "ct2", format="ctranslate2"))
     assert not list(tmp_path.glob(".notes-*")) and not (pruned / "ct2").exists()
-    hf = tmp_path / "t5"  # detected from its config.json, refused before its weights are read
-    hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
-    with pytest.raises(CtpruneError, match="is a T5ForConditionalGeneration folder; --format ctranslate2 supports "
-                                           "the architectures ctprune, marian so far"):
-        export(ExportArgs(model=hf, output=tmp_path / "hf-ct2", format="ctranslate2"))
-    assert not (tmp_path / "hf-ct2").exists() and not list(tmp_path.glob(".hf-ct2-*"))
     with pytest.raises(CtpruneError, match="not a CTranslate2 serving folder"):
         Ct2Seq2Seq(fp32)
     with pytest.raises(CtpruneError, match="not an ONNX serving folder"):
@@ -617,19 +610,24 @@ def test_serving_comes_from_the_family_registration() -> None:
     with no serve table to edit; one registered without is refused in one line."""
     from ctprune import arch
     from ctprune.arch import Family, Serving
+    from ctprune.serve import ct2
+    from ctprune.serve.ct2 import ct2_of
     from ctprune.serve.export import exportable, graphs_of, serving
     from ctprune.serve.graphs import NATIVE, Graphs
 
-    assert exportable("onnx") == ("ctprune", "marian", "t5") and exportable("ctranslate2") == ("ctprune", "marian")
+    assert exportable("onnx") == exportable("ctranslate2") == ("ctprune", "marian", "t5")
     assert serving("ctprune").optimizer_type == "bart" and serving("t5").optimizer_type == "t5"
     assert all(isinstance(graphs_of(n), Graphs) for n in exportable("onnx"))
     base = arch.family("ctprune")
     try:
         arch.register("toy-served", Family(base.module, base.cls, "toy", "toy-served", ("ToyServed",),
-                                           Serving(("onnx",), "ctprune.serve.graphs:NATIVE", "bart")))
+                                           Serving("ctprune.serve.graphs:NATIVE", "bart")))
         arch.register("toy-unserved", Family(base.module, base.cls, "toy", "toy-unserved", ("ToyUnserved",)))
         assert "toy-served" in exportable("onnx") and "toy-served" not in exportable("ctranslate2")
         assert graphs_of("toy-served") is NATIVE
+        with pytest.raises(CtpruneError, match="the toy-served architecture has no CTranslate2 registration"):
+            ct2_of("toy-served")
+        assert ct2_of("ctprune") is ct2.NATIVE and ct2_of("t5") is ct2.T5
         assert "toy-unserved" not in exportable("onnx")
         with pytest.raises(CtpruneError, match="no serving registration"):
             serving("toy-unserved")

@@ -212,8 +212,8 @@ def test_generation_settings_it_cannot_copy_are_refused(pruned: Path, tmp_path: 
     model, tok, hparams = load_model_folder(pruned)
     model.generation_config.no_repeat_ngram_size = 3
     save_model_folder(tmp_path / "m", model, tok, hparams)
-    with pytest.raises(CtpruneError, match="sets no_repeat_ngram_size=3, which ctprune's ONNX Runtime decoding "
-                                           "does not reproduce; export refused"):
+    with pytest.raises(CtpruneError, match="sets no_repeat_ngram_size=3, which ctprune's serving decoders "
+                                           "do not reproduce; export refused"):
         export(ExportArgs(model=tmp_path / "m", output=tmp_path / "onnx"), quiet=True)
     assert not (tmp_path / "onnx").exists() and not list(tmp_path.glob(".onnx-*"))
 
@@ -240,3 +240,43 @@ def test_a_tampered_or_foreign_tokenizer_file_is_refused(onnx_fp32: Path, tmp_pa
     (extra / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CtpruneError, match="graphs.json does not match its manifest"):
         OrtSeq2Seq(extra)
+
+
+def test_ctranslate2_matches_pytorch(pruned: Path, tmp_path: Path) -> None:
+    """CTranslate2 for a MarianMT and a T5 pruned unevenly: every block padded to its stack's widest
+    (T5: each self-attention with its own bias table, the shared table's columns of the heads it
+    keeps, which differ from layer 0's); teacher-forced log-probabilities within 1e-4 of the Hugging
+    Face model's; greedy ids identical to ``arch.generate``'s (the banned PAD suppressed, as the
+    generation config bans it) and translations, with T5's task prefix, identical to PyTorch's."""
+    from ctprune.serve.ct2 import Ct2Seq2Seq
+
+    model, tok, _ = load_model_folder(pruned)
+    arch = arch_of(model)
+    out = tmp_path / "ct2"
+    assert main(["export", str(pruned), "--format", "ctranslate2", "-o", str(out)]) == 0
+    info = json.loads((out / "spec.json").read_text())
+    assert info["architecture"] == arch.name and info["generation"]["suppressed"] == [0]
+    assert info["source_prefix"] == ("" if arch.name == "marian" else PREFIX)
+    enc_self = [3, 1] if arch.name == "marian" else [3, 2]
+    assert info["heads"]["encoder_heads"] == enc_self and info["heads"]["decoder_self_heads"] == [1, 3]
+    assert info["num_heads"] == {"encoder": 3, "decoder": 3}  # each stack's widest block, not the full 4
+    qkv = info["variables"]["encoder/layer_1/self_attention/linear_0/weight"]["shape"]
+    assert qkv == [3 * info["num_heads"]["encoder"] * 8, 32]
+    eng = Ct2Seq2Seq(out, threads=1)
+    assert eng.tokenizer.source_prefix == info["source_prefix"]
+    src = _src(tok)
+    g = torch.Generator().manual_seed(0)
+    tgt = [torch.randint(4, model.config.vocab_size, (n,), generator=g).tolist() for n in (6, 2, 9, 4, 7, 3)]
+    worst = 0.0
+    with torch.no_grad():
+        for i, (t, got) in enumerate(zip(tgt, eng.score(src, tgt), strict=True)):
+            s = src[i:i + 1, :int((src[i] != tok.pad_id).sum())]
+            dec_in = torch.tensor([[model.config.decoder_start_token_id, *t]])
+            logp = model(input_ids=s, decoder_input_ids=dec_in).logits.log_softmax(-1)[0]
+            ref = [logp[j, y].item() for j, y in enumerate([*t, tok.eos_id])]
+            worst = max(worst, *(abs(a - b) for a, b in zip(ref, got, strict=True)))
+        greedy = arch.generate(model, src, 1)
+    print(f"CTranslate2 {arch.name} fp32 max |log-prob diff|: {worst:.2e}")
+    assert worst < 1e-4
+    assert eng.generate(src) == greedy and max(map(len, greedy)) >= 5
+    assert translate_served(eng, SENTENCES) == decode.translate(model, tok, SENTENCES)

@@ -179,9 +179,14 @@ class Serving:
     """How ``ctprune export`` and the serving engines (``ctprune.serve``) handle a family. Plain
     strings, so that the registry imports nothing of onnx, onnxruntime or ctranslate2."""
 
-    formats: tuple[str, ...]  # the export formats it supports: "onnx", "ctranslate2"
     graphs: str  # "module:attribute" of its ONNX graph builder (a ``ctprune.serve.graphs.Graphs``)
     optimizer_type: str  # ``model_type`` of ONNX Runtime's transformer optimizer for its graphs
+    ct2: str | None = None  # "module:attribute" of its ``ctprune.serve.ct2.Ct2Family``; None: ONNX only
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The export formats it supports: "onnx", and "ctranslate2" where it has a ``ct2``."""
+        return ("onnx", "ctranslate2") if self.ct2 else ("onnx",)
 
 
 @dataclass(frozen=True)
@@ -231,13 +236,13 @@ def supported() -> str:
 
 register("ctprune", Family("ctprune.arch.native", "NativeArchitecture", "ctprune's own Transformer",
                            None, ("Seq2SeqTransformer",),
-                           Serving(("onnx", "ctranslate2"), "ctprune.serve.graphs:NATIVE", "bart")))
+                           Serving("ctprune.serve.graphs:NATIVE", "bart", "ctprune.serve.ct2:NATIVE")))
 register("marian", Family("ctprune.arch.marian", "MarianArchitecture", "MarianMTModel (model_type marian)",
                           "marian", ("MarianMTModel",),
-                          Serving(("onnx", "ctranslate2"), "ctprune.serve.graphs_hf:MARIAN", "bart")))
+                          Serving("ctprune.serve.graphs_hf:MARIAN", "bart", "ctprune.serve.ct2:MARIAN")))
 register("t5", Family("ctprune.arch.t5", "T5Architecture", "T5ForConditionalGeneration (model_type t5)",
                       "t5", ("T5ForConditionalGeneration",),
-                      Serving(("onnx",), "ctprune.serve.graphs_hf:T5", "t5")))
+                      Serving("ctprune.serve.graphs_hf:T5", "t5", "ctprune.serve.ct2:T5")))
 # Keys of a Hugging Face config that ctprune's own config.json never has.
 _HF_MARKS = ("architectures", "transformers_version", "encoder_layers", "num_layers", "d_kv",
              "encoder_attention_heads", "num_heads", "is_encoder_decoder")

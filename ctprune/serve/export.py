@@ -18,10 +18,10 @@ dynamic quantization, int8 weights per output channel, activations quantized at 
 (``optimize_graphs``), each fused graph checked against the unfused one and kept only if it
 gives the same outputs.
 
-``--format ctranslate2`` (ctprune's Transformer or a MarianMT): CTranslate2's ``model.bin``,
+``--format ctranslate2`` (ctprune's Transformer, MarianMT, T5): CTranslate2's ``model.bin``,
 ``config.json`` and ``shared_vocabulary.json`` (heads zero-padded per stack: see ``ct2.py``),
-the tokenizer (MarianMT's in ``tokenizer/``), ``spec.json`` (what ``graphs.json`` is for ONNX,
-plus the padding) and ``manifest.json``, written the same way. ``quantize="int8"``: int8
+the tokenizer (a Hugging Face one in ``tokenizer/``), ``spec.json`` (what ``graphs.json`` is for
+ONNX, plus the padding) and ``manifest.json``, written the same way. ``quantize="int8"``: int8
 weights per output row, run with CTranslate2's ``int8`` compute type.
 """
 
@@ -299,16 +299,19 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
     if not model_dir.is_dir():
         raise CtpruneError(f"model folder not found: {model_dir}")
     arch = detect(model_dir)
-    if arch.name not in exportable(args.format):  # only T5 to CTranslate2 is left
+    if arch.name not in exportable(args.format):
         raise CtpruneError(f"{model_dir} is a {arch.model_class} folder; --format {args.format} supports "
-                           f"the architectures {', '.join(exportable(args.format))} so far")
+                           f"the architectures {', '.join(exportable(args.format))}")
     _import_engine(args.format)
     model, tok, _ = load_model_folder(model_dir, "cpu")
     rules = None
-    if args.format == "onnx" and is_hf(arch):  # refused here, before anything is written
+    if is_hf(arch):  # refused here, before anything is written
         from ctprune.serve.hfgen import GenerationRules
 
         rules = GenerationRules.of(model)
+        if args.format == "ctranslate2" and rules.min_length > 1:
+            raise CtpruneError(f"the model's generation config sets min_length={rules.min_length}, which ctprune's "
+                               "CTranslate2 decoding does not reproduce; export refused")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # mkdtemp would make it 0700
     tmp.mkdir()
@@ -324,7 +327,7 @@ def export(args: ExportArgs, quiet: bool = False) -> dict[str, Any]:
         else:
             from ctprune.serve.ct2 import CT2_FORMAT, SPEC_FILE, write_ct2
 
-            info, files = write_ct2(arch.name, model, tok, tmp, args.quantize, head)
+            info, files = write_ct2(arch.name, model, tok, tmp, args.quantize, head, rules)
             fmt, describe_file = CT2_FORMAT, SPEC_FILE
         write_json(tmp / describe_file, info)
         write_manifest(tmp, fmt, files)

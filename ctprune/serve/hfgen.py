@@ -56,7 +56,7 @@ class GenerationRules:
             value = getattr(gen, field, default)
             if value not in (None, [], ()) and value != default:
                 raise CtpruneError(f"the model's generation config sets {field}={value!r}, which ctprune's "
-                                   f"ONNX Runtime decoding does not reproduce; export refused")
+                                   f"serving decoders do not reproduce; export refused")
         eos = _one_id(gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id, "eos_token_id")
         forced = gen.forced_eos_token_id
         if forced is not None and _one_id(forced, "forced_eos_token_id") != eos:
@@ -64,8 +64,8 @@ class GenerationRules:
         suppressed = set(gen.suppress_tokens or [])
         for seq in gen.bad_words_ids or []:
             if len(seq) != 1:
-                raise CtpruneError(f"the generation config bans the sequence {seq!r}; ctprune's ONNX Runtime "
-                                   "decoding bans single tokens only; export refused")
+                raise CtpruneError(f"the generation config bans the sequence {seq!r}; ctprune's serving "
+                                   "decoders ban single tokens only; export refused")
             if seq[0] != eos:  # transformers never bans EOS
                 suppressed.add(int(seq[0]))
         pad = gen.pad_token_id if gen.pad_token_id is not None else cfg.pad_token_id
@@ -117,8 +117,8 @@ class GenerationRules:
 def _one_id(value: Any, field: str) -> int:
     ids = sorted(set(value)) if isinstance(value, list) else [value]
     if len(ids) != 1:
-        raise CtpruneError(f"the generation config's {field} is {value!r}; ctprune's ONNX Runtime decoding "
-                           "supports one end token; export refused")
+        raise CtpruneError(f"the generation config's {field} is {value!r}; ctprune's serving decoders "
+                           "support one end token; export refused")
     return int(ids[0])
 
 
