@@ -88,3 +88,20 @@ def test_serving_times_and_scores_every_model_on_every_engine(tmp_path: Path, mo
     # fp32 ONNX Runtime emits PyTorch's tokens, so its translations and BLEU are the same
     assert cells["origin", "ort-fp32"]["same_as_torch"] == 1.0
     assert cells["origin", "ort-fp32"]["bleu"] == cells["origin", "torch"]["bleu"]
+
+
+def test_ort_batched_times_both_spinning_settings_and_profiles_each_engine(tmp_path: Path,
+                                                                           model_folder: Path) -> None:
+    data = multi30k_shaped(tmp_path / "data")
+    out = tmp_path / "ort-batched.json"
+    lines = run_benchmark("ort_batched.py", str(model_folder), "--data-dir", str(data), "--runs", "2",
+                          "--threads", "1", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert lines and lines[0]["runs"] == 2 and result["batch"] == 32 and result["steps"] > 0
+    assert set(result["timings"]) == {f"{e}{part}" for e in ("torch", "ort-fp32", "ort-fp32 spinning")
+                                      for part in ("", " encoder")}
+    assert result["timings"]["torch"]["x_torch"] == 1.0 and result["timings"]["torch encoder"]["x_torch"] is None
+    for engine in ("ort-fp32", "torch"):
+        rows = result["operators"][engine]
+        assert abs(sum(r["share"] for r in rows) - 1) < 0.01 and rows[0]["ms"] >= rows[-1]["ms"]
+        assert "output projection" in {r["op"] for r in rows}  # found by its (batch, vocab) output

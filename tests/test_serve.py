@@ -635,3 +635,14 @@ def test_serving_comes_from_the_family_registration() -> None:
         for name in ("toy-served", "toy-unserved"):
             arch._REGISTRY.pop(name, None)
             arch._loaded.pop(name, None)
+
+
+def test_onnxruntime_threads_do_not_spin_unless_asked(fp32: Path) -> None:
+    """ctprune's loops run torch ops between session runs: idle ONNX Runtime threads sleep
+    (``ort.SESSION_CONFIG``); a caller's own entries go over it."""
+    key = "session.intra_op.allow_spinning"
+    default = OrtSeq2Seq(fp32, threads=1)
+    asked = OrtSeq2Seq(fp32, threads=1, session_config={key: "1"})
+    for eng, want in ((default, "0"), (asked, "1")):
+        for session in (eng.encoder, eng.decoder):
+            assert session.get_session_options().get_session_config_entry(key) == want

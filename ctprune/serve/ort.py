@@ -37,13 +37,23 @@ from ctprune.serve.export import (
     layer_names,
 )
 
+# Intra-op threads sleep when idle instead of spinning: ctprune's loops run torch ops (argmax,
+# beam bookkeeping) between session runs, and spinning ONNX Runtime threads starve torch's on a
+# few cores (benchmarks/ort_batched.py: batch 32 on 2 threads 351 -> 231 ms, one sentence
+# 28 -> 18 ms; on 1 thread no change).
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
 
 class OrtSeq2Seq:
     """The two sessions of a serving folder, with the ids and per-layer sizes of ``graphs.json``."""
 
-    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+    def __init__(self, folder: str | Path, threads: int | None = None, session_config: dict[str, str] | None = None,
+                 profile: str | None = None) -> None:
         """Load and check a serving folder: its manifest must list every file with the size and
-        SHA-256 it has. ``threads``: ONNX Runtime's intra-op threads (default: torch's count)."""
+        SHA-256 it has. ``threads``: ONNX Runtime's intra-op threads (default: torch's count).
+        ``session_config``: ONNX Runtime session config entries over ``SESSION_CONFIG`` (e.g.
+        ``{"session.intra_op.allow_spinning": "1"}``); ``profile``: a file prefix for ONNX
+        Runtime's profiler (``end_profiling`` of each session writes its JSON)."""
         import onnxruntime as ort
 
         from ctprune.data.tokenizer import Tokenizer
@@ -77,6 +87,10 @@ class OrtSeq2Seq:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
+        for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
+            opts.add_session_config_entry(key, value)
+        if profile is not None:
+            opts.enable_profiling, opts.profile_file_prefix = True, profile
         try:
             self.encoder = ort.InferenceSession(str(folder / ENCODER_FILE), opts,
                                                 providers=["CPUExecutionProvider"])
