@@ -1,8 +1,10 @@
 """Serving latency and BLEU on CPU: PyTorch eager vs ONNX Runtime fp32 / int8 vs CTranslate2 int8,
 origin vs pruned.
 
-Models: the origin and every attention head + FFN neuron kept at each of --ratios (built by
-``pruned_speed.composed_models``; its unstructured case is left out). Engines: PyTorch eager
+Models: the origin, every attention head + FFN neuron kept at each of --ratios (built by
+``pruned_speed.composed_models``; its unstructured case is left out) and any --extra model folder
+of the same origin (e.g. a searched configuration, finetuned; its blocks pruned unevenly, so
+CTranslate2 pads its heads: each CTranslate2 cell reports its ``padded_fraction``). Engines: PyTorch eager
 (``ctprune.model.decode.greedy``), ONNX Runtime fp32 and int8, CTranslate2 int8 (heads
 zero-padded per stack); each model is saved and exported with ``ctprune.serve.export`` into a
 temp folder. Workloads: ``single``, one sentence at batch 1 (the first of median source length),
@@ -14,8 +16,8 @@ Threads pinned: torch, ONNX Runtime and CTranslate2 intra-op all --threads (inte
 greedy on the first --sentences sentences of test_2016_flickr (``decode.translate`` /
 ``translate_served``), with the fraction of translations identical to the same model's PyTorch
 ones. Not measured: GPU, and a per-component breakdown. Usage:
-    python benchmarks/serving.py MODEL [--data-dir DIR] [--ratios 0.75 0.5 0.25] [--runs 30]
-        [--sentences 1000] [--threads 2] [--output serving.json]
+    python benchmarks/serving.py MODEL [--data-dir DIR] [--ratios 0.75 0.5 0.25] [--extra NAME=DIR ...]
+        [--runs 30] [--sentences 1000] [--threads 2] [--output serving.json]
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10, method="inclusive")[-1]
 
 
-def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: int
+def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: int, padded: dict[str, float]
             ) -> dict[tuple[str, str], tuple[Callable[[torch.Tensor, int], Any], Callable[[list[str]], list[str]]]]:
     """(model, engine) -> (greedy(src (B, S), steps), translate(sentences)), exporting each model to
-    ONNX (fp32, int8) and CTranslate2 (int8)."""
+    ONNX (fp32, int8) and CTranslate2 (int8); ``padded`` gets each model's fraction of CTranslate2
+    heads that are padding."""
     out: dict[tuple[str, str], Any] = {}
     for i, (name, model) in enumerate(models.items()):
         folder = tmp / f"model-{i}"
@@ -71,8 +74,22 @@ def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: in
         export(ExportArgs(model=folder, output=tmp / f"ct2-{i}-int8", format="ctranslate2", quantize="int8"),
                quiet=True)
         ct2 = Ct2Seq2Seq(tmp / f"ct2-{i}-int8", threads=threads)
+        padded[name] = float(ct2.info["padded_fraction"])
         out[name, "ct2-int8"] = (lambda src, n, e=ct2: e.generate(src, steps=n),
                                  lambda s, e=ct2: translate_served(e, s))
+    return out
+
+
+def extra_models(specs: list[str], origin: Path) -> dict[str, torch.nn.Module]:
+    """NAME=DIR -> the model of DIR; its tokenizer must be the origin's (same ids, same text)."""
+    out = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--extra takes NAME=DIR, got {spec!r}")
+        if (Path(folder) / "tokenizer.model").read_bytes() != (origin / "tokenizer.model").read_bytes():
+            raise SystemExit(f"--extra {name}: {folder} has another tokenizer than the origin {origin}")
+        out[name] = load_model_folder(Path(folder))[0]
     return out
 
 
@@ -82,6 +99,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--split", default="test_2016_flickr")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), choices=RATIOS)
+    ap.add_argument("--extra", nargs="+", default=[], metavar="NAME=DIR",
+                    help="more model folders to time, with the origin's tokenizer (e.g. a searched configuration)")
     ap.add_argument("--runs", type=int, default=30, help="timed rounds after one warm-up round")
     ap.add_argument("--sentences", type=int, default=None, help="first sentences of the split (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads = ONNX Runtime intra-op threads")
@@ -101,8 +120,10 @@ def main() -> None:
         work = {w: (src, max(map(len, greedy(origin, src))) + 1) for w, src in (("single", single), ("batch", batch))}
     with tempfile.TemporaryDirectory() as tmp:
         built = composed_models(a.model, Path(tmp))
-        models = {"origin": origin, **{f"heads+ffn {r}": built[f"heads+ffn {r}"] for r in a.ratios}}
-        cells = runners(models, tok, Path(tmp), a.threads)
+        models = {"origin": origin, **{f"heads+ffn {r}": built[f"heads+ffn {r}"] for r in a.ratios},
+                  **extra_models(a.extra, a.model)}
+        padded: dict[str, float] = {}
+        cells = runners(models, tok, Path(tmp), a.threads, padded)
         rng = random.Random(a.seed)
         jobs = [(c, w) for c in cells for w in work]
         times: dict[tuple[Any, str], list[float]] = {j: [] for j in jobs}
@@ -122,6 +143,8 @@ def main() -> None:
                              "bleu": round(TRANSLATION.measure(hyps[model, engine], refs), 2),
                              "same_as_torch": round(sum(x == y for x, y in zip(hyps[model, engine],
                                                                                  hyps[model, "torch"])) / len(refs), 4)}
+        if engine.startswith("ct2"):
+            r["padded_fraction"] = padded[model]
         for w in work:
             ms = times[(model, engine), w]
             med = statistics.median(ms)
@@ -132,7 +155,8 @@ def main() -> None:
         print(f"{model:<15} {engine:<8} " + "  ".join(
             f"{w} {r[w]['median_ms']:8.1f} ms (p90 {r[w]['p90_ms']:8.1f}) x{r[w]['speedup_vs_engine_origin']:.2f} "
             f"engine-origin x{r[w]['speedup_vs_torch_origin']:.2f} torch-origin" for w in work)
-            + f"  BLEU {r['bleu']:5.2f} (same as torch {r['same_as_torch']:.0%})", flush=True)
+            + f"  BLEU {r['bleu']:5.2f} (same as torch {r['same_as_torch']:.0%})"
+            + (f"  padded heads {r['padded_fraction']:.0%}" if "padded_fraction" in r else ""), flush=True)
     import ctranslate2
     import onnxruntime
 

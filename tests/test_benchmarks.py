@@ -76,12 +76,15 @@ def test_serving_times_and_scores_every_model_on_every_engine(tmp_path: Path, mo
     data = multi30k_shaped(tmp_path / "data")
     out = tmp_path / "serving.json"
     lines = run_benchmark("serving.py", str(model_folder), "--data-dir", str(data), "--ratios", "0.5", "--runs", "2",
-                          "--sentences", "8", "--threads", "1", "--output", str(out))
+                          "--sentences", "8", "--threads", "1", "--extra", f"again={model_folder}",
+                          "--output", str(out))
     result = json.loads(out.read_text())
     assert lines == [result] and result["sentences"] == 8 and result["threads"] == 1
     cells = {(r["model"], r["engine"]): r for r in result["results"]}
-    assert set(cells) == {(m, e) for m in ("origin", "heads+ffn 0.5")
+    assert set(cells) == {(m, e) for m in ("origin", "heads+ffn 0.5", "again")
                           for e in ("torch", "ort-fp32", "ort-int8", "ct2-int8")}
+    assert cells["again", "ct2-int8"]["padded_fraction"] == cells["heads+ffn 0.5", "ct2-int8"]["padded_fraction"] == 0
+    assert cells["again", "torch"]["bleu"] == cells["origin", "torch"]["bleu"]  # the same model, loaded again
     assert all(r[w]["median_ms"] > 0 and r[w]["p90_ms"] >= r[w]["median_ms"] for r in cells.values()
                for w in ("single", "batch"))
     assert cells["origin", "torch"]["single"]["speedup_vs_torch_origin"] == 1.0
