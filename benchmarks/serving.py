@@ -1,21 +1,22 @@
 """Serving latency and BLEU on CPU: PyTorch eager vs ONNX Runtime fp32 / int8 vs CTranslate2 int8,
-origin vs pruned.
+origin vs pruned, for any architecture ctprune exports (its own Transformer, MarianMT, T5).
 
 Models: the origin, every attention head + FFN neuron kept at each of --ratios (built by
 ``pruned_speed.composed_models``; its unstructured case is left out) and any --extra model folder
 of the same origin (e.g. a searched configuration, finetuned; its blocks pruned unevenly, so
-CTranslate2 pads its heads: each CTranslate2 cell reports its ``padded_fraction``). Engines: PyTorch eager
-(``ctprune.model.decode.greedy``), ONNX Runtime fp32 and int8, CTranslate2 int8 (heads
-zero-padded per stack); each model is saved and exported with ``ctprune.serve.export`` into a
-temp folder. Workloads: ``single``, one sentence at batch 1 (the first of median source length),
-and ``batch``, the first 32 sentences padded into one batch; greedy with exactly the origin's
-step count on those inputs (its output length + EOS), so every cell does the same work
-(CTranslate2: EOS suppressed before that step). Timing: one warm-up round, then --runs rounds,
-each running every (model, engine, workload) once in a shuffled order; median and p90 in ms.
-Threads pinned: torch, ONNX Runtime and CTranslate2 intra-op all --threads (inter-op 1). BLEU:
-greedy on the first --sentences sentences of test_2016_flickr (``decode.translate`` /
-``translate_served``), with the fraction of translations identical to the same model's PyTorch
-ones. Not measured: GPU, and a per-component breakdown. Usage:
+CTranslate2 pads its heads: each CTranslate2 cell reports its ``padded_fraction``). Engines:
+PyTorch eager (the architecture's own ``generate``: ``decode.greedy``, or Hugging Face's
+``generate``), ONNX Runtime fp32 and int8, CTranslate2 int8 (heads zero-padded per stack); each
+model is saved and exported with ``ctprune.serve.export`` into a temp folder. Workloads:
+``single``, one sentence at batch 1 (the first of median source length), and ``batch``, the first
+32 sentences padded into one batch; greedy with exactly the origin's step count on those inputs
+(its output length + EOS), so every cell does the same work (EOS suppressed before that step).
+Timing: one warm-up round, then --runs rounds, each running every (model, engine, workload) once
+in a shuffled order; median and p90 in ms. Threads pinned: torch, ONNX Runtime and CTranslate2
+intra-op all --threads (inter-op 1). BLEU: greedy on the first --sentences sentences of
+test_2016_flickr (``decode.translate`` / ``translate_served``), with the fraction of translations
+identical to the same model's PyTorch ones. Not measured here: GPU, and a per-component breakdown
+(``ort_batched.py`` has one for the origin). Usage:
     python benchmarks/serving.py MODEL [--data-dir DIR] [--ratios 0.75 0.5 0.25] [--extra NAME=DIR ...]
         [--runs 30] [--sentences 1000] [--threads 2] [--output serving.json]
 """
@@ -35,11 +36,12 @@ from typing import Any
 import torch
 from pruned_speed import RATIOS, composed_models  # benchmarks/ is this script's sys.path[0]
 
+from ctprune.arch import Architecture, arch_of
 from ctprune.data.batching import pad
 from ctprune.data.corpus import load_split
 from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
-from ctprune.model.decode import greedy, translate
+from ctprune.model.decode import translate
 from ctprune.serve.ct2 import Ct2Seq2Seq
 from ctprune.serve.engines import translate_served
 from ctprune.serve.export import ExportArgs, export
@@ -54,8 +56,11 @@ def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10, method="inclusive")[-1]
 
 
-def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: int, padded: dict[str, float]
-            ) -> dict[tuple[str, str], tuple[Callable[[torch.Tensor, int], Any], Callable[[list[str]], list[str]]]]:
+Cell = tuple[Callable[[torch.Tensor, int], Any], Callable[[list[str]], list[str]]]
+
+
+def runners(arch: Architecture, models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: int,
+            padded: dict[str, float]) -> dict[tuple[str, str], Cell]:
     """(model, engine) -> (greedy(src (B, S), steps), translate(sentences)), exporting each model to
     ONNX (fp32, int8) and CTranslate2 (int8); ``padded`` gets each model's fraction of CTranslate2
     heads that are padding."""
@@ -63,7 +68,7 @@ def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: in
     for i, (name, model) in enumerate(models.items()):
         folder = tmp / f"model-{i}"
         save_model_folder(folder, model, tok, {"stage": "serving benchmark", "model": name})
-        out[name, "torch"] = (lambda src, n, m=model: greedy(m, src, steps=n),
+        out[name, "torch"] = (lambda src, n, m=model: arch.generate(m, src, steps=n),
                               lambda s, m=model: translate(m, tok, s))
         for q in ("fp32", "int8"):
             export(ExportArgs(model=folder, output=tmp / f"onnx-{i}-{q}", quantize="none" if q == "fp32" else q),
@@ -80,16 +85,17 @@ def runners(models: dict[str, torch.nn.Module], tok: Any, tmp: Path, threads: in
     return out
 
 
-def extra_models(specs: list[str], origin: Path) -> dict[str, torch.nn.Module]:
-    """NAME=DIR -> the model of DIR; its tokenizer must be the origin's (same ids, same text)."""
+def extra_models(specs: list[str], tok: Any, sentences: list[str]) -> dict[str, torch.nn.Module]:
+    """NAME=DIR -> the model of DIR; its tokenizer must encode ``sentences`` as the origin's ``tok``."""
     out = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
             raise SystemExit(f"--extra takes NAME=DIR, got {spec!r}")
-        if (Path(folder) / "tokenizer.model").read_bytes() != (origin / "tokenizer.model").read_bytes():
-            raise SystemExit(f"--extra {name}: {folder} has another tokenizer than the origin {origin}")
-        out[name] = load_model_folder(Path(folder))[0]
+        model, its_tok, _ = load_model_folder(Path(folder))
+        if its_tok.encode(sentences) != tok.encode(sentences):
+            raise SystemExit(f"--extra {name}: {folder} has another tokenizer than the origin")
+        out[name] = model
     return out
 
 
@@ -110,20 +116,22 @@ def main() -> None:
     t_start = time.perf_counter()
     torch.set_num_threads(a.threads)
     origin, tok, _ = load_model_folder(a.model)
+    arch = arch_of(origin)
     data = load_split("multi30k", a.split, a.data_dir)
     src_text, refs = data.src[:a.sentences], data.tgt[:a.sentences]
-    ids = [s[:origin.cfg.max_len - 1] + [tok.eos_id] for s in tok.encode(src_text)]
+    ids = [s[:arch.max_len(origin) - 1] + [tok.eos_id] for s in tok.encode(src_text)]
     median_len = sorted(map(len, ids))[len(ids) // 2]
     single = pad([next(s for s in ids if len(s) == median_len)], tok.pad_id)  # (1, S)
     batch = pad(ids[:BATCH], tok.pad_id)  # (B, S)
     with torch.inference_mode():  # the origin's output lengths fix every cell's step count
-        work = {w: (src, max(map(len, greedy(origin, src))) + 1) for w, src in (("single", single), ("batch", batch))}
+        work = {w: (src, max(map(len, arch.generate(origin, src))) + 1)
+                for w, src in (("single", single), ("batch", batch))}
     with tempfile.TemporaryDirectory() as tmp:
         built = composed_models(a.model, Path(tmp))
         models = {"origin": origin, **{f"heads+ffn {r}": built[f"heads+ffn {r}"] for r in a.ratios},
-                  **extra_models(a.extra, a.model)}
+                  **extra_models(a.extra, tok, src_text[:100])}
         padded: dict[str, float] = {}
-        cells = runners(models, tok, Path(tmp), a.threads, padded)
+        cells = runners(arch, models, tok, Path(tmp), a.threads, padded)
         rng = random.Random(a.seed)
         jobs = [(c, w) for c in cells for w in work]
         times: dict[tuple[Any, str], list[float]] = {j: [] for j in jobs}

@@ -108,3 +108,25 @@ def test_ort_batched_times_both_spinning_settings_and_profiles_each_engine(tmp_p
         rows = result["operators"][engine]
         assert abs(sum(r["share"] for r in rows) - 1) < 0.01 and rows[0]["ms"] >= rows[-1]["ms"]
         assert "output projection" in {r["op"] for r in rows}  # found by its (batch, vocab) output
+
+
+def test_serving_takes_a_hugging_face_origin(tmp_path: Path) -> None:
+    """The same benchmark on a (tiny, random) MarianMT: its own generate for PyTorch, Hugging
+    Face's decoding rules through ONNX Runtime, so fp32 translations equal PyTorch's."""
+    from ctprune.arch.marian import marian_tokenizer
+    from ctprune.data.tokenizer import Tokenizer
+    from ctprune.model.checkpoint import load_model_folder, save_model_folder
+    from tests.test_hf import tiny_marian
+
+    pairs = load_split("synthetic", "train")
+    proto = Tokenizer.train(pairs.src + pairs.tgt, 300).proto
+    tok = marian_tokenizer(proto, tmp_path / "hf")
+    tiny_marian(vocab=len(tok)).save_pretrained(str(tmp_path / "hf"))
+    model, tok, hparams = load_model_folder(tmp_path / "hf")
+    save_model_folder(tmp_path / "marian", model, tok, hparams)
+    data, out = multi30k_shaped(tmp_path / "data", 16), tmp_path / "serving.json"
+    run_benchmark("serving.py", str(tmp_path / "marian"), "--data-dir", str(data), "--ratios", "0.5", "--runs", "2",
+                  "--sentences", "8", "--threads", "1", "--output", str(out))
+    cells = {(r["model"], r["engine"]): r for r in json.loads(out.read_text())["results"]}
+    assert len(cells) == 8 and cells["origin", "ort-fp32"]["same_as_torch"] == 1.0
+    assert cells["heads+ffn 0.5", "ct2-int8"]["padded_fraction"] == 0  # every block at 0.5: nothing to pad
