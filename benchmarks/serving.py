@@ -15,8 +15,11 @@ Timing: one warm-up round, then --runs rounds, each running every (model, engine
 in a shuffled order; median and p90 in ms. Threads pinned: torch, ONNX Runtime and CTranslate2
 intra-op all --threads (inter-op 1). BLEU: greedy on the first --sentences sentences of
 test_2016_flickr (``decode.translate`` / ``translate_served``), with the fraction of translations
-identical to the same model's PyTorch ones. Not measured here: GPU, and a per-component breakdown
-(``ort_batched.py`` has one for the origin). Usage:
+identical to the same model's PyTorch ones. Components, for every cell: the same input decoded
+for one step only, timed in the same rounds, gives the encoder + first step
+(``encoder_and_first_step_ms``), and (whole - that) / (steps - 1) the cost of a later step
+(``later_step_ms``); the output projection's share needs a profiler (``ort_batched.py``, origin,
+ONNX Runtime and PyTorch). Not measured: GPU. Usage:
     python benchmarks/serving.py MODEL [--data-dir DIR] [--ratios 0.75 0.5 0.25] [--extra NAME=DIR ...]
         [--runs 30] [--sentences 1000] [--threads 2] [--output serving.json]
 """
@@ -133,17 +136,18 @@ def main() -> None:
         padded: dict[str, float] = {}
         cells = runners(arch, models, tok, Path(tmp), a.threads, padded)
         rng = random.Random(a.seed)
-        jobs = [(c, w) for c in cells for w in work]
-        times: dict[tuple[Any, str], list[float]] = {j: [] for j in jobs}
+        # Each cell also decodes one step alone: the encoder and the first step, apart from the rest.
+        jobs = [(c, w, first) for c in cells for w in work for first in (False, True)]
+        times: dict[tuple[Any, str, bool], list[float]] = {j: [] for j in jobs}
         with torch.inference_mode():
             for r in range(a.runs + 1):
                 rng.shuffle(jobs)
-                for cell, w in jobs:
+                for cell, w, first in jobs:
                     src, n = work[w]
                     t0 = time.perf_counter()
-                    cells[cell][0](src, n)
+                    cells[cell][0](src, 1 if first else n)
                     if r:
-                        times[cell, w].append(1e3 * (time.perf_counter() - t0))
+                        times[cell, w, first].append(1e3 * (time.perf_counter() - t0))
             hyps = {cell: fns[1](src_text) for cell, fns in cells.items()}
     results = []
     for (model, engine) in cells:
@@ -153,12 +157,14 @@ def main() -> None:
                                                                                  hyps[model, "torch"])) / len(refs), 4)}
         if engine.startswith("ct2"):
             r["padded_fraction"] = padded[model]
-        for w in work:
-            ms = times[(model, engine), w]
-            med = statistics.median(ms)
+        for w, (_, n) in work.items():
+            ms = times[(model, engine), w, False]
+            med, first = statistics.median(ms), statistics.median(times[(model, engine), w, True])
             r[w] = {"median_ms": round(med, 2), "p90_ms": round(p90(ms), 2),
-                    "speedup_vs_engine_origin": round(statistics.median(times[("origin", engine), w]) / med, 3),
-                    "speedup_vs_torch_origin": round(statistics.median(times[("origin", "torch"), w]) / med, 3)}
+                    "speedup_vs_engine_origin": round(statistics.median(times[("origin", engine), w, False]) / med, 3),
+                    "speedup_vs_torch_origin": round(statistics.median(times[("origin", "torch"), w, False]) / med, 3),
+                    "encoder_and_first_step_ms": round(first, 2),
+                    "later_step_ms": round((med - first) / (n - 1), 3) if n > 1 else None}
         results.append(r)
         print(f"{model:<15} {engine:<8} " + "  ".join(
             f"{w} {r[w]['median_ms']:8.1f} ms (p90 {r[w]['p90_ms']:8.1f}) x{r[w]['speedup_vs_engine_origin']:.2f} "
