@@ -11,9 +11,13 @@ the Multi30k origin) though faster on one sentence. This benchmark takes that ba
 - components, timed apart in the same rounds: the encoder (PyTorch ``model.encode``; ONNX
   Runtime's encoder graph, which also computes the cross keys/values) and, per engine, the
   decoding loop that follows;
-- operators: one more profiled run per engine (ONNX Runtime's profiler; ``torch.profiler``), the
-  time per operator type, the output projection (the node / op whose output is (batch, vocab))
-  named apart. Profiled runs are slower than plain ones: read their shares, not their sums.
+- operators: one more profiled run per engine after a warm-up run (ONNX Runtime's profiler,
+  events of the warm-up dropped; ``torch.profiler``), the time per operator type, the output
+  projection (the MatMul / Gemm / addmm whose output is (batch, vocab)) named apart. Profiled runs
+  are slower than plain ones: read their shares, not their sums. ONNX Runtime's shares cover its
+  graph nodes only, not the torch work ctprune's loop does between session runs.
+
+ctprune's own Transformer only (``decode.greedy``, ``model.cfg``).
 
 Usage:
     python benchmarks/ort_batched.py MODEL [--data-dir DIR] [--runs 20] [--threads 2] [--output F]
@@ -50,16 +54,21 @@ def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10, method="inclusive")[-1]
 
 
-def ort_operators(profile: Path, vocab: int) -> dict[str, float]:
-    """ms per operator type in one ONNX Runtime profile (node events), the nodes whose output's
-    last dimension is the vocabulary counted as ``output projection``."""
+PROJECTION_OPS = ("MatMul", "Gemm", "FusedMatMul")
+
+
+def ort_operators(profile: Path, vocab: int, after_us: float) -> dict[str, float]:
+    """ms per operator type in one ONNX Runtime profile (node events from ``after_us`` on), the
+    matrix products whose output's last dimension is the vocabulary counted as ``output projection``."""
     out: dict[str, float] = collections.defaultdict(float)
     for e in json.loads(profile.read_text()):
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < after_us:
             continue
         args = e.get("args", {})
         shapes = [next(iter(s.values())) for s in args.get("output_type_shape", [])]
-        op = "output projection" if any(s and s[-1] == vocab for s in shapes) else args.get("op_name", "?")
+        op = args.get("op_name", "?")
+        if op in PROJECTION_OPS and any(s and s[-1] == vocab for s in shapes):
+            op = "output projection"
         out[op] += e["dur"] / 1e3
     return dict(out)
 
@@ -120,10 +129,12 @@ def main() -> None:
                     if r:
                         times[c].append(1e3 * (time.perf_counter() - t0))
             prof = OrtSeq2Seq(Path(tmp) / "onnx", threads=a.threads, profile=str(Path(tmp) / "prof"))
+            prof.greedy(src, steps=steps)  # warm-up: its events are dropped
+            after = {s: (time.time_ns() - s.get_profiling_start_time_ns()) / 1e3 for s in (prof.encoder, prof.decoder)}
             prof.greedy(src, steps=steps)
             ort_ops: dict[str, float] = collections.defaultdict(float)
             for session in (prof.encoder, prof.decoder):  # as ctprune runs it
-                for op, ms in ort_operators(Path(session.end_profiling()), vocab).items():
+                for op, ms in ort_operators(Path(session.end_profiling()), vocab, after[session]).items():
                     ort_ops[op] += ms
             torch_ops = torch_operators(lambda: greedy(model, src, steps=steps), vocab)
     stats = {c: {"median_ms": round(statistics.median(t), 2), "p90_ms": round(p90(t), 2)} for c, t in times.items()}

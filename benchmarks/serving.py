@@ -17,8 +17,9 @@ intra-op all --threads (inter-op 1). BLEU: greedy on the first --sentences sente
 test_2016_flickr (``decode.translate`` / ``translate_served``), with the fraction of translations
 identical to the same model's PyTorch ones. Components, for every cell: the same input decoded
 for one step only, timed in the same rounds, gives the encoder + first step
-(``encoder_and_first_step_ms``), and (whole - that) / (steps - 1) the cost of a later step
-(``later_step_ms``); the output projection's share needs a profiler (``ort_batched.py``, origin,
+(``encoder_and_first_step_ms``), and (median whole - median one step) / (steps - 1) the cost of
+a later step (``later_step_ms``; a difference of medians: on a noisy cell it can be off, even
+negative); the output projection's share needs a profiler (``ort_batched.py``, origin,
 ONNX Runtime and PyTorch). Not measured: GPU. Usage:
     python benchmarks/serving.py MODEL [--data-dir DIR] [--ratios 0.75 0.5 0.25] [--extra NAME=DIR ...]
         [--runs 30] [--sentences 1000] [--threads 2] [--output serving.json]
@@ -88,14 +89,17 @@ def runners(arch: Architecture, models: dict[str, torch.nn.Module], tok: Any, tm
     return out
 
 
-def extra_models(specs: list[str], tok: Any, sentences: list[str]) -> dict[str, torch.nn.Module]:
-    """NAME=DIR -> the model of DIR; its tokenizer must encode ``sentences`` as the origin's ``tok``."""
+def extra_models(specs: list[str], arch: Architecture, tok: Any, sentences: list[str]) -> dict[str, torch.nn.Module]:
+    """NAME=DIR -> the model of DIR; of the origin's architecture, its tokenizer encoding
+    ``sentences`` as the origin's ``tok`` does."""
     out = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
             raise SystemExit(f"--extra takes NAME=DIR, got {spec!r}")
         model, its_tok, _ = load_model_folder(Path(folder))
+        if arch_of(model).name != arch.name:
+            raise SystemExit(f"--extra {name}: {folder} is a {arch_of(model).name} model, the origin a {arch.name} one")
         if its_tok.encode(sentences) != tok.encode(sentences):
             raise SystemExit(f"--extra {name}: {folder} has another tokenizer than the origin")
         out[name] = model
@@ -132,7 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         built = composed_models(a.model, Path(tmp))
         models = {"origin": origin, **{f"heads+ffn {r}": built[f"heads+ffn {r}"] for r in a.ratios},
-                  **extra_models(a.extra, tok, src_text[:100])}
+                  **extra_models(a.extra, arch, tok, src_text[:100])}
         padded: dict[str, float] = {}
         cells = runners(arch, models, tok, Path(tmp), a.threads, padded)
         rng = random.Random(a.seed)

@@ -90,7 +90,7 @@ def test_serving_times_and_scores_every_model_on_every_engine(tmp_path: Path, mo
     assert cells["origin", "torch"]["single"]["speedup_vs_torch_origin"] == 1.0
     for r in cells.values():  # components: one step alone, then the mean later step
         for w in ("single", "batch"):
-            assert 0 < r[w]["encoder_and_first_step_ms"] and r[w]["later_step_ms"] is not None
+            assert 0 < r[w]["encoder_and_first_step_ms"] < r[w]["median_ms"] and r[w]["later_step_ms"] is not None
     # fp32 ONNX Runtime emits PyTorch's tokens, so its translations and BLEU are the same
     assert cells["origin", "ort-fp32"]["same_as_torch"] == 1.0
     assert cells["origin", "ort-fp32"]["bleu"] == cells["origin", "torch"]["bleu"]

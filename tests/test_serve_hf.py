@@ -280,3 +280,33 @@ def test_ctranslate2_matches_pytorch(pruned: Path, tmp_path: Path) -> None:
     assert worst < 1e-4
     assert eng.generate(src) == greedy and max(map(len, greedy)) >= 5
     assert translate_served(eng, SENTENCES) == decode.translate(model, tok, SENTENCES)
+
+
+def test_ctranslate2_t5_without_output_scaling(spm_proto: bytes, tmp_path: Path) -> None:
+    """A T5 whose decoder output is not scaled (``tie_word_embeddings=False``: transformers keeps
+    that in ``scale_decoder_outputs``, as T5 v1.1 and flan-t5 have it): log-probabilities through
+    CTranslate2 as the model's, so the scaling is read from the flag the model itself reads."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from ctprune.arch.t5 import t5_tokenizer
+    from ctprune.serve.ct2 import Ct2Seq2Seq
+
+    tok = t5_tokenizer(spm_proto, tmp_path / "t5")
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, num_heads=4, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   feed_forward_proj="relu", dropout_rate=0.0, relative_attention_num_buckets=8, pad_token_id=0,
+                   eos_token_id=3, decoder_start_token_id=0, tie_word_embeddings=False)
+    model = T5ForConditionalGeneration(cfg).eval()
+    assert not model.config.scale_decoder_outputs
+    model.save_pretrained(str(tmp_path / "t5"))
+    model, tok, _ = load_model_folder(tmp_path / "t5")
+    export(ExportArgs(model=tmp_path / "t5", output=tmp_path / "ct2", format="ctranslate2"), quiet=True)
+    eng = Ct2Seq2Seq(tmp_path / "ct2", threads=1)
+    src = _src(tok)[:1]
+    src = src[:, :int((src[0] != tok.pad_id).sum())]
+    tgt = [5, 9, 7, 4]
+    with torch.no_grad():
+        logp = model(input_ids=src, decoder_input_ids=torch.tensor([[0, *tgt]])).logits.log_softmax(-1)[0]
+    ref = [logp[j, y].item() for j, y in enumerate([*tgt, tok.eos_id])]
+    got = eng.score(src, [tgt])[0]
+    assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) < 1e-4

@@ -24,8 +24,8 @@ named by the family's registration in ``ctprune.arch`` (``Serving.ct2``):
   table per stack, owned by layer 0 and indexed by the full layer's heads. A pruned T5 attention
   remembers which heads it keeps (``PrunedT5Attention.heads``); CTranslate2 reads a table per
   layer (as for UMT5), so each self-attention gets the columns of its kept heads, zero columns for
-  its padding, and is padded to its stack's widest block like the others. The tied output
-  projection is scaled by d_model ** -0.5, as T5 does.
+  its padding, and is padded to its stack's widest block like the others. The decoder's output
+  is scaled by d_model ** -0.5 where the config says so (``scale_decoder_outputs``), as T5 does.
 
 Positions (ctprune, Marian): each model's sinusoidal table is stored as the position embeddings;
 embeddings scaled by sqrt(d_model) where the model scales them; the tied embedding and the output
@@ -386,7 +386,7 @@ class T5Ct2(Ct2Family):
                 layer.self_attention.relative_attention_max_distance = distance
             _set_norm(spec.layer_norm, stack.final_layer_norm)
         decoder.projection.weight = _np(model.lm_head.weight)
-        if cfg.tie_word_embeddings:
+        if cfg.scale_decoder_outputs:  # transformers 5 keeps T5's scaling here (tie_word_embeddings is forced on)
             decoder.scale_outputs = np.float32(cfg.d_model ** -0.5)
         return encoder, decoder
 
@@ -425,7 +425,8 @@ def build_spec(arch: str, model: nn.Module, pieces: list[str], ids: dict[str, in
         _set_attention(s.self_attention, x.self_attn, hd, enc_heads, True, fam.empty_bias, fam.queries_scale)
         _set_ffn(s.ffn, x.ffn, fam.empty_bias)
     for s, x in zip(decoder.layer, dec, strict=True):
-        assert x.cross is not None  # decoder layers have one
+        if x.cross is None:
+            raise CtpruneError("a decoder layer without cross-attention cannot be exported to CTranslate2")
         _set_attention(s.self_attention, x.self_attn, hd, dec_heads, True, fam.empty_bias, fam.queries_scale)
         _set_attention(s.attention, x.cross, hd, dec_heads, False, fam.empty_bias, fam.queries_scale)
         _set_ffn(s.ffn, x.ffn, fam.empty_bias)
@@ -534,6 +535,9 @@ class Ct2Seq2Seq:
             folder, self.arch, {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}, prefix)
         self.pieces = [str(p) for p in json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))]
         self.ids = {p: i for i, p in enumerate(self.pieces)}
+        if any(not 0 <= i < len(self.pieces) for i in self.suppressed):
+            raise CtpruneError(f"{folder / SPEC_FILE}: generation.suppressed names ids outside the vocabulary "
+                               f"of {len(self.pieces)} tokens")
 
     @property
     def precision(self) -> str:
@@ -557,7 +561,8 @@ class Ct2Seq2Seq:
         refills the beam when a hypothesis finishes where ctprune keeps it in its slot, so the two
         may pick differently. For a Hugging Face model it uses the generation config's
         ``length_penalty`` as Hugging Face does (score / length ** penalty), but stops when
-        ``beam`` hypotheses are finished where Hugging Face searches on: not checked for exactness.
+        ``beam`` hypotheses are finished where Hugging Face searches on, and without the
+        generation config's ``renormalize_logits`` and ``early_stopping``: not checked for exactness.
         ``steps``: exactly that many steps (EOS suppressed before), for timing."""
         gnmt = self.family.gnmt
         alpha = float(self.info.get("length_penalty", 0.6))

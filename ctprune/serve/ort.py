@@ -39,8 +39,8 @@ from ctprune.serve.export import (
 
 # Intra-op threads sleep when idle instead of spinning: ctprune's loops run torch ops (argmax,
 # beam bookkeeping) between session runs, and spinning ONNX Runtime threads starve torch's on a
-# few cores (benchmarks/ort_batched.py: batch 32 on 2 threads 351 -> 231 ms, one sentence
-# 28 -> 18 ms; on 1 thread no change).
+# few cores (benchmarks/results/multi30k-origin/ort-batched.json: batch 32 on 2 threads, spinning
+# 318.6 ms, not 240.9 ms; docs/serving.md has the one-sentence and 1-thread figures).
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 
@@ -53,7 +53,8 @@ class OrtSeq2Seq:
         SHA-256 it has. ``threads``: ONNX Runtime's intra-op threads (default: torch's count).
         ``session_config``: ONNX Runtime session config entries over ``SESSION_CONFIG`` (e.g.
         ``{"session.intra_op.allow_spinning": "1"}``); ``profile``: a file prefix for ONNX
-        Runtime's profiler (``end_profiling`` of each session writes its JSON)."""
+        Runtime's profiler (``end_profiling`` of each session writes its JSON, PREFIX_encoder_* and
+        PREFIX_decoder_*)."""
         import onnxruntime as ort
 
         from ctprune.data.tokenizer import Tokenizer
@@ -84,21 +85,24 @@ class OrtSeq2Seq:
         hf = is_hf(get(self.arch))
         self.rules = hfgen.GenerationRules.from_json(self.info.get("generation")) if hf else None
         self.neutral = hfgen.GenerationRules.neutral(self.pad_id, self.bos_id, self.eos_id)  # ctprune's: raw argmax
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
-            opts.add_session_config_entry(key, value)
-        if profile is not None:
-            opts.enable_profiling, opts.profile_file_prefix = True, profile
+        self.threads = threads or torch.get_num_threads()
+
+        def options(graph: str) -> ort.SessionOptions:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
+            for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
+                opts.add_session_config_entry(key, value)
+            if profile is not None:  # one file per session (ONNX Runtime stamps names to the second)
+                opts.enable_profiling, opts.profile_file_prefix = True, f"{profile}_{graph}"
+            return opts
+
         try:
-            self.encoder = ort.InferenceSession(str(folder / ENCODER_FILE), opts,
+            self.encoder = ort.InferenceSession(str(folder / ENCODER_FILE), options("encoder"),
                                                 providers=["CPUExecutionProvider"])
-            self.decoder = ort.InferenceSession(str(folder / DECODER_FILE), opts,
+            self.decoder = ort.InferenceSession(str(folder / DECODER_FILE), options("decoder"),
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own error types
             raise CtpruneError(f"ONNX Runtime cannot load {folder}: {first_line(e)}") from None
-        self.threads = opts.intra_op_num_threads
         self.tokenizer = self._hf_tokenizer() if hf else Tokenizer.load(folder)
         self.cross_names = layer_names("cross", self.n_layers)
         self.past_names = layer_names("past", self.n_layers)
