@@ -215,7 +215,8 @@ def test_shipped_examples_load() -> None:
     # the demo is the frontier's sweep in miniature: two budgets, k = 3, uniform and scratch beside it
     assert demo.search is not None and demo.search.flops == ("0.5", "0.4") and demo.search.k == 3
     assert demo.finetuning.scratch and (demo.finetuning.eval_every, demo.finetuning.select) == (0.25, "val_loss")
-    assert demo.finetuning.target_bleu == "origin-1" and demo.execution.executor == "local"
+    assert demo.finetuning.target_bleu == "origin-1"
+    assert (demo.execution.executor, demo.execution.workers) == ("process", 2)  # two 1-thread jobs at once
     configs = load_experiment(root / "demo-configs.toml")  # the earlier demo: eight given configurations
     assert configs.configurations is not None and len(configs.configurations.inline or []) == 8
     frontier = load_experiment(root / "multi30k-frontier.toml")  # a budget sweep, the finer protocol
