@@ -162,3 +162,29 @@ def test_bf16_tuning_keeps_masks_and_lowers_block_loss(trained: Path, banks: dic
         assert prov["stage"] == "tuned" and prov["block_loss"] < prov["block_loss_pruned"], key
     w = load_file(str(tmp_path / "bf16" / index["variants"]["decoder.layers.0.ffn.linear1@0.2"]["file"]))
     assert w["weight"].dtype == torch.float32 and bool((w["weight"][w["weight_mask"] == 0] == 0).all())
+
+
+def test_a_raised_cap_continues_a_censored_finetuning_and_leaves_a_finished_one(trained: Path,
+                                                                                 banks: dict[str, Any]) -> None:
+    """``ctprune run``'s finetuning job with its cap raised: a side that missed its target (censored)
+    trains on from its last checkpoint to the new cap, its cost counted on; a side that reached its
+    target is left as it is."""
+    from ctprune.run.jobs import finetune_job
+
+    d = banks["dir"]
+    common = dict(origin=str(trained), bank=str(banks["tuned"]), conf_file=str(banks["conf"]), index=0, seed=0,
+                  budget_epochs=1, lr=1e-3, max_tokens=1024, bf16=False, tests=["test"], device="cpu",
+                  eval_every=1.0, select="val_loss", **banks["data"])
+    first = finetune_job(output=str(d / "censored"), target=100.0, epochs=1, **common)
+    assert first["epochs_trained"] == 1 and first["epochs_to_target"] is None  # censored at the cap
+    longer = finetune_job(output=str(d / "censored"), target=100.0, epochs=2, **common)
+    assert [r["epoch"] for r in read_history(d / "censored/history.csv")] == ["0", "1", "2"]
+    assert longer["epochs_trained"] == 2 and longer["epochs_to_target"] is None
+    assert longer["train_flops"] == pytest.approx(2 * first["train_flops"], rel=0.05)  # counted on, not anew
+    assert longer["cost_flops"] == pytest.approx(2 * first["cost_flops"], rel=0.05)  # censored: charged the cap
+    assert longer["val_bleu_budget"] == first["val_bleu_budget"]  # epoch 1 is the same run's
+    reached = finetune_job(output=str(d / "reached"), target=0.0, epochs=1, **common)
+    stamp = (d / "reached/model.safetensors").stat().st_mtime_ns
+    again = finetune_job(output=str(d / "reached"), target=0.0, epochs=2, **common)
+    assert again["epochs_trained"] == reached["epochs_trained"] == 1
+    assert (d / "reached/model.safetensors").stat().st_mtime_ns == stamp

@@ -164,13 +164,14 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
     from ctprune.training.loop import has_training_run
 
     out = Path(output)
-    if not (out / "train_summary.json").exists():
+    metrics = out / "test_metrics.json"
+    if _unfinished(out, epochs):
+        metrics.unlink(missing_ok=True)  # the kept model may change: its test BLEU is measured again
         finetune(FinetuneArgs(model=Path(origin), bank=Path(bank), configurations=Path(conf_file), n=index, output=out,
                               recipe_name="finetune", epochs=epochs, lr=lr, seed=seed, max_tokens=max_tokens,
                               precision="bf16" if bf16 else "fp32", eval_every=eval_every, select=select,
                               corpus=corpus, data_dir=data_dir, target_bleu=target, resume=has_training_run(out),
                               device=device, budget_epochs=budget_epochs, snapshot_epochs=(budget_epochs,)))
-    metrics = out / "test_metrics.json"
     if not metrics.exists() or set(read_json(metrics)["test_bleu_best"]) != set(tests):
         splits = _tests(corpus, data_dir, tests)  # read only when the metrics are (re)computed
         dev = resolve_device(device)
@@ -191,6 +192,18 @@ def finetune_job(origin: str, bank: str, conf_file: str, index: int, output: str
             "epochs_trained": max(by_epoch),
             "train_flops": float(last["train_flops"]), "train_seconds": float(last["wall_time_s"]),
             **({"kept": kept} if kept is not None else {})}
+
+
+def _unfinished(out: Path, epochs: int) -> bool:
+    """Whether the finetuning in ``out`` has to (go on) training to the cap ``epochs``: it never
+    finished, or it finished censored (its target not reached) short of a cap raised since. A
+    raised cap continues the run from its last checkpoint, not from scratch: the finetune recipe's
+    lr is constant, so more epochs are the same run, longer (``loop._check_same_recipe``)."""
+    summary = out / "train_summary.json"
+    if not summary.exists():
+        return True
+    done = read_json(summary)
+    return not done.get("stopped_early", False) and int(done.get("epochs_done", 0)) < epochs
 
 
 def latency_job(output: str, origin: str, bank: str, configurations: list[dict[str, float]],
