@@ -138,6 +138,29 @@ def test_run_end_to_end_with_a_kill_and_resume(trained: Path, small_corpus: Path
     assert third["sessions"] == 3 and [int(r["epoch"]) for r in rows] == sorted(int(r["epoch"]) for r in rows)
     assert len({(r["variant"], r["epoch"]) for r in rows}) == len(rows)
 
+    # The finetuning cap raised (1 -> 2): the same folders; a censored side trains on to the new cap,
+    # a side that reached its target is left as it was.
+    before = json.loads((run_dir / "summary.json").read_text())
+    folders = sorted(run_dir.glob("finetune/*/config-*"))
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("finetune/*/config-*/model.safetensors")}
+    exp.write_text(text.replace("attention = [0.5, 0.25]", "attention = [0.5, 0.75]")
+                   .replace("linear = [0.2, 0.5]", "linear = [0.2, 0.3]")
+                   .replace("epochs = 1\nlr = 1e-3", "epochs = 2\nlr = 1e-3"))
+    run_stage.run_experiment(exp, run_dir)
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(run_dir.glob("finetune/*/config-*")) == folders
+    for old_run, new_run in zip(before["runs"], after["runs"], strict=True):
+        for old_c, new_c in zip(old_run["configurations"], new_run["configurations"], strict=True):
+            for side in run_stage.SIDES:
+                was, now = old_c[side], new_c[side]
+                assert now["dir"] == was["dir"]
+                if was["epochs_to_target"] is None:  # censored under cap 1
+                    assert now["epochs_trained"] == 2 and now["train_flops"] > was["train_flops"]
+                else:
+                    assert now["epochs_trained"] == was["epochs_trained"]
+                    assert (run_dir / was["dir"] / "model.safetensors").stat().st_mtime_ns == \
+                        stamps[run_dir / was["dir"] / "model.safetensors"]
+
 
 @pytest.mark.parametrize("text, message", [
     ("[data]\ncorpus = 'wmt'\n[configurations]\nattention=[0.5]", "data.corpus"),

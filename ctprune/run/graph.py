@@ -340,6 +340,18 @@ def _random(r: Run, ex: Executor, spec: SearchSpec, points: int, tests: list[str
             for b, job in enumerate(jobs) for row in results[job.name]["rows"]]
 
 
+def finetune_folder(parent: Path, key: dict[str, Any]) -> Path:
+    """The folder of one finetuning: ``config-`` and the fingerprint of its settings ``key``, the cap
+    (``epochs``) among them. A folder made under a lower cap with otherwise the same settings is the
+    same run (the finetune recipe's lr is constant): it is taken, and its finetuning continued if it
+    ended censored (``jobs.finetune_job``), so raising the cap of a run redoes nothing."""
+    for cap in range(int(key["epochs"]), 0, -1):  # the highest cap first
+        folder = parent / f"config-{fingerprint({**key, 'epochs': cap})}"
+        if folder.is_dir():
+            return folder
+    return parent / f"config-{fingerprint(key)}"
+
+
 def _scratch(r: Run, ex: Executor, comps: list[dict[str, Any]], composed: dict[int, list[Path]],
              banks: dict[int, BankCost], tests: list[str]) -> dict[int, list[dict[str, Any]]]:
     """[finetuning] scratch: per seed and budget, the uniform competitor's shape trained from scratch for
@@ -592,7 +604,7 @@ def _run(exp: Experiment, exp_path: Path, run_dir: Path, ex: Executor, spec: Exe
                        "target_bleu": None if target is None else round(target, 2), "epochs": f.epochs,
                        "budget_epochs": f.budget_epochs, "lr": f.lr, "max_tokens": exp.max_tokens,
                        "inputs": r.inputs, **protocol}
-                out = run_dir / "finetune" / side / f"config-{fingerprint(key)}"
+                out = finetune_folder(run_dir / "finetune" / side, key)
                 if str(out) in by_output:
                     finetunes[seed, i, side] = by_output[str(out)]
                     continue
