@@ -27,7 +27,14 @@ JOB = re.compile(r"finetune (baseline|composed) (.+) \(seed (\d+)\)$")
 
 
 def _records(run: Path) -> dict[str, dict[str, Any]]:
-    return {(d := read_json(p, "job record"))["job"]: d for p in sorted((run / "jobs").glob("*.json"))}
+    """The run's job records by job name; where a job ran under two settings (a finetuning cap
+    raised mid-run: a new key, the same folder), the one that started last."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in (run / "jobs").glob("*.json"):
+        d = read_json(p, "job record")
+        if d["job"] not in out or float(d.get("started", 0)) > float(out[d["job"]].get("started", 0)):
+            out[d["job"]] = d
+    return out
 
 
 def _bank(run: Path) -> BankCost:
