@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import interleaved_ms  # benchmarks/ is this script's sys.path[0]
 
 from ctprune.fileio import write_json
 from ctprune.model.checkpoint import load_model_folder, save_model_folder
@@ -107,17 +107,8 @@ def main() -> None:
                 cells[name, f"ct2-{spec['precision']}"] = lambda s, e=eng: e.generate(s, steps=a.steps)
             info[name] = {"num_heads": spec["num_heads"], "padded_fraction": spec["padded_fraction"],
                           "real_heads": sum(map(sum, spec["heads"].values()))}
-        rng = random.Random(0)
-        jobs = [(c, w) for c in cells for w in work]
-        times: dict[tuple[Any, str], list[float]] = {j: [] for j in jobs}
-        with torch.inference_mode():
-            for r in range(a.runs + 1):
-                rng.shuffle(jobs)
-                for cell, w in jobs:
-                    t0 = time.perf_counter()
-                    cells[cell](work[w])
-                    if r:
-                        times[cell, w].append(1e3 * (time.perf_counter() - t0))
+        times = interleaved_ms({(c, w): (lambda f=cells[c], s=src: f(s)) for c in cells for w, src in work.items()},
+                               a.runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     results = []
     for (model, engine) in cells:

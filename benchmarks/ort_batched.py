@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import random
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import interleaved_ms, p90  # benchmarks/ is this script's sys.path[0]
 
 from ctprune.data.batching import pad
 from ctprune.data.corpus import load_split
@@ -48,10 +48,6 @@ from ctprune.serve.ort import OrtSeq2Seq
 
 BATCH = 32
 SPIN = {"session.intra_op.allow_spinning": "1"}  # ONNX Runtime's own default
-
-
-def p90(xs: list[float]) -> float:
-    return statistics.quantiles(xs, n=10, method="inclusive")[-1]
 
 
 PROJECTION_OPS = ("MatMul", "Gemm", "FusedMatMul")
@@ -117,17 +113,8 @@ def main() -> None:
         for name, eng in engines.items():
             cells[name] = lambda e=eng: e.greedy(src, steps=steps)
             cells[f"{name} encoder"] = lambda e=eng: e.encode(src)
-        rng = random.Random(a.seed)
-        order = list(cells)
-        times: dict[str, list[float]] = {c: [] for c in cells}
+        times = interleaved_ms(cells, a.runs, a.seed)
         with torch.inference_mode():
-            for r in range(a.runs + 1):
-                rng.shuffle(order)
-                for c in order:
-                    t0 = time.perf_counter()
-                    cells[c]()
-                    if r:
-                        times[c].append(1e3 * (time.perf_counter() - t0))
             prof = OrtSeq2Seq(Path(tmp) / "onnx", threads=a.threads, profile=str(Path(tmp) / "prof"))
             prof.greedy(src, steps=steps)  # warm-up: its events are dropped
             after = {s: (time.time_ns() - s.get_profiling_start_time_ns()) / 1e3 for s in (prof.encoder, prof.decoder)}

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 import time
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 from pruned_speed import RATIOS, composed_models  # benchmarks/ is this script's sys.path[0]
+from timing import interleaved_ms, p90
 
 from ctprune.arch import Architecture, arch_of
 from ctprune.data.batching import pad
@@ -54,10 +54,6 @@ from ctprune.task import TRANSLATION
 
 ENGINES = ("torch", "ort-fp32", "ort-int8", "ct2-int8")
 BATCH = 32
-
-
-def p90(xs: list[float]) -> float:
-    return statistics.quantiles(xs, n=10, method="inclusive")[-1]
 
 
 Cell = tuple[Callable[[torch.Tensor, int], Any], Callable[[list[str]], list[str]]]
@@ -139,19 +135,11 @@ def main() -> None:
                   **extra_models(a.extra, arch, tok, src_text[:100])}
         padded: dict[str, float] = {}
         cells = runners(arch, models, tok, Path(tmp), a.threads, padded)
-        rng = random.Random(a.seed)
         # Each cell also decodes one step alone: the encoder and the first step, apart from the rest.
-        jobs = [(c, w, first) for c in cells for w in work for first in (False, True)]
-        times: dict[tuple[Any, str, bool], list[float]] = {j: [] for j in jobs}
+        times = interleaved_ms({(c, w, first): (lambda f=cells[c][0], s=src, k=1 if first else n: f(s, k))
+                                for c in cells for w, (src, n) in work.items() for first in (False, True)},
+                               a.runs, a.seed)
         with torch.inference_mode():
-            for r in range(a.runs + 1):
-                rng.shuffle(jobs)
-                for cell, w, first in jobs:
-                    src, n = work[w]
-                    t0 = time.perf_counter()
-                    cells[cell][0](src, 1 if first else n)
-                    if r:
-                        times[cell, w, first].append(1e3 * (time.perf_counter() - t0))
             hyps = {cell: fns[1](src_text) for cell, fns in cells.items()}
     results = []
     for (model, engine) in cells:

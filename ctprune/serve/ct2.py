@@ -198,9 +198,9 @@ class Ct2Family:
     def layers(self, model: nn.Module) -> tuple[list[Layer], list[Layer]]:
         raise NotImplementedError
 
-    def stacks(self, model: nn.Module, enc: list[Layer], dec: list[Layer]) -> tuple[Any, Any]:
-        """(``TransformerEncoderSpec``, ``TransformerDecoderSpec``) with everything but the
-        layers' own variables set."""
+    def stacks(self, model: nn.Module, enc: list[Layer], dec: list[Layer], heads: tuple[int, int]) -> tuple[Any, Any]:
+        """(``TransformerEncoderSpec``, ``TransformerDecoderSpec``) of ``heads`` (encoder, decoder)
+        heads with everything but the layers' own variables set."""
         raise NotImplementedError
 
     def head_dim(self, model: nn.Module) -> int:
@@ -265,10 +265,10 @@ class NativeCt2(Ct2Family):
     def epsilon(self, model: nn.Module) -> float:
         return float(model.encoder.norm.eps)
 
-    def stacks(self, model: nn.Module, enc: list[Layer], dec: list[Layer]) -> tuple[Any, Any]:
+    def stacks(self, model: nn.Module, enc: list[Layer], dec: list[Layer], heads: tuple[int, int]) -> tuple[Any, Any]:
         from ctranslate2.specs import transformer_spec as ts
 
-        enc_heads, dec_heads = self.stack_heads(model, enc, dec)
+        enc_heads, dec_heads = heads
         # pre_norm=True declares each stack's final LayerNorm; the layers are post-norm.
         kw = dict(pre_norm=True, activation=_activation("relu"), head_dim=self.head_dim(model))
         encoder = ts.TransformerEncoderSpec(len(enc), enc_heads, **kw)
@@ -317,11 +317,11 @@ class MarianCt2(Ct2Family):
     def epsilon(self, model: nn.Module) -> float:
         return float(model.model.encoder.layers[0].final_layer_norm.eps)
 
-    def stacks(self, model: nn.Module, enc: list[Layer], dec: list[Layer]) -> tuple[Any, Any]:
+    def stacks(self, model: nn.Module, enc: list[Layer], dec: list[Layer], heads: tuple[int, int]) -> tuple[Any, Any]:
         from ctranslate2.specs import transformer_spec as ts
 
         cfg, m = model.config, model.model
-        enc_heads, dec_heads = self.stack_heads(model, enc, dec)
+        enc_heads, dec_heads = heads
         kw = dict(pre_norm=False, activation=_activation(cfg.activation_function), head_dim=self.head_dim(model))
         encoder = ts.TransformerEncoderSpec(len(enc), enc_heads, **kw)
         decoder = ts.TransformerDecoderSpec(len(dec), dec_heads, **kw)
@@ -360,13 +360,13 @@ class T5Ct2(Ct2Family):
     def epsilon(self, model: nn.Module) -> float:
         return float(model.config.layer_norm_epsilon)
 
-    def stacks(self, model: nn.Module, enc: list[Layer], dec: list[Layer]) -> tuple[Any, Any]:
+    def stacks(self, model: nn.Module, enc: list[Layer], dec: list[Layer], heads: tuple[int, int]) -> tuple[Any, Any]:
         from ctranslate2.specs import transformer_spec as ts
 
         from ctprune.serve.graphs_hf import kept_heads
 
         cfg = model.config
-        enc_heads, dec_heads = self.stack_heads(model, enc, dec)
+        enc_heads, dec_heads = heads
         kw = dict(pre_norm=True, activation=_activation(cfg.dense_act_fn), ffn_glu=bool(cfg.is_gated_act),
                   relative_attention_bias=True, rms_norm=True, head_dim=self.head_dim(model))
         encoder = ts.TransformerEncoderSpec(len(enc), enc_heads, **kw)
@@ -405,22 +405,22 @@ def ct2_of(arch: str) -> Ct2Family:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_spec(arch: str, model: nn.Module, pieces: list[str], ids: dict[str, int]) -> Any:
-    """A validated ``ctranslate2.specs.TransformerSpec`` of ``model`` (of family ``arch``), with
-    ``pieces`` (the vocabulary in id order) as the shared source and target vocabulary; ``ids``:
-    its ``pad_id``, ``bos_id`` (decoder start) and ``eos_id``."""
+def build_spec(fam: Ct2Family, model: nn.Module, enc: list[Layer], dec: list[Layer], heads: tuple[int, int],
+               pieces: list[str], ids: dict[str, int]) -> Any:
+    """A validated ``ctranslate2.specs.TransformerSpec`` of ``model`` (its family's ``fam``, its
+    layers ``enc`` / ``dec``, ``heads`` per stack), with ``pieces`` (the vocabulary in id order) as
+    the shared source and target vocabulary; ``ids``: its ``pad_id``, ``bos_id`` (decoder start)
+    and ``eos_id``."""
     from ctranslate2.specs import transformer_spec as ts
 
-    fam = ct2_of(arch)
-    enc, dec = fam.layers(model)
-    encoder, decoder = fam.stacks(model, enc, dec)
+    encoder, decoder = fam.stacks(model, enc, dec, heads)
     src, tgt = encoder.embeddings[0].weight, decoder.embeddings.weight
     if tgt.shape[0] != src.shape[0]:
         raise CtpruneError(f"source and target vocabularies differ ({src.shape[0]} / {tgt.shape[0]} "
                            "embeddings); the CTranslate2 export supports one shared vocabulary")
     if len(pieces) != src.shape[0]:
         raise CtpruneError(f"the vocabulary has {len(pieces)} tokens but the model {src.shape[0]} embeddings")
-    hd, enc_heads, dec_heads = fam.head_dim(model), int(encoder.num_heads), int(decoder.num_heads)
+    hd, (enc_heads, dec_heads) = fam.head_dim(model), heads
     for s, x in zip(encoder.layer, enc, strict=True):
         _set_attention(s.self_attention, x.self_attn, hd, enc_heads, True, fam.empty_bias, fam.queries_scale)
         _set_ffn(s.ffn, x.ffn, fam.empty_bias)
@@ -453,8 +453,10 @@ def write_ct2(arch: str, model: nn.Module, tok: Any, folder: Path, quantize: str
     fam = ct2_of(arch)
     model = model.float().eval()
     pieces = fam.vocabulary(tok, head["vocab_size"])
+    enc, dec = fam.layers(model)
+    enc_heads, dec_heads = fam.stack_heads(model, enc, dec)
     try:
-        spec = build_spec(arch, model, pieces, head)
+        spec = build_spec(fam, model, enc, dec, (enc_heads, dec_heads), pieces, head)
         spec.optimize(quantization="int8" if quantize == "int8" else None)
         spec.save(str(folder))
     except CtpruneError:
@@ -462,8 +464,6 @@ def write_ct2(arch: str, model: nn.Module, tok: Any, folder: Path, quantize: str
     except Exception as e:  # ctranslate2 raises ValueError / TypeError on a spec it does not accept
         raise CtpruneError(f"CTranslate2 export failed: {first_line(e)}") from None
     tok_files = fam.save_tokenizer(tok, folder)
-    enc, dec = fam.layers(model)
-    enc_heads, dec_heads = fam.stack_heads(model, enc, dec)
     heads = {"encoder_heads": [x.self_attn.heads for x in enc],
              "decoder_self_heads": [x.self_attn.heads for x in dec],
              "decoder_cross_heads": [x.cross.heads for x in dec if x.cross is not None]}
