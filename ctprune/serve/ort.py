@@ -40,7 +40,7 @@ from ctprune.serve.export import (
 # Intra-op threads sleep when idle instead of spinning: ctprune's loops run torch ops (argmax,
 # beam bookkeeping) between session runs, and spinning ONNX Runtime threads starve torch's on a
 # few cores (benchmarks/results/multi30k-origin/ort-batched.json: batch 32 on 2 threads, spinning
-# 318.6 ms, not 240.9 ms; docs/serving.md has the one-sentence and 1-thread figures).
+# 350.2 ms, not 255.8 ms; docs/serving.md has the one-sentence and 1-thread figures).
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 
