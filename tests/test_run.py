@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -247,6 +248,12 @@ def test_shipped_examples_load() -> None:
     assert (frontier.finetuning.eval_every, frontier.finetuning.select) == (0.25, "val_loss")
     f = frontier.finetuning  # the competitors beside uniform: 4 random per budget, scratch and its ceiling
     assert (f.random, f.scratch, f.scratch_ceiling) == (4, True, True)
+    repeat = load_experiment(root / "multi30k-frontier-seed1.toml")  # seed 1 at 0.5: the frontier's protocol
+    assert repeat.seeds == [1] and repeat.search is not None and repeat.search.flops == ("0.5",)
+    assert repeat.origin_model == root / "../runs/multi30k-frontier/origin"  # the frontier run's origin
+    assert (repeat.search.grid, repeat.search.k, repeat.tuning) == (frontier.search.grid, frontier.search.k,
+                                                                    frontier.tuning)
+    assert repeat.finetuning == dataclasses.replace(f, scratch_ceiling=False)
     marian = load_experiment(root / "multi30k-marian.toml")  # its module names are those of a seed-size Marian
     assert marian.origin.arch == "marian" and marian.configurations is not None
     check_configurations_early(marian.origin.preset, marian.origin.arch, run_stage._configurations_table(marian),
