@@ -424,6 +424,10 @@ select = "val_loss"
     assert {r["method"] for r in summary["frontier"]} == set(METHODS)
     report = (run_dir / "report.md").read_text()
     assert "### Frontier" in report and "scratch ceiling" in report and "whole tuned bank" in report
+    latency = json.loads((run_dir / "latency.json").read_text())  # batched and one sentence at a time
+    assert latency["single_sentences"] == min(jobs.LATENCY_SINGLE, latency["sentences"])
+    assert all(row["single_median_s"] > 0 and row["median_s"] > 0 for row in latency["rows"])
+    assert "latency (1 sentence)" in report and "Single-sentence latency: not in" not in report
     timed = any(r["latency"] is not None for r in summary["frontier"])  # a latency may be flagged, not printed
     for plot in ["plot_frontier_flops.png"] + (["plot_frontier_latency.png"] if timed else []):
         assert (run_dir / plot).is_file() and f"]({plot})" in report
@@ -656,13 +660,13 @@ def test_a_refused_run_leaves_nothing_behind_and_refuses_before_any_work(case: s
 
 def test_frontier_rows_and_pareto_points_from_a_summary_with_missing_numbers() -> None:
     assert pareto([(0.5, 30.0), (0.5, 31.0), (0.7, 31.0), (0.4, 20.0)]) == [False, True, False, True]
-    lat = {"ratio": 0.6, "spread": 0.1, "flagged": False}
+    lat = {"ratio": 0.6, "spread": 0.1, "flagged": False, "single_ratio": 0.7, "single_flagged": False}
     ft = {"val_bleu_epoch0": 10.0, "val_bleu_budget": 20.0, "val_bleu_best": 21.0, "test_bleu_epoch0": {"test": 9.0},
           "test_bleu_budget": {"test": 19.0}, "test_bleu_best": {"test": 20.0}}
     uniform = {"baseline": {**ft, "val_bleu_best": 15.0}, "composed": ft}
     s = {"configurations": [{"budget": 0, "flops_ratio": 0.5, "params": 10, "latency": {**lat, "flagged": True}}],
          "competitors": [{"method": "uniform", "budget": 0, "ratios": [0.5, 0.75], "flops_ratio": 0.52, "params": 11,
-                          "latency": {**lat, "ratio": 0.62}}],
+                          "latency": {**lat, "ratio": 0.62, "single_flagged": True}}],
          "random": [{"budget": 0, "flops_ratio": 0.48, "params": 9, "latency": lat, "val_bleu": 5.0,
                      "test_bleu": {"test": 4.0}}],
          "runs": [{"configurations": [{"composed": ft}], "competitors": [uniform],
@@ -672,9 +676,19 @@ def test_frontier_rows_and_pareto_points_from_a_summary_with_missing_numbers() -
     rows = {r.method: r for r in frontier(Summary(**{**dict.fromkeys(REQUIRED), **s}))}
     assert list(rows) == ["searched", "uniform baseline", "uniform composed", "random", "scratch"]
     assert rows["searched"].val_bleu_best == 22.0 and rows["searched"].latency is None  # mean over seeds; flagged
+    assert rows["searched"].latency_single == 0.7  # each kind of latency is flagged on its own
+    assert (rows["uniform composed"].latency, rows["uniform composed"].latency_single) == (0.62, None)
     assert (rows["uniform baseline"].name, rows["uniform baseline"].val_bleu_best) == ("0.5/0.75", 15.0)
     random = rows["random"]  # measured before finetuning only
     assert (random.val_bleu_epoch0, random.val_bleu_best, random.quality("test")) == (5.0, None, 4.0)
     scratch = rows["scratch"]  # one seed has it; no epoch 0; the uniform cut's latency (the same shape)
     assert (scratch.val_bleu_epoch0, scratch.val_bleu_budget, scratch.latency) == (None, 12.0, 0.62)
     assert isinstance(scratch, FrontierRow) and scratch.test_bleu_budget == {"test": 11.0}
+
+
+def test_epochs_to_target_read_in_hundredths_and_censored_runs_say_so() -> None:
+    from ctprune.run.report import _epochs
+
+    # evaluations every 0.25 of an epoch fall on batch counts (22 of 87 batches: 0.252874)
+    assert [_epochs({"epochs_to_target": x}, 6) for x in (0.252874, 3.49711, 2, 0)] == ["0.25", "3.5", "2", "0"]
+    assert _epochs({"epochs_to_target": None}, 6) == "> 6 (censored)"

@@ -19,7 +19,8 @@ from ctprune.run.experiment import resolve_configurations
 from ctprune.run.runtime import write_json_strict
 from ctprune.spec import LATENCY_REPEATS, FinetuningSpec, OriginSpec, spec_default
 
-LATENCY_SENTENCES = 256  # the first sentences of the first test split
+LATENCY_SENTENCES = 256  # the first sentences of the first test split, decoded in batches
+LATENCY_SINGLE = 32  # the first of them, decoded one sentence at a time
 
 
 def train_origin_job(output: str, preset: str, corpus: str, data_dir: str | None, epochs: int, seed: int,
@@ -208,9 +209,11 @@ def _unfinished(out: Path, epochs: int) -> bool:
 
 def latency_job(output: str, origin: str, bank: str, configurations: list[dict[str, float]],
                 flops_ratios: list[float], corpus: str, data_dir: str | None, test: str, device: str) -> dict[str, Any]:
-    """Decoding latency ratio to the origin per configuration: median of interleaved repeats with
-    the spread (max - min over the median, both models' spreads added); a ratio below the FLOPs
-    ratio or above 1 by more than that spread contradicts the FLOPs and is flagged. Runs alone."""
+    """Decoding latency ratio to the origin per configuration, batched (``ratio``: the first
+    LATENCY_SENTENCES test sentences in batches) and one sentence at a time (``single_ratio``: the
+    first LATENCY_SINGLE): median of interleaved repeats with the spread (max - min over the median,
+    both models' spreads added); a ratio below the FLOPs ratio or above 1 by more than that spread
+    contradicts the FLOPs and is flagged. Runs alone."""
     import torch
 
     from ctprune.arch import arch_of
@@ -231,16 +234,19 @@ def latency_job(output: str, origin: str, bank: str, configurations: list[dict[s
         steps = [len(h) + 1 for k in range(0, len(ids), 128)
                  for h in arch.generate(origin_model, pad(ids[k:k + 128], tok.pad_id).to(dev))]
     models = [origin_model] + [compose(origin_model, Path(bank), c).eval() for c in confs]
-    times = latencies(arch, models, ids, steps, LATENCY_REPEATS, pad_id=tok.pad_id)
-    med = [statistics.median(t) for t in times]
-    spread = [(max(t) - min(t)) / m for t, m in zip(times, med)]
-    rows = []
-    for i, f in enumerate(flops_ratios):
-        ratio, tol = med[i + 1] / med[0], spread[i + 1] + spread[0]
-        rows.append({"median_s": round(med[i + 1], 4), "ratio": round(ratio, 3), "spread": round(tol, 3),
-                     "flagged": ratio < f - tol or ratio > 1 + tol})
-    result = {"configurations": [fingerprint(c) for c in confs], "origin_median_s": round(med[0], 4),
-              "repeats": LATENCY_REPEATS, "sentences": len(ids), "rows": rows}
+    rows: list[dict[str, Any]] = [{} for _ in confs]
+    origin_s = {}
+    for prefix, n, batch in (("", len(ids), 64), ("single_", LATENCY_SINGLE, 1)):
+        times = latencies(arch, models, ids[:n], steps[:n], LATENCY_REPEATS, batch_size=batch, pad_id=tok.pad_id)
+        med = [statistics.median(t) for t in times]
+        spread = [(max(t) - min(t)) / m for t, m in zip(times, med)]
+        origin_s[f"origin_{prefix}median_s"] = round(med[0], 4)
+        for i, (row, f) in enumerate(zip(rows, flops_ratios)):
+            ratio, tol = med[i + 1] / med[0], spread[i + 1] + spread[0]
+            row.update({f"{prefix}median_s": round(med[i + 1], 4), f"{prefix}ratio": round(ratio, 3),
+                        f"{prefix}spread": round(tol, 3), f"{prefix}flagged": ratio < f - tol or ratio > 1 + tol})
+    result = {"configurations": [fingerprint(c) for c in confs], **origin_s, "repeats": LATENCY_REPEATS,
+              "sentences": len(ids), "single_sentences": min(LATENCY_SINGLE, len(ids)), "rows": rows}
     write_json_strict(Path(output), result, "latency")
     return result
 

@@ -35,9 +35,10 @@ PROTOCOL = (
     "Saving = sum of baseline costs / (bank cost + sum of composed costs). *Curve*: the saving for the "
     "first k configurations with a bank of only the variants they use. *Equal budget*: test BLEU of "
     "both sides after {budget} finetuning epoch(s). *Seeds*: {seeds} (tuning and finetuning "
-    "randomness; one origin model). *Latency*: batched greedy decoding with the origin's step counts "
-    "for every model, {repeats} interleaved rounds, median ratio to the origin with the spread; a "
-    "ratio contradicting the FLOPs ratio by more than the spread is flagged, not printed.")
+    "randomness; one origin model). *Latency*: greedy decoding with the origin's step counts for "
+    "every model, batched (and, where latency.json has it, one sentence at a time), {repeats} interleaved "
+    "rounds, median ratio to the origin with the spread; a ratio contradicting the FLOPs ratio by more "
+    "than the spread is flagged, not printed.")
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _tflop(x: float) -> str:
 
 
 def _epochs(side: dict[str, Any], cap: int) -> str:
-    return f"> {cap} (censored)" if side["epochs_to_target"] is None else str(side["epochs_to_target"])
+    # an evaluation every fraction of an epoch sits at a batch count: 0.252874 epochs reads 0.25
+    return f"> {cap} (censored)" if side["epochs_to_target"] is None else f"{round(side['epochs_to_target'], 2):g}"
 
 
 def _mean(xs: Sequence[float]) -> str:
@@ -259,7 +261,8 @@ def _avg_splits(ds: Sequence[dict[str, float] | None]) -> dict[str, float]:
 
 def _latency_ratio(c: dict[str, Any], key: str = "ratio") -> float | None:
     lat = c.get("latency") or {}
-    return None if lat.get("flagged") or lat.get(key) is None else float(lat[key])
+    flag = key.removesuffix("ratio") + "flagged"  # "flagged" / "single_flagged"
+    return None if lat.get(flag) or lat.get(key) is None else float(lat[key])
 
 
 def _trained(budget: int, method: str, name: str, shape: dict[str, Any], per: list[dict[str, Any]]) -> FrontierRow:
