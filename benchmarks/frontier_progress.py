@@ -97,6 +97,15 @@ def progress(run: Path) -> dict[str, Any]:
             "finetunings": rows, "random": randoms}
 
 
+def is_sweep_run(run: Path, prog: str) -> bool:
+    """Whether ``run`` is the folder of a budget-sweep run whose search has run; else says why on stderr."""
+    if (run / "search.json").is_file():
+        return True
+    print(f"{prog}: error: {run} has no search.json: not a budget-sweep run folder, or its search has not run yet",
+          file=sys.stderr)
+    return False
+
+
 def _line(r: dict[str, Any]) -> str:
     label = f"{r['method']} {r.get('index', '')}".strip()
     ett = r["epochs_to_target"]
@@ -112,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path, help="the run folder of a [search] experiment")
     p.add_argument("--output", type=Path, help="write OUTPUT.json and OUTPUT.md")
     a = p.parse_args(argv)
-    if not (a.run / "search.json").is_file():
-        print(f"frontier_progress: error: {a.run} has no search.json: not a budget-sweep run folder, or its "
-              "search has not run yet", file=sys.stderr)
+    if not is_sweep_run(a.run, "frontier_progress"):
         return 2
     out = progress(a.run)
     lines = [_line(r) for r in out["finetunings"]]

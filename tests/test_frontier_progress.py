@@ -82,3 +82,52 @@ def test_bootstrap_compares_every_method_of_a_budget_against_the_searched_model(
     for r in rows:  # the same model under every name: the same BLEU and interval
         assert (r["bleu"], r["ci95"]) == (searched["bleu"], searched["ci95"])
         assert r["p_vs_searched"] is None or 0 < r["p_vs_searched"] <= 1
+
+
+def _history(path: Path, bleus: list[float], flops_per_eval: float) -> None:
+    """A finished finetuning's history: an evaluation every 0.25 of an epoch from epoch 0."""
+    lines = ["epoch,train_loss,val_loss,val_bleu,lr,epoch_time_s,wall_time_s,train_tokens,train_flops"]
+    for i, b in enumerate(bleus):
+        e = i / 4
+        lines.append(f"{int(e) if e.is_integer() else e},1.0,2.0,{b},0.0001,1.0,{i},{i * 10},{i * flops_per_eval}")
+    path.mkdir(parents=True)
+    (path / "history.csv").write_text("\n".join(lines) + "\n")
+    (path / "train_summary.json").write_text("{}")
+
+
+def test_targets_reread_the_histories_at_looser_targets_and_refuse_stricter_ones(tmp_path: Path) -> None:
+    confs = [{"budget": 0, "configuration": {"encoder.layers.0.ffn": 0.5}},
+             {"budget": 1, "configuration": {"encoder.layers.1.ffn": 0.5}}]
+    _write(tmp_path / "search.json", {"configurations": confs, "sweep": [{}, {}]})
+    (tmp_path / "experiment.toml").write_text('[finetuning]\nepochs = 1\ntarget_bleu = "origin-1"\n')
+    _write(tmp_path / "jobs" / "o.json", {"job": "origin val BLEU", "result": {"val_bleu": 30.0}})
+    _write(tmp_path / "banks" / "pruned-a" / "index.json", {"variants": {"a": {}, "b": {}}})
+    _write(tmp_path / "banks" / "tuned-a" / "index.json", {"tuning": {
+        "wall_time_s": 9.0, "teacher_flops": 10.0, "variant_flops": {"a": 3.0, "b": 2.0}}})
+    # configuration 0: the baseline reaches 29 (origin-1) at 0.75, 28 at 0.25; composed at 0 for both;
+    # configuration 1: the baseline never reaches 29 (censored at the cap of 1 epoch), reaches 27.5 at 0.5;
+    # its composed side is unfinished (no train_summary.json) and is left out
+    sides = {("baseline", 0): [10.0, 28.0, 28.5, 29.0, 29.2], ("composed", 0): [29.5, 29.6, 29.7, 29.8, 29.9],
+             ("baseline", 1): [5.0, 27.0, 27.5, 28.0, 28.4]}
+    for (side, i), bleus in sides.items():
+        folder = tmp_path / "finetune" / side / f"config-{i}"
+        _history(folder, bleus, 100.0)
+        _write(folder / "hparams.json", {"configurations": str(tmp_path / "conf.json"), "configuration_index": i,
+                                         "recipe": {"seed": 0}})
+    (tmp_path / "finetune" / "composed" / "config-1").mkdir()
+    _write(tmp_path / "finetune" / "composed" / "config-1" / "hparams.json",
+           {"configurations": str(tmp_path / "conf.json"), "configuration_index": 1, "recipe": {"seed": 0}})
+    script = [sys.executable, str(REPO / "benchmarks" / "frontier_targets.py"), str(tmp_path)]
+    out = subprocess.run(script + ["--deltas", "1", "2", "--output", str(tmp_path / "targets")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "targets.json").read_text())
+    assert (report["pairs"], report["partial"], report["cap_epochs"]) == (1, True, 1)
+    rows = {(r["delta"], r["budget"]): r for r in report["rows"]}
+    assert set(rows) == {(1.0, 0), (1.0, "all"), (2.0, 0), (2.0, "all")}
+    bank = 10.0 + 3.0 + 2.0  # every grid variant charged, whatever the finished pairs use
+    assert rows[1.0, 0]["epochs"] == [[0.75, 0]] and rows[1.0, 0]["ratio_flops"] == round(300.0 / bank, 3)
+    assert rows[2.0, 0]["epochs"] == [[0.25, 0]] and rows[2.0, 0]["ratio_flops"] == round(100.0 / bank, 3)
+    assert "partial" in out.stdout and "origin-2 (28.00)" in out.stdout
+    stricter = subprocess.run(script + ["--deltas", "0.5"], capture_output=True, text=True, timeout=120)
+    assert stricter.returncode == 2 and stricter.stderr.count("\n") == 1 and "stricter" in stricter.stderr
