@@ -692,3 +692,20 @@ def test_epochs_to_target_read_in_hundredths_and_censored_runs_say_so() -> None:
     # evaluations every 0.25 of an epoch fall on batch counts (22 of 87 batches: 0.252874)
     assert [_epochs({"epochs_to_target": x}, 6) for x in (0.252874, 3.49711, 2, 0)] == ["0.25", "3.5", "2", "0"]
     assert _epochs({"epochs_to_target": None}, 6) == "> 6 (censored)"
+
+
+def test_verdicts_pick_the_searched_model_on_val_and_say_where_a_competitor_is_ahead() -> None:
+    from ctprune.run.report import verdicts
+
+    def row(method: str, name: str, loss: float | None, val: float | None, test: float) -> FrontierRow:
+        return FrontierRow(0, method, name, 0.5, 10, None, None, None, None, val, test_bleu_best={"t": test},
+                           val_loss_kept=loss)
+
+    rows = [row("searched", "#0", 1.5, 31.0, 30.0), row("searched", "#1", 1.4, 30.0, 29.0),
+            row("uniform composed", "0.5", 1.45, 30.5, 29.5), row("scratch", "uniform shape", 2.0, 20.0, 20.0),
+            row("scratch ceiling", "uniform shape", 1.6, 27.0, 33.0), row("random", "r0", 3.0, 5.0, 4.0)]
+    by_loss = verdicts(rows, ["t"], "val_loss")  # #1 has the lowest val loss, though #0 is better on test
+    assert by_loss == ["budget 0: searched #1 test 29.00 against uniform composed **29.50 (-0.50): ahead of the "
+                       "search**; scratch 20.00 (+9.00)"]  # the ceiling is no equal-compute competitor
+    assert verdicts(rows, ["t"], "val_bleu") == ["budget 0: searched #0 test 30.00 against uniform composed "
+                                                 "29.50 (+0.50); scratch 20.00 (+10.00)"]

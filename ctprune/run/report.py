@@ -204,7 +204,7 @@ def _equal_quality(doc: Doc, s: Summary) -> None:
             if "equal_quality" in c:
                 q = c["equal_quality"]
                 took = ("not reached within the cap" if q["epochs"] is None else
-                        f"reached after {q['epochs']} epoch(s), {q['cost_seconds']:.1f} s, "
+                        f"reached after {round(q['epochs'], 2):g} epoch(s), {q['cost_seconds']:.1f} s, "
                         f"{_tflop(q['cost_flops'])} TFLOP of finetuning")
                 lines.append(f"{name}, seed {r['seed']}: the baseline's best val BLEU {q['target']:.2f}: {took}")
     if lines:
@@ -243,6 +243,7 @@ class FrontierRow:
     test_bleu_epoch0: dict[str, float] = field(default_factory=dict)  # per test split
     test_bleu_budget: dict[str, float] = field(default_factory=dict)
     test_bleu_best: dict[str, float] = field(default_factory=dict)
+    val_loss_kept: float | None = None  # the kept model's (random: before finetuning): a select = "val_loss" pick
 
     def quality(self, split: str) -> float | None:
         """Test BLEU of the model a user would ship: the kept one, or before finetuning (random)."""
@@ -259,6 +260,11 @@ def _avg_splits(ds: Sequence[dict[str, float] | None]) -> dict[str, float]:
     return {k: v for k in (got[0] if got else {}) if (v := _avg([d.get(k) for d in got])) is not None}
 
 
+def _kept_loss(per: Sequence[dict[str, Any]]) -> float | None:
+    got = [float(x["kept"]["val_loss"]) for x in per if (x.get("kept") or {}).get("val_loss") is not None]
+    return round(statistics.mean(got), 4) if got else None
+
+
 def _latency_ratio(c: dict[str, Any], key: str = "ratio") -> float | None:
     lat = c.get("latency") or {}
     flag = key.removesuffix("ratio") + "flagged"  # "flagged" / "single_flagged"
@@ -272,7 +278,7 @@ def _trained(budget: int, method: str, name: str, shape: dict[str, Any], per: li
                        _avg([x.get("val_bleu_budget") for x in per]), _avg([x.get("val_bleu_best") for x in per]),
                        _avg_splits([x.get("test_bleu_epoch0") for x in per]),
                        _avg_splits([x.get("test_bleu_budget") for x in per]),
-                       _avg_splits([x.get("test_bleu_best") for x in per]))
+                       _avg_splits([x.get("test_bleu_best") for x in per]), _kept_loss(per))
 
 
 def frontier(s: Summary) -> list[FrontierRow]:
@@ -290,7 +296,7 @@ def frontier(s: Summary) -> list[FrontierRow]:
     for i, c in enumerate(s.random or []):
         rows.append(FrontierRow(c["budget"], "random", f"r{i}", c.get("flops_ratio"), c.get("params"),
                                 _latency_ratio(c), _latency_ratio(c, "single_ratio"), c.get("val_bleu"), None, None,
-                                dict(c.get("test_bleu", {}))))
+                                dict(c.get("test_bleu", {})), val_loss_kept=c.get("val_loss")))
     scratch: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in runs:
         for x in r.get("scratch", []):
@@ -303,8 +309,38 @@ def frontier(s: Summary) -> list[FrontierRow]:
             _latency_ratio(shape), _latency_ratio(shape, "single_ratio"), None,
             _avg([x.get("val_bleu_best") for x in per]) if equal else None, _avg([x.get("val_bleu_best") for x in per]),
             {}, _avg_splits([x.get("test_bleu_best") for x in per]) if equal else {},
-            _avg_splits([x.get("test_bleu_best") for x in per])))
+            _avg_splits([x.get("test_bleu_best") for x in per]), _kept_loss(per)))
     return sorted(rows, key=lambda x: (x.budget, METHODS.index(x.method) if x.method in METHODS else len(METHODS)))
+
+
+def verdicts(rows: Sequence[FrontierRow], splits: Sequence[str], select: str) -> list[str]:
+    """Per budget: the best searched model, picked on val by the run's ``select`` rule (never on test),
+    against each competitor trained at equal compute (uniform from both banks, scratch), test BLEU per
+    split; a competitor ahead on a split is said in bold."""
+    out = []
+    by_loss = select == "val_loss"
+    for b in sorted({x.budget for x in rows}):
+        searched = [x for x in rows if x.budget == b and x.method == "searched"
+                    and (x.val_loss_kept if by_loss else x.val_bleu_best) is not None]
+        if not searched:
+            continue
+        best = (min(searched, key=lambda x: x.val_loss_kept or 0.0) if by_loss
+                else max(searched, key=lambda x: x.val_bleu_best or 0.0))
+        parts = []
+        for x in (x for x in rows if x.budget == b and x.method in ("uniform composed", "uniform baseline", "scratch")):
+            cells = []
+            for sp in splits:
+                mine, theirs = best.test_bleu_best.get(sp), x.test_bleu_best.get(sp)
+                if mine is None or theirs is None:
+                    continue
+                d = mine - theirs
+                cells.append(f"{theirs:.2f} ({d:+.2f})" if d >= 0
+                             else f"**{theirs:.2f} ({d:+.2f}): ahead of the search**")
+            if cells:
+                parts.append(f"{x.method} " + " / ".join(cells))
+        test = " / ".join(f"{best.test_bleu_best[sp]:.2f}" for sp in splits if sp in best.test_bleu_best)
+        out.append(f"budget {b}: searched {best.name} test {test} against " + ("; ".join(parts) or "no competitor"))
+    return out
 
 
 def pareto(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -349,6 +385,11 @@ def _frontier(doc: Doc, run_dir: Path, s: Summary) -> None:
                  for sp in splits]
         table.append(line + ["**P**" if i in marked else ""])
     doc.table(header, table)
+    said = verdicts(rows, splits, p.get("select", "val_bleu"))
+    if said:
+        doc.p(f"**The search against the obvious alternatives** (test BLEU on {', '.join(splits)}; the best searched "
+              f"model of a budget picked on val by the kept-model rule, never on test; in brackets the search's lead; "
+              f"paired bootstrap intervals: `benchmarks/frontier_bootstrap.py`): " + "; ".join(said) + ".")
     if not single:
         doc.p("Single-sentence latency: not in this run's latency.json (batched decoding only).")
     asked = s.protocol.get("random", 0)
