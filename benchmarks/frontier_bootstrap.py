@@ -25,6 +25,9 @@ from ctprune.errors import CtpruneError
 from ctprune.fileio import read_json
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.decode import translate
+from ctprune.run.report import best_searched, frontier
+from ctprune.run.summary import Summary
+from ctprune.spec import FinetuningSpec, spec_default
 
 SAMPLES = 1000  # bootstrap resamples (sacreBLEU's default for its paired test)
 
@@ -32,17 +35,16 @@ SAMPLES = 1000  # bootstrap resamples (sacreBLEU's default for its paired test)
 def models(run: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
     """(budget, method, folder) of every model compared, the run's first seed."""
     seed = summary["runs"][0]
-    by_loss = summary["protocol"].get("select") == "val_loss"
-
-    def rank(side: dict[str, Any]) -> float:
-        return side["kept"]["val_loss"] if by_loss else -side["kept"]["val_bleu"]
-
+    rows = frontier(Summary.from_json(summary, run / "summary.json"))
+    select = summary["protocol"].get("select", spec_default(FinetuningSpec, "select"))
     out = [{"budget": None, "method": "origin", "dir": summary["origin"]["dir"]}]
     budgets = sorted({c["budget"] for c in summary["configurations"]})
     for b in budgets:
-        searched = [c["composed"] for c, shape in zip(seed["configurations"], summary["configurations"])
-                    if shape["budget"] == b]
-        out.append({"budget": b, "method": "searched", "dir": min(searched, key=rank)["dir"]})
+        best = best_searched(rows, b, select)  # the report's pick: on val, mean over seeds
+        if best is None:
+            raise CtpruneError(f"budget {b} has no searched model with a kept val loss and val BLEU in {run}")
+        index = int(best.name.removeprefix("#"))  # a searched row's name: its configuration's index
+        out.append({"budget": b, "method": "searched", "dir": seed["configurations"][index]["composed"]["dir"]})
         for comp in seed.get("competitors", []):
             if comp["budget"] == b:
                 out += [{"budget": b, "method": f"{comp['method']} {side}", "dir": comp[side]["dir"]}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -27,47 +26,65 @@ from frontier_progress import _bank, _records, is_sweep_run  # benchmarks/ is th
 from ctprune.errors import CtpruneError
 from ctprune.fileio import read_json
 from ctprune.pruning.configs import variant_key
+from ctprune.run.experiment import load_experiment
 from ctprune.run.protocol import Configuration, saving, time_to_target
+from ctprune.run.summary import SIDES
+from ctprune.spec import parse_target
 from ctprune.training.history import read_history
 
 
-def _finished(run: Path) -> dict[tuple[str, int, int], Path]:
-    """(side, configuration index, seed) -> folder of every finished finetuning of a searched
-    configuration (its train_summary.json written)."""
-    out = {}
-    for side in ("baseline", "composed"):
+def _finished(run: Path, target: float, cap: int) -> dict[tuple[str, int], list[dict[str, str]]]:
+    """(side, configuration index) -> history of every finished finetuning of a searched configuration:
+    its train_summary.json written and its history reaching the run's target or the cap (a folder
+    censored under a lower cap, before its job trained on, is not finished)."""
+    out: dict[tuple[str, int], list[dict[str, str]]] = {}
+    where: dict[tuple[str, int], Path] = {}
+    for side in SIDES:
         for folder in sorted((run / "finetune" / side).glob("config-*")):
+            if not (folder / "train_summary.json").is_file():
+                continue
             hp = read_json(folder / "hparams.json", "finetuning hparams")
-            if Path(hp["configurations"]).name == "conf.json" and (folder / "train_summary.json").is_file():
-                out[side, int(hp["configuration_index"]), int(hp["recipe"]["seed"])] = folder
+            if Path(hp["configurations"]).name != "conf.json":  # a competitor's
+                continue
+            history = read_history(folder / "history.csv")
+            try:
+                time_to_target(history, target, cap)
+            except CtpruneError:
+                continue
+            key = (side, int(hp["configuration_index"]))
+            if key in where:
+                raise CtpruneError(f"{where[key]} and {folder} both finetune {side} configuration {key[1]}: "
+                                   "a run folder of one setting per configuration is needed")
+            out[key], where[key] = history, folder
     return out
 
 
 def targets(run: Path, deltas: list[float]) -> dict[str, Any]:
-    exp = tomllib.loads((run / "experiment.toml").read_text())
-    cap = int(exp["finetuning"]["epochs"])
-    records = _records(run)
-    origin = float(records["origin val BLEU"]["result"]["val_bleu"])
-    target = str(exp["finetuning"].get("target_bleu", "origin-1"))
-    if not target.startswith("origin-"):
-        raise CtpruneError(f"the run's target {target!r} is no origin-DELTA: looser targets are not defined")
-    run_delta = float(target.removeprefix("origin-"))
-    if any(d < run_delta for d in deltas):
-        raise CtpruneError(f"--deltas below the run's own {run_delta:g} (a stricter target) cannot be read from "
-                           "histories that stop at the run's target")
+    """The saving over the searched configurations finished on both sides, per budget and in all, at
+    each target origin - delta (FLOPs; the whole grid bank charged)."""
+    exp = load_experiment(run / "experiment.toml")
+    if len(exp.seeds) != 1:
+        raise CtpruneError(f"the run has seeds {exp.seeds}: one seed per run folder is read (each has its own bank)")
+    cap = exp.finetuning.epochs
+    origin = float(_records(run)["origin val BLEU"]["result"]["val_bleu"])
+    target = parse_target(exp.finetuning.target_bleu, "finetuning.target_bleu")
+    if target is None:
+        raise CtpruneError("the run has no target (target_bleu = \"none\"): no time to target to read again")
+    run_target = origin - float(target.removeprefix("origin-")) if isinstance(target, str) else target
+    if any(origin - d > run_target + 1e-9 for d in deltas):
+        raise CtpruneError(f"--deltas below the run's own {origin - run_target:g} (a stricter target) cannot be read "
+                           "from histories that stop at the run's target")
     confs = read_json(run / "search.json", "search result")["configurations"]
-    folders = _finished(run)
+    histories = _finished(run, run_target, cap)
     bank = _bank(run)
-    pairs = sorted((i, seed) for side, i, seed in folders if side == "baseline" and ("composed", i, seed) in folders)
-    histories = {k: read_history(f / "history.csv") for k, f in folders.items()}
+    pairs = sorted(i for side, i in histories if side == "baseline" and ("composed", i) in histories)
     rows = []
     for delta in deltas:
         t = origin - delta
         per: dict[int | str, list[Configuration]] = {}
-        for i, seed in pairs:
+        for i in pairs:
             variants = tuple(variant_key(n, k) for n, k in confs[i]["configuration"].items() if k < 1)
-            c = Configuration(variants, *(time_to_target(histories[side, i, seed], t, cap)
-                                          for side in ("baseline", "composed")))
+            c = Configuration(variants, *(time_to_target(histories[side, i], t, cap) for side in SIDES))
             per.setdefault(confs[i]["budget"], []).append(c)
             per.setdefault("all", []).append(c)
         for budget, cs in sorted(per.items(), key=lambda kv: (kv[0] == "all", str(kv[0]))):
@@ -76,8 +93,9 @@ def targets(run: Path, deltas: list[float]) -> dict[str, Any]:
                          "ratio_flops": round(s.flops, 3), "bound": s.bound,
                          "censored_baselines": s.censored_baselines, "censored_composed": s.censored_composed,
                          "epochs": [[c.baseline.epochs, c.composed.epochs] for c in cs]})
-    return {"run": str(run), "origin_val_bleu": round(origin, 2), "cap_epochs": cap, "run_delta": run_delta,
-            "partial": len(pairs) < len(confs), "pairs": len(pairs), "searched": len(confs), "rows": rows}
+    return {"run": str(run), "origin_val_bleu": round(origin, 2), "cap_epochs": cap,
+            "run_delta": round(origin - run_target, 4), "partial": len(pairs) < len(confs), "pairs": len(pairs),
+            "searched": len(confs), "rows": rows}
 
 
 def _line(r: dict[str, Any]) -> str:

@@ -62,21 +62,28 @@ def test_a_folder_without_a_search_is_refused_in_one_line(tmp_path: Path) -> Non
 
 def test_bootstrap_compares_every_method_of_a_budget_against_the_searched_model(tmp_path: Path,
                                                                                  model_folder: Path) -> None:
-    side = {"dir": str(model_folder), "kept": {"val_loss": 2.0, "val_bleu": 1.0}}
-    worse = {"dir": str(tmp_path / "missing"), "kept": {"val_loss": 3.0, "val_bleu": 2.0}}  # not chosen: not read
-    _write(tmp_path / "summary.json", {
-        "frontier": [{"budget": 0}], "corpus": "synthetic", "test_splits": ["test"], "inputs": {},
-        "protocol": {"select": "val_loss"}, "origin": {"dir": str(model_folder)},
-        "configurations": [{"budget": 0}, {"budget": 0}],
-        "runs": [{"configurations": [{"composed": worse}, {"composed": side}],
-                  "competitors": [{"method": "uniform", "budget": 0, "composed": side, "baseline": side}],
-                  "scratch": [{"method": "scratch", "budget": 0, "dir": str(model_folder)}]}]})
+    # the committed demo's summary (a complete one), its first seed, every model folder the test's tiny model
+    summary = json.loads((REPO / "benchmarks" / "results" / "demo-sweep" / "summary.json").read_text())
+    summary = {**summary, "seeds": [0], "runs": summary["runs"][:1], "origin": {**summary["origin"],
+                                                                                "dir": str(model_folder)}}
+    run = summary["runs"][0]
+    for i, c in enumerate(run["configurations"]):  # at budget 0 (#0-#2) the report's pick is #2: lowest val loss
+        best = i == 2 or i >= 3
+        c["composed"] = {**c["composed"], "dir": str(model_folder if best else tmp_path / "missing"),  # not read
+                         "kept": {**c["composed"]["kept"], "val_loss": 0.001 if i == 2 else 3.0}}
+    for c in run["competitors"]:
+        for side in ("composed", "baseline"):
+            c[side] = {**c[side], "dir": str(model_folder)}
+    for x in run["scratch"]:
+        x["dir"] = str(model_folder)
+    _write(tmp_path / "summary.json", summary)
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier_bootstrap.py"), str(tmp_path),
                           "--output", str(tmp_path / "bootstrap"), "--limit", "24"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "bootstrap.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["origin", "searched", "uniform composed", "uniform baseline", "scratch"]
+    methods = ["origin", "searched", "uniform composed", "uniform baseline", "scratch"]  # per budget
+    assert [(r["budget"], r["method"]) for r in rows] == [(b, m) for b in (0, 1) for m in methods]
     searched = rows[1]
     assert searched["p_vs_searched"] is None and searched["dir"] == str(model_folder)  # lowest kept val loss
     for r in rows:  # the same model under every name: the same BLEU and interval
@@ -97,37 +104,45 @@ def _history(path: Path, bleus: list[float], flops_per_eval: float) -> None:
 
 def test_targets_reread_the_histories_at_looser_targets_and_refuse_stricter_ones(tmp_path: Path) -> None:
     confs = [{"budget": 0, "configuration": {"encoder.layers.0.ffn": 0.5}},
-             {"budget": 1, "configuration": {"encoder.layers.1.ffn": 0.5}}]
+             {"budget": 1, "configuration": {"encoder.layers.1.ffn": 0.5}},
+             {"budget": 1, "configuration": {"encoder.layers.1.ffn": 0.25}}]
     _write(tmp_path / "search.json", {"configurations": confs, "sweep": [{}, {}]})
-    (tmp_path / "experiment.toml").write_text('[finetuning]\nepochs = 1\ntarget_bleu = "origin-1"\n')
+    (tmp_path / "experiment.toml").write_text('seeds = [0]\n[search]\nflops = [0.5, 0.4]\n'
+                                              '[finetuning]\nepochs = 1\ntarget_bleu = "origin-1"\n')
     _write(tmp_path / "jobs" / "o.json", {"job": "origin val BLEU", "result": {"val_bleu": 30.0}})
     _write(tmp_path / "banks" / "pruned-a" / "index.json", {"variants": {"a": {}, "b": {}}})
     _write(tmp_path / "banks" / "tuned-a" / "index.json", {"tuning": {
         "wall_time_s": 9.0, "teacher_flops": 10.0, "variant_flops": {"a": 3.0, "b": 2.0}}})
-    # configuration 0: the baseline reaches 29 (origin-1) at 0.75, 28 at 0.25; composed at 0 for both;
-    # configuration 1: the baseline never reaches 29 (censored at the cap of 1 epoch), reaches 27.5 at 0.5;
-    # its composed side is unfinished (no train_summary.json) and is left out
-    sides = {("baseline", 0): [10.0, 28.0, 28.5, 29.0, 29.2], ("composed", 0): [29.5, 29.6, 29.7, 29.8, 29.9],
-             ("baseline", 1): [5.0, 27.0, 27.5, 28.0, 28.4]}
-    for (side, i), bleus in sides.items():
-        folder = tmp_path / "finetune" / side / f"config-{i}"
+    # configuration 0: the baseline reaches 29 (origin-1) at 0.75, 28 at 0.25; composed at 0 for both.
+    # configuration 1: the baseline never reaches 29 (censored at the cap of 1 epoch) and reaches 28 at 0.75;
+    # its composed side reaches 29 at 0.5. Configuration 2: its composed side stopped at 0.5 short of the
+    # target (finished under a lower cap, not trained on yet): unfinished, left out, as is the uniform cut's
+    sides = {("baseline", 0, "conf"): [10.0, 28.0, 28.5, 29.0, 29.2],
+             ("composed", 0, "conf"): [29.5, 29.6, 29.7, 29.8, 29.9],
+             ("baseline", 1, "conf"): [5.0, 27.0, 27.5, 28.0, 28.4], ("composed", 1, "conf"): [20.0, 28.0, 29.1],
+             ("baseline", 2, "conf"): [5.0, 27.0, 27.5, 28.0, 28.4], ("composed", 2, "conf"): [20.0, 27.0, 27.5],
+             ("baseline", 0, "competitors"): [10.0, 28.0, 28.5, 29.0, 29.2]}
+    for (side, i, file), bleus in sides.items():
+        folder = tmp_path / "finetune" / side / f"config-{file}-{i}"
         _history(folder, bleus, 100.0)
-        _write(folder / "hparams.json", {"configurations": str(tmp_path / "conf.json"), "configuration_index": i,
+        _write(folder / "hparams.json", {"configurations": str(tmp_path / f"{file}.json"), "configuration_index": i,
                                          "recipe": {"seed": 0}})
-    (tmp_path / "finetune" / "composed" / "config-1").mkdir()
-    _write(tmp_path / "finetune" / "composed" / "config-1" / "hparams.json",
-           {"configurations": str(tmp_path / "conf.json"), "configuration_index": 1, "recipe": {"seed": 0}})
     script = [sys.executable, str(REPO / "benchmarks" / "frontier_targets.py"), str(tmp_path)]
     out = subprocess.run(script + ["--deltas", "1", "2", "--output", str(tmp_path / "targets")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "targets.json").read_text())
-    assert (report["pairs"], report["partial"], report["cap_epochs"]) == (1, True, 1)
+    assert (report["pairs"], report["partial"], report["cap_epochs"]) == (2, True, 1)
     rows = {(r["delta"], r["budget"]): r for r in report["rows"]}
-    assert set(rows) == {(1.0, 0), (1.0, "all"), (2.0, 0), (2.0, "all")}
+    assert set(rows) == {(d, b) for d in (1.0, 2.0) for b in (0, 1, "all")}
     bank = 10.0 + 3.0 + 2.0  # every grid variant charged, whatever the finished pairs use
     assert rows[1.0, 0]["epochs"] == [[0.75, 0]] and rows[1.0, 0]["ratio_flops"] == round(300.0 / bank, 3)
     assert rows[2.0, 0]["epochs"] == [[0.25, 0]] and rows[2.0, 0]["ratio_flops"] == round(100.0 / bank, 3)
+    # the censored baseline counts its whole capped run and makes the saving a lower bound
+    assert rows[1.0, 1]["epochs"] == [[None, 0.5]] and rows[1.0, 1]["bound"] == "lower bound"
+    assert rows[1.0, 1]["ratio_flops"] == round(400.0 / (bank + 200.0), 3)
+    assert rows[2.0, 1]["epochs"] == [[0.75, 0.25]] and rows[2.0, 1]["bound"] == ""
+    assert rows[1.0, "all"]["configurations"] == 2 and rows[1.0, "all"]["censored_baselines"] == 1
     assert "partial" in out.stdout and "origin-2 (28.00)" in out.stdout
     stricter = subprocess.run(script + ["--deltas", "0.5"], capture_output=True, text=True, timeout=120)
     assert stricter.returncode == 2 and stricter.stderr.count("\n") == 1 and "stricter" in stricter.stderr

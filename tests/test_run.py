@@ -697,15 +697,23 @@ def test_epochs_to_target_read_in_hundredths_and_censored_runs_say_so() -> None:
 def test_verdicts_pick_the_searched_model_on_val_and_say_where_a_competitor_is_ahead() -> None:
     from ctprune.run.report import verdicts
 
-    def row(method: str, name: str, loss: float | None, val: float | None, test: float) -> FrontierRow:
-        return FrontierRow(0, method, name, 0.5, 10, None, None, None, None, val, test_bleu_best={"t": test},
-                           val_loss_kept=loss)
+    def row(method: str, name: str, loss: float | None, val: float | None, test: float, equal: float) -> FrontierRow:
+        return FrontierRow(0, method, name, 0.5, 10, None, None, None, None, val, test_bleu_budget={"t": equal},
+                           test_bleu_best={"t": test}, val_loss_kept=loss)
 
-    rows = [row("searched", "#0", 1.5, 31.0, 30.0), row("searched", "#1", 1.4, 30.0, 29.0),
-            row("uniform composed", "0.5", 1.45, 30.5, 29.5), row("scratch", "uniform shape", 2.0, 20.0, 20.0),
-            row("scratch ceiling", "uniform shape", 1.6, 27.0, 33.0), row("random", "r0", 3.0, 5.0, 4.0)]
-    by_loss = verdicts(rows, ["t"], "val_loss")  # #1 has the lowest val loss, though #0 is better on test
-    assert by_loss == ["budget 0: searched #1 test 29.00 against uniform composed **29.50 (-0.50): ahead of the "
-                       "search**; scratch 20.00 (+9.00)"]  # the ceiling is no equal-compute competitor
-    assert verdicts(rows, ["t"], "val_bleu") == ["budget 0: searched #0 test 30.00 against uniform composed "
+    rows = [row("searched", "#0", 0.0148, 31.0, 30.0, 28.0), row("searched", "#1", 0.014767, 30.0, 29.0, 27.0),
+            row("searched", "#2", None, 40.0, 40.0, 40.0),  # no kept val loss (an older summary): not picked
+            row("uniform composed", "0.5", 1.45, 30.5, 29.5, 26.0),
+            row("scratch", "uniform shape", 2.0, 20.0, 20.0, 20.0),
+            row("scratch ceiling", "uniform shape", 1.6, 27.0, 33.0, 33.0), row("random", "r0", 3.0, 5.0, 4.0, 4.0)]
+    # #1's mean val loss is lower by less than the 4 digits a seed's kept loss is written with: still the pick
+    assert verdicts(rows, ["t"], "val_loss") == ["budget 0: searched #1 29.00 against uniform composed **29.50 "
+                                                 "(-0.50): ahead**; scratch 20.00 (+9.00)"]  # no ceiling: not equal
+    assert verdicts(rows, ["t"], "val_loss", equal=True) == ["budget 0: searched #1 27.00 against uniform composed "
+                                                             "26.00 (+1.00); scratch 20.00 (+7.00)"]
+    assert verdicts(rows, ["t"], "val_bleu") == ["budget 0: searched #0 30.00 against uniform composed "
                                                  "29.50 (+0.50); scratch 20.00 (+10.00)"]
+    tie = [row("searched", "#0", 1.5, 30.0, 30.0, 30.0), row("searched", "#1", 1.5, 31.0, 29.0, 29.0)]
+    # equal val loss: val BLEU breaks the tie
+    assert verdicts(tie, ["t"], "val_loss") == ["budget 0: searched #1 29.00 against no competitor"]
+    assert verdicts(tie, ["u"], "val_loss") == []  # no test BLEU on that split: nothing to say

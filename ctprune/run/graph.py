@@ -58,10 +58,9 @@ from ctprune.run.protocol import (
     time_to_equal_quality,
 )
 from ctprune.run.runtime import RECORDS, Job, write_json_strict
-from ctprune.run.summary import Summary
+from ctprune.run.summary import SIDES, Summary
 from ctprune.spec import ExecutionSpec, FinetuningSpec, OriginSpec, SearchSpec, TuningSpec, check_option, spec_default
 
-SIDES = ("baseline", "composed")
 COMPETITORS = "competitors.json"  # with [search]: the uniform competitor of each budget, a configuration file
 MARKER = ".ctprune-run"  # written first into a run folder; `run -o` refuses a non-empty folder without it
 ORIGIN_DATA = "origin-data.json"  # the data files the run's own origin was trained on

@@ -17,12 +17,11 @@ from typing import Any
 
 from ctprune.errors import CtpruneError
 from ctprune.fileio import atomic_write, contained, read_json, write_text
-from ctprune.run.summary import Summary
+from ctprune.run.summary import SIDES, Summary
 from ctprune.scoring import spearman
+from ctprune.spec import FinetuningSpec, spec_default
 from ctprune.stages.search import budget_points, describe_table
 from ctprune.training.history import read_history
-
-SIDES = ("baseline", "composed")
 
 PROTOCOL = (
     "Protocol. *Time to target*: each configuration is finetuned from the merely pruned modules "
@@ -262,7 +261,7 @@ def _avg_splits(ds: Sequence[dict[str, float] | None]) -> dict[str, float]:
 
 def _kept_loss(per: Sequence[dict[str, Any]]) -> float | None:
     got = [float(x["kept"]["val_loss"]) for x in per if (x.get("kept") or {}).get("val_loss") is not None]
-    return round(statistics.mean(got), 4) if got else None
+    return statistics.mean(got) if got else None  # unrounded: it picks the searched model of a budget
 
 
 def _latency_ratio(c: dict[str, Any], key: str = "ratio") -> float | None:
@@ -313,33 +312,39 @@ def frontier(s: Summary) -> list[FrontierRow]:
     return sorted(rows, key=lambda x: (x.budget, METHODS.index(x.method) if x.method in METHODS else len(METHODS)))
 
 
-def verdicts(rows: Sequence[FrontierRow], splits: Sequence[str], select: str) -> list[str]:
-    """Per budget: the best searched model, picked on val by the run's ``select`` rule (never on test),
-    against each competitor trained at equal compute (uniform from both banks, scratch), test BLEU per
-    split; a competitor ahead on a split is said in bold."""
+def best_searched(rows: Sequence[FrontierRow], budget: int, select: str) -> FrontierRow | None:
+    """The searched model of ``budget`` whose kept models (mean over seeds) are best on val by the run's
+    ``select`` rule, its other measure breaking a tie; never picked on test. None: none has both."""
+    searched = [x for x in rows if x.budget == budget and x.method == "searched"
+                and x.val_loss_kept is not None and x.val_bleu_best is not None]
+    if not searched:
+        return None
+    if select == "val_loss":
+        return min(searched, key=lambda x: (x.val_loss_kept, -x.val_bleu_best))
+    return max(searched, key=lambda x: (x.val_bleu_best, -x.val_loss_kept))
+
+
+def verdicts(rows: Sequence[FrontierRow], splits: Sequence[str], select: str, equal: bool = False) -> list[str]:
+    """Per budget: the best searched model, picked on val by the run's ``select`` rule over the kept
+    models (mean over seeds; never on test), against the competitors of the budget (uniform from both
+    banks, scratch), test BLEU per split: of the kept models, or with ``equal`` after the equal budget
+    (scratch: within its equal FLOPs either way). A competitor ahead on a split is said in bold."""
+    attr = "test_bleu_budget" if equal else "test_bleu_best"
     out = []
-    by_loss = select == "val_loss"
     for b in sorted({x.budget for x in rows}):
-        searched = [x for x in rows if x.budget == b and x.method == "searched"
-                    and (x.val_loss_kept if by_loss else x.val_bleu_best) is not None]
-        if not searched:
+        best = best_searched(rows, b, select)
+        mine = {} if best is None else getattr(best, attr)
+        if best is None or not any(sp in mine for sp in splits):
             continue
-        best = (min(searched, key=lambda x: x.val_loss_kept or 0.0) if by_loss
-                else max(searched, key=lambda x: x.val_bleu_best or 0.0))
         parts = []
         for x in (x for x in rows if x.budget == b and x.method in ("uniform composed", "uniform baseline", "scratch")):
-            cells = []
-            for sp in splits:
-                mine, theirs = best.test_bleu_best.get(sp), x.test_bleu_best.get(sp)
-                if mine is None or theirs is None:
-                    continue
-                d = mine - theirs
-                cells.append(f"{theirs:.2f} ({d:+.2f})" if d >= 0
-                             else f"**{theirs:.2f} ({d:+.2f}): ahead of the search**")
+            theirs = getattr(x, attr)
+            cells = [f"{theirs[sp]:.2f} ({d:+.2f})" if d >= 0 else f"**{theirs[sp]:.2f} ({d:+.2f}): ahead**"
+                     for sp in splits if sp in mine and sp in theirs for d in [mine[sp] - theirs[sp]]]
             if cells:
                 parts.append(f"{x.method} " + " / ".join(cells))
-        test = " / ".join(f"{best.test_bleu_best[sp]:.2f}" for sp in splits if sp in best.test_bleu_best)
-        out.append(f"budget {b}: searched {best.name} test {test} against " + ("; ".join(parts) or "no competitor"))
+        test = " / ".join(f"{mine[sp]:.2f}" for sp in splits if sp in mine)
+        out.append(f"budget {b}: searched {best.name} {test} against " + ("; ".join(parts) or "no competitor"))
     return out
 
 
@@ -385,11 +390,16 @@ def _frontier(doc: Doc, run_dir: Path, s: Summary) -> None:
                  for sp in splits]
         table.append(line + ["**P**" if i in marked else ""])
     doc.table(header, table)
-    said = verdicts(rows, splits, p.get("select", "val_bleu"))
-    if said:
-        doc.p(f"**The search against the obvious alternatives** (test BLEU on {', '.join(splits)}; the best searched "
-              f"model of a budget picked on val by the kept-model rule, never on test; in brackets the search's lead; "
-              f"paired bootstrap intervals: `benchmarks/frontier_bootstrap.py`): " + "; ".join(said) + ".")
+    select = p.get("select", spec_default(FinetuningSpec, "select"))
+    kept, equal = verdicts(rows, splits, select), verdicts(rows, splits, select, equal=True)
+    if kept or equal:
+        rule = "lowest mean val loss" if select == "val_loss" else "highest mean val BLEU"
+        doc.p(f"**The search against the obvious alternatives** (test BLEU on {', '.join(splits)}; per budget the "
+              f"searched configuration whose kept models have the {rule}, picked on val, never on test; in brackets "
+              f"the search's lead; paired bootstrap intervals: `benchmarks/frontier_bootstrap.py`). Kept models "
+              f"(each finetuned to the target or the cap; scratch within its equal FLOPs): " + "; ".join(kept)
+              + f". After the equal budget ({p['budget_epochs']} epoch(s) of finetuning; scratch within its equal "
+              f"FLOPs): " + "; ".join(equal) + ".")
     if not single:
         doc.p("Single-sentence latency: not in this run's latency.json (batched decoding only).")
     asked = s.protocol.get("random", 0)
