@@ -26,7 +26,7 @@ from ctprune.run.protocol import BankCost, Configuration, Cost, TimeToTarget, sa
 JOB = re.compile(r"finetune (baseline|composed) (.+) \(seed (\d+)\)$")
 
 
-def _records(run: Path) -> dict[str, dict[str, Any]]:
+def job_records(run: Path) -> dict[str, dict[str, Any]]:
     """The run's job records by job name; where a job ran under two settings (a finetuning cap
     raised mid-run: a new key, the same folder), the one that started last."""
     out: dict[str, dict[str, Any]] = {}
@@ -37,7 +37,8 @@ def _records(run: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _bank(run: Path) -> BankCost:
+def grid_bank_cost(run: Path) -> BankCost:
+    """What the run's grid bank cost: its pruning and its (first) tuned bank's tuning."""
     pruned, tuned = (next((run / "banks").glob(f"{kind}-*")) for kind in ("pruned", "tuned"))
     tuning = read_json(tuned / "index.json", "bank index")["tuning"]
     index = read_json(pruned / "index.json", "bank index")
@@ -56,7 +57,7 @@ def progress(run: Path) -> dict[str, Any]:
     found = read_json(run / "search.json", "search result")
     confs = found["configurations"]
     sweep = found["sweep"]
-    records = _records(run)
+    records = job_records(run)
     rows: list[dict[str, Any]] = []
     for name, rec in records.items():
         m = JOB.match(name)
@@ -86,7 +87,7 @@ def progress(run: Path) -> dict[str, Any]:
                 pairs.append(Configuration(tuple(variant_key(n, k) for n, k in r["configuration"].items() if k < 1),
                                            *(TimeToTarget(s["epochs_to_target"], Cost(0.0, s["cost_flops"]))
                                              for s in (r, other))))
-    bank = _bank(run)
+    bank = grid_bank_cost(run)
     partial = None
     if pairs:  # in FLOPs only: the run's wall times span sessions, machines and shared load
         partial = {k: v for k, v in saving(pairs, bank, list(bank.variant_flops)).to_dict().items()

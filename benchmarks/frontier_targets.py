@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from frontier_progress import _bank, _records, is_sweep_run  # benchmarks/ is this script's sys.path[0]
+from frontier_progress import grid_bank_cost, is_sweep_run, job_records  # benchmarks/ is this script's sys.path[0]
 
 from ctprune.errors import CtpruneError
 from ctprune.fileio import read_json
@@ -66,7 +66,7 @@ def targets(run: Path, deltas: list[float]) -> dict[str, Any]:
     if len(exp.seeds) != 1:
         raise CtpruneError(f"the run has seeds {exp.seeds}: one seed per run folder is read (each has its own bank)")
     cap = exp.finetuning.epochs
-    origin = float(_records(run)["origin val BLEU"]["result"]["val_bleu"])
+    origin = float(job_records(run)["origin val BLEU"]["result"]["val_bleu"])
     target = parse_target(exp.finetuning.target_bleu, "finetuning.target_bleu")
     if target is None:
         raise CtpruneError("the run has no target (target_bleu = \"none\"): no time to target to read again")
@@ -76,7 +76,7 @@ def targets(run: Path, deltas: list[float]) -> dict[str, Any]:
                            "from histories that stop at the run's target")
     confs = read_json(run / "search.json", "search result")["configurations"]
     histories = _finished(run, run_target, cap)
-    bank = _bank(run)
+    bank = grid_bank_cost(run)
     pairs = sorted(i for side, i in histories if side == "baseline" and ("composed", i) in histories)
     rows = []
     for delta in deltas:
