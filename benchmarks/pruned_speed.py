@@ -24,7 +24,7 @@ from ctprune.arch import arch_of
 from ctprune.data.batching import pad
 from ctprune.data.corpus import load_split
 from ctprune.fileio import write_json
-from ctprune.latency import latencies
+from ctprune.latency import batched_and_single
 from ctprune.model.checkpoint import load_model_folder
 from ctprune.model.flops import parameter_counts
 from ctprune.spec import LATENCY_REPEATS
@@ -76,9 +76,8 @@ def main() -> None:
     tgt_len = round(sum(steps) / len(steps))
     with tempfile.TemporaryDirectory() as tmp:
         models = {"origin": origin, **composed_models(a.model, Path(tmp))}
-    batched = latencies(arch, list(models.values()), ids, steps, a.repeats, batch_size=64, pad_id=tok.pad_id)
-    single = latencies(arch, list(models.values()), ids[:a.single], steps[:a.single], a.repeats, batch_size=1,
-                       pad_id=tok.pad_id)
+    batched, single = batched_and_single(arch, list(models.values()), ids, steps, a.repeats, a.single,
+                                         pad_id=tok.pad_id)
     results = []
     for (name, model), b, s in zip(models.items(), batched, single):
         params, nonzero = parameter_counts(model)

@@ -25,8 +25,11 @@ def greedy_seconds(arch: Architecture, model: nn.Module, src: Tensor, steps: int
     return time.perf_counter() - t0
 
 
+BATCH = 64  # sentences per batch of batched decoding
+
+
 def latencies(arch: Architecture, models: list[nn.Module], ids: list[list[int]], steps: list[int], repeats: int = 5,
-              batch_size: int = 64, pad_id: int = 0) -> list[list[float]]:
+              batch_size: int = BATCH, pad_id: int = 0) -> list[list[float]]:
     """Seconds of batched greedy decoding of the sentences ``ids`` (``steps[i]`` steps for sentence
     i, batches of similar lengths) by each of ``models``, all of architecture ``arch``: ``repeats``
     rounds in which every model runs once (interleaved, so drifts hit all alike), after one untimed
@@ -42,3 +45,10 @@ def latencies(arch: Architecture, models: list[nn.Module], ids: list[list[int]],
             if r:
                 times[m].append(seconds)
     return times
+
+
+def batched_and_single(arch: Architecture, models: list[nn.Module], ids: list[list[int]], steps: list[int],
+                       repeats: int, single: int, pad_id: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+    """``latencies`` of every sentence in batches, and of the first ``single`` one sentence at a time."""
+    return (latencies(arch, models, ids, steps, repeats, pad_id=pad_id),
+            latencies(arch, models, ids[:single], steps[:single], repeats, batch_size=1, pad_id=pad_id))

@@ -219,7 +219,7 @@ def latency_job(output: str, origin: str, bank: str, configurations: list[dict[s
     from ctprune.arch import arch_of
     from ctprune.data.batching import pad
     from ctprune.data.corpus import load_split
-    from ctprune.latency import latencies
+    from ctprune.latency import batched_and_single
     from ctprune.model.checkpoint import load_model_folder
     from ctprune.pruning.bank import compose
     from ctprune.pruning.configs import validate_configurations
@@ -236,8 +236,8 @@ def latency_job(output: str, origin: str, bank: str, configurations: list[dict[s
     models = [origin_model] + [compose(origin_model, Path(bank), c).eval() for c in confs]
     rows: list[dict[str, Any]] = [{} for _ in confs]
     origin_s = {}
-    for prefix, n, batch in (("", len(ids), 64), ("single_", LATENCY_SINGLE, 1)):
-        times = latencies(arch, models, ids[:n], steps[:n], LATENCY_REPEATS, batch_size=batch, pad_id=tok.pad_id)
+    measured = batched_and_single(arch, models, ids, steps, LATENCY_REPEATS, LATENCY_SINGLE, pad_id=tok.pad_id)
+    for prefix, times in zip(("", "single_"), measured):
         med = [statistics.median(t) for t in times]
         spread = [(max(t) - min(t)) / m for t, m in zip(times, med)]
         origin_s[f"origin_{prefix}median_s"] = round(med[0], 4)
