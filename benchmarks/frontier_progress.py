@@ -88,13 +88,14 @@ def progress(run: Path) -> dict[str, Any]:
                                            *(TimeToTarget(s["epochs_to_target"], Cost(0.0, s["cost_flops"]))
                                              for s in (r, other))))
     bank = grid_bank_cost(run)
-    partial = None
+    so_far = None
     if pairs:  # in FLOPs only: the run's wall times span sessions, machines and shared load
-        partial = {k: v for k, v in saving(pairs, bank, list(bank.variant_flops)).to_dict().items()
+        so_far = {k: v for k, v in saving(pairs, bank, list(bank.variant_flops)).to_dict().items()
                    if "seconds" not in k}
     total = len(confs) + sum(1 for s in sweep if s.get("uniform"))
-    return {"run": str(run), "partial": True, "searched": len(confs), "finetunings_expected": 2 * total,
-            "finetunings_done": len(rows), "pairs_done": len(pairs), "saving_so_far": partial,
+    return {"run": str(run), "partial": not (run / "summary.json").is_file(), "searched": len(confs),
+            "finetunings_expected": 2 * total, "finetunings_done": len(rows), "pairs_done": len(pairs),
+            "saving_so_far": so_far,
             "finetunings": rows, "random": randoms}
 
 
@@ -136,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         a.output.parent.mkdir(parents=True, exist_ok=True)
         a.output.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
         a.output.with_suffix(".md").write_text(
-            f"# {a.run.name}: progress (partial, the run has not finished)\n\n```\n" + "\n".join(lines) + "\n```\n")
+            f"# {a.run.name}: "
+            + ("progress (partial, the run has not finished)" if out["partial"]
+               else "every job done (the run's own report: report.md)")
+            + "\n\n```\n" + "\n".join(lines) + "\n```\n")
     return 0
 
 

@@ -52,6 +52,12 @@ def test_progress_reads_finished_jobs_and_charges_the_whole_bank(tmp_path: Path)
     assert s["ratio_flops"] == round(100.0 / (10.0 + 3.0 + 2.0), 3)  # every variant of the grid charged
     assert report["random"] == [{"budget": 0, "flops_fraction": 0.6, "val_loss": 2.0, "val_bleu": 20.0,
                                  "test_bleu": {"t": 19.0}}]
+    assert report["partial"] and "partial" in (tmp_path / "progress.md").read_text().splitlines()[0]
+    (tmp_path / "summary.json").write_text("{}")  # the run has written its report: no longer partial
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier_progress.py"), str(tmp_path),
+                    "--output", str(tmp_path / "progress")], capture_output=True, check=True, timeout=120)
+    assert not json.loads((tmp_path / "progress.json").read_text())["partial"]
+    assert "every job done" in (tmp_path / "progress.md").read_text().splitlines()[0]
 
 
 def test_a_folder_without_a_search_is_refused_in_one_line(tmp_path: Path) -> None:

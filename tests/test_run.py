@@ -706,9 +706,10 @@ def test_verdicts_pick_the_searched_model_on_val_and_say_where_a_competitor_is_a
             row("uniform composed", "0.5", 1.45, 30.5, 29.5, 26.0),
             row("scratch", "uniform shape", 2.0, 20.0, 20.0, 20.0),
             row("scratch ceiling", "uniform shape", 1.6, 27.0, 33.0, 33.0), row("random", "r0", 3.0, 5.0, 4.0, 4.0)]
-    # #1's mean val loss is lower by less than the 4 digits a seed's kept loss is written with: still the pick
+    # #1's mean val loss is lower by less than the 4 digits a seed's kept loss is written with: still the pick;
+    # no ceiling (not equal compute)
     assert verdicts(rows, ["t"], "val_loss") == ["budget 0: searched #1 29.00 against uniform composed **29.50 "
-                                                 "(-0.50): ahead**; scratch 20.00 (+9.00)"]  # no ceiling: not equal
+                                                 "(-0.50): uniform composed ahead**; scratch 20.00 (+9.00)"]
     assert verdicts(rows, ["t"], "val_loss", equal=True) == ["budget 0: searched #1 27.00 against uniform composed "
                                                              "26.00 (+1.00); scratch 20.00 (+7.00)"]
     assert verdicts(rows, ["t"], "val_bleu") == ["budget 0: searched #0 30.00 against uniform composed "

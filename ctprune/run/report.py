@@ -339,7 +339,7 @@ def verdicts(rows: Sequence[FrontierRow], splits: Sequence[str], select: str, eq
         parts = []
         for x in (x for x in rows if x.budget == b and x.method in ("uniform composed", "uniform baseline", "scratch")):
             theirs = getattr(x, attr)
-            cells = [f"{theirs[sp]:.2f} ({d:+.2f})" if d >= 0 else f"**{theirs[sp]:.2f} ({d:+.2f}): ahead**"
+            cells = [f"{theirs[sp]:.2f} ({d:+.2f})" if d >= 0 else f"**{theirs[sp]:.2f} ({d:+.2f}): {x.method} ahead**"
                      for sp in splits if sp in mine and sp in theirs for d in [mine[sp] - theirs[sp]]]
             if cells:
                 parts.append(f"{x.method} " + " / ".join(cells))
