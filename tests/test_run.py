@@ -17,7 +17,7 @@ from ctprune.errors import CtpruneError
 from ctprune.pruning.configs import variant_key
 from ctprune.run.experiment import check_configurations_early, load_experiment
 from ctprune.run.protocol import BankCost, Configuration, flops_at, saving, saving_curve, time_to_target
-from ctprune.run.report import METHODS, FrontierRow, frontier, pareto
+from ctprune.run.report import METHODS, FrontierRow, _clip_untuned, frontier, pareto
 from ctprune.run.summary import REQUIRED, Summary
 from ctprune.scoring import spearman
 from ctprune.training.history import read_history
@@ -718,3 +718,23 @@ def test_verdicts_pick_the_searched_model_on_val_and_say_where_a_competitor_is_a
     # equal val loss: val BLEU breaks the tie
     assert verdicts(tie, ["t"], "val_loss") == ["budget 0: searched #1 29.00 against no competitor"]
     assert verdicts(tie, ["u"], "val_loss") == []  # no test BLEU on that split: nothing to say
+
+
+def test_frontier_plot_zooms_on_trained_models_and_marks_untuned_random_ones_below() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(0.5, 38.0, "searched", 0), (0.5, 36.0, "uniform composed", 0), (0.5, 37.0, "random", 0),
+           (0.45, 2.0, "random", 0), (0.48, 10.0, "random", 0)]
+    fig, ax = plt.subplots()
+    _clip_untuned(ax, pts, 40.0)
+    lo, hi = ax.get_ylim()
+    assert lo == pytest.approx(36.0 - 1.2) and hi > 40.0  # margin 0.3 of the 4-BLEU span below the lowest trained model
+    marks = [c for c in ax.collections if "random below" in c.get_label()]
+    assert len(marks) == 1 and marks[0].get_offsets().tolist() == [[0.45, lo], [0.48, lo]]
+    fig2, ax2 = plt.subplots()
+    _clip_untuned(ax2, pts[:3], 40.0)  # no random model far below: the axis is left to matplotlib
+    assert not ax2.collections
+    plt.close(fig), plt.close(fig2)

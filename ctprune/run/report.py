@@ -453,12 +453,30 @@ def _frontier_plots(run_dir: Path, s: Summary, rows: list[FrontierRow], split: s
         ax.scatter([t[0] for t in front], [t[1] for t in front], s=110, facecolors="none", edgecolors="k",
                    label="Pareto")
         ax.set(xlabel=label, ylabel=f"test BLEU ({split}), kept model", title=f"Frontier: BLEU vs {cost}")
+        _clip_untuned(ax, pts, origin)
         ax.legend(fontsize=7)
         fig.tight_layout()
         atomic_write(run_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
         out.append((f"frontier: test BLEU ({split}) vs {label} per method, Pareto points ringed", run_dir / name))
     return out
+
+
+def _clip_untuned(ax: Any, pts: list[tuple[float, float, str, int]], origin: float | None) -> None:
+    """Zoom the y axis on the finetuned and trained models: random configurations (measured before
+    finetuning) far below them would squeeze every other line into a band; those are drawn as
+    triangles on the axis's lower edge instead."""
+    trained = [t[1] for t in pts if t[2] != "random"] + ([origin] if origin is not None else [])
+    if not trained:
+        return
+    lo, hi = min(trained), max(trained)
+    lo -= max(1.0, 0.3 * (hi - lo))
+    below = [t for t in pts if t[2] == "random" and t[1] < lo]
+    if not below:
+        return
+    ax.set_ylim(lo, hi + max(0.5, 0.1 * (hi - lo)))
+    ax.scatter([t[0] for t in below], [lo] * len(below), marker="v", s=30, color="tab:gray", clip_on=False,
+               label=f"random below {lo:.1f} ({len(below)}; before finetuning)")
 
 
 def _budgets(doc: Doc, s: Summary) -> None:
