@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from ctprune.errors import CtpruneError
 from ctprune.pruning.configs import variant_key
 from ctprune.run.experiment import check_configurations_early, load_experiment
 from ctprune.run.protocol import BankCost, Configuration, flops_at, saving, saving_curve, time_to_target
-from ctprune.run.report import METHODS, FrontierRow, _clip_untuned, frontier, pareto
+from ctprune.run.report import METHODS, Doc, FrontierRow, _clip_untuned, frontier, pareto
 from ctprune.run.summary import REQUIRED, Summary
 from ctprune.scoring import spearman
 from ctprune.training.history import read_history
@@ -738,3 +739,12 @@ def test_frontier_plot_zooms_on_trained_models_and_marks_untuned_random_ones_bel
     _clip_untuned(ax2, pts[:3], 40.0)  # no random model far below: the axis is left to matplotlib
     assert not ax2.collections
     plt.close(fig), plt.close(fig2)
+
+
+def test_report_html_aligns_numbers_right_and_words_left() -> None:
+    doc = Doc([])
+    doc.table(["budget", "method", "latency", "epochs"], [[0, "uniform composed", "0.86x ± 0.02", "> 10 (censored)"],
+                                                          [1, "scratch", "**38.95 (-0.75)**", "n/a / 38.03"]])
+    cells = re.findall(r"<td( class='t')?>(.*?)</td>", doc.html("t"))
+    assert [c for t, c in cells if t] == ["uniform composed", "scratch", "n/a / 38.03"]
+    assert [c for t, c in cells if not t] == ["0", "0.86x ± 0.02", "&gt; 10 (censored)", "1", "<b>38.95 (-0.75)</b>"]

@@ -84,7 +84,7 @@ class Doc:
                  "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
                  "line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:90%}"
                  "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
-                 "td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f5f5f5}"
+                 "td:first-child,th:first-child,td.t{text-align:left}img{max-width:100%}code{background:#f5f5f5}"
                  "</style></head><body>"]
         for b in self.blocks:
             if b[0] == "h":
@@ -93,13 +93,18 @@ class Doc:
                 parts.append(f"<p>{inline(b[1])}</p>")
             elif b[0] == "table":
                 head = "".join(f"<th>{inline(c)}</th>" for c in b[1])
-                body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in b[2])
+                body = "".join("<tr>" + "".join((f"<td>{inline(c)}</td>" if _NUMERIC.match(c) else
+                                                 f"<td class='t'>{inline(c)}</td>") for c in r) + "</tr>"
+                               for r in b[2])
                 parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             else:
                 data = base64.b64encode(b[2].read_bytes()).decode()
                 parts.append(f"<figure><img alt='{html.escape(b[1])}' src='data:image/png;base64,{data}'/>"
                              f"<figcaption>{html.escape(b[1])}</figcaption></figure>")
         return "".join(parts) + "</body></html>"
+
+
+_NUMERIC = re.compile(r"^(\*\*)?[-+>~]?\s*[\d.]")  # a cell that reads as a number: right-aligned in HTML
 
 
 def _mean_sd(xs: Sequence[float]) -> str:
