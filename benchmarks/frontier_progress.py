@@ -1,6 +1,7 @@
-"""Where a budget-sweep run stands before it has finished: its finished finetunings and
-competitors read from the run folder's job records, and the saving so far over the searched
-configurations whose two sides are both done (a partial result, labelled as such).
+"""Where a budget-sweep run stands, before it has finished or after: its finished finetunings and
+competitors read from the run folder's job records, and the saving over the searched
+configurations whose two sides are both done (a partial result, labelled as such, until the run
+has written its report).
 
     python benchmarks/frontier_progress.py runs/multi30k-frontier --output benchmarks/results/multi30k-frontier/progress
 
@@ -91,8 +92,9 @@ def progress(run: Path) -> dict[str, Any]:
     so_far = None
     if pairs:  # in FLOPs only: the run's wall times span sessions, machines and shared load
         so_far = {k: v for k, v in saving(pairs, bank, list(bank.variant_flops)).to_dict().items()
-                   if "seconds" not in k}
-    total = len(confs) + sum(1 for s in sweep if s.get("uniform"))
+                  if "seconds" not in k}
+    seeds = {r["seed"] for r in rows} or {0}  # the seeds that have started finetuning
+    total = len(seeds) * (len(confs) + sum(1 for s in sweep if s.get("uniform")))
     return {"run": str(run), "partial": not (run / "summary.json").is_file(), "searched": len(confs),
             "finetunings_expected": 2 * total, "finetunings_done": len(rows), "pairs_done": len(pairs),
             "saving_so_far": so_far,
@@ -128,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     out = progress(a.run)
     lines = [_line(r) for r in out["finetunings"]]
     s = out["saving_so_far"]
+    so_far = "so far " if out["partial"] else ""
     lines.append(f"{out['finetunings_done']} of {out['finetunings_expected']} finetunings done; "
-                 + (f"saving so far over {out['pairs_done']} searched configurations: {s['ratio_flops']:.2f}x in "
+                 + (f"saving {so_far}over {out['pairs_done']} searched configurations: {s['ratio_flops']:.2f}x in "
                     f"FLOPs ({s['bound'] or 'exact'}; whole grid bank charged)" if s else "no searched pair done yet"))
     print("\n".join(lines))
-    print(json.dumps({k: out[k] for k in ("finetunings_done", "finetunings_expected", "pairs_done", "saving_so_far")}))
+    print(json.dumps({k: out[k] for k in ("partial", "finetunings_done", "finetunings_expected", "pairs_done",
+                                          "saving_so_far")}))
     if a.output:
         a.output.parent.mkdir(parents=True, exist_ok=True)
         a.output.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")

@@ -54,8 +54,10 @@ def test_progress_reads_finished_jobs_and_charges_the_whole_bank(tmp_path: Path)
                                  "test_bleu": {"t": 19.0}}]
     assert report["partial"] and "partial" in (tmp_path / "progress.md").read_text().splitlines()[0]
     (tmp_path / "summary.json").write_text("{}")  # the run has written its report: no longer partial
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier_progress.py"), str(tmp_path),
-                    "--output", str(tmp_path / "progress")], capture_output=True, check=True, timeout=120)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier_progress.py"), str(tmp_path),
+                           "--output", str(tmp_path / "progress")], capture_output=True, check=True, text=True,
+                          timeout=120)
+    assert "saving over 1 searched" in done.stdout and '"partial": false' in done.stdout
     assert not json.loads((tmp_path / "progress.json").read_text())["partial"]
     assert "every job done" in (tmp_path / "progress.md").read_text().splitlines()[0]
 

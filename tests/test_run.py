@@ -18,7 +18,7 @@ from ctprune.errors import CtpruneError
 from ctprune.pruning.configs import variant_key
 from ctprune.run.experiment import check_configurations_early, load_experiment
 from ctprune.run.protocol import BankCost, Configuration, flops_at, saving, saving_curve, time_to_target
-from ctprune.run.report import METHODS, Doc, FrontierRow, _clip_untuned, frontier, pareto
+from ctprune.run.report import METHODS, Doc, FrontierRow, _clip_untuned, frontier, numeric_columns, pareto
 from ctprune.run.summary import REQUIRED, Summary
 from ctprune.scoring import spearman
 from ctprune.training.history import read_history
@@ -710,7 +710,7 @@ def test_verdicts_pick_the_searched_model_on_val_and_say_where_a_competitor_is_a
     # #1's mean val loss is lower by less than the 4 digits a seed's kept loss is written with: still the pick;
     # no ceiling (not equal compute)
     assert verdicts(rows, ["t"], "val_loss") == ["budget 0: searched #1 29.00 against uniform composed **29.50 "
-                                                 "(-0.50): uniform composed ahead**; scratch 20.00 (+9.00)"]
+                                                 "(-0.50): ahead of the search**; scratch 20.00 (+9.00)"]
     assert verdicts(rows, ["t"], "val_loss", equal=True) == ["budget 0: searched #1 27.00 against uniform composed "
                                                              "26.00 (+1.00); scratch 20.00 (+7.00)"]
     assert verdicts(rows, ["t"], "val_bleu") == ["budget 0: searched #0 30.00 against uniform composed "
@@ -729,22 +729,33 @@ def test_frontier_plot_zooms_on_trained_models_and_marks_untuned_random_ones_bel
 
     pts = [(0.5, 38.0, "searched", 0), (0.5, 36.0, "uniform composed", 0), (0.5, 37.0, "random", 0),
            (0.45, 2.0, "random", 0), (0.48, 10.0, "random", 0)]
-    fig, ax = plt.subplots()
-    _clip_untuned(ax, pts, 40.0)
-    lo, hi = ax.get_ylim()
-    assert lo == pytest.approx(36.0 - 1.2) and hi > 40.0  # margin 0.3 of the 4-BLEU span below the lowest trained model
-    marks = [c for c in ax.collections if "random below" in c.get_label()]
-    assert len(marks) == 1 and marks[0].get_offsets().tolist() == [[0.45, lo], [0.48, lo]]
-    fig2, ax2 = plt.subplots()
-    _clip_untuned(ax2, pts[:3], 40.0)  # no random model far below: the axis is left to matplotlib
-    assert not ax2.collections
-    plt.close(fig), plt.close(fig2)
+    try:
+        def drawn(points: list[tuple[float, float, str, int]], origin: float | None) -> plt.Axes:
+            ax = plt.subplots()[1]
+            ax.scatter([t[0] for t in points], [t[1] for t in points])
+            _clip_untuned(ax, points, [points[-2]], origin)
+            return ax
+
+        ax = drawn(pts, 40.0)
+        assert ax.get_ylim()[0] == pytest.approx(36.0 - 1.2)  # 0.3 of the 4-BLEU span below the lowest trained
+        lo = ax.get_ylim()[0]
+        marks = [c for c in ax.collections if "random below" in c.get_label()]
+        assert len(marks) == 1 and marks[0].get_offsets().tolist() == [[0.45, lo], [0.48, lo]]
+        assert ax.collections[-1].get_offsets().tolist() == [[0.45, lo]]  # the Pareto point below is ringed
+        assert ax.get_ylim()[1] > 38.0  # the top is left to matplotlib: nothing above is hidden
+        assert len(drawn(pts[:3], 40.0).collections) == 1  # no random model far below: no zoom
+        assert len(drawn(pts, None).collections) == 3  # without the origin, on the trained models alone
+        assert len(drawn([t for t in pts if t[2] == "random"], 40.0).collections) == 1  # nothing trained
+    finally:
+        plt.close("all")
 
 
-def test_report_html_aligns_numbers_right_and_words_left() -> None:
+def test_report_html_aligns_each_column_one_way() -> None:
+    rows = [["0", "#0", "0.86x ± 0.02", "n/a / 38.03", "search"],
+            ["1", "0.25/0.5", "flagged: contradicts FLOPs", "**38.95 (-0.75)**", "uniform composed"],
+            ["2", "#1", "0.44x ± 0.02", "-", "scratch"]]
+    assert numeric_columns(rows) == [True, False, True, True, False]
     doc = Doc([])
-    doc.table(["budget", "method", "latency", "epochs"], [[0, "uniform composed", "0.86x ± 0.02", "> 10 (censored)"],
-                                                          [1, "scratch", "**38.95 (-0.75)**", "n/a / 38.03"]])
-    cells = re.findall(r"<td( class='t')?>(.*?)</td>", doc.html("t"))
-    assert [c for t, c in cells if t] == ["uniform composed", "scratch", "n/a / 38.03"]
-    assert [c for t, c in cells if not t] == ["0", "0.86x ± 0.02", "&gt; 10 (censored)", "1", "<b>38.95 (-0.75)</b>"]
+    doc.table(["budget", "model", "latency", "test BLEU", "method"], rows)
+    cells = re.findall(r"<t[hd]( class='text')?>", doc.html("t"))
+    assert cells == ["", " class='text'", "", "", " class='text'"] * 4  # the header and each of the 3 rows

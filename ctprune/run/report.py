@@ -40,6 +40,20 @@ PROTOCOL = (
     "than the spread is flagged, not printed.")
 
 
+_NUMERIC = re.compile(r"(\*\*)?[-+>~]?\s*[\d.]")  # a cell that reads as a number
+_BLANK = ("", "-", "n/a")
+
+
+def numeric_columns(rows: Sequence[Sequence[str]]) -> list[bool]:
+    """Per column, whether most of its filled cells read as numbers (right-aligned in HTML; words
+    left): decided for the whole column, so one column is aligned one way."""
+    out = []
+    for col in zip(*rows):
+        filled = [c for c in col if c.strip() not in _BLANK and not c.startswith("n/a")]
+        out.append(bool(filled) and 2 * sum(bool(_NUMERIC.match(c)) for c in filled) > len(filled))
+    return out
+
+
 @dataclass
 class Doc:
     """Blocks rendered to Markdown and to HTML: ("h", level, text), ("p", text),
@@ -84,7 +98,7 @@ class Doc:
                  "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
                  "line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:90%}"
                  "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
-                 "td:first-child,th:first-child,td.t{text-align:left}img{max-width:100%}code{background:#f5f5f5}"
+                 ".text{text-align:left}img{max-width:100%}code{background:#f5f5f5}"
                  "</style></head><body>"]
         for b in self.blocks:
             if b[0] == "h":
@@ -92,9 +106,9 @@ class Doc:
             elif b[0] == "p":
                 parts.append(f"<p>{inline(b[1])}</p>")
             elif b[0] == "table":
-                head = "".join(f"<th>{inline(c)}</th>" for c in b[1])
-                body = "".join("<tr>" + "".join((f"<td>{inline(c)}</td>" if _NUMERIC.match(c) else
-                                                 f"<td class='t'>{inline(c)}</td>") for c in r) + "</tr>"
+                align = ["" if n else " class='text'" for n in numeric_columns(b[2] or [b[1]])]
+                head = "".join(f"<th{a}>{inline(c)}</th>" for a, c in zip(align, b[1]))
+                body = "".join("<tr>" + "".join(f"<td{a}>{inline(c)}</td>" for a, c in zip(align, r)) + "</tr>"
                                for r in b[2])
                 parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
             else:
@@ -102,9 +116,6 @@ class Doc:
                 parts.append(f"<figure><img alt='{html.escape(b[1])}' src='data:image/png;base64,{data}'/>"
                              f"<figcaption>{html.escape(b[1])}</figcaption></figure>")
         return "".join(parts) + "</body></html>"
-
-
-_NUMERIC = re.compile(r"^(\*\*)?[-+>~]?\s*[\d.]")  # a cell that reads as a number: right-aligned in HTML
 
 
 def _mean_sd(xs: Sequence[float]) -> str:
@@ -344,7 +355,8 @@ def verdicts(rows: Sequence[FrontierRow], splits: Sequence[str], select: str, eq
         parts = []
         for x in (x for x in rows if x.budget == b and x.method in ("uniform composed", "uniform baseline", "scratch")):
             theirs = getattr(x, attr)
-            cells = [f"{theirs[sp]:.2f} ({d:+.2f})" if d >= 0 else f"**{theirs[sp]:.2f} ({d:+.2f}): {x.method} ahead**"
+            cells = [f"{theirs[sp]:.2f} ({d:+.2f})" if d >= 0 else
+                     f"**{theirs[sp]:.2f} ({d:+.2f}): ahead of the search**"
                      for sp in splits if sp in mine and sp in theirs for d in [mine[sp] - theirs[sp]]]
             if cells:
                 parts.append(f"{x.method} " + " / ".join(cells))
@@ -458,7 +470,7 @@ def _frontier_plots(run_dir: Path, s: Summary, rows: list[FrontierRow], split: s
         ax.scatter([t[0] for t in front], [t[1] for t in front], s=110, facecolors="none", edgecolors="k",
                    label="Pareto")
         ax.set(xlabel=label, ylabel=f"test BLEU ({split}), kept model", title=f"Frontier: BLEU vs {cost}")
-        _clip_untuned(ax, pts, origin)
+        _clip_untuned(ax, pts, front, origin)
         ax.legend(fontsize=7)
         fig.tight_layout()
         atomic_write(run_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
@@ -467,21 +479,26 @@ def _frontier_plots(run_dir: Path, s: Summary, rows: list[FrontierRow], split: s
     return out
 
 
-def _clip_untuned(ax: Any, pts: list[tuple[float, float, str, int]], origin: float | None) -> None:
-    """Zoom the y axis on the finetuned and trained models: random configurations (measured before
-    finetuning) far below them would squeeze every other line into a band; those are drawn as
-    triangles on the axis's lower edge instead."""
-    trained = [t[1] for t in pts if t[2] != "random"] + ([origin] if origin is not None else [])
+def _clip_untuned(ax: Any, pts: Sequence[tuple[Any, ...]], front: Sequence[tuple[Any, ...]],
+                  origin: float | None) -> None:
+    """Zoom the y axis on the finetuned and trained models (``pts``: (cost, BLEU, method, budget)):
+    random configurations (measured before finetuning) far below them would squeeze every other line
+    into a band; those are drawn as triangles on the axis's lower edge instead, ringed when on the
+    Pareto ``front``."""
+    trained = [t[1] for t in pts if t[2] != "random"]
     if not trained:
         return
+    trained += [origin] if origin is not None else []
     lo, hi = min(trained), max(trained)
     lo -= max(1.0, 0.3 * (hi - lo))
     below = [t for t in pts if t[2] == "random" and t[1] < lo]
     if not below:
         return
-    ax.set_ylim(lo, hi + max(0.5, 0.1 * (hi - lo)))
+    ax.set_ylim(bottom=lo)
     ax.scatter([t[0] for t in below], [lo] * len(below), marker="v", s=30, color="tab:gray", clip_on=False,
                label=f"random below {lo:.1f} ({len(below)}; before finetuning)")
+    ringed = [t for t in below if t in front]
+    ax.scatter([t[0] for t in ringed], [lo] * len(ringed), s=110, facecolors="none", edgecolors="k", clip_on=False)
 
 
 def _budgets(doc: Doc, s: Summary) -> None:
