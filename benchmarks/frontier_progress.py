@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     out = progress(a.run)
     lines = [_line(r) for r in out["finetunings"]]
     s = out["saving_so_far"]
-    so_far = "so far " if out["partial"] else ""
+    when = "so far " if out["partial"] else ""
     lines.append(f"{out['finetunings_done']} of {out['finetunings_expected']} finetunings done; "
-                 + (f"saving {so_far}over {out['pairs_done']} searched configurations: {s['ratio_flops']:.2f}x in "
+                 + (f"saving {when}over {out['pairs_done']} searched configurations: {s['ratio_flops']:.2f}x in "
                     f"FLOPs ({s['bound'] or 'exact'}; whole grid bank charged)" if s else "no searched pair done yet"))
     print("\n".join(lines))
     print(json.dumps({k: out[k] for k in ("partial", "finetunings_done", "finetunings_expected", "pairs_done",

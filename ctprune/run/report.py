@@ -41,7 +41,6 @@ PROTOCOL = (
 
 
 _NUMERIC = re.compile(r"(\*\*)?[-+>~]?\s*[\d.]")  # a cell that reads as a number
-_BLANK = ("", "-", "n/a")
 
 
 def numeric_columns(rows: Sequence[Sequence[str]]) -> list[bool]:
@@ -49,7 +48,7 @@ def numeric_columns(rows: Sequence[Sequence[str]]) -> list[bool]:
     left): decided for the whole column, so one column is aligned one way."""
     out = []
     for col in zip(*rows):
-        filled = [c for c in col if c.strip() not in _BLANK and not c.startswith("n/a")]
+        filled = [c for c in col if c.strip() not in ("", "-") and not c.startswith("n/a")]  # n/a: not measured
         out.append(bool(filled) and 2 * sum(bool(_NUMERIC.match(c)) for c in filled) > len(filled))
     return out
 
