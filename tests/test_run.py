@@ -252,8 +252,8 @@ def test_shipped_examples_load() -> None:
     repeat = load_experiment(root / "multi30k-frontier-seed1.toml")  # seed 1 at 0.5: the frontier's protocol
     assert repeat.seeds == [1] and repeat.search is not None and repeat.search.flops == ("0.5",)
     assert repeat.origin_model == root / "../runs/multi30k-frontier/origin"  # the frontier run's origin
-    assert (repeat.search.grid, repeat.search.k, repeat.tuning) == (frontier.search.grid, frontier.search.k,
-                                                                    frontier.tuning)
+    # the search's best configuration alone (k = 1): the repeat fits one session
+    assert (repeat.search.grid, repeat.search.k, repeat.tuning) == (frontier.search.grid, 1, frontier.tuning)
     assert repeat.finetuning == dataclasses.replace(f, scratch_ceiling=False)
     marian = load_experiment(root / "multi30k-marian.toml")  # its module names are those of a seed-size Marian
     assert marian.origin.arch == "marian" and marian.configurations is not None
